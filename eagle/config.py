@@ -1,6 +1,12 @@
 """Draft configuration, derived from the target's `config.json` (a plain dict) — no target model is loaded.
 
-OWNER: eagle-config helper. API (others code against this; keep it):
+The draft layer works at the target's width H, copies its attention geometry, RMSNorm epsilon and RoPE
+(theta and scaling), and predicts over a draft vocabulary of Vd <= V tokens. Both the transformers-5 layout
+(`rope_parameters` {rope_theta, rope_type, ...}) and the older one (`rope_theta` + `rope_scaling`) are read;
+rope_type "default" is normalised to `rope_scaling=None`. Every setting is validated when the config is built,
+so a bad value fails with one clear ValueError before any tensor is allocated.
+
+API (others code against this; keep it):
 
     @dataclass(frozen=True)
     class DraftConfig:
@@ -31,3 +37,282 @@ OWNER: eagle-config helper. API (others code against this; keep it):
         # reads OUT/target/config.json and OUT/target/weights.safetensors
         # (embed_tokens.weight, lm_head.weight, norm.weight); clear error naming the missing file/field.
 """
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+# Keys each supported scaling needs besides rope_type (what vLLM / SGLang / HF read).
+_ROPE_REQUIRED = {
+    "linear": ("factor",),
+    "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
+}
+TARGET_WEIGHTS = ("embed_tokens.weight", "lm_head.weight", "norm.weight")
+
+
+@dataclass(frozen=True)
+class DraftConfig:
+    """Shape and hyper-parameters of one EAGLE-3 draft head (one decoder layer at the target's width)."""
+
+    hidden_size: int
+    """H: width of the draft layer, equal to the target's hidden size (the embedding is the target's)."""
+    num_attention_heads: int
+    """Query heads of the draft attention (the target's by default)."""
+    num_key_value_heads: int
+    """Key/value heads (grouped-query attention); divides num_attention_heads."""
+    head_dim: int
+    """Per-head width; q_proj maps 2*H -> num_attention_heads * head_dim."""
+    intermediate_size: int
+    """I: SwiGLU MLP width."""
+    rms_norm_eps: float
+    """Epsilon of every RMSNorm in the draft."""
+    rope_theta: float
+    """RoPE base frequency (the target's)."""
+    rope_scaling: dict | None
+    """HF rope_scaling dict with "rope_type" in ("linear", "llama3") and its parameters; None = plain RoPE."""
+    max_position_embeddings: int
+    """The target's context length (exported for the engines)."""
+    vocab_size: int
+    """V: the target vocabulary size."""
+    draft_vocab_size: int
+    """Vd <= V: the draft's lm_head width; d2t maps draft ids back to target ids."""
+    target_hidden_size: int
+    """Width of each aux hidden state of the target; fc maps 3 * this -> H."""
+    num_target_layers: int
+    """N: decoder layers of the target (bounds the aux layer ids)."""
+    aux_layer_ids: tuple[int, int, int]
+    """Three strictly ascending ids in [0, N-1]; k = residual stream entering layer k (HF hidden_states[k])."""
+    ttt_steps: int = 7
+    """K: draft steps unrolled by training-time test (>= 1)."""
+
+    def __post_init__(self):
+        # Normalise containers so equality and to_dict round-trips are exact (JSON gives lists).
+        object.__setattr__(self, "aux_layer_ids", _as_int_tuple(self.aux_layer_ids, "aux_layer_ids"))
+        object.__setattr__(self, "rope_scaling", _normalise_rope_scaling(self.rope_scaling))
+        self._validate()
+
+    def _validate(self) -> None:
+        for name in ("hidden_size", "num_attention_heads", "num_key_value_heads", "head_dim", "intermediate_size",
+                     "max_position_embeddings", "vocab_size", "target_hidden_size", "num_target_layers"):
+            _require_positive_int(getattr(self, name), name)
+        if not isinstance(self.ttt_steps, int) or isinstance(self.ttt_steps, bool) or self.ttt_steps < 1:
+            raise ValueError(f"ttt_steps must be an integer >= 1, got {self.ttt_steps!r}")
+        if (not isinstance(self.draft_vocab_size, int) or isinstance(self.draft_vocab_size, bool)
+                or self.draft_vocab_size < 1):
+            raise ValueError(f"draft_vocab_size must be an integer >= 1, got {self.draft_vocab_size!r}")
+        if self.draft_vocab_size > self.vocab_size:
+            raise ValueError(f"draft_vocab_size {self.draft_vocab_size} is larger than the target vocab_size "
+                             f"{self.vocab_size}")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(f"num_attention_heads {self.num_attention_heads} is not a multiple of "
+                             f"num_key_value_heads {self.num_key_value_heads}")
+        if not (isinstance(self.rms_norm_eps, (int, float)) and self.rms_norm_eps > 0):
+            raise ValueError(f"rms_norm_eps must be a positive number, got {self.rms_norm_eps!r}")
+        if not (isinstance(self.rope_theta, (int, float)) and self.rope_theta > 0):
+            raise ValueError(f"rope_theta must be a positive number, got {self.rope_theta!r}")
+        validate_aux_layer_ids(self.aux_layer_ids, self.num_target_layers)
+
+    @classmethod
+    def from_target_config(cls, target: dict, *, draft_vocab_size: int = 32000, ttt_steps: int = 7,
+                           aux_layer_ids=None, **overrides) -> "DraftConfig":
+        """Derive the draft config from the target's config.json dict.
+
+        draft_vocab_size is capped at the target vocab V. `overrides` replace any derived field by name
+        (e.g. intermediate_size=...); unknown names raise ValueError.
+        """
+        if not isinstance(target, dict):
+            raise ValueError(f"target config must be a dict (parsed config.json), got {type(target).__name__}")
+        if "hidden_size" not in target and isinstance(target.get("text_config"), dict):
+            target = target["text_config"]  # multimodal wrappers keep the language model's config here
+        hidden = _field(target, "hidden_size")
+        heads = _field(target, "num_attention_heads")
+        num_layers = _field(target, "num_hidden_layers")
+        vocab = _field(target, "vocab_size")
+        _require_positive_int(hidden, "hidden_size")
+        _require_positive_int(heads, "num_attention_heads")
+        _require_positive_int(num_layers, "num_hidden_layers")
+        _require_positive_int(vocab, "vocab_size")
+        head_dim = target.get("head_dim")
+        if head_dim is None:
+            if hidden % heads:
+                raise ValueError(f"target config has no head_dim and hidden_size {hidden} is not divisible by "
+                                 f"num_attention_heads {heads}")
+            head_dim = hidden // heads
+        rope_theta, rope_scaling = _read_rope(target)
+        if not isinstance(draft_vocab_size, int) or isinstance(draft_vocab_size, bool) or draft_vocab_size < 1:
+            raise ValueError(f"draft_vocab_size must be an integer >= 1, got {draft_vocab_size!r}")
+        fields = dict(
+            hidden_size=hidden,
+            num_attention_heads=heads,
+            num_key_value_heads=target.get("num_key_value_heads") or heads,
+            head_dim=head_dim,
+            intermediate_size=_field(target, "intermediate_size"),
+            rms_norm_eps=_field(target, "rms_norm_eps"),
+            rope_theta=rope_theta,
+            rope_scaling=rope_scaling,
+            max_position_embeddings=_field(target, "max_position_embeddings"),
+            vocab_size=vocab,
+            draft_vocab_size=min(draft_vocab_size, vocab),
+            target_hidden_size=hidden,
+            num_target_layers=num_layers,
+            aux_layer_ids=default_aux_layer_ids(num_layers) if aux_layer_ids is None else aux_layer_ids,
+            ttt_steps=ttt_steps,
+        )
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(overrides) - known)
+        if unknown:
+            raise ValueError(f"unknown DraftConfig override(s) {unknown}; known fields: {sorted(known)}")
+        fields.update(overrides)
+        return cls(**fields)
+
+    def to_dict(self) -> dict:
+        """JSON-ready dict (aux ids as a list, rope_scaling copied)."""
+        d = dataclasses.asdict(self)
+        d["aux_layer_ids"] = list(self.aux_layer_ids)
+        d["rope_scaling"] = copy.deepcopy(self.rope_scaling)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "DraftConfig":
+        """Inverse of to_dict; unknown or missing keys raise ValueError."""
+        if not isinstance(d, dict):
+            raise ValueError(f"DraftConfig.from_dict needs a dict, got {type(d).__name__}")
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - set(fields))
+        if unknown:
+            raise ValueError(f"unknown DraftConfig field(s) {unknown}")
+        missing = [n for n, f in fields.items() if n not in d and f.default is dataclasses.MISSING]
+        if missing:
+            raise ValueError(f"DraftConfig dict is missing field(s) {missing}")
+        return cls(**copy.deepcopy(d))
+
+
+def default_aux_layer_ids(num_layers: int) -> tuple[int, int, int]:
+    """EAGLE-3's low/mid/high features: (2, N//2, N-3) for N >= 7; evenly spread ids for 3 <= N < 7."""
+    _require_positive_int(num_layers, "num_hidden_layers")
+    if num_layers >= 7:
+        return (2, num_layers // 2, num_layers - 3)
+    if num_layers >= 3:  # (2, N//2, N-3) is not strictly ascending for such shallow targets
+        return (0 if num_layers == 3 else 1, num_layers // 2, num_layers - 1)
+    raise ValueError(f"a target with {num_layers} layer(s) has fewer than 3 distinct aux layers in [0, N-1]")
+
+
+def validate_aux_layer_ids(ids, num_layers: int) -> tuple[int, int, int]:
+    """Three strictly ascending ints in [0, N-1], else ValueError naming the problem."""
+    ids = _as_int_tuple(ids, "aux_layer_ids")
+    if len(ids) != 3:
+        raise ValueError(f"aux_layer_ids must hold exactly 3 layer ids, got {len(ids)}: {list(ids)}")
+    for k in ids:
+        if not 0 <= k <= num_layers - 1:
+            raise ValueError(f"aux layer id {k} is outside the target's layers [0, {num_layers - 1}] "
+                             f"(num_hidden_layers={num_layers}); got aux_layer_ids={list(ids)}")
+    if not ids[0] < ids[1] < ids[2]:
+        raise ValueError(f"aux_layer_ids must be strictly ascending, got {list(ids)}")
+    return ids
+
+
+def load_target_dir(path) -> tuple[dict, dict[str, torch.Tensor]]:
+    """Read OUT/target/{config.json, weights.safetensors} written by stage one.
+
+    Returns (config dict, {embed_tokens.weight [V, H], lm_head.weight [V, H], norm.weight [H]}).
+    Raises FileNotFoundError naming a missing file, ValueError naming a missing field or tensor.
+    """
+    path = Path(path)
+    cfg_path, w_path = path / "config.json", path / "weights.safetensors"
+    for p in (cfg_path, w_path):
+        if not p.is_file():
+            raise FileNotFoundError(f"target dir {path} lacks {p.name} (expected {p}); "
+                                    "it is written by `eagle-pipe dump-teacher` into OUT/target/")
+    try:
+        config = json.loads(cfg_path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{cfg_path}: not valid JSON ({e})") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{cfg_path}: expected a JSON object, got {type(config).__name__}")
+    text = config.get("text_config") if "hidden_size" not in config else config
+    for name in ("hidden_size", "num_attention_heads", "num_hidden_layers", "vocab_size", "intermediate_size",
+                 "rms_norm_eps", "max_position_embeddings"):
+        if not isinstance(text, dict) or text.get(name) is None:
+            raise ValueError(f"{cfg_path}: target config has no field '{name}' needed for the draft")
+    weights = {}
+    with safe_open(str(w_path), framework="pt") as f:
+        keys = set(f.keys())
+        for name in TARGET_WEIGHTS:
+            if name not in keys:
+                raise ValueError(f"{w_path}: missing tensor '{name}' (has {sorted(keys)})")
+            weights[name] = f.get_tensor(name)
+    V, H = text["vocab_size"], text["hidden_size"]
+    expected = {"embed_tokens.weight": (V, H), "lm_head.weight": (V, H), "norm.weight": (H,)}
+    for name, shape in expected.items():
+        if tuple(weights[name].shape) != shape:
+            raise ValueError(f"{w_path}: tensor '{name}' has shape {list(weights[name].shape)}, "
+                             f"config.json implies {list(shape)}")
+    return config, weights
+
+
+# --------------------------------------------------------------------------------------------- helpers
+
+
+def _field(target: dict, name: str):
+    value = target.get(name)
+    if value is None:
+        raise ValueError(f"target config has no field '{name}' (needed to build the draft config)")
+    return value
+
+
+def _require_positive_int(value, name: str) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
+def _as_int_tuple(ids, name: str) -> tuple[int, ...]:
+    if isinstance(ids, (str, bytes)) or not hasattr(ids, "__iter__"):
+        raise ValueError(f"{name} must be a sequence of 3 integers, got {ids!r}")
+    ids = tuple(ids)
+    if not all(isinstance(k, int) and not isinstance(k, bool) for k in ids):
+        raise ValueError(f"{name} must hold integers, got {list(ids)}")
+    return ids
+
+
+def _read_rope(target: dict) -> tuple[float, dict | None]:
+    """(rope_theta, rope_scaling) from either `rope_parameters` (transformers 5) or rope_theta/rope_scaling."""
+    params = target.get("rope_parameters")
+    if isinstance(params, dict) and params and not isinstance(next(iter(params.values())), dict):
+        theta = params.get("rope_theta", target.get("rope_theta"))
+        scaling = {k: v for k, v in params.items() if k != "rope_theta"}
+    elif isinstance(params, dict) and params:
+        raise ValueError("target config has per-layer-type rope_parameters "
+                         f"({sorted(params)}); only a single RoPE setting is supported")
+    else:
+        theta = target.get("rope_theta")
+        scaling = target.get("rope_scaling")
+    if theta is None:
+        raise ValueError("target config has no field 'rope_theta' (neither top level nor in rope_parameters)")
+    return float(theta), _normalise_rope_scaling(scaling)
+
+
+def _normalise_rope_scaling(scaling) -> dict | None:
+    """None for plain RoPE; else a copy with "rope_type" set, validated against the supported types."""
+    if scaling is None:
+        return None
+    if not isinstance(scaling, dict):
+        raise ValueError(f"rope_scaling must be a dict or null, got {scaling!r}")
+    scaling = copy.deepcopy(scaling)
+    scaling.pop("rope_theta", None)
+    rope_type = scaling.pop("rope_type", None) or scaling.pop("type", None) or "default"
+    scaling.pop("type", None)
+    if rope_type not in SUPPORTED_ROPE_TYPES:
+        raise ValueError(f"unsupported rope_type {rope_type!r}; supported: {', '.join(SUPPORTED_ROPE_TYPES)}")
+    if rope_type == "default":
+        return None
+    missing = [k for k in _ROPE_REQUIRED[rope_type] if scaling.get(k) is None]
+    if missing:
+        raise ValueError(f"rope_scaling of type {rope_type!r} is missing {missing}")
+    return {"rope_type": rope_type, **scaling}
