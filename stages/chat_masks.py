@@ -1,0 +1,159 @@
+"""Render a conversation with the tokenizer's chat template and mark the tokens the draft is trained on.
+
+The loss mask is exactly the assistant turns' tokens, each turn's end-of-turn token included; the assistant
+header (the generation prompt) and whatever the template writes after the end-of-turn token (ChatML's "\\n")
+are not supervised.
+
+Two ways to find those tokens, which give the same mask on the same rendered text:
+
+* templates with `{% generation %}` tags: transformers' `return_assistant_tokens_mask=True`;
+* every other template (most real ones) — the prefix method: render growing prefixes of the conversation as
+  strings. Assistant turn i starts where the rendering of messages[:i] *with* the generation prompt ends, and
+  ends after the last special/added token of its rendered increment (its end-of-turn marker; the whole
+  increment when it has none). The full rendering is tokenized once with offsets, and a token is supervised
+  when it overlaps one of those character spans (the same overlap rule transformers uses for generation tags).
+"""
+from __future__ import annotations
+
+import re
+
+from stages.errors import StageError
+
+GENERATION_TAG = re.compile(r"\{%-?\s*generation\s*-?%\}")
+
+
+class TemplateError(ValueError):
+    """The chat template could not render this conversation (raised per record, becomes a skip)."""
+
+
+def chat_template_of(tokenizer) -> str:
+    """The tokenizer's chat template string; StageError when it has none."""
+    try:
+        template = tokenizer.get_chat_template()
+    except ValueError as exc:
+        raise StageError(f"tokenizer chat template: {exc}") from None
+    if not template:
+        raise StageError("the tokenizer has no chat template; chat records (messages/conversations) need one")
+    return template
+
+
+def has_generation_tags(template: str) -> bool:
+    return GENERATION_TAG.search(template) is not None
+
+
+class ChatMasker:
+    """Tokenizes conversations with one tokenizer's chat template and builds their loss masks."""
+
+    def __init__(self, tokenizer, *, use_generation_tags: bool | None = None):
+        if not getattr(tokenizer, "is_fast", False):
+            raise StageError("a fast (Rust) tokenizer is needed for character offsets; got a slow tokenizer")
+        self.tokenizer = tokenizer
+        self.template = chat_template_of(tokenizer)
+        tagged = has_generation_tags(self.template)
+        self.use_generation_tags = tagged if use_generation_tags is None else use_generation_tags and tagged
+        self._special = self._special_token_pattern(tokenizer)
+
+    @staticmethod
+    def _special_token_pattern(tokenizer) -> re.Pattern | None:
+        strings = {t.content for t in tokenizer.added_tokens_decoder.values() if t.content}
+        strings.update(s for s in tokenizer.all_special_tokens if s)
+        if not strings:
+            return None
+        return re.compile("|".join(re.escape(s) for s in sorted(strings, key=len, reverse=True)))
+
+    # ------------------------------------------------------------------ rendering
+    def render(self, messages: list[dict], add_generation_prompt: bool) -> str:
+        """The template's text for `messages` (empty prefixes allowed)."""
+        try:
+            if not messages:
+                from transformers.utils.chat_template_utils import render_jinja_template
+
+                rendered, _ = render_jinja_template(
+                    conversations=[[]], chat_template=self.template,
+                    add_generation_prompt=add_generation_prompt, **self.tokenizer.special_tokens_map,
+                )
+                return rendered[0]
+            return self.tokenizer.apply_chat_template(
+                messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+        except Exception as exc:  # jinja raise_exception(...) and friends: the record's fault, not ours
+            raise TemplateError(f"chat template failed: {type(exc).__name__}: {exc}") from None
+
+    def assistant_spans(self, messages: list[dict], full: str) -> list[tuple[int, int]]:
+        """Character spans [start, end) of each assistant turn's supervised text in `full`."""
+        spans = []
+        cursor = 0
+        for i, message in enumerate(messages):
+            if message["role"] != "assistant":
+                continue
+            before = self.render(messages[:i], add_generation_prompt=True)
+            after = self.render(messages[: i + 1], add_generation_prompt=False)
+            if after.startswith(before) and full.startswith(after):
+                start, increment = len(before), after[len(before):]
+            else:
+                # Not prefix-stable (e.g. the template rewrites earlier turns): find this turn's increment
+                # (what follows the common part of the two renderings) in the full text after the cursor.
+                common = _common_prefix_len(before, after)
+                increment = after[common:]
+                start = full.find(increment, cursor) if increment else -1
+                if start < 0:
+                    raise TemplateError(
+                        f"cannot locate assistant turn {i} in the rendered conversation (template is not "
+                        "prefix-stable); use a template with {% generation %} tags")
+            end = start + self._supervised_length(increment)
+            if end > start:
+                spans.append((start, end))
+            cursor = end
+        return spans
+
+    def _supervised_length(self, increment: str) -> int:
+        """Length of the increment up to and including its last special token (the end-of-turn marker)."""
+        if self._special is not None:
+            last = None
+            for last in self._special.finditer(increment):
+                pass
+            if last is not None:
+                return last.end()
+        return len(increment)
+
+    # ------------------------------------------------------------------ tokenizing
+    def encode(self, messages: list[dict], loss_on: str = "assistant") -> tuple[list[int], list[int]]:
+        """(input_ids, loss_mask) of the whole conversation."""
+        if self.use_generation_tags and loss_on == "assistant":
+            return self._encode_with_generation_tags(messages)
+        full = self.render(messages, add_generation_prompt=False)
+        enc = self.tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
+        ids = list(enc["input_ids"])
+        if loss_on == "all":
+            return ids, [1] * len(ids)
+        spans = self.assistant_spans(messages, full)
+        return ids, mask_from_spans(enc["offset_mapping"], spans)
+
+    def _encode_with_generation_tags(self, messages: list[dict]) -> tuple[list[int], list[int]]:
+        try:
+            out = self.tokenizer.apply_chat_template(
+                messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
+        except Exception as exc:
+            raise TemplateError(f"chat template failed: {type(exc).__name__}: {exc}") from None
+        return list(out["input_ids"]), [int(m) for m in out["assistant_masks"]]
+
+
+def mask_from_spans(offsets, spans: list[tuple[int, int]]) -> list[int]:
+    """1 for every token whose character range overlaps a span (spans and offsets both in order)."""
+    mask = [0] * len(offsets)
+    k = 0
+    for t, (tok_start, tok_end) in enumerate(offsets):
+        while k < len(spans) and tok_start >= spans[k][1]:
+            k += 1
+        if k == len(spans):
+            break
+        if tok_end > spans[k][0]:
+            mask[t] = 1
+    return mask
+
+
+def _common_prefix_len(a: str, b: str) -> int:
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i

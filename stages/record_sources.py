@@ -1,0 +1,222 @@
+"""Reading raw records from data sources: JSONL (.jsonl, .jsonl.gz), JSON, Parquet, `datasets` dirs and names.
+
+Every reader is a generator `reader(source, start, select)` that yields `(sample_index, where, record)` for
+the selected records and *returns* how many records the source holds, so `read_records` can number records
+globally without parsing the ones another shard will tokenize. `record` is a dict (or any JSON value) or a
+`RecordError` for a record that could not even be parsed (bad bytes, malformed JSON line).
+
+Numbering: a JSONL source has one record per non-blank line; a JSON source one per list element; Parquet and
+`datasets` one per row. Sources are read in the order given; a directory of data files in sorted name order.
+"""
+from __future__ import annotations
+
+import gzip
+import json
+import os
+from pathlib import Path
+from typing import Callable, Iterator
+
+from stages.errors import StageError
+
+DATA_SUFFIXES = (".jsonl", ".jsonl.gz", ".json", ".json.gz", ".parquet")
+PARQUET_BATCH_ROWS = 1024
+
+
+class RecordError(Exception):
+    """One record that cannot be used: `reason` is a short machine-readable code, the message says why."""
+
+    def __init__(self, reason: str, message: str):
+        super().__init__(message)
+        self.reason = reason
+        self.message = message
+
+
+Select = Callable[[int], bool] | None
+
+
+def _selected(select: Select, index: int) -> bool:
+    return select is None or select(index)
+
+
+def _open_bytes(path: Path):
+    return gzip.open(path, "rb") if path.name.endswith(".gz") else path.open("rb")
+
+
+def read_jsonl(path: Path, start: int, select: Select) -> Iterator:
+    """One record per non-blank line; lines are decoded one by one so bad bytes only cost their record."""
+    n = 0
+    try:
+        with _open_bytes(path) as f:
+            for line_no, raw in enumerate(f, 1):
+                if line_no == 1 and raw.startswith(b"\xef\xbb\xbf"):
+                    raw = raw[3:]
+                if not raw.strip():
+                    continue
+                index = start + n
+                n += 1
+                if not _selected(select, index):
+                    continue
+                yield index, f"{path}:{line_no}", parse_json_line(raw)
+    except (OSError, EOFError, gzip.BadGzipFile) as exc:
+        raise StageError(f"{path}: cannot read: {exc}") from None
+    return n
+
+
+def parse_json_line(raw: bytes):
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        return RecordError("bad_encoding", f"not valid UTF-8 (byte {exc.start}: {raw[exc.start:exc.start + 1]!r})")
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        return RecordError("malformed_json", f"malformed JSON: {exc.msg} (column {exc.colno})")
+
+
+def read_json(path: Path, start: int, select: Select) -> Iterator:
+    """A JSON document: a list of records, or an object holding the list under "data" (else one record).
+
+    A `.json` file that is really JSON Lines (several documents) is read as JSONL.
+    """
+    try:
+        with _open_bytes(path) as f:
+            data = f.read()
+    except (OSError, EOFError, gzip.BadGzipFile) as exc:
+        raise StageError(f"{path}: cannot read: {exc}") from None
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise StageError(f"{path}: not valid UTF-8 at byte {exc.start}") from None
+    try:
+        doc = json.loads(text)
+    except json.JSONDecodeError as exc:
+        if exc.msg == "Extra data":  # several JSON documents: JSON Lines under a .json name
+            return (yield from read_jsonl(path, start, select))
+        raise StageError(f"{path}:{exc.lineno}: malformed JSON: {exc.msg} (column {exc.colno})") from None
+    if isinstance(doc, dict) and isinstance(doc.get("data"), list):
+        records = doc["data"]
+    elif isinstance(doc, list):
+        records = doc
+    else:
+        records = [doc]
+    for i, rec in enumerate(records):
+        if _selected(select, start + i):
+            yield start + i, f"{path}[{i}]", rec
+    return len(records)
+
+
+def read_parquet(path: Path, start: int, select: Select) -> Iterator:
+    """Row batches via pyarrow (never the whole file in memory); only selected rows become Python objects."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        pf = pq.ParquetFile(path)
+        n = 0
+        for batch in pf.iter_batches(batch_size=PARQUET_BATCH_ROWS):
+            rows = range(n, n + batch.num_rows)
+            picked = [r - n for r in rows if _selected(select, start + r)]
+            if picked:
+                taken = batch if len(picked) == batch.num_rows else batch.take(pa.array(picked))
+                for r, rec in zip(picked, taken.to_pylist()):
+                    yield start + n + r, f"{path}[{n + r}]", rec
+            n += batch.num_rows
+    except (OSError, pa.ArrowException) as exc:
+        raise StageError(f"{path}: cannot read Parquet: {exc}") from None
+    return n
+
+
+def read_dataset(ds, label: str, start: int, select: Select) -> Iterator:
+    """Rows of a `datasets.Dataset`, in batches; `where` is `label[row]`."""
+    n = len(ds)
+    step = 1000
+    for lo in range(0, n, step):
+        hi = min(n, lo + step)
+        picked = [r for r in range(lo, hi) if _selected(select, start + r)]
+        if not picked:
+            continue
+        batch = ds[picked[0]: picked[-1] + 1]
+        for r in picked:
+            yield start + r, f"{label}[{r}]", {k: v[r - picked[0]] for k, v in batch.items()}
+    return n
+
+
+def is_saved_dataset(path: Path) -> bool:
+    return path.is_dir() and any(
+        (path / f).exists() for f in ("dataset_info.json", "state.json", "dataset_dict.json"))
+
+
+def load_saved_dataset(path: Path):
+    import datasets
+
+    try:
+        ds = datasets.load_from_disk(str(path))
+    except Exception as exc:
+        raise StageError(f"{path}: cannot load the saved dataset: {exc}") from None
+    if isinstance(ds, datasets.DatasetDict):
+        if "train" in ds:
+            return ds["train"], f"{path}/train"
+        if len(ds) == 1:
+            (split, only), = ds.items()
+            return only, f"{path}/{split}"
+        raise StageError(f"{path}: a DatasetDict with splits {sorted(ds)}; save the split you want")
+    return ds, str(path)
+
+
+def load_hub_dataset(spec: str):
+    """`name` or `name:split` (default split "train") through `datasets.load_dataset`."""
+    import datasets
+
+    name, _, split = spec.partition(":")
+    split = split or "train"
+    try:
+        ds = datasets.load_dataset(name, split=split)
+    except Exception as exc:
+        raise StageError(f"data source {spec!r} is not a file and could not be loaded as a datasets "
+                         f"dataset (split {split!r}): {type(exc).__name__}: {exc}") from None
+    return ds, f"{name}:{split}"
+
+
+def looks_like_path(source: str) -> bool:
+    return source.startswith(("/", ".", "~")) or source.lower().endswith(DATA_SUFFIXES)
+
+
+def expand_source(source: str) -> list[tuple[str, object]]:
+    """A source as a list of (kind, target): files, a saved dataset dir, a dir of data files, or a hub name."""
+    path = Path(os.path.expanduser(source))
+    if path.is_dir():
+        if is_saved_dataset(path):
+            return [("saved", path)]
+        files = sorted(p for p in path.iterdir() if p.is_file() and p.name.lower().endswith(DATA_SUFFIXES))
+        if not files:
+            raise StageError(f"{source}: a directory with no data files (.jsonl, .json, .parquet) "
+                             "and not a dataset saved with save_to_disk")
+        return [(file_kind(p), p) for p in files]
+    if path.is_file():
+        return [(file_kind(path), path)]
+    if looks_like_path(source):
+        raise StageError(f"data source not found: {source}")
+    return [("hub", source)]
+
+
+def file_kind(path: Path) -> str:
+    name = path.name.lower()
+    if name.endswith((".jsonl", ".jsonl.gz")):
+        return "jsonl"
+    if name.endswith((".json", ".json.gz")):
+        return "json"
+    if name.endswith(".parquet"):
+        return "parquet"
+    raise StageError(f"{path}: unknown data file type (expected .jsonl, .jsonl.gz, .json, .json.gz or .parquet)")
+
+
+def iter_source(kind: str, target, start: int, select: Select) -> Iterator:
+    """Dispatch to the reader for one expanded source; returns its record count."""
+    if kind == "jsonl":
+        return (yield from read_jsonl(target, start, select))
+    if kind == "json":
+        return (yield from read_json(target, start, select))
+    if kind == "parquet":
+        return (yield from read_parquet(target, start, select))
+    ds, label = load_saved_dataset(target) if kind == "saved" else load_hub_dataset(target)
+    return (yield from read_dataset(ds, label, start, select))
