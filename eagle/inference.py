@@ -1,6 +1,14 @@
 """The draft run exactly as vLLM/SGLang run it: a KV cache, step 0 from target features, later steps from the
 draft's own pre-norm hidden state. Used by `eagle-pipe eval` and by the train/serve equality tests.
 
+Chain drafting with verified tokens x_1..x_n and bonus x_{n+1} (reference, "How the engines draft"):
+    cache = DraftCache(cfg, 1, max_len)
+    logits, out = draft_step(model, cache, x[1..n+1], f[0..n], positions 0..n, fused=False)   # prefill + step 0
+    d = argmax(logits[:, -1]) mapped through d2t; h = out[:, -1:]
+    for j in 1..K-1: logits, h = draft_step(model, cache, d, h, position n+j, fused=True); d = argmax ...
+    after verification: cache.crop(number of verified positions), then prefill the newly verified ones.
+Cache slot i holds the K/V of the i-th token fed since the last crop point; queries attend causally to slots.
+
 OWNER: eagle-model helper. API:
 
     class DraftCache:
@@ -14,3 +22,44 @@ OWNER: eagle-model helper. API:
         # writes K/V at those positions, attends causally to everything cached; returns
         # (logits [B, T, Vd] over the draft vocab, out [B, T, H] pre-norm output = next step's hidden)
 """
+from __future__ import annotations
+
+import torch
+
+from eagle.attention import cached_attention
+
+
+class DraftCache:
+    """Preallocated draft K/V [B, nKV, max_len, D], written by index; `length` slots are filled."""
+
+    def __init__(self, cfg, batch_size: int, max_len: int, device=None, dtype=torch.float32):
+        shape = (batch_size, cfg.num_key_value_heads, max_len, cfg.head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.max_len = max_len
+        self.length = 0
+
+    def crop(self, length: int) -> None:
+        """Discard entries at positions >= length (they are overwritten by the next writes)."""
+        if not 0 <= length <= self.length:
+            raise ValueError(f"cannot crop a draft cache of length {self.length} to {length}")
+        self.length = length
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Write k/v (B, nKV, T, D) at slots length..length+T-1, attend causally to all filled slots."""
+        start, t = self.length, k.shape[2]
+        if start + t > self.max_len:
+            raise ValueError(f"draft cache overflow: {start} + {t} tokens > max_len {self.max_len}")
+        self.k[:, :, start:start + t] = k
+        self.v[:, :, start:start + t] = v
+        self.length = start + t
+        return cached_attention(q, self.k[:, :, :start + t], self.v[:, :, :start + t], start)
+
+
+@torch.no_grad()
+def draft_step(model, cache: DraftCache, input_ids: torch.Tensor, hidden: torch.Tensor, positions: torch.Tensor,
+               fused: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """One draft forward over T new tokens; returns (logits [B, T, Vd], pre-norm out [B, T, H])."""
+    g = hidden if fused else model.fuse(hidden)  # (B, T, H)
+    out = model.layer(model.embed(input_ids), g, positions, cache.attend)  # (B, T, H)
+    return model.logits(out), out

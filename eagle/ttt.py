@@ -29,3 +29,51 @@ API:
         # loss = sum_j decay**j * ce_sum_j / normalizer_j
         # metrics (all tensors on device, no host sync): "ce_sum" [steps], "correct" [steps], "valid" [steps]
 """
+from __future__ import annotations
+
+import torch
+
+from eagle.attention import make_ttt_attention
+from eagle.loss import draft_cross_entropy
+from eagle.vocab import target_to_draft_index
+
+
+def iter_ttt_steps(model, batch: dict, steps: int, attention: str = "auto"):
+    """Yield (j, out_j, logits_j) for j = 0..steps-1; out/logits (B, T, H) / (B, T, Vd)."""
+    if not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"TTT steps must be an integer >= 1, got {steps!r}")
+    ids, pos, doc = batch["input_ids"], batch["position_ids"], batch["document_ids"]  # (B, T) each
+    attend = make_ttt_attention(attention, doc)
+    embeds = model.embed(ids)  # (B, T, H): x_{t+1}, the same ground-truth token at every step
+    # step j >= 1 reads out^{j-1} one row back; a document's first row has no predecessor in its document
+    starts = torch.ones_like(doc, dtype=torch.bool)
+    starts[:, 1:] = doc[:, 1:] != doc[:, :-1]
+    hidden = model.fuse(batch["aux_hidden_states"])  # (B, T, H)
+    for j in range(steps):
+        out = model.layer(embeds, hidden, pos, attend)  # (B, T, H) pre-norm
+        yield j, out, model.logits(out)
+        prev = torch.nn.functional.pad(out, (0, 0, 1, 0))[:, :-1]  # (B, T, H): row t holds out[t-1]
+        hidden = prev.masked_fill(starts[..., None], 0.0)
+
+
+def ttt_forward(model, batch: dict, steps: int, attention: str = "auto") -> list[torch.Tensor]:
+    """Logits [B, T, Vd] of every TTT step (index j = step j)."""
+    return [logits for _, _, logits in iter_ttt_steps(model, batch, steps, attention)]
+
+
+def ttt_loss(model, batch: dict, steps: int, normalizer: torch.Tensor, teacher_kind: str, decay: float = 0.8,
+             attention: str = "auto") -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """sum_j decay**j * ce_sum_j / normalizer_j, plus per-step metrics as device tensors (no host sync)."""
+    pos, loss_mask = batch["position_ids"], batch["loss_mask"]
+    t2d_index = target_to_draft_index(model.t2d)  # (V,) draft id or -1
+    loss = torch.zeros((), device=pos.device, dtype=torch.float32)
+    ce_sums, corrects, valids = [], [], []
+    for j, _, logits in iter_ttt_steps(model, batch, steps, attention):
+        valid = loss_mask & (pos >= j)  # (B, T): the engine's step j needs n = t - j >= 0 in the document
+        ce_sum, correct, count = draft_cross_entropy(logits, batch, valid, t2d_index, model.d2t, teacher_kind)
+        loss = loss + (decay ** j) * ce_sum / normalizer[j].clamp_min(1)
+        ce_sums.append(ce_sum)
+        corrects.append(correct)
+        valids.append(count)
+    metrics = {"ce_sum": torch.stack(ce_sums), "correct": torch.stack(corrects), "valid": torch.stack(valids)}
+    return loss, metrics
