@@ -1,9 +1,384 @@
-"""Stage `dump-teacher` (not implemented yet)."""
-import click
+"""Stage one, `eagle-pipe dump-teacher`: run the target once and write teacher shards (format: stages/shards.py).
 
+One invocation dumps one shard (`--shard-index/--num-shards`, or SLURM array / torchrun variables). Steps: load
+the target, stage OUT/target/ and claim OUT/manifest.json (refusing a dump made with another target, tokenizer
+or settings), tokenize the shard's records (stages/records.py), plan parts and batches (stages/dump_plan.py),
+run the target batch by batch with hooks and a chunked teacher (stages/dump_target.py), hand outputs to the
+background writer (stages/dump_writer.py), and write done.json last. Parts already on disk are kept, so a rerun
+after a crash only computes what is missing and yields the same bytes.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import time
+from pathlib import Path
+
+import click
+import numpy as np
+
+from stages import shards
+from stages.dump_plan import Sequence, plan_parts, pad_batch, shard_from_env, token_counts
 from stages.errors import StageError
+
+SOFTMAX_MAX_PART_BYTES = 8 << 30     # --teacher softmax: refuse parts above 8 GiB ...
+SOFTMAX_MAX_TOTAL_BYTES = 1 << 40    # ... or a dump estimated above 1 TiB, unless --allow-large-softmax
+DUMP_FORMAT = "eagle-pipe-teacher-dump"
+
+
+class _LimitReached(Exception):
+    pass
+
+
+class _ShardSelector:
+    """`select` for tokenize_records: picks this shard's records and counts the records in the input."""
+
+    def __init__(self, shard_index: int, num_shards: int, limit: int | None):
+        self.shard_index, self.num_shards, self.limit = shard_index, num_shards, limit
+        self.num_records = 0
+
+    def __call__(self, sample_index: int) -> bool:
+        if self.limit is not None and sample_index >= self.limit:
+            raise _LimitReached
+        self.num_records = max(self.num_records, sample_index + 1)
+        return sample_index % self.num_shards == self.shard_index
+
+
+def resolve_device(device: str | None) -> str:
+    import torch
+
+    if device:
+        return device
+    if torch.cuda.is_available():
+        return f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+    return "cpu"
+
+
+def ensure_writable(out: Path) -> None:
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise StageError(f"--out {out}: not writable ({exc.strerror or exc})") from None
+
+
+def local_or_name(source: str) -> str:
+    """Absolute path for a local file/dir (so jobs started from other directories agree), else as given."""
+    path = Path(source).expanduser()
+    return str(path.resolve()) if path.exists() else source
+
+
+def data_fingerprint(sources: list[str]) -> str:
+    """sha256 over every local data file's name and content; a hub dataset name counts by its name."""
+    h = hashlib.sha256()
+    for source in sources:
+        path = Path(source)
+        files = sorted(f for f in path.rglob("*") if f.is_file()) if path.is_dir() else [path]
+        h.update(f"source\0{source}\n".encode())
+        for f in files:
+            if f.is_file():
+                h.update(f"{f.relative_to(path) if path.is_dir() else f.name}\0{shards.sha256_file(f)}\n".encode())
+    return h.hexdigest()
+
+
+def claim_manifest(out: Path, manifest: dict, overwrite: bool) -> None:
+    """Write OUT/manifest.json, or accept an identical one (resume, other shard jobs); refuse a different dump
+    in OUT unless --overwrite (which removes it). Identical content + atomic rename: concurrent jobs are safe."""
+    path = out / "manifest.json"
+    if path.is_file():
+        try:
+            existing = shards.read_json(path)
+            diff = shards.manifest_difference(existing, manifest)
+        except ValueError:
+            diff = "manifest.json is not valid JSON"
+        if diff is None:
+            return
+        if not overwrite:
+            raise StageError(f"{out} holds another dump ({diff}); pass --overwrite to replace it, or another --out")
+        click.echo(f"--overwrite: removing the previous dump in {out} ({diff})", err=True)
+        for name in ("shards", "target"):
+            shutil.rmtree(out / name, ignore_errors=True)
+    elif (out / "shards").exists() or (out / "target").exists():
+        if not overwrite:
+            raise StageError(f"{out} holds shards or a target without manifest.json; pass --overwrite to replace")
+        for name in ("shards", "target"):
+            shutil.rmtree(out / name, ignore_errors=True)
+    shards.atomic_write_json(path, manifest)
+    diff = shards.manifest_difference(shards.read_json(path), manifest)
+    if diff is not None:
+        raise StageError(f"{out}: another job wrote a different manifest at the same time ({diff})")
+
+
+def collect_shard(data, tokenizer, selector: _ShardSelector, *, max_seq_len, loss_on, strict):
+    """Tokenize this shard's records: (sequences, skipped, truncated count)."""
+    import nvtx
+    from tqdm import tqdm
+
+    from stages.records import Example, tokenize_records
+
+    sequences, skipped, truncated = [], [], 0
+    items = tokenize_records(list(data), tokenizer, max_seq_len=max_seq_len, loss_on=loss_on, strict=strict,
+                             select=selector)
+    with nvtx.annotate("tokenize", color="blue"), tqdm(desc="tokenize", unit="rec", mininterval=1.0) as bar:
+        try:
+            for item in items:
+                if isinstance(item, Example):
+                    sequences.append(Sequence(item.sample_index, np.asarray(item.input_ids, dtype=np.int32),
+                                              np.asarray(item.loss_mask, dtype=np.uint8)))
+                    truncated += bool(item.truncated)
+                else:
+                    skipped.append(item)
+                bar.update(1)
+        except _LimitReached:
+            pass
+    return sequences, skipped, truncated
+
+
+def reusable_part(directory: Path, part) -> bool:
+    """A part already on disk (complete by construction: atomic rename) holding exactly the planned records."""
+    import torch
+
+    path = directory / shards.part_name(part.index)
+    if not path.is_file():
+        return False
+    try:
+        got = shards.load_part(path, ["sample_index"])["sample_index"]
+    except Exception:
+        got = None
+    if got is not None and torch.equal(got, torch.tensor(part.sample_indices(), dtype=torch.int64)):
+        return True
+    click.echo(f"{path}: does not match the plan; recomputing it", err=True)
+    path.unlink()
+    return False
+
+
+def run_parts(tgt, aux_ids, parts, directory: Path, *, teacher: str, k: int, metadata: dict):
+    """Compute every part not already on disk; returns ({index: file entry}, tokens computed, seconds)."""
+    import nvtx
+    import torch
+    from tqdm import tqdm
+
+    from stages.dump_target import forward_batch, teacher_outputs
+    from stages.dump_writer import PartWriter
+
+    H, V = tgt.hidden_size, tgt.vocab_size
+    specs = {"aux_hidden_states": ((3 * H,), tgt.dtype)}
+    specs.update({"topk": {"teacher_topk_ids": ((k,), torch.int32), "teacher_topk_logprobs": ((k,), torch.float32)},
+                  "argmax": {"teacher_argmax": ((), torch.int32)},
+                  "softmax": {"teacher_probs": ((V,), tgt.dtype)}}[teacher])
+    entries, todo = {}, []
+    for part in parts:
+        if reusable_part(directory, part):
+            path = directory / shards.part_name(part.index)
+            entries[part.index] = {"file": path.name, "sha256": shards.sha256_file(path),
+                                   "bytes": path.stat().st_size, "num_tokens": part.num_tokens,
+                                   "num_sequences": len(part.sequences)}
+        else:
+            todo.append(part)
+    if not todo:
+        return entries, 0, 0.0
+    max_rows = max(sum(len(s) for s in p.sequences[a:b]) for p in todo for a, b in p.batches)
+    pad_id = next(t for t in (tgt.tokenizer.pad_token_id, tgt.tokenizer.eos_token_id, 0) if t is not None)
+    total = sum(p.num_tokens for p in todo)
+    start = time.perf_counter()
+    writer = PartWriter(directory, specs, max_rows, torch.device(tgt.device), metadata)
+    try:
+        with tqdm(total=total, desc="dump", unit="tok", unit_scale=True, mininterval=1.0) as bar:
+            for part in todo:
+                offset = 0
+                for b, (lo, hi) in enumerate(part.batches):
+                    ids, mask, real, _ = pad_batch(part.sequences[lo:hi], pad_id)
+                    with nvtx.annotate("forward", color="red"):
+                        aux, final = forward_batch(tgt, aux_ids, ids, mask, real)
+                    with nvtx.annotate("teacher", color="yellow"):
+                        outputs = teacher_outputs(tgt, final, teacher, k)
+                    outputs["aux_hidden_states"] = aux
+                    writer.submit(part, offset, outputs, last=b == len(part.batches) - 1)
+                    offset += real.numel()
+                    bar.update(real.numel())
+            written = writer.close()
+    except BaseException:
+        writer.abort()
+        raise
+    for w in written:
+        entries[w.index] = {"file": w.file, "sha256": w.sha256, "bytes": w.bytes, "num_tokens": w.num_tokens,
+                            "num_sequences": w.num_sequences}
+    return entries, total, time.perf_counter() - start
+
+
+def dump_teacher(*, target, data, out, dtype=None, device=None, device_map=None, trust_remote_code=False,
+                 aux_layers=None, teacher="topk", top_k=64, batch_tokens=16384, max_seq_len=2048,
+                 loss_on="assistant", shard_index=None, num_shards=None, part_tokens=32768, overwrite=False,
+                 strict=False, allow_large_softmax=False, limit=None) -> dict:
+    """Dump one shard; returns the summary dict (also printed)."""
+    from stages.dump_target import (dtype_name, install_target_dir, load_config, load_target, parse_aux_layers,
+                                    resolve_dtype, self_check, write_target_dir)
+
+    if not target:
+        raise StageError("--target is required (a model directory or hub id)")
+    if not data:
+        raise StageError("--data is required (one or more data files, dataset dirs or names)")
+    if not out:
+        raise StageError("--out is required")
+    for name, value in (("--top-k", top_k), ("--batch-tokens", batch_tokens), ("--max-seq-len", max_seq_len),
+                        ("--part-tokens", part_tokens)):
+        if value < 1:
+            raise StageError(f"{name} must be >= 1, got {value}")
+    if limit is not None and limit < 0:
+        raise StageError(f"--limit must be >= 0, got {limit}")
+    shard_index, num_shards = shard_from_env(shard_index, num_shards)
+    out = Path(out)
+    ensure_writable(out)
+    device = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, device)
+    config = load_config(target, trust_remote_code)
+    vocab = getattr(config.get_text_config(), "vocab_size", None) or 0
+    bytes_per_prob = torch_dtype.itemsize
+    if teacher == "softmax" and not allow_large_softmax and part_tokens * vocab * bytes_per_prob > SOFTMAX_MAX_PART_BYTES:
+        raise StageError(f"--teacher softmax: a part would hold {part_tokens * vocab * bytes_per_prob / 2**30:.1f} GiB "
+                         f"(vocab {vocab}); lower --part-tokens, use --teacher topk, or pass --allow-large-softmax")
+
+    tgt = load_target(target, torch_dtype, device, device_map, trust_remote_code)
+    aux_ids = parse_aux_layers(aux_layers, tgt.num_layers)
+    if teacher == "topk" and top_k > tgt.vocab_size:
+        raise StageError(f"--top-k {top_k} exceeds the target's vocabulary ({tgt.vocab_size})")
+    k = top_k if teacher == "topk" else None
+    sources = [local_or_name(s) for s in data]
+    settings = {"target": local_or_name(target), "data": sources, "dtype": dtype_name(torch_dtype),
+                "aux_layers": aux_ids, "teacher": teacher, "top_k": k, "max_seq_len": max_seq_len,
+                "loss_on": loss_on, "num_shards": num_shards, "part_tokens": part_tokens,
+                "batch_tokens": batch_tokens, "limit": limit}
+    staged = out / f".target.tmp-{os.getpid()}"
+    try:
+        provenance = write_target_dir(tgt, staged)
+        manifest = {
+            "format": DUMP_FORMAT, "schema_version": shards.SCHEMA_VERSION,
+            "target": {"source": settings["target"], "architecture": type(tgt.model).__name__,
+                       "model_type": tgt.config.model_type, **provenance, "num_layers": tgt.num_layers,
+                       "hidden_size": tgt.hidden_size, "vocab_size": tgt.vocab_size, "dtype": settings["dtype"],
+                       "tie_word_embeddings": bool(getattr(tgt.config, "tie_word_embeddings", False))},
+            "aux_layer_ids": aux_ids,
+            "teacher": {"kind": teacher, "k": k, "logprob_dtype": "float32" if teacher == "topk" else None,
+                        "probs_dtype": settings["dtype"] if teacher == "softmax" else None},
+            "max_seq_len": max_seq_len, "loss_on": loss_on,
+            "data": {"sources": sources, "fingerprint": data_fingerprint(sources)},
+            "num_shards": num_shards, "part_tokens": part_tokens, "settings": settings,
+        }
+        claim_manifest(out, manifest, overwrite)
+        install_target_dir(staged, out / "target")
+    finally:
+        shutil.rmtree(staged, ignore_errors=True)
+    msha = shards.manifest_sha256(manifest)
+    directory = shards.shard_dir(out, shard_index, num_shards)
+    directory.mkdir(parents=True, exist_ok=True)
+    shards.remove_stale_temporaries(directory)
+    done = shards.read_done(out, shard_index, num_shards)
+    if done is not None and done.get("manifest_sha256") == msha:
+        summary = summary_from_done(out, done, computed_tokens=0, seconds=0.0, padding=None)
+        click.echo(f"shard {shard_index}/{num_shards} is already complete in {directory}", err=True)
+        return summary
+    (directory / "done.json").unlink(missing_ok=True)
+
+    selector = _ShardSelector(shard_index, num_shards, limit)
+    sequences, skipped, truncated = collect_shard(data, tgt.tokenizer, selector, max_seq_len=max_seq_len,
+                                                  loss_on=loss_on, strict=strict)
+    shard_tokens = sum(len(s) for s in sequences)
+    if teacher == "softmax" and not allow_large_softmax and \
+            shard_tokens * num_shards * tgt.vocab_size * bytes_per_prob > SOFTMAX_MAX_TOTAL_BYTES:
+        raise StageError(f"--teacher softmax: the dump would hold about "
+                         f"{shard_tokens * num_shards * tgt.vocab_size * bytes_per_prob / 2**40:.1f} TiB; "
+                         "use --teacher topk or pass --allow-large-softmax")
+    if skipped:
+        from stages.records import format_skip_report
+        click.echo(format_skip_report(skipped), err=True)
+    parts = plan_parts(sequences, part_tokens, batch_tokens)
+    if sequences:
+        import torch
+
+        self_check(tgt, aux_ids, torch.from_numpy(sequences[0].input_ids.astype(np.int64)))
+    metadata = {"shard_index": str(shard_index), "num_shards": str(num_shards), "teacher": teacher,
+                "manifest_sha256": msha}
+    entries, computed, seconds = run_parts(tgt, aux_ids, parts, directory, teacher=teacher, k=k or 0,
+                                           metadata=metadata)
+    skipped_indices: dict[str, list[int]] = {}
+    for s in skipped:
+        skipped_indices.setdefault(s.reason, []).append(s.sample_index)
+    done = {
+        "shard_index": shard_index, "num_shards": num_shards, "manifest_sha256": msha,
+        "num_records": selector.num_records,
+        "parts": [entries[p.index] for p in parts],
+        "records": {"assigned": len(sequences) + len(skipped), "written": len(sequences), "truncated": truncated,
+                    "skipped": {r: len(v) for r, v in sorted(skipped_indices.items())}},
+        "written_sample_indices": sorted(s.sample_index for s in sequences),
+        "skipped_sample_indices": {r: sorted(v) for r, v in sorted(skipped_indices.items())},
+        "num_tokens": shard_tokens, "num_supervised_tokens": int(sum(int(s.loss_mask.sum()) for s in sequences)),
+        "token_counts": token_counts(sequences),
+    }
+    shards.atomic_write_json(directory / "done.json", done)
+    padded = sum(p.padded_tokens() for p in parts)
+    summary = summary_from_done(out, done, computed_tokens=computed, seconds=seconds,
+                                padding=(1 - shard_tokens / padded) if padded else 0.0)
+    print_summary(summary)
+    return summary
+
+
+def summary_from_done(out: Path, done: dict, *, computed_tokens: int, seconds: float, padding) -> dict:
+    total_bytes = sum(p["bytes"] for p in done["parts"])
+    tokens = done["num_tokens"]
+    return {
+        "out": str(out), "shard_index": done["shard_index"], "num_shards": done["num_shards"],
+        "records_in_input": done["num_records"], "records_read": done["records"]["assigned"],
+        "skipped": done["records"]["skipped"], "truncated": done["records"]["truncated"],
+        "sequences": done["records"]["written"], "tokens": tokens,
+        "supervised_tokens": done["num_supervised_tokens"], "padding_fraction": padding,
+        "parts": len(done["parts"]), "bytes": total_bytes,
+        "bytes_per_token": total_bytes / tokens if tokens else 0.0,
+        "tokens_computed": computed_tokens, "seconds": seconds,
+        "tokens_per_s": computed_tokens / seconds if seconds else None,
+    }
+
+
+def print_summary(s: dict) -> None:
+    skipped = ", ".join(f"{r} {n}" for r, n in s["skipped"].items()) or "none"
+    pad = "n/a" if s["padding_fraction"] is None else f"{s['padding_fraction']:.1%}"
+    rate = "n/a" if not s["tokens_per_s"] else f"{s['tokens_per_s']:,.0f} tokens/s"
+    click.echo(
+        f"shard {s['shard_index']}/{s['num_shards']}: records read {s['records_read']} "
+        f"(of {s['records_in_input']} in the input), skipped: {skipped}, truncated {s['truncated']}\n"
+        f"  sequences {s['sequences']}, tokens {s['tokens']}, supervised {s['supervised_tokens']}, "
+        f"padding {pad}\n"
+        f"  parts {s['parts']}, {s['bytes'] / 2**20:.1f} MiB, {s['bytes_per_token']:.0f} bytes/token, "
+        f"computed {s['tokens_computed']} tokens in {s['seconds']:.1f} s ({rate})", err=True)
+
+
+DTYPE_CHOICES = ["bfloat16", "float16", "float32", "bf16", "fp16", "fp32"]
 
 
 @click.command("dump-teacher")
-def command():
-    raise StageError("dump-teacher: not implemented yet")
+@click.option("--target", help="Target model: a local Hugging Face directory or a hub id.")
+@click.option("--data", multiple=True, help="Data file (JSONL/JSON/Parquet), saved dataset dir or dataset name; repeatable.")
+@click.option("--out", type=click.Path(file_okay=False), help="Dump directory (manifest.json, target/, shards/).")
+@click.option("--dtype", type=click.Choice(DTYPE_CHOICES, case_sensitive=False), default=None,
+              help="Target dtype (default: bfloat16 on GPU, float32 on CPU).")
+@click.option("--device", default=None, help="Device (default: cuda:LOCAL_RANK if available, else cpu).")
+@click.option("--device-map", default=None, help="Hugging Face device_map (e.g. auto) to spread a large target over GPUs.")
+@click.option("--trust-remote-code", is_flag=True, help="Allow the target's own modelling code to run.")
+@click.option("--aux-layers", default=None, help="Three ascending layer ids whose input residual stream is stored (default 2,N//2,N-3).")
+@click.option("--teacher", type=click.Choice(["topk", "argmax", "softmax"]), default="topk", help="Teacher output kind.")
+@click.option("--top-k", type=int, default=64, help="k for --teacher topk.")
+@click.option("--batch-tokens", type=int, default=16384, help="Padded tokens per forward batch.")
+@click.option("--max-seq-len", type=int, default=2048, help="Truncate records to this many tokens (counted).")
+@click.option("--loss-on", type=click.Choice(["assistant", "all"]), default="assistant", help="Which tokens are supervised.")
+@click.option("--shard-index", type=int, default=None, help="This job's shard (default: SLURM_ARRAY_TASK_ID, RANK, or 0).")
+@click.option("--num-shards", type=int, default=None, help="Number of shards (default: SLURM_ARRAY_TASK_COUNT, WORLD_SIZE, or 1).")
+@click.option("--part-tokens", type=int, default=32768, help="Tokens per part file (whole sequences).")
+@click.option("--overwrite", is_flag=True, help="Replace a dump from another target/tokenizer/settings in --out.")
+@click.option("--strict", is_flag=True, help="Stop at the first bad record instead of skipping it.")
+@click.option("--allow-large-softmax", is_flag=True, help="Allow --teacher softmax beyond 8 GiB per part / 1 TiB in all.")
+@click.option("--limit", type=int, default=None, help="Use only the first N records of the input (for trial runs).")
+def command(**options):
+    """Run the target once over the data and write this shard's teacher parts."""
+    return dump_teacher(**options)

@@ -3,9 +3,13 @@
 Layout of a dump directory OUT::
 
     OUT/manifest.json                 schema_version; target provenance (path/id, config_sha256,
-                                      tokenizer_sha256, num_layers, hidden_size, vocab_size, dtype);
-                                      aux_layer_ids; teacher {kind, k, logprob_dtype}; max_seq_len;
-                                      loss_on; data {sources, fingerprint, num_records}; num_shards
+                                      tokenizer_sha256, weights_sha256 (of OUT/target/weights.safetensors),
+                                      architecture, num_layers, hidden_size, vocab_size, dtype);
+                                      aux_layer_ids; teacher {kind, k, logprob_dtype, probs_dtype};
+                                      max_seq_len; loss_on; data {sources, fingerprint}; num_shards;
+                                      part_tokens; settings {every option that changes the output}
+                                      (the number of input records is in each done.json: it is only
+                                      known once the data has been read)
     OUT/target/                       what stage two needs instead of the target: config.json, tokenizer
                                       files, weights.safetensors {embed_tokens.weight, lm_head.weight,
                                       norm.weight} (lm_head written even when tied)
@@ -24,12 +28,19 @@ Tensors in a part (N tokens, S sequences), safetensors metadata {"format": "eagl
     teacher_probs         target dtype [N, V]   (softmax)
 Position i's teacher is the target's distribution for token i+1 (the logits at position i).
 
-done.json: {"shard_index", "num_shards", "parts": [{"file", "sha256", "bytes", "num_tokens",
-"num_sequences"}], "records": {"assigned", "written", "skipped": {reason: count}}, "written_sample_indices"
-(sorted list) , "skipped_sample_indices" {reason: [..]}, "num_tokens", "num_supervised_tokens",
-"token_counts" {"ids": [...], "counts": [...]} over supervised tokens (sparse, ascending ids)}.
+done.json: {"shard_index", "num_shards", "manifest_sha256" (of the manifest this shard was written under),
+"num_records" (records in the whole input, all shards), "parts": [{"file", "sha256", "bytes", "num_tokens",
+"num_sequences"}], "records": {"assigned", "written", "truncated", "skipped": {reason: count}},
+"written_sample_indices" (sorted list), "skipped_sample_indices" {reason: [..]}, "num_tokens",
+"num_supervised_tokens", "token_counts" {"ids": [...], "counts": [...]} over supervised tokens (the input_ids
+where loss_mask is 1; sparse, ascending ids)}. It holds no timings, so a rerun writes the same bytes.
 
-Writes are atomic: write to a temporary name in the same directory, fsync, rename, fsync the directory.
+Parts hold whole sequences; within a shard, sequences are sorted by (length, sample_index) and cut into parts of
+about `part_tokens` tokens, so a rerun reproduces the same plan. Part files are never modified once renamed into
+place; a rerun keeps the ones present (after checking their sample indices) and writes the missing ones.
+
+Writes are atomic: write to a temporary name in the same directory (`.NAME.tmp-PID`), fsync, rename, fsync the
+directory. Leftover temporary files never look complete and are removed by the next run of that shard.
 
 OWNER: dump-teacher helper (extend freely, keep the contract; the train stage imports this module).
 """
@@ -88,3 +99,143 @@ def atomic_write_json(path: Path, obj) -> None:
 def read_json(path: Path):
     with open(path) as f:
         return json.load(f)
+
+
+def write_file_atomic(path: Path, write) -> None:
+    """`write(tmp_path)` writes the content; then fsync, rename, fsync the directory (for large files)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        write(tmp)
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)
+
+
+def remove_stale_temporaries(directory: Path) -> int:
+    """Delete `.NAME.tmp-PID` leftovers of a crashed run (one job per shard directory); returns how many."""
+    n = 0
+    for tmp in Path(directory).glob(".*.tmp-*"):
+        tmp.unlink(missing_ok=True)
+        n += 1
+    return n
+
+
+# ---- parts ---------------------------------------------------------------------------------------------------
+
+PART_FORMAT = "eagle-pipe-part"
+REQUIRED_PART_TENSORS = ("input_ids", "loss_mask", "cu_seqlens", "sample_index", "aux_hidden_states")
+TEACHER_TENSORS = {
+    "topk": ("teacher_topk_ids", "teacher_topk_logprobs"),
+    "argmax": ("teacher_argmax",),
+    "softmax": ("teacher_probs",),
+}
+
+
+def write_part(path: Path, tensors: dict, metadata: dict[str, str], *, pause_before_rename: float = 0.0
+               ) -> tuple[str, int]:
+    """Write one part atomically; returns (sha256, bytes). Same tensors + metadata -> same bytes.
+
+    `pause_before_rename` (seconds) exists for the crash test: it widens the window in which a kill leaves a
+    temporary file behind.
+    """
+    import time
+
+    from safetensors.torch import save_file
+
+    tensors = {name: t.contiguous() for name, t in tensors.items()}
+    meta = {"format": PART_FORMAT, "schema_version": str(SCHEMA_VERSION), **metadata}
+
+    def write(tmp):
+        save_file(tensors, str(tmp), metadata=meta)
+        if pause_before_rename:
+            time.sleep(pause_before_rename)
+
+    write_file_atomic(path, write)
+    return sha256_file(path), Path(path).stat().st_size
+
+
+def part_header(path: Path) -> dict:
+    """Metadata, tensor shapes and dtypes of a part without reading its data: {"metadata", "tensors": {name:
+    (shape, dtype-string)}}. Raises ValueError on a file that is not a readable safetensors file."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            tensors = {}
+            for name in f.keys():
+                sl = f.get_slice(name)
+                tensors[name] = (list(sl.get_shape()), sl.get_dtype())
+            return {"metadata": f.metadata() or {}, "tensors": tensors}
+    except Exception as exc:  # safetensors raises its own error types for torn headers
+        raise ValueError(f"{path}: not a readable safetensors part ({exc})") from None
+
+
+def load_part(path: Path, names=None, device: str = "cpu") -> dict:
+    """Tensors of one part (all, or `names`). The file is memory-mapped by safe_open; only the requested
+    tensors are read."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt", device=str(device)) as f:
+        keys = list(f.keys()) if names is None else list(names)
+        return {name: f.get_tensor(name) for name in keys}
+
+
+def read_done(out: Path, shard_index: int, num_shards: int) -> dict | None:
+    path = shard_dir(out, shard_index, num_shards) / "done.json"
+    return read_json(path) if path.is_file() else None
+
+
+def iter_parts(out: Path):
+    """Paths of every part of a complete dump, shard by shard, in part order (as listed in each done.json).
+
+    Raises ValueError naming the first shard that is missing or not done; run `verify_dump` for a full check.
+    """
+    out = Path(out)
+    manifest = read_json(out / "manifest.json")
+    n = int(manifest["num_shards"])
+    for i in range(n):
+        done = read_done(out, i, n)
+        if done is None:
+            raise ValueError(f"{shard_dir(out, i, n)}: shard not complete (no done.json)")
+        for part in done["parts"]:
+            yield shard_dir(out, i, n) / part["file"]
+
+
+# ---- manifest ------------------------------------------------------------------------------------------------
+
+def canonical_json(obj) -> bytes:
+    return (json.dumps(obj, indent=1, sort_keys=True) + "\n").encode()
+
+
+def manifest_sha256(manifest: dict) -> str:
+    return hashlib.sha256(canonical_json(manifest)).hexdigest()
+
+
+def _flatten(obj, prefix=""):
+    if isinstance(obj, dict):
+        out = {}
+        for key in obj:
+            out.update(_flatten(obj[key], f"{prefix}{key}."))
+        return out or {prefix[:-1]: {}}
+    return {prefix[:-1]: obj}
+
+
+def manifest_difference(existing: dict, new: dict) -> str | None:
+    """The first field (dotted path, settings first) where two manifests differ, as one line; None if equal."""
+    a, b = _flatten(existing), _flatten(new)
+    keys = sorted(set(a) | set(b), key=lambda k: (not k.startswith("settings."), k))
+    missing = object()
+    for key in keys:
+        va, vb = a.get(key, missing), b.get(key, missing)
+        if va != vb:
+            show = lambda v: "(absent)" if v is missing else json.dumps(v)[:80]  # noqa: E731
+            return f"{key}: {show(va)} in the existing dump, {show(vb)} in this run"
+    return None
