@@ -1,0 +1,329 @@
+"""Tests for stages/records.py (+ chat_masks.py, record_sources.py): sources, formats, loss masks, bad input.
+
+The reference loss masks are built without the chat template: the test writes each template's text by hand as
+segments (header, content + end-of-turn token, trailer), tokenizes every segment on its own and marks the
+assistant segments. The implementation's ids must equal the concatenation, and its mask the marked segments.
+"""
+from __future__ import annotations
+
+import gzip
+import json
+from pathlib import Path
+
+import click
+import pytest
+from click.testing import CliRunner
+from transformers import AutoTokenizer
+
+import stages.record_sources as record_sources
+from conftest import CHATML_GENERATION_TEMPLATE, CHATML_TEMPLATE, CONVERSATIONS
+from stages.chat_masks import ChatMasker
+from stages.errors import StageError
+from stages.records import (
+    BadRecord, Example, Skipped, count_records, format_skip_report, read_records, summarize_skips,
+    tokenize_records,
+)
+
+MULTI_TURN = [
+    {"role": "system", "content": "You are terse."},
+    {"role": "user", "content": "Define a class."},
+    {"role": "assistant", "content": "Use the class statement."},
+    {"role": "user", "content": "And a function?"},
+    {"role": "assistant", "content": " Use def, then a name.\nThen the body."},
+]
+
+
+@pytest.fixture(scope="module")
+def llama_tok(tiny_llama):
+    return AutoTokenizer.from_pretrained(tiny_llama)
+
+
+@pytest.fixture(scope="module")
+def qwen_tok(tiny_qwen3):
+    return AutoTokenizer.from_pretrained(tiny_qwen3)
+
+
+@pytest.fixture(scope="module")
+def qwen_gen_tok(tiny_qwen3):
+    tok = AutoTokenizer.from_pretrained(tiny_qwen3)
+    tok.chat_template = CHATML_GENERATION_TEMPLATE
+    return tok
+
+
+def llama3_segments(messages):
+    segs = [("<|begin_of_text|>", 0)]
+    for m in messages:
+        sup = int(m["role"] == "assistant")
+        segs += [(f"<|start_header_id|>{m['role']}<|end_header_id|>\n\n", 0), (m["content"] + "<|eot_id|>", sup)]
+    return segs
+
+
+def chatml_segments(messages):
+    segs = []
+    for m in messages:
+        sup = int(m["role"] == "assistant")
+        segs += [(f"<|im_start|>{m['role']}\n", 0), (m["content"] + "<|im_end|>", sup), ("\n", 0)]
+    return segs
+
+
+def reference(tok, segments):
+    ids, mask = [], []
+    for text, sup in segments:
+        piece = tok(text, add_special_tokens=False)["input_ids"]
+        ids += piece
+        mask += [sup] * len(piece)
+    return ids, mask
+
+
+def write_jsonl(path: Path, records) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+def supervised_runs(tok, ids, mask):
+    """Decoded text of each maximal run of supervised tokens."""
+    runs, cur = [], []
+    for t, m in zip(ids + [None], mask + [0]):
+        if m:
+            cur.append(t)
+        elif cur:
+            runs.append(tok.decode(cur))
+            cur = []
+    return runs
+
+
+# ---------------------------------------------------------------------------------------------- masks
+@pytest.mark.parametrize("which", ["llama", "chatml"])
+@pytest.mark.parametrize("messages", [CONVERSATIONS[0]["messages"], CONVERSATIONS[1]["messages"], MULTI_TURN])
+def test_masks_equal_hand_built_assistant_spans(which, messages, llama_tok, qwen_tok, tmp_path):
+    tok, segments, eot = ((llama_tok, llama3_segments, "<|eot_id|>") if which == "llama"
+                          else (qwen_tok, chatml_segments, "<|im_end|>"))
+    ref_ids, ref_mask = reference(tok, segments(messages))
+    (ex,) = tokenize_records(write_jsonl(tmp_path / "c.jsonl", [{"messages": messages}]), tok, max_seq_len=4096)
+    assert ex.input_ids == ref_ids
+    assert ex.loss_mask == ref_mask
+    assert supervised_runs(tok, ex.input_ids, ex.loss_mask) == [
+        m["content"] + eot for m in messages if m["role"] == "assistant"]
+
+
+def test_generation_tags_agree_with_prefix_method(qwen_tok, qwen_gen_tok, tmp_path):
+    convs = [CONVERSATIONS[0]["messages"], CONVERSATIONS[1]["messages"], MULTI_TURN]
+    src = write_jsonl(tmp_path / "c.jsonl", [{"messages": m} for m in convs] + [CONVERSATIONS[2]])
+    assert ChatMasker(qwen_gen_tok).use_generation_tags and not ChatMasker(qwen_tok).use_generation_tags
+    # Same template, both methods. (HF renders with trim_blocks, so the conftest tagged template drops the
+    # "\n" after an assistant turn's <|im_end|>; its text differs from CHATML_TEMPLATE there.)
+    tagged = list(tokenize_records(src, qwen_gen_tok, max_seq_len=4096))
+    masker = ChatMasker(qwen_gen_tok, use_generation_tags=False)
+    for ex, msgs in zip(tagged, convs):
+        assert masker.encode(msgs) == (ex.input_ids, ex.loss_mask)
+        assert supervised_runs(qwen_gen_tok, ex.input_ids, ex.loss_mask) == [
+            m["content"] + "<|im_end|>" for m in msgs if m["role"] == "assistant"]
+    # A tagged template that renders exactly CHATML_TEMPLATE's text gives exactly the prefix method's output.
+    same_text = AutoTokenizer.from_pretrained(qwen_tok.name_or_path)
+    same_text.chat_template = CHATML_GENERATION_TEMPLATE.replace(
+        "{% endgeneration %}\n", "{% endgeneration %}{{ '\\n' }}")
+    assert same_text.apply_chat_template(MULTI_TURN, tokenize=False) == qwen_tok.apply_chat_template(
+        MULTI_TURN, tokenize=False)
+    assert ChatMasker(same_text).use_generation_tags
+    assert list(tokenize_records(src, same_text, max_seq_len=4096)) == list(
+        tokenize_records(src, qwen_tok, max_seq_len=4096))
+
+
+def test_template_whose_generation_prompt_differs_from_history(qwen_tok, tmp_path):
+    """Qwen3-style: the generation prompt opens an empty think block that history turns do not have."""
+    tok = AutoTokenizer.from_pretrained(qwen_tok.name_or_path)
+    tok.chat_template = CHATML_TEMPLATE.replace(
+        "<|im_start|>assistant\n{% endif %}", "<|im_start|>assistant\n<think>\n\n</think>\n\n{% endif %}")
+    (ex,) = tokenize_records(write_jsonl(tmp_path / "c.jsonl", [{"messages": MULTI_TURN}]), tok, max_seq_len=4096)
+    assert (ex.input_ids, ex.loss_mask) == reference(qwen_tok, chatml_segments(MULTI_TURN))
+
+
+def test_template_without_special_tokens_supervises_whole_increment(qwen_tok, tmp_path):
+    tok = AutoTokenizer.from_pretrained(qwen_tok.name_or_path)
+    tok.chat_template = ("{% for m in messages %}{{ m['role'] }}:\n{{ m['content'] }}\n{% endfor %}"
+                         "{% if add_generation_prompt %}assistant:\n{% endif %}")
+    msgs = CONVERSATIONS[1]["messages"]
+    (ex,) = tokenize_records(write_jsonl(tmp_path / "c.jsonl", [{"messages": msgs}]), tok, max_seq_len=4096)
+    segs = []
+    for m in msgs:
+        segs += [(f"{m['role']}:\n", 0), (m["content"] + "\n", int(m["role"] == "assistant"))]
+    assert (ex.input_ids, ex.loss_mask) == reference(tok, segs)
+
+
+def test_loss_on_all_and_sharegpt_and_text(llama_tok, tmp_path):
+    msgs = CONVERSATIONS[0]["messages"]
+    share = {"conversations": [{"from": {"system": "system", "user": "human", "assistant": "gpt"}[m["role"]],
+                                "value": m["content"]} for m in msgs]}
+    share_plain = {"conversations": [{"from": m["role"], "value": m["content"]} for m in msgs]}
+    text = CONVERSATIONS[3]
+    src = write_jsonl(tmp_path / "c.jsonl", [{"messages": msgs}, share, share_plain, text])
+    chat, sg, sg_plain, txt = tokenize_records(src, llama_tok, max_seq_len=4096)
+    assert (sg.input_ids, sg.loss_mask) == (chat.input_ids, chat.loss_mask)
+    assert (sg_plain.input_ids, sg_plain.loss_mask) == (chat.input_ids, chat.loss_mask)
+    assert [e.sample_index for e in (chat, sg, sg_plain, txt)] == [0, 1, 2, 3]
+    assert txt.input_ids == llama_tok(text["text"])["input_ids"] and all(txt.loss_mask)
+    all_chat = next(iter(tokenize_records(src, llama_tok, max_seq_len=4096, loss_on="all")))
+    assert all_chat.input_ids == chat.input_ids and all_chat.loss_mask == [1] * len(chat.input_ids)
+    assert 0 < sum(chat.loss_mask) < len(chat.loss_mask)
+    with pytest.raises(StageError, match="loss_on"):
+        list(tokenize_records(src, llama_tok, max_seq_len=16, loss_on="assistants"))
+
+
+def test_pretokenized_records(llama_tok, tmp_path):
+    v = len(llama_tok)
+    recs = [{"input_ids": [1, 2, 3, v - 1]}, {"input_ids": [5, 6, 7], "loss_mask": [0, 1, True]},
+            {"input_ids": [5, 6, 7], "loss_mask": [0, 0, 0]}]
+    a, b, c = tokenize_records(write_jsonl(tmp_path / "t.jsonl", recs), llama_tok, max_seq_len=64)
+    assert (a.input_ids, a.loss_mask) == ([1, 2, 3, v - 1], [1, 1, 1, 1])
+    assert (b.input_ids, b.loss_mask) == ([5, 6, 7], [0, 1, 1])
+    assert isinstance(c, Skipped) and c.reason == "no_supervised_tokens"
+    c_all = list(tokenize_records(write_jsonl(tmp_path / "t.jsonl", recs), llama_tok, max_seq_len=64,
+                                  loss_on="all"))[2]
+    assert c_all.loss_mask == [1, 1, 1]
+
+
+def test_truncation(llama_tok, tmp_path):
+    long_answer = {"messages": [{"role": "user", "content": "Hi."},
+                                {"role": "assistant", "content": "word " * 50}]}
+    late_answer = {"messages": [{"role": "user", "content": "many words " * 40},
+                                {"role": "assistant", "content": "Short."}]}
+    src = write_jsonl(tmp_path / "c.jsonl", [long_answer, late_answer, CONVERSATIONS[3]])
+    full = list(tokenize_records(src, llama_tok, max_seq_len=10_000))
+    out = list(tokenize_records(src, llama_tok, max_seq_len=24))
+    assert not any(e.truncated for e in full)
+    assert out[0].truncated and out[0].input_ids == full[0].input_ids[:24]
+    assert out[0].loss_mask == full[0].loss_mask[:24]
+    assert isinstance(out[1], Skipped) and out[1].reason == "no_supervised_tokens" and "24" in out[1].message
+    assert sum(isinstance(e, Example) and e.truncated for e in out) == 1 + (len(full[2].input_ids) > 24)
+
+
+# ---------------------------------------------------------------------------------------------- sources
+def _columns(records):
+    keys = sorted({k for r in records for k in r})
+    return {k: [r.get(k) for r in records] for k in keys}
+
+
+def test_every_file_type_gives_the_same_examples(qwen_tok, tmp_path, monkeypatch):
+    import datasets
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    recs = CONVERSATIONS + [{"input_ids": [3, 4, 5], "loss_mask": [0, 1, 1]}]
+    jsonl = write_jsonl(tmp_path / "a.jsonl", recs)
+    gz = tmp_path / "a.jsonl.gz"
+    gz.write_bytes(gzip.compress(jsonl.read_bytes()))
+    as_list = tmp_path / "a.json"
+    as_list.write_text(json.dumps(recs))
+    as_data = tmp_path / "b.json"
+    as_data.write_text(json.dumps({"data": recs, "version": 1}))
+    parquet = tmp_path / "a.parquet"
+    pq.write_table(pa.Table.from_pydict(_columns(recs)), parquet, row_group_size=2)
+    saved = tmp_path / "saved"
+    datasets.Dataset.from_dict(_columns(recs)).save_to_disk(str(saved))
+    monkeypatch.setattr(record_sources, "PARQUET_BATCH_ROWS", 2)  # several batches
+
+    def key(items):
+        return [(e.input_ids, e.loss_mask) for e in items]
+
+    expected = list(tokenize_records(jsonl, qwen_tok, max_seq_len=512))
+    assert len(expected) == len(recs) and all(isinstance(e, Example) for e in expected)
+    for src in (gz, as_list, as_data, parquet, saved):
+        got = list(tokenize_records([str(src)], qwen_tok, max_seq_len=512))
+        assert key(got) == key(expected), src
+    # several sources: one global numbering in the given order
+    both = list(tokenize_records([str(parquet), str(jsonl)], qwen_tok, max_seq_len=512))
+    assert [e.sample_index for e in both] == list(range(2 * len(recs)))
+    assert key(both) == key(expected) * 2
+    assert count_records([parquet, jsonl, saved]) == 3 * len(recs)
+    wheres = [w for _, w, _ in read_records([str(as_list), str(parquet), str(saved)])]
+    assert wheres[0] == f"{as_list}[0]" and wheres[len(recs)] == f"{parquet}[0]" and wheres[-1].endswith("[4]")
+
+
+def test_missing_source_and_unloadable_dataset_name(tmp_path):
+    with pytest.raises(StageError, match="not found"):
+        list(read_records([str(tmp_path / "nope.jsonl")]))
+    with pytest.raises(StageError, match="could not be loaded"):  # hub is offline in tests (conftest)
+        list(read_records(["no-such-org/no-such-dataset:test"]))
+    bad = tmp_path / "bad.json"
+    bad.write_text('[{"text": "a"},\n {"text": ')
+    with pytest.raises(StageError, match=r"bad\.json:2"):
+        list(read_records([str(bad)]))
+
+
+def test_select_parses_only_selected_lines(qwen_tok, tmp_path, monkeypatch):
+    src = write_jsonl(tmp_path / "c.jsonl", CONVERSATIONS * 3)
+    full = list(tokenize_records(src, qwen_tok, max_seq_len=512))
+    parsed = []
+    real = record_sources.parse_json_line
+    monkeypatch.setattr(record_sources, "parse_json_line", lambda raw: parsed.append(raw) or real(raw))
+    mine = list(tokenize_records(src, qwen_tok, max_seq_len=512, select=lambda i: i % 3 == 1))
+    assert [e.sample_index for e in mine] == [1, 4, 7, 10]
+    assert mine == [full[i] for i in (1, 4, 7, 10)]
+    assert len(parsed) == 4
+
+
+# ---------------------------------------------------------------------------------------------- bad input
+BAD_LINES = [
+    json.dumps(CONVERSATIONS[0]).encode(),                                                  # 1 good
+    b'{"messages": [{"role": "user", "content": "hi"}',                                     # 2 malformed_json
+    b"",                                                                                    # 3 blank: ignored
+    json.dumps({"messages": [{"role": "tool", "content": "x"}]}).encode(),                  # 4 unknown_role
+    json.dumps({"messages": [{"role": "user", "content": "q"},
+                             {"role": "assistant", "content": "  "}]}).encode(),            # 5 empty_content
+    json.dumps({"messages": [{"role": "user", "content": ["q"]}]}).encode(),                # 6 non_string_content
+    json.dumps({"prompt": "x", "completion": "y"}).encode(),                               # 7 missing_field
+    b'{"text": "caf\xe9 au lait"}',                                                         # 8 bad_encoding
+    json.dumps({"input_ids": [1, 2, 10 ** 6]}).encode(),                                    # 9 bad_input_ids
+    json.dumps({"input_ids": [1, 2], "loss_mask": [1]}).encode(),                           # 10 bad_loss_mask
+    json.dumps({"messages": [{"role": "user", "content": "q"}]}).encode(),                  # 11 no_supervised_tokens
+    json.dumps({"conversations": [{"from": "bot", "value": "x"}]}).encode(),                # 12 unknown_role
+    b"   ",                                                                                 # 13 blank: ignored
+    json.dumps(CONVERSATIONS[3]).encode(),                                                  # 14 good
+    b"[1, 2]",                                                                              # 15 missing_field
+    json.dumps({"messages": [{"content": "no role"}]}).encode(),                            # 16 missing_field
+]
+BAD_COUNTS = {"bad_encoding": 1, "bad_input_ids": 1, "bad_loss_mask": 1, "empty_content": 1, "malformed_json": 1,
+              "missing_field": 3, "no_supervised_tokens": 1, "non_string_content": 1, "unknown_role": 2}
+
+
+@pytest.fixture()
+def bad_corpus(tmp_path) -> Path:
+    path = tmp_path / "bad.jsonl"
+    path.write_bytes(b"\n".join(BAD_LINES) + b"\n")
+    return path
+
+
+def test_bad_input_corpus_counts_and_locations(qwen_tok, bad_corpus):
+    out = list(tokenize_records([str(bad_corpus)], qwen_tok, max_seq_len=512))
+    assert len(out) == len(BAD_LINES) - 2 == count_records(bad_corpus)
+    assert [o.sample_index for o in out] == list(range(len(out)))
+    good = [o for o in out if isinstance(o, Example)]
+    skips = [o for o in out if isinstance(o, Skipped)]
+    assert [g.sample_index for g in good] == [0, 11]
+    assert summarize_skips(skips) == BAD_COUNTS
+    by_line = {int(s.where.rsplit(":", 1)[1]): s.reason for s in skips}
+    assert by_line == {2: "malformed_json", 4: "unknown_role", 5: "empty_content", 6: "non_string_content",
+                       7: "missing_field", 8: "bad_encoding", 9: "bad_input_ids", 10: "bad_loss_mask",
+                       11: "no_supervised_tokens", 12: "unknown_role", 15: "missing_field", 16: "missing_field"}
+    assert all(s.where.startswith(f"{bad_corpus}:") for s in skips)
+    report = format_skip_report(skips, examples=1)
+    assert report.startswith("skipped 12 records:") and f"{bad_corpus}:8: not valid UTF-8" in report
+    assert "missing_field: 3" in report and "... and 2 more" in report and "Traceback" not in report
+
+
+def test_strict_raises_naming_file_and_line(qwen_tok, bad_corpus, tmp_path):
+    with pytest.raises(BadRecord, match=rf"{bad_corpus}:2: malformed_json"):
+        list(tokenize_records([str(bad_corpus)], qwen_tok, max_seq_len=512, strict=True))
+    # no assistant turn is not bad input: still a skip under strict
+    only_user = write_jsonl(tmp_path / "u.jsonl", [{"messages": [{"role": "user", "content": "q"}]}])
+    (s,) = tokenize_records(only_user, qwen_tok, max_seq_len=512, strict=True)
+    assert s.reason == "no_supervised_tokens"
+
+    @click.command()
+    def cmd():
+        list(tokenize_records([str(bad_corpus)], qwen_tok, max_seq_len=512, strict=True))
+
+    result = CliRunner().invoke(cmd, [])
+    assert result.exit_code == 2 and BadRecord.exit_code == 2
+    assert f"{bad_corpus}:2" in result.output and "Traceback" not in result.output
+    assert len(result.output.strip().splitlines()) == 1
