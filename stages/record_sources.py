@@ -106,20 +106,15 @@ def read_json(path: Path, start: int, select: Select) -> Iterator:
 
 
 def read_parquet(path: Path, start: int, select: Select) -> Iterator:
-    """Row batches via pyarrow (never the whole file in memory); only selected rows become Python objects."""
+    """Row batches via pyarrow (never the whole file in memory); a batch becomes Python objects only when one
+    of its rows is selected."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     try:
-        pf = pq.ParquetFile(path)
         n = 0
-        for batch in pf.iter_batches(batch_size=PARQUET_BATCH_ROWS):
-            rows = range(n, n + batch.num_rows)
-            picked = [r - n for r in rows if _selected(select, start + r)]
-            if picked:
-                taken = batch if len(picked) == batch.num_rows else batch.take(pa.array(picked))
-                for r, rec in zip(picked, taken.to_pylist()):
-                    yield start + n + r, f"{path}[{n + r}]", rec
+        for batch in pq.ParquetFile(path).iter_batches(batch_size=PARQUET_BATCH_ROWS):
+            yield from _rows_of_batch(batch.num_rows, batch.to_pylist, f"{path}", start, n, select)
             n += batch.num_rows
     except (OSError, pa.ArrowException) as exc:
         raise StageError(f"{path}: cannot read Parquet: {exc}") from None
@@ -127,18 +122,30 @@ def read_parquet(path: Path, start: int, select: Select) -> Iterator:
 
 
 def read_dataset(ds, label: str, start: int, select: Select) -> Iterator:
-    """Rows of a `datasets.Dataset`, in batches; `where` is `label[row]`."""
-    n = len(ds)
-    step = 1000
+    """Rows of a `datasets.Dataset`, fetched a batch at a time; `where` is `label[row]`."""
+    n, step = len(ds), 1000
     for lo in range(0, n, step):
         hi = min(n, lo + step)
-        picked = [r for r in range(lo, hi) if _selected(select, start + r)]
-        if not picked:
-            continue
-        batch = ds[picked[0]: picked[-1] + 1]
-        for r in picked:
-            yield start + r, f"{label}[{r}]", {k: v[r - picked[0]] for k, v in batch.items()}
+
+        def rows(lo=lo, hi=hi):
+            columns = ds[lo:hi]
+            return [{k: v[r] for k, v in columns.items()} for r in range(hi - lo)]
+
+        yield from _rows_of_batch(hi - lo, rows, label, start, lo, select)
     return n
+
+
+def _rows_of_batch(num_rows: int, to_rows, label: str, start: int, first_row: int, select: Select) -> Iterator:
+    """Yield the selected rows of one batch. `select` is called once per row, in order, each selected row
+    yielded before the next call (so a select that stops the run early by raising loses nothing)."""
+    rows = None
+    for r in range(num_rows):
+        index = start + first_row + r
+        if not _selected(select, index):
+            continue
+        if rows is None:
+            rows = to_rows()
+        yield index, f"{label}[{first_row + r}]", rows[r]
 
 
 def is_saved_dataset(path: Path) -> bool:

@@ -94,7 +94,11 @@ def _read_all(sources, select) -> Iterator:
 
 
 def read_records(sources, *, select: Callable[[int], bool] | None = None) -> Iterator[tuple[int, str, object]]:
-    """Yield (sample_index, where, record | RecordError) over all sources in order (only selected indices)."""
+    """Yield (sample_index, where, record | RecordError) over all sources in order (only selected indices).
+
+    `select(sample_index)` is called exactly once per record, in order, and a selected record is yielded before
+    `select` sees the next index; unselected records are counted but not decoded.
+    """
     yield from _read_all(sources, select)
 
 

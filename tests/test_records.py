@@ -150,6 +150,18 @@ def test_template_without_special_tokens_supervises_whole_increment(qwen_tok, tm
     assert (ex.input_ids, ex.loss_mask) == reference(tok, segs)
 
 
+def test_assistant_first_and_extra_message_keys(llama_tok, qwen_tok, tmp_path):
+    msgs = [{"role": "assistant", "content": "Hello, ask me.", "name": "bot", "weight": 1},
+            {"role": "user", "content": "What is a list?"},
+            {"role": "assistant", "content": "A mutable sequence."}]
+    clean = [{"role": m["role"], "content": m["content"]} for m in msgs]
+    src = write_jsonl(tmp_path / "c.jsonl", [{"messages": msgs, "id": "x1"}])
+    (ex,) = tokenize_records(src, llama_tok, max_seq_len=4096)
+    assert (ex.input_ids, ex.loss_mask) == reference(llama_tok, llama3_segments(clean))
+    (ex,) = tokenize_records(src, qwen_tok, max_seq_len=4096)
+    assert (ex.input_ids, ex.loss_mask) == reference(qwen_tok, chatml_segments(clean))
+
+
 def test_loss_on_all_and_sharegpt_and_text(llama_tok, tmp_path):
     msgs = CONVERSATIONS[0]["messages"]
     share = {"conversations": [{"from": {"system": "system", "user": "human", "assistant": "gpt"}[m["role"]],
@@ -248,6 +260,41 @@ def test_missing_source_and_unloadable_dataset_name(tmp_path):
     bad.write_text('[{"text": "a"},\n {"text": ')
     with pytest.raises(StageError, match=r"bad\.json:2"):
         list(read_records([str(bad)]))
+
+
+class _Stop(Exception):
+    pass
+
+
+@pytest.mark.parametrize("kind", ["jsonl", "parquet", "saved"])
+def test_select_called_once_per_record_in_order(kind, tmp_path, monkeypatch):
+    """dump-teacher's --limit stops by raising from select: every record selected before it must come out."""
+    import datasets
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    recs = [{"text": f"record {i}"} for i in range(7)]
+    src = write_jsonl(tmp_path / "c.jsonl", recs)
+    if kind == "parquet":
+        src = tmp_path / "c.parquet"
+        pq.write_table(pa.Table.from_pylist(recs), src)
+        monkeypatch.setattr(record_sources, "PARQUET_BATCH_ROWS", 4)
+    elif kind == "saved":
+        src = tmp_path / "saved"
+        datasets.Dataset.from_list(recs).save_to_disk(str(src))
+    seen, got = [], []
+
+    def select(i):
+        seen.append(i)
+        if i == 5:
+            raise _Stop
+        return i % 2 == 0
+
+    with pytest.raises(_Stop):
+        for index, _, rec in read_records([str(src)], select=select):
+            got.append((index, rec["text"]))
+    assert seen == [0, 1, 2, 3, 4, 5]
+    assert got == [(0, "record 0"), (2, "record 2"), (4, "record 4")]
 
 
 def test_select_parses_only_selected_lines(qwen_tok, tmp_path, monkeypatch):
