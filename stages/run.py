@@ -1,9 +1,283 @@
-"""Stage `run` (not implemented yet)."""
+"""Stage `run`: dump-teacher -> train -> export -> eval from one `pipeline.yaml`, skipping finished stages.
+
+Each section of the file holds one stage's options (the same keys as its CLI flags, validated exactly as
+`eagle-pipe -c FILE STAGE` validates them: stages/config.py). Every stage is called in-process with
+`ctx.invoke(stage.command, **options)` and returns its summary dict. Paths the stages share are wired for you
+when a section leaves them out: train.teacher_dir = dump-teacher.out; eval.target = dump-teacher.target;
+eval.draft = RUN/export (or export.out); eval.run_dir = RUN.
+
+A stage is skipped when its outputs are complete and were made with the same settings:
+  dump-teacher  OUT/manifest.json `settings` equal the options' and `verify` finds no problem;
+  train         RUN/train_summary.json (written last) holds the same `settings`, and RUN/export/ exists;
+  export        (only with an `export` section) its output has config.json + model.safetensors and train was
+                skipped. eval always runs: it is the measurement.
+`--force` runs every stage anyway (each stage's own resume logic still applies).
+"""
+from __future__ import annotations
+
+import importlib
+import json as jsonlib
+import time
+from pathlib import Path
+
 import click
 
+from stages.config import check_section, load_pipeline_file
 from stages.errors import StageError
+
+STAGES = {  # section -> module, in pipeline order
+    "dump-teacher": "stages.dump_teacher",
+    "train": "stages.train",
+    "export": "stages.export",
+    "eval": "stages.evaluate",
+}
+REQUIRED = ("dump-teacher", "train", "eval")
+
+
+def stage_command(name: str) -> click.Command:
+    return importlib.import_module(STAGES[name]).command
+
+
+def load_sections(path: str) -> dict[str, dict]:
+    """The file's sections, checked like stages/cli.py does, with the shared paths wired between stages."""
+    sections = load_pipeline_file(path)
+    for name, values in sections.items():
+        if name not in STAGES:
+            raise StageError(f"{path}: unknown section '{name}' (a pipeline has: {', '.join(STAGES)})")
+        check_section(path, name, values, stage_command(name))
+    missing = [name for name in REQUIRED if name not in sections]
+    if missing:
+        raise StageError(f"{path}: missing section(s) {', '.join(missing)} (a pipeline needs {', '.join(REQUIRED)})")
+    dump, train, ev = sections["dump-teacher"], sections["train"], sections["eval"]
+    if "out" in dump:
+        train.setdefault("teacher_dir", dump["out"])
+    if "target" in dump:
+        ev.setdefault("target", dump["target"])
+    if dump.get("trust_remote_code"):
+        ev.setdefault("trust_remote_code", True)
+    if "out" in train:
+        ev.setdefault("run_dir", train["out"])
+        export = sections.get("export")
+        if export is not None:
+            _wire_export(export, train["out"])
+            ev.setdefault("draft", export.get("out", str(Path(train["out"]) / "export")))
+        else:
+            ev.setdefault("draft", str(Path(train["out"]) / "export"))
+    return sections
+
+
+def _wire_export(export: dict, run_dir: str) -> None:
+    """export's checkpoint defaults to the run directory (its newest checkpoint) when the command takes one."""
+    names = {p.name for p in stage_command("export").params}
+    for name in ("checkpoint", "ckpt", "run_dir"):
+        if name in names:
+            export.setdefault(name, run_dir)
+            break
+
+
+def resolve_options(path: str, name: str, values: dict) -> dict:
+    """Every option of the stage, converted by click exactly as for `eagle-pipe -c FILE NAME`."""
+    command = stage_command(name)
+    values = dict(values)
+    for param in command.params:  # a single path for a repeatable option is a one-item list
+        if getattr(param, "multiple", False) and isinstance(values.get(param.name), str):
+            values[param.name] = [values[param.name]]
+    try:
+        ctx = command.make_context(name, [], default_map=values)
+    except click.ClickException as e:
+        raise StageError(f"{path}: section '{name}': {e.format_message()}") from None
+    return dict(ctx.params)
+
+
+# ------------------------------------------------------------------------------------------------ skipping
+def _jsonable(value):
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+def expected_dump_settings(options: dict, num_layers: int) -> dict:
+    """The `settings` dump-teacher would write for these options (its own helpers, without loading the target)."""
+    from stages.dump_plan import shard_from_env
+    from stages.dump_target import dtype_name, parse_aux_layers, resolve_dtype
+    from stages.dump_teacher import local_or_name, resolve_device
+
+    device = resolve_device(options.get("device"))
+    _, num_shards = shard_from_env(options.get("shard_index"), options.get("num_shards"))
+    topk = options["teacher"] == "topk"
+    return {
+        "target": local_or_name(options["target"]), "data": [local_or_name(s) for s in options["data"]],
+        "dtype": dtype_name(resolve_dtype(options.get("dtype"), device)),
+        "aux_layers": list(parse_aux_layers(options.get("aux_layers"), num_layers)),
+        "teacher": options["teacher"], "top_k": options["top_k"] if topk else None,
+        "max_seq_len": options["max_seq_len"], "loss_on": options["loss_on"], "num_shards": num_shards,
+        "part_tokens": options["part_tokens"], "batch_tokens": options["batch_tokens"], "limit": options["limit"],
+    }
+
+
+def dump_is_complete(options: dict) -> tuple[bool, str]:
+    """(complete for these settings, why not)."""
+    from stages import shards
+    from stages.verify import verify_dump
+
+    if not options.get("out") or not options.get("target"):
+        return False, "no --out/--target"
+    out = Path(options["out"])
+    manifest_path = out / "manifest.json"
+    if not manifest_path.is_file():
+        return False, f"{manifest_path} does not exist"
+    try:
+        manifest = shards.read_json(manifest_path)
+        expected = expected_dump_settings(options, int(manifest["target"]["num_layers"]))
+    except (ValueError, KeyError, TypeError, StageError) as e:
+        return False, f"{manifest_path}: cannot compare settings ({e})"
+    if _jsonable(manifest.get("settings")) != _jsonable(expected):
+        return False, "settings changed"
+    problems = verify_dump(out)
+    if problems:
+        return False, f"verify: {problems[0]}"
+    return True, "complete"
+
+
+def dump_summary_from_disk(out: str) -> dict:
+    """The summary of a finished dump, read back from its manifest and every shard's done.json."""
+    from stages import shards
+
+    manifest = shards.read_json(Path(out) / "manifest.json")
+    tokens = supervised = parts_bytes = sequences = 0
+    for i in range(int(manifest["num_shards"])):
+        done = shards.read_done(Path(out), i, int(manifest["num_shards"]))
+        tokens += done["num_tokens"]
+        supervised += done["num_supervised_tokens"]
+        sequences += done["records"]["written"]
+        parts_bytes += sum(p["bytes"] for p in done["parts"])
+    return {"out": str(out), "sequences": sequences, "tokens": tokens, "supervised_tokens": supervised,
+            "bytes": parts_bytes, "bytes_per_token": parts_bytes / tokens if tokens else 0.0}
+
+
+def train_is_complete(options: dict) -> tuple[bool, str]:
+    run = Path(options["out"]) if options.get("out") else None
+    if run is None:
+        return False, "no --out"
+    summary_path = run / "train_summary.json"
+    if not summary_path.is_file():
+        return False, f"{summary_path} does not exist"
+    if not (run / "export" / "config.json").is_file():
+        return False, f"{run / 'export'} is missing"
+    try:
+        summary = jsonlib.loads(summary_path.read_text())
+    except ValueError as e:
+        return False, f"{summary_path}: {e}"
+    recorded = summary.get("settings")
+    if not isinstance(recorded, dict):
+        return False, f"{summary_path} holds no settings"
+    wanted = {k: _jsonable(v) for k, v in options.items() if k in recorded}
+    changed = sorted(k for k in recorded if k in wanted and _same(recorded[k], wanted[k]) is False)
+    if changed or set(recorded) - set(wanted) - IGNORED_TRAIN_SETTINGS:
+        return False, f"settings changed ({', '.join(changed) or 'different options'})"
+    return True, "complete"
+
+
+# settings a train run records that are not options (derived values), and options that do not change the output
+IGNORED_TRAIN_SETTINGS = {"resume"}
+
+
+def _same(recorded, wanted) -> bool:
+    if recorded == wanted:
+        return True
+    for a, b in ((recorded, wanted), (wanted, recorded)):  # paths are recorded resolved
+        if isinstance(a, str) and isinstance(b, str) and Path(a).expanduser().resolve() == Path(b).expanduser().resolve():
+            return True
+    return False
+
+
+def export_is_complete(options: dict) -> bool:
+    out = options.get("out")
+    return bool(out) and (Path(out) / "config.json").is_file() and (Path(out) / "model.safetensors").is_file()
+
+
+# ------------------------------------------------------------------------------------------------ the run
+def run_pipeline(ctx: click.Context, path: str, force: bool = False) -> dict:
+    """Run (or skip) every stage; returns the one pipeline summary."""
+    sections = load_sections(path)
+    options = {name: resolve_options(path, name, values) for name, values in sections.items()}
+    started = time.perf_counter()
+    status, results = {}, {}
+
+    def stage(name: str, complete: bool, why: str) -> None:
+        if complete and not force:
+            status[name] = "skipped"
+            click.echo(f"== {name}: skipped ({why})", err=True)
+            return
+        click.echo(f"== {name}" + ("" if complete else f" ({why})"), err=True)
+        t0 = time.perf_counter()
+        results[name] = ctx.invoke(stage_command(name), **options[name])
+        status[name] = f"ran in {time.perf_counter() - t0:.1f} s"
+
+    stage("dump-teacher", *dump_is_complete(options["dump-teacher"]))
+    stage("train", *train_is_complete(options["train"]))
+    if "export" in options:
+        fresh = status["train"] == "skipped" and export_is_complete(options["export"])
+        stage("export", fresh, "complete" if fresh else "train ran or output missing")
+    stage("eval", False, "always measured")
+
+    dump = dump_summary_from_disk(options["dump-teacher"]["out"])
+    train = results.get("train") or jsonlib.loads((Path(options["train"]["out"]) / "train_summary.json").read_text())
+    ev = results["eval"]
+    return {
+        "data": [str(d) for d in options["dump-teacher"]["data"]],
+        "sequences": dump["sequences"], "tokens": dump["tokens"], "supervised_tokens": dump["supervised_tokens"],
+        "teacher_dir": dump["out"], "teacher_bytes": dump["bytes"], "teacher_bytes_per_token": dump["bytes_per_token"],
+        "training_seconds": _training_seconds(train),
+        "draft": options["eval"]["draft"], "run_dir": options["train"]["out"],
+        "acceptance_length": ev["acceptance_length"], "per_position_acceptance": ev["per_position_acceptance"],
+        "simulated_acceptance_length": ev["simulated_acceptance_length"], "draft_tokens": ev["draft_tokens"],
+        "lossless": ev["lossless"], "tokens_per_s": ev["tokens_per_s"],
+        "baseline_tokens_per_s": ev["baseline_tokens_per_s"],
+        "stages": status, "seconds": time.perf_counter() - started,
+    }
+
+
+def _training_seconds(train_summary: dict):
+    for key in ("training_seconds", "train_seconds", "seconds", "elapsed_s", "wall_seconds"):
+        if isinstance(train_summary.get(key), (int, float)):
+            return float(train_summary[key])
+    return None
+
+
+def format_summary(s: dict) -> str:
+    def num(v, spec):
+        return "-" if v is None else format(v, spec)
+
+    rows = [
+        ("data", ", ".join(s["data"])),
+        ("teacher dump", f"{s['teacher_dir']}: {s['sequences']} sequences, {s['tokens']} tokens "
+                         f"({s['supervised_tokens']} supervised), {num(s['teacher_bytes_per_token'], '.0f')} bytes/token"),
+        ("training time", f"{num(s['training_seconds'], '.1f')} s"),
+        ("acceptance length", f"{num(s['acceptance_length'], '.2f')} at K={s['draft_tokens']} "
+                              f"(simulated in training: {num(s['simulated_acceptance_length'], '.2f')})"),
+        ("tokens/s", f"{num(s['tokens_per_s'], '.1f')} speculative, {num(s['baseline_tokens_per_s'], '.1f')} target alone"),
+        ("lossless", "yes" if s["lossless"] else "NO"),
+        ("draft", s["draft"]),
+        ("stages", ", ".join(f"{k} {v}" for k, v in s["stages"].items())),
+        ("total", f"{s['seconds']:.1f} s"),
+    ]
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
 
 
 @click.command("run")
-def command():
-    raise StageError("run: not implemented yet")
+@click.argument("pipeline", default="pipeline.yaml", type=click.Path(dir_okay=False))
+@click.option("--json", "json", is_flag=True, help="Make the last line of the output the summary as JSON.")
+@click.option("--force", is_flag=True, help="Run every stage even when its outputs are complete.")
+@click.pass_context
+def command(ctx, pipeline, json, force):
+    """Run dump-teacher -> train -> export -> eval as configured in PIPELINE (default pipeline.yaml)."""
+    summary = run_pipeline(ctx, pipeline, force=force)
+    click.echo("== summary")
+    click.echo(format_summary(summary))
+    if json:
+        click.echo(jsonlib.dumps(summary))
+    return summary
