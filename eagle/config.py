@@ -295,6 +295,9 @@ def _read_rope(target: dict) -> tuple[float, dict | None]:
         scaling = target.get("rope_scaling")
     if theta is None:
         raise ValueError("target config has no field 'rope_theta' (neither top level nor in rope_parameters)")
+    partial = (scaling or {}).get("partial_rotary_factor", target.get("partial_rotary_factor"))
+    if partial not in (None, 1, 1.0):
+        raise ValueError(f"partial_rotary_factor={partial} is not supported (the draft rotates the full head)")
     return float(theta), _normalise_rope_scaling(scaling)
 
 
