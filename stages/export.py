@@ -1,9 +1,54 @@
-"""Stage `export` (not implemented yet)."""
+"""Stage `export`: turn any training checkpoint into the serving layout vLLM and SGLang load as-is.
+
+    eagle-pipe export RUN/checkpoints/step-00001000 OUT
+
+The checkpoint's meta.json carries the draft config, so neither the target nor the dump is needed; the
+exported directory omits the embedding (both engines use the target's).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
 import click
 
 from stages.errors import StageError
 
 
+def export_checkpoint(checkpoint: str | Path, out: str | Path) -> Path:
+    """Build the draft from the checkpoint's config and weights and write it with `eagle.export.export_draft`."""
+    from eagle.config import DraftConfig
+    from eagle.export import export_draft
+    from eagle.model import Eagle3Draft
+    from stages.checkpoint import latest_checkpoint, load_model_tensors, read_meta
+
+    checkpoint = Path(checkpoint)
+    if checkpoint.is_dir() and not (checkpoint / "meta.json").exists():
+        # a run directory or its checkpoints/ folder: take the newest complete checkpoint
+        for root in (checkpoint / "checkpoints", checkpoint):
+            found = latest_checkpoint(root)
+            if found is not None:
+                checkpoint = found
+                break
+    if not checkpoint.is_dir():
+        raise StageError(f"{checkpoint}: no such checkpoint directory")
+    meta = read_meta(checkpoint)
+    try:
+        cfg = DraftConfig.from_dict(meta["draft_config"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise StageError(f"{checkpoint / 'meta.json'}: bad draft_config ({e})") from None
+    model = Eagle3Draft(cfg)
+    load_model_tensors(checkpoint, model)
+    try:
+        return Path(export_draft(model, Path(out)))
+    except OSError as e:
+        raise StageError(f"{out}: could not write the export ({e.strerror or e})") from None
+
+
 @click.command("export")
-def command():
-    raise StageError("export: not implemented yet")
+@click.argument("checkpoint", type=click.Path(exists=True))
+@click.argument("out", type=click.Path())
+def command(checkpoint: str, out: str) -> dict:
+    """Export CHECKPOINT (a checkpoint directory, or a run directory: its newest checkpoint) to OUT."""
+    path = export_checkpoint(checkpoint, out)
+    click.echo(f"exported {checkpoint} -> {path}")
+    return {"checkpoint": str(checkpoint), "export_dir": str(path)}

@@ -1,9 +1,368 @@
-"""Stage `train` (not implemented yet)."""
-import click
+"""Stage `train`: train an EAGLE-3 draft from teacher shards, never loading the target.
 
+    eagle-pipe train --teacher-dir DUMP --out RUN [--max-steps N] ...
+    torchrun --nproc_per_node G -m stages.cli train ...     (one process per GPU; see stages/train_setup.py)
+
+Per optimizer step: `grad_accum` packed micro-batches per rank (stages/train_data.py) -> the compiled step
+(TTT forward + loss + metrics, `torch.compile(fullgraph=True)`, bf16 autocast on GPU, fp32 master weights) ->
+backward -> one gradient all-reduce -> clip -> fused AdamW. The loss is normalised by the number of supervised
+positions of the whole global batch (counted on the host, summed over ranks and micro-batches), so any split
+over ranks and accumulation computes the same update as one big batch. A non-finite loss or gradient skips the
+update on the device (AdamW's `found_inf`, no host sync); metrics stay on the device and reach the host once per
+`--log-every` steps, when too many skipped steps in a row stop the run.
+
+Writes RUN/checkpoints/ (stages/checkpoint.py), RUN/metrics.jsonl, RUN/tensorboard/ (when installed),
+RUN/export/ (the serving layout) and, last, RUN/train_summary.json: `eagle-pipe run`'s completion marker.
+"""
+from __future__ import annotations
+
+import json
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import click
+import numpy as np
+import nvtx
+import torch
+
+from stages import checkpoint as ckpt
 from stages.errors import StageError
+from stages.shards import atomic_write_json
+from stages.train_data import DumpIndex, PackedLoader
+from stages.train_setup import (GradSync, WarmupCosine, all_reduce_sum, barrier, broadcast_ok, build_draft,
+                                check_dumps, init_distributed, make_optimizer, token_counts)
+
+# settings a resumed run must share with the checkpoint (they change the data order or the model)
+RESUME_FIXED = ("seq_len", "batch_size", "grad_accum", "seed", "ttt_steps", "draft_vocab_size", "long_sequences",
+                "eval_fraction", "world_size")
+
+
+def ttt_loss(*args, **kwargs):
+    from eagle.ttt import ttt_loss as _ttt_loss  # imported late: keeps `eagle-pipe --help` fast
+
+    return _ttt_loss(*args, **kwargs)
+
+
+def make_step_fn(steps: int, teacher_kind: str, decay: float, attention: str, device: torch.device, compile_: bool):
+    """The whole TTT forward + loss + metrics as one function of (model, batch, normalizer)."""
+    autocast = device.type == "cuda"
+
+    def step_fn(model, batch, normalizer):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+            return ttt_loss(model, batch, steps, normalizer, teacher_kind, decay=decay, attention=attention)
+
+    return torch.compile(step_fn, fullgraph=True) if compile_ else step_fn
+
+
+def to_device(batch: dict, device: torch.device, float_dtype: torch.dtype | None) -> dict:
+    out = {}
+    for k, v in batch.items():
+        v = v.to(device, non_blocking=True)
+        out[k] = v.to(float_dtype) if float_dtype is not None and v.is_floating_point() else v
+    return out
+
+
+class Metrics:
+    """Device-side sums between log intervals; `flush()` is the one host sync."""
+
+    def __init__(self, steps: int, device: torch.device):
+        self.steps, self.device = steps, device
+        z = lambda *s: torch.zeros(*s, device=device)  # noqa: E731
+        self.sums, self.loss, self.good = z(3, steps), z(()), z(())
+        self.bad_total, self.bad_run, self.bad_run_max = z(()), z(()), z(())
+        self.interval_steps, self.positions, self.t0 = 0, 0, time.perf_counter()
+
+    def add_micro(self, m: dict) -> None:
+        self.sums += torch.stack([m["ce_sum"].detach(), m["correct"].detach(), m["valid"].detach()]).float()
+
+    def add_step(self, loss: torch.Tensor, bad: torch.Tensor, positions: int) -> None:
+        self.loss += torch.where(bad, torch.zeros_like(loss), loss.detach().float())
+        self.good += (~bad).float()
+        self.bad_total += bad.float()
+        self.bad_run = (self.bad_run + 1) * bad.float()
+        self.bad_run_max = torch.maximum(self.bad_run_max, self.bad_run)
+        self.interval_steps += 1
+        self.positions += positions
+
+    def flush(self, info) -> dict:
+        from eagle.loss import simulated_acceptance_length
+
+        sums = all_reduce_sum(self.sums, info)  # ranks' ce/correct/valid (the loss is already global)
+        acc = sums[1] / sums[2].clamp_min(1)
+        packed = torch.cat([sums.flatten(), acc, simulated_acceptance_length(acc).reshape(1),
+                            torch.stack([self.loss, self.good, self.bad_total, self.bad_run_max])]).tolist()
+        k = self.steps
+        ce_sum, _, valid = packed[:k], packed[k:2 * k], packed[2 * k:3 * k]
+        acc_l, al, (loss, good, bad_total, bad_run_max) = packed[3 * k:4 * k], packed[4 * k], packed[4 * k + 1:]
+        elapsed = time.perf_counter() - self.t0
+        out = {"loss": loss / good if good else float("nan"), "ce": [c / max(v, 1) for c, v in zip(ce_sum, valid)],
+               "acc": acc_l, "acceptance_length": al, "skipped_steps": int(bad_total),
+               "max_skipped_in_a_row": int(bad_run_max),
+               "tokens_per_s": self.positions / elapsed if elapsed > 0 else 0.0}
+        self.sums.zero_(), self.loss.zero_(), self.good.zero_(), self.bad_run_max.copy_(self.bad_run)
+        self.interval_steps, self.positions, self.t0 = 0, 0, time.perf_counter()
+        return out
+
+
+@torch.no_grad()
+def evaluate(model, loader: PackedLoader, step_fn, info, float_dtype) -> dict:
+    """Held-out per-step accuracy and simulated acceptance length (all ranks; sums all-reduced)."""
+    from eagle.loss import simulated_acceptance_length
+
+    sums = torch.zeros(3, loader.steps, device=info.device)
+    ones = torch.ones(loader.steps, device=info.device)
+    loader.load_state_dict({"epoch": 0, "step": 0})
+    for micro in loader:
+        for batch, _ in micro:
+            _, m = step_fn(model, to_device(batch, info.device, float_dtype), ones)
+            sums += torch.stack([m["ce_sum"], m["correct"], m["valid"]]).float()
+    sums = all_reduce_sum(sums, info)
+    acc = sums[1] / sums[2].clamp_min(1)
+    al = simulated_acceptance_length(acc)
+    return {"eval_ce": (sums[0] / sums[2].clamp_min(1)).tolist(), "eval_acc": acc.tolist(),
+            "eval_acceptance_length": float(al), "eval_positions": int(sums[2, 0])}
+
+
+class RunLog:
+    """metrics.jsonl (+ TensorBoard when importable), written by rank 0."""
+
+    def __init__(self, run: Path, resume_step: int, enabled: bool):
+        self.enabled, self.path, self.tb = enabled, run / "metrics.jsonl", None
+        if not enabled:
+            return
+        if self.path.exists():  # drop records past the checkpoint we resume from (they will be redone)
+            keep = [ln for ln in self.path.read_text().splitlines() if ln.strip() and
+                    json.loads(ln).get("step", 0) <= resume_step]
+            self.path.write_text("".join(ln + "\n" for ln in keep))
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+            self.tb = SummaryWriter(str(run / "tensorboard"))
+        except Exception:  # noqa: BLE001 - tensorboard is optional
+            self.tb = None
+
+    def write(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.tb is not None:
+            for key, value in record.items():
+                if isinstance(value, (int, float)) and key != "step":
+                    self.tb.add_scalar(key, value, record["step"])
+                elif isinstance(value, list):
+                    for j, v in enumerate(value):
+                        self.tb.add_scalar(f"{key}/step{j}", v, record["step"])
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+
+
+def train(**s) -> dict:
+    """The `train` command's work (all options as keyword arguments); returns the summary dict."""
+    wall0 = time.time()
+    info = init_distributed(s["device"])
+    teacher_dir, run = Path(s["teacher_dir"]), Path(s["out"])
+    eval_dir = Path(s["eval_teacher_dir"]) if s["eval_teacher_dir"] else None
+    ckpt_root = run / "checkpoints"
+    latest = ckpt.latest_checkpoint(ckpt_root)
+    if info.is_main and not s["resume"] and (latest is not None or (run / "train_summary.json").exists()):
+        raise StageError(f"{run}: holds a training run already; pass --resume to continue it or choose a new --out")
+
+    # 1. refuse a bad dump before anything else (rank 0 checksums; the others wait)
+    ok, error = True, None
+    if info.is_main:
+        try:
+            manifest = check_dumps(teacher_dir, eval_dir)
+        except StageError as e:
+            ok, error = False, e
+    if not broadcast_ok(info, ok):
+        raise error or StageError(f"rank {info.rank}: rank 0 refused the teacher dump (see its message)")
+
+    # 2. data, draft, optimizer
+    index = DumpIndex(teacher_dir)
+    manifest = index.manifest
+    model = build_draft(teacher_dir, manifest, token_counts(index), draft_vocab_size=s["draft_vocab_size"],
+                        ttt_steps=s["ttt_steps"], init_lm_head=s["init_lm_head"], seed=s["seed"]).to(info.device)
+    steps, kind = s["ttt_steps"], index.teacher_kind
+    if eval_dir is not None:
+        train_ids, eval_index = np.arange(index.num_documents), DumpIndex(eval_dir)
+        eval_ids = np.arange(eval_index.num_documents)
+    else:
+        train_ids, eval_ids = index.split(s["eval_fraction"], s["seed"])
+        eval_index = index
+    common = dict(seq_len=s["seq_len"], batch_size=s["batch_size"], steps=steps, t2d=model.t2d.cpu(),
+                  rank=info.rank, world_size=info.world_size, seed=s["seed"], long_sequences=s["long_sequences"],
+                  pin=info.device.type == "cuda", num_workers=s["num_workers"])
+    loader = PackedLoader(index, train_ids, grad_accum=s["grad_accum"], **common)
+    eval_loader = PackedLoader(eval_index, eval_ids, shuffle=False, drop_last=False, **common) \
+        if len(eval_ids) else None
+    steps_per_epoch = loader.steps_per_epoch()
+    if steps_per_epoch == 0:
+        raise StageError(f"{teacher_dir}: packs into {len(loader.rows(0))} rows of {s['seq_len']} positions; one "
+                         f"optimizer step needs {loader.rows_per_step} (batch x ranks x grad-accum); lower them")
+    total = s["max_steps"] if s["max_steps"] and not s["epochs"] else steps_per_epoch * (s["epochs"] or 1)
+    if s["max_steps"] and s["epochs"]:
+        total = min(total, s["max_steps"])
+    opt, params, names = make_optimizer(model, s["lr"], s["weight_decay"], info.device)
+    schedule = WarmupCosine(s["lr"], s["warmup_steps"], total, s["min_lr_ratio"])
+    sync = GradSync(params, info)
+
+    # 3. resume
+    settings = {k: v for k, v in s.items()} | {"world_size": info.world_size}
+    step, best = 0, None
+    if s["resume"] and latest is not None:
+        meta = ckpt.load_checkpoint(latest, model=model, optimizer=opt, param_names=names)
+        for key in RESUME_FIXED:
+            if meta["settings"].get(key) != settings.get(key):
+                raise StageError(f"{latest}: was trained with {key}={meta['settings'].get(key)!r}, now "
+                                 f"{settings.get(key)!r}; resume with the same value or start a new --out")
+        step, best = meta["step"], meta.get("best_eval_acceptance_length")
+        loader.load_state_dict(meta["loader"])
+    else:
+        sync.broadcast_params()
+    if info.is_main:
+        run.mkdir(parents=True, exist_ok=True)
+    barrier(info)
+    log = RunLog(run, step, info.is_main)
+    float_dtype = None if info.device.type == "cuda" else torch.float32
+    step_fn = make_step_fn(steps, kind, s["decay"], s["attention"], info.device, s["compile"])
+    metrics = Metrics(steps, info.device)
+    positions_per_step = loader.rows_per_step * s["seq_len"]
+
+    def meta_now(extra: dict | None = None) -> dict:
+        return {"step": step, "settings": settings, "draft_config": model.cfg.to_dict(), "loader":
+                loader.state_dict(), "scheduler": schedule.state_dict() | {"step": step},
+                "best_eval_acceptance_length": best, "teacher_dir": str(teacher_dir), **(extra or {})}
+
+    def save(name: str, extra: dict | None = None) -> None:
+        if info.is_main:
+            ckpt.save_checkpoint(ckpt_root, name, model=model, optimizer=opt, param_names=names,
+                                 meta=meta_now(extra))
+            if name.startswith("step-"):
+                ckpt.prune_checkpoints(ckpt_root, s["keep_checkpoints"])
+        barrier(info)
+
+    if info.is_main:
+        click.echo(f"train: {index.num_documents} documents ({len(train_ids)} train, {len(eval_ids)} held out), "
+                   f"{loader.chunks.report()}, {steps_per_epoch} steps/epoch, {total} steps, "
+                   f"{info.world_size} rank(s) on {info.device}", err=True)
+    bar = _progress(total, step, info.is_main)
+    last_log, last_eval, final_eval = {}, {}, {}
+    model.train()
+    while step < total:
+        for micro in loader:
+            with nvtx.annotate("data"):
+                normalizer = all_reduce_sum(sum(c for _, c in micro).to(info.device), info)
+                batches = [to_device(b, info.device, float_dtype) for b, _ in micro]
+            opt.zero_grad(set_to_none=False)
+            loss = torch.zeros((), device=info.device)
+            for batch in batches:
+                with nvtx.annotate("forward"):
+                    micro_loss, m = step_fn(model, batch, normalizer)
+                with nvtx.annotate("backward"):
+                    micro_loss.backward()
+                loss += micro_loss.detach()
+                metrics.add_micro(m)
+            with nvtx.annotate("optimizer"):
+                loss = sync(loss)
+                norm = torch.nn.utils.clip_grad_norm_(params, s["grad_clip"], foreach=True)
+                bad = ~(torch.isfinite(norm) & torch.isfinite(loss))
+                opt.found_inf = bad.float()  # fused AdamW skips the whole update (and its step count) on device
+                for group in opt.param_groups:
+                    group["lr"] = schedule(step)
+                opt.step()
+            metrics.add_step(loss, bad, positions_per_step)
+            step += 1
+            bar.update(1)
+            if _due(step, s["log_every"], total):
+                last_log = {"step": step, "epoch": loader.epoch, "lr": schedule(step - 1)} | metrics.flush(info)
+                log.write(last_log)
+                bar.set_postfix(loss=f"{last_log['loss']:.3f}", acc=",".join(f"{a:.2f}" for a in last_log["acc"]),
+                                al=f"{last_log['acceptance_length']:.2f}", tok_s=f"{last_log['tokens_per_s']:.0f}")
+                if last_log["max_skipped_in_a_row"] >= s["max_bad_steps"]:
+                    save(ckpt.step_name(step))
+                    raise StageError(f"{run}: {last_log['max_skipped_in_a_row']} steps in a row had a non-finite "
+                                     f"loss or gradient (updates skipped); stopped. The weights in "
+                                     f"{ckpt_root / ckpt.step_name(step)} are the last finite ones; lower --lr "
+                                     "or check the dump")
+            if eval_loader is not None and _due(step, s["eval_every"], total):
+                model.eval()
+                last_eval = evaluate(model, eval_loader, step_fn, info, float_dtype) | {"step": step}
+                model.train()
+                log.write(last_eval)
+                if best is None or last_eval["eval_acceptance_length"] > best:
+                    best = last_eval["eval_acceptance_length"]
+                    save("best", {"eval": last_eval})
+                final_eval = last_eval
+            if _due(step, s["save_every"], total):
+                save(ckpt.step_name(step))
+            if step >= total:
+                break
+    bar.close()
+    log.close()
+
+    # 4. export and the completion marker (written last)
+    summary = {"settings": settings, "steps": step, "final_metrics": last_log, "final_eval": final_eval,
+               "best_eval_acceptance_length": best, "checkpoint": str(ckpt_root / ckpt.step_name(step)),
+               "export_dir": str(run / "export"), "wall_time_s": time.time() - wall0}
+    if info.is_main:
+        from eagle.export import export_draft
+
+        export_draft(model, run / "export")
+        atomic_write_json(run / "train_summary.json", summary)
+        click.echo(f"train: {step} steps; loss {last_log.get('loss', float('nan')):.4f}; held-out acceptance "
+                   f"length {final_eval.get('eval_acceptance_length', float('nan')):.3f}; exported to "
+                   f"{run / 'export'}", err=True)
+    barrier(info)
+    return summary
+
+
+def _due(step: int, every: int, total: int) -> bool:
+    """Every `every` steps (0: never) and at the last step."""
+    return step == total or (every > 0 and step % every == 0)
+
+
+def _progress(total: int, initial: int, enabled: bool):
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=initial, disable=not enabled, desc="train", unit="step", dynamic_ncols=True)
 
 
 @click.command("train")
-def command():
-    raise StageError("train: not implemented yet")
+@click.option("--teacher-dir", required=True, type=click.Path(file_okay=False), help="Teacher dump (stage one).")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Run directory.")
+@click.option("--seq-len", default=2048, show_default=True, help="Positions per packed row.")
+@click.option("--batch-size", default=8, show_default=True, help="Rows per micro-batch per rank.")
+@click.option("--grad-accum", default=1, show_default=True, help="Micro-batches per optimizer step.")
+@click.option("--max-steps", type=int, default=None, help="Optimizer steps (default: --epochs epochs).")
+@click.option("--epochs", type=int, default=None, help="Passes over the data (default 1; with --max-steps: cap).")
+@click.option("--lr", default=1e-4, show_default=True)
+@click.option("--min-lr-ratio", default=0.1, show_default=True, help="Cosine floor as a fraction of --lr.")
+@click.option("--warmup-steps", default=100, show_default=True)
+@click.option("--weight-decay", default=0.0, show_default=True)
+@click.option("--grad-clip", default=0.5, show_default=True, help="Max global gradient norm.")
+@click.option("--ttt-steps", default=7, show_default=True, help="Unrolled draft steps (training-time test).")
+@click.option("--draft-vocab-size", default=32000, show_default=True, help="Capped at the target vocab.")
+@click.option("--decay", default=0.8, show_default=True, help="Loss weight decay**j of TTT step j.")
+@click.option("--long-sequences", type=click.Choice(["split", "truncate"]), default="split", show_default=True)
+@click.option("--attention", type=click.Choice(["auto", "dense", "flex"]), default="auto", show_default=True)
+@click.option("--init-lm-head/--no-init-lm-head", default=True, show_default=True,
+              help="Start lm_head/norm from the target's.")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N.")
+@click.option("--seed", default=0, show_default=True)
+@click.option("--save-every", default=1000, show_default=True)
+@click.option("--keep-checkpoints", default=2, show_default=True, help="Newest step checkpoints kept.")
+@click.option("--log-every", default=10, show_default=True)
+@click.option("--eval-every", default=500, show_default=True)
+@click.option("--eval-fraction", default=0.01, show_default=True, help="Documents held out (by document).")
+@click.option("--eval-teacher-dir", default=None, type=click.Path(file_okay=False),
+              help="A separate held-out dump (same target); then nothing is held out of --teacher-dir.")
+@click.option("--resume", is_flag=True, help="Continue from the newest complete checkpoint in --out.")
+@click.option("--compile/--no-compile", default=True, show_default=True, help="torch.compile the step.")
+@click.option("--num-workers", default=2, show_default=True, help="Batch-building threads.")
+@click.option("--max-bad-steps", default=10, show_default=True, help="Stop after this many skipped steps in a row.")
+def command(**settings) -> dict:
+    """Train an EAGLE-3 draft from a teacher dump (DUMP/target + shards), without loading the target."""
+    return train(**settings)
