@@ -17,6 +17,9 @@ from __future__ import annotations
 
 import re
 
+import numpy as np
+from transformers.utils.chat_template_utils import render_jinja_template
+
 from stages.errors import StageError
 
 GENERATION_TAG = re.compile(r"\{%-?\s*generation\s*-?%\}")
@@ -63,18 +66,16 @@ class ChatMasker:
 
     # ------------------------------------------------------------------ rendering
     def render(self, messages: list[dict], add_generation_prompt: bool) -> str:
-        """The template's text for `messages` (empty prefixes allowed)."""
-        try:
-            if not messages:
-                from transformers.utils.chat_template_utils import render_jinja_template
+        """The template's text for `messages` (empty prefixes allowed), as `apply_chat_template` renders it.
 
-                rendered, _ = render_jinja_template(
-                    conversations=[[]], chat_template=self.template,
-                    add_generation_prompt=add_generation_prompt, **self.tokenizer.special_tokens_map,
-                )
-                return rendered[0]
-            return self.tokenizer.apply_chat_template(
-                messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+        Calls transformers' renderer directly: `apply_chat_template` refuses an empty conversation and its
+        per-call message normalisation (a no-op for our plain {role, content} dicts) costs more than the render.
+        """
+        try:
+            rendered, _ = render_jinja_template(
+                conversations=[messages], chat_template=self.template,
+                add_generation_prompt=add_generation_prompt, **self.tokenizer.special_tokens_map)
+            return rendered[0]
         except Exception as exc:  # jinja raise_exception(...) and friends: the record's fault, not ours
             raise TemplateError(f"chat template failed: {type(exc).__name__}: {exc}") from None
 
@@ -138,17 +139,17 @@ class ChatMasker:
 
 
 def mask_from_spans(offsets, spans: list[tuple[int, int]]) -> list[int]:
-    """1 for every token whose character range overlaps a span (spans and offsets both in order)."""
-    mask = [0] * len(offsets)
-    k = 0
-    for t, (tok_start, tok_end) in enumerate(offsets):
-        while k < len(spans) and tok_start >= spans[k][1]:
-            k += 1
-        if k == len(spans):
-            break
-        if tok_end > spans[k][0]:
-            mask[t] = 1
-    return mask
+    """1 for every token whose character range [a, b) overlaps a span [s, e): a < e and b > s.
+
+    The same rule transformers applies to `{% generation %}` spans.
+    """
+    if not len(offsets):
+        return []
+    offs = np.asarray(offsets, dtype=np.int64).reshape(-1, 2)  # (T, 2)
+    mask = np.zeros(len(offs), dtype=bool)
+    for s, e in spans:
+        mask |= (offs[:, 0] < e) & (offs[:, 1] > s)
+    return mask.astype(np.int64).tolist()
 
 
 def _common_prefix_len(a: str, b: str) -> int:
