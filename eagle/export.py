@@ -95,6 +95,9 @@ def serving_config(cfg: DraftConfig, dtype: torch.dtype) -> dict:
 
 def export_draft(model, out_dir, dtype: torch.dtype | None = None) -> Path:
     """Write config.json + model.safetensors for `model` (an Eagle3Draft) into out_dir, atomically."""
+    model = getattr(model, "_orig_mod", model)  # torch.compile wrapper: save the plain module's names
+    if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+        model = getattr(model.module, "_orig_mod", model.module)
     cfg: DraftConfig = model.cfg
     out_dir = Path(out_dir)
     _check_replaceable(out_dir)

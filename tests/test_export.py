@@ -238,7 +238,7 @@ def test_reexport_replaces_and_foreign_dirs_are_refused(tmp_path):
     out = export_draft(model, tmp_path / "draft")
     with torch.no_grad():
         model.lm_head.weight.mul_(2)
-    export_draft(model, out)
+    export_draft(torch.compile(model, backend="eager"), out)  # a compiled wrapper exports the plain names
     assert torch.equal(load_file(str(out / "model.safetensors"))["lm_head.weight"], model.lm_head.weight)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["draft"]
     (tmp_path / "busy").mkdir()
