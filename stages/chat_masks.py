@@ -31,13 +31,12 @@ class TemplateError(ValueError):
 
 def chat_template_of(tokenizer) -> str:
     """The tokenizer's chat template string; StageError when it has none."""
+    if not tokenizer.chat_template:
+        raise StageError("the tokenizer has no chat template; chat records (messages/conversations) need one")
     try:
-        template = tokenizer.get_chat_template()
+        return tokenizer.get_chat_template()
     except ValueError as exc:
         raise StageError(f"tokenizer chat template: {exc}") from None
-    if not template:
-        raise StageError("the tokenizer has no chat template; chat records (messages/conversations) need one")
-    return template
 
 
 def has_generation_tags(template: str) -> bool:

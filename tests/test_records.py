@@ -162,6 +162,26 @@ def test_assistant_first_and_extra_message_keys(llama_tok, qwen_tok, tmp_path):
     assert (ex.input_ids, ex.loss_mask) == reference(qwen_tok, chatml_segments(clean))
 
 
+def test_template_errors_and_missing_template(qwen_tok, tmp_path):
+    tok = AutoTokenizer.from_pretrained(qwen_tok.name_or_path)
+    tok.chat_template = CHATML_TEMPLATE.replace(
+        "{% for m in messages %}",
+        "{% for m in messages %}{% if loop.index0 > 0 and m['role'] == messages[loop.index0 - 1]['role'] %}"
+        "{{ raise_exception('roles must alternate') }}{% endif %}")
+    twice = {"messages": [{"role": "user", "content": "a"}, {"role": "user", "content": "b"},
+                          {"role": "assistant", "content": "c"}]}
+    src = write_jsonl(tmp_path / "c.jsonl", [twice, CONVERSATIONS[0]])
+    skip, ok = tokenize_records(src, tok, max_seq_len=512)
+    assert skip.reason == "template_error" and "roles must alternate" in skip.message and isinstance(ok, Example)
+    with pytest.raises(BadRecord, match=r"c\.jsonl:1: template_error"):
+        list(tokenize_records(src, tok, max_seq_len=512, strict=True))
+    tok.chat_template = None  # text and pre-tokenized records need no template; chat records do
+    text_only = write_jsonl(tmp_path / "t.jsonl", [CONVERSATIONS[3], {"input_ids": [1, 2]}])
+    assert all(isinstance(e, Example) for e in tokenize_records(text_only, tok, max_seq_len=512))
+    with pytest.raises(StageError, match="no chat template"):
+        list(tokenize_records(src, tok, max_seq_len=512))
+
+
 def test_loss_on_all_and_sharegpt_and_text(llama_tok, tmp_path):
     msgs = CONVERSATIONS[0]["messages"]
     share = {"conversations": [{"from": {"system": "system", "user": "human", "assistant": "gpt"}[m["role"]],
@@ -249,6 +269,22 @@ def test_every_file_type_gives_the_same_examples(qwen_tok, tmp_path, monkeypatch
     assert count_records([parquet, jsonl, saved]) == 3 * len(recs)
     wheres = [w for _, w, _ in read_records([str(as_list), str(parquet), str(saved)])]
     assert wheres[0] == f"{as_list}[0]" and wheres[len(recs)] == f"{parquet}[0]" and wheres[-1].endswith("[4]")
+
+
+def test_json_variants_and_directory_of_files(tmp_path):
+    d = tmp_path / "dir"
+    d.mkdir()
+    write_jsonl(d / "b.json", [{"text": "b0"}, {"text": "b1"}])  # JSON Lines under a .json name
+    (d / "a.json").write_text(json.dumps({"text": "a0"}))        # a single object: one record
+    (d / "c.jsonl.gz").write_bytes(gzip.compress(b'{"text": "c0"}\n\n{"text": "c1"}\n'))
+    (d / "notes.txt").write_text("ignored")
+    got = [(i, w.replace(str(d), "D"), r["text"]) for i, w, r in read_records([str(d)])]
+    assert got == [(0, "D/a.json[0]", "a0"), (1, "D/b.json:1", "b0"), (2, "D/b.json:2", "b1"),
+                   (3, "D/c.jsonl.gz:1", "c0"), (4, "D/c.jsonl.gz:3", "c1")]
+    broken = tmp_path / "broken.jsonl.gz"
+    broken.write_bytes(gzip.compress(b'{"text": "x"}\n' * 100)[:40])
+    with pytest.raises(StageError, match="broken.jsonl.gz: cannot read"):
+        list(read_records([str(broken)]))
 
 
 def test_missing_source_and_unloadable_dataset_name(tmp_path):
