@@ -12,6 +12,10 @@ Two ways to find those tokens, which give the same mask on the same rendered tex
   ends after the last special/added token of its rendered increment (its end-of-turn marker; the whole
   increment when it has none). The full rendering is tokenized once with offsets, and a token is supervised
   when it overlaps one of those character spans (the same overlap rule transformers uses for generation tags).
+  Templates whose renderings are not prefixes of each other (a generation prompt unlike the history header,
+  or past turns rewritten once later turns follow, as Qwen3 drops past reasoning) are located in the full
+  text instead: the turn starts where the prefix rendering and the full text part, and ends at its
+  end-of-turn marker's next occurrence.
 """
 from __future__ import annotations
 
@@ -88,32 +92,44 @@ class ChatMasker:
             before = self.render(messages[:i], add_generation_prompt=True)
             after = self.render(messages[: i + 1], add_generation_prompt=False)
             if after.startswith(before) and full.startswith(after):
-                start, increment = len(before), after[len(before):]
+                start = len(before)
+                marker = self._last_special(after[start:])
+                end = start + (marker.end() if marker else len(after) - start)
             else:
-                # Not prefix-stable (e.g. the template rewrites earlier turns): find this turn's increment
-                # (what follows the common part of the two renderings) in the full text after the cursor.
-                common = _common_prefix_len(before, after)
-                increment = after[common:]
-                start = full.find(increment, cursor) if increment else -1
-                if start < 0:
-                    raise TemplateError(
-                        f"cannot locate assistant turn {i} in the rendered conversation (template is not "
-                        "prefix-stable); use a template with {% generation %} tags")
-            end = start + self._supervised_length(increment)
+                start, end = self._locate_unstable_turn(i, before, after, full, cursor)
             if end > start:
                 spans.append((start, end))
-            cursor = end
+            cursor = max(cursor, end)
         return spans
 
-    def _supervised_length(self, increment: str) -> int:
-        """Length of the increment up to and including its last special token (the end-of-turn marker)."""
+    def _locate_unstable_turn(self, i: int, before: str, after: str, full: str, cursor: int) -> tuple[int, int]:
+        """Span of turn i when the renderings are not prefixes of each other.
+
+        Either the generation prompt differs from the header history turns get (e.g. an empty think block), or
+        the template renders a turn differently once later turns follow (e.g. Qwen3 drops past reasoning). The
+        turn starts where `before` and `full` part (not before the previous turn's end) and ends at the first
+        end-of-turn marker after that — the marker being the last special token of the turn's own rendering.
+        """
+        start = max(cursor, _common_prefix_len(before, full))
+        increment = after[_common_prefix_len(before, after):]
+        marker = self._last_special(increment)
+        if marker is not None:
+            pos = full.find(marker.group(0), start)
+            if pos >= 0:
+                return start, pos + len(marker.group(0))
+        elif increment and full.startswith(increment, start):
+            return start, start + len(increment)
+        raise TemplateError(
+            f"cannot locate assistant turn {i} in the rendered conversation (the template renders it differently "
+            "once later turns follow); use a template with {% generation %} tags")
+
+    def _last_special(self, text: str) -> re.Match | None:
+        """The last special/added token in `text` (an assistant turn's end-of-turn marker), if any."""
+        last = None
         if self._special is not None:
-            last = None
-            for last in self._special.finditer(increment):
+            for last in self._special.finditer(text):
                 pass
-            if last is not None:
-                return last.end()
-        return len(increment)
+        return last
 
     # ------------------------------------------------------------------ tokenizing
     def encode(self, messages: list[dict], loss_on: str = "assistant") -> tuple[list[int], list[int]]:

@@ -138,6 +138,32 @@ def test_template_whose_generation_prompt_differs_from_history(qwen_tok, tmp_pat
     assert (ex.input_ids, ex.loss_mask) == reference(qwen_tok, chatml_segments(MULTI_TURN))
 
 
+QWEN3_LIKE_TEMPLATE = (  # drops the reasoning of assistant turns that precede the last user turn, like Qwen3's
+    "{% set ns = namespace(last_user=0) %}"
+    "{% for m in messages %}{% if m['role'] == 'user' %}{% set ns.last_user = loop.index0 %}{% endif %}{% endfor %}"
+    "{% for m in messages %}{% set c = m['content'] %}"
+    "{% if m['role'] == 'assistant' and loop.index0 < ns.last_user and '</think>' in c %}"
+    "{% set c = c.split('</think>')[-1].lstrip() %}{% endif %}"
+    "<|im_start|>{{ m['role'] }}\n{{ c }}<|im_end|>\n"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def test_template_that_rewrites_earlier_turns(qwen_tok, tmp_path):
+    tok = AutoTokenizer.from_pretrained(qwen_tok.name_or_path)
+    tok.chat_template = QWEN3_LIKE_TEMPLATE
+    msgs = [{"role": "user", "content": "Define a class."},
+            {"role": "assistant", "content": "<think>\nrecall syntax\n</think>\n\nUse the class statement."},
+            {"role": "user", "content": "And a function?"},
+            {"role": "assistant", "content": "<think>\nsame idea\n</think>\n\nUse def."}]
+    as_rendered = [dict(m) for m in msgs]
+    as_rendered[1]["content"] = "Use the class statement."
+    assert tok.apply_chat_template(msgs, tokenize=False) == "".join(t for t, _ in chatml_segments(as_rendered))
+    (ex,) = tokenize_records(write_jsonl(tmp_path / "c.jsonl", [{"messages": msgs}]), tok, max_seq_len=4096)
+    assert (ex.input_ids, ex.loss_mask) == reference(tok, chatml_segments(as_rendered))
+
+
 def test_template_without_special_tokens_supervises_whole_increment(qwen_tok, tmp_path):
     tok = AutoTokenizer.from_pretrained(qwen_tok.name_or_path)
     tok.chat_template = ("{% for m in messages %}{{ m['role'] }}:\n{{ m['content'] }}\n{% endfor %}"
