@@ -104,11 +104,12 @@ def load_draft_for(target_model, draft_dir: str, device: str):
 
     if not (Path(draft_dir) / "config.json").is_file():
         raise StageError(f"{draft_dir}: not an exported draft (no config.json)")
-    embed = target_model.get_input_embeddings().weight
+    embed = target_model.get_input_embeddings().weight.detach()
     try:
-        draft = load_draft(draft_dir, embed_weight=embed.detach().float(), device=device)
+        draft = load_draft(draft_dir, embed_weight=embed, device=device)
     except (OSError, ValueError, KeyError) as e:
         raise StageError(f"{draft_dir}: cannot load the draft: {e}") from None
+    draft = draft.float()  # the draft is small: run it in float32 whatever the export dtype
     cfg, tcfg = draft.cfg, target_model.config
     if cfg.vocab_size != embed.shape[0] or cfg.target_hidden_size != tcfg.hidden_size:
         raise StageError(f"{draft_dir}: draft was made for another target (vocab {cfg.vocab_size}, hidden "
