@@ -94,11 +94,13 @@ _compiled_flex = None
 _compiled_block_mask = None
 
 
-def _flex_fns():
+def _flex_fns(device: torch.device):
     """flex_attention and create_block_mask, compiled when called outside torch.compile (eager flex is unfused)."""
     global _compiled_flex, _compiled_block_mask
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
+    if device.type != "cuda":  # CPU flex (torch 2.13) has no backward and miscompiles these masks
+        raise ValueError(f"attention='flex' needs a CUDA device, got {device.type!r}; use attention='dense'")
     if torch.compiler.is_compiling():
         return flex_attention, create_block_mask
     if _compiled_flex is None:
@@ -113,10 +115,12 @@ def ttt_mask_mod(document_ids: torch.Tensor, T: int, j: int):
     def mask_mod(b, h, q_idx, kv_idx):
         step = kv_idx // T
         s = kv_idx - step * T
-        same = document_ids[b, q_idx] == document_ids[b, s]
+        # kernels may evaluate indices past the end (lengths not a multiple of the block): clamp the lookups
+        in_range = (q_idx < T) & (kv_idx < (j + 1) * T)
+        same = document_ids[b, q_idx.clamp(max=T - 1)] == document_ids[b, s.clamp(max=T - 1)]
         causal0 = (step == 0) & (s <= q_idx - j)
-        diag = (step > 0) & (s == q_idx - j + step)
-        return same & (causal0 | diag)
+        diag = (step > 0) & (step <= j) & (s == q_idx - j + step)
+        return in_range & same & (causal0 | diag)
 
     return mask_mod
 
@@ -134,7 +138,7 @@ class FlexTTTAttention:
         j = len(self.keys)
         self.keys.append(k)
         self.values.append(v)
-        flex_attention, create_block_mask = _flex_fns()
+        flex_attention, create_block_mask = _flex_fns(q.device)
         T = self.T
         block_mask = create_block_mask(ttt_mask_mod(self.doc, T, j), self.B, None, T, (j + 1) * T,
                                        device=q.device)
