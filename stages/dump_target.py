@@ -263,9 +263,7 @@ TARGET_NON_TOKENIZER_FILES = {"config.json", "weights.safetensors", "generation_
 def write_target_dir(target: Target, directory: Path) -> dict:
     """config.json, tokenizer files and weights.safetensors {embed_tokens, lm_head (also when tied), norm};
     returns provenance hashes {config_sha256, tokenizer_sha256, weights_sha256}."""
-    from safetensors.torch import save_file
-
-    from stages.shards import sha256_file
+    from stages.shards import sha256_file, write_safetensors
 
     if directory.exists():
         shutil.rmtree(directory)
@@ -277,7 +275,7 @@ def write_target_dir(target: Target, directory: Path) -> dict:
         "lm_head.weight": target.lm_head.weight.detach().to("cpu").clone(),
         "norm.weight": target.norm.weight.detach().to("cpu").clone(),
     }
-    save_file(tensors, str(directory / "weights.safetensors"), metadata={"format": "pt"})
+    write_safetensors(directory / "weights.safetensors", tensors, {"format": "pt"})
     tok_files = [f for f in directory.rglob("*") if f.is_file() and f.name not in TARGET_NON_TOKENIZER_FILES]
     return {"config_sha256": config_sha256(target.config),
             "tokenizer_sha256": tree_sha256(tok_files, directory),

@@ -139,6 +139,38 @@ TEACHER_TENSORS = {
 }
 
 
+SAFETENSORS_DTYPES = {"float64": "F64", "float32": "F32", "bfloat16": "BF16", "float16": "F16", "int64": "I64",
+                      "int32": "I32", "int16": "I16", "int8": "I8", "uint8": "U8", "bool": "BOOL"}
+
+
+def write_safetensors(path: Path, tensors: dict, metadata: dict[str, str]) -> None:
+    """A safetensors file with a *deterministic* header (sorted keys; safetensors' own writer orders metadata
+    by hash, so equal content could give different bytes). Data is ordered by (itemsize descending, name), which
+    keeps every tensor aligned, and streamed from the tensors without an intermediate copy of the file."""
+    import struct
+
+    import torch
+
+    order = sorted(tensors, key=lambda n: (-tensors[n].element_size(), n))
+    header: dict = {"__metadata__": dict(sorted(metadata.items()))}
+    offset = 0
+    for name in order:
+        t = tensors[name]
+        nbytes = t.numel() * t.element_size()
+        header[name] = {"dtype": SAFETENSORS_DTYPES[str(t.dtype).removeprefix("torch.")],
+                        "shape": list(t.shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    blob = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(blob)))
+        f.write(blob)
+        for name in order:
+            t = tensors[name].detach().to("cpu").contiguous()
+            if t.numel():
+                f.write(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
+
+
 def write_part(path: Path, tensors: dict, metadata: dict[str, str], *, pause_before_rename: float = 0.0
                ) -> tuple[str, int]:
     """Write one part atomically; returns (sha256, bytes). Same tensors + metadata -> same bytes.
@@ -148,13 +180,10 @@ def write_part(path: Path, tensors: dict, metadata: dict[str, str], *, pause_bef
     """
     import time
 
-    from safetensors.torch import save_file
-
-    tensors = {name: t.contiguous() for name, t in tensors.items()}
     meta = {"format": PART_FORMAT, "schema_version": str(SCHEMA_VERSION), **metadata}
 
     def write(tmp):
-        save_file(tensors, str(tmp), metadata=meta)
+        write_safetensors(tmp, tensors, meta)
         if pause_before_rename:
             time.sleep(pause_before_rename)
 
