@@ -1,0 +1,187 @@
+"""Draft model: parameter layout of the serving checkpoint, the engines' forward (vs a float64 reference written
+here with transformers' RoPE), RoPE vs transformers for default/linear/llama3, target initialisation."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from transformers import LlamaConfig
+from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding, apply_rotary_pos_emb
+
+from draft_testing import random_draft, rel_err, single_thread, tiny_cfg  # noqa: F401
+from eagle.inference import DraftCache, draft_step
+from eagle.model import Eagle3Draft
+from eagle.rope import RotaryEmbedding, rope_inv_freq
+
+
+def test_parameter_names_shapes_and_dtypes_follow_the_serving_layout():
+    cfg = tiny_cfg()
+    model = Eagle3Draft(cfg)
+    H, Ht, nH, nKV, D, I, V, Vd = 32, 24, 4, 2, 8, 48, 50, 40
+    expected = {
+        "fc.weight": (H, 3 * Ht),
+        "midlayer.self_attn.q_proj.weight": (nH * D, 2 * H),
+        "midlayer.self_attn.k_proj.weight": (nKV * D, 2 * H),
+        "midlayer.self_attn.v_proj.weight": (nKV * D, 2 * H),
+        "midlayer.self_attn.o_proj.weight": (H, nH * D),
+        "midlayer.mlp.gate_proj.weight": (I, H),
+        "midlayer.mlp.up_proj.weight": (I, H),
+        "midlayer.mlp.down_proj.weight": (H, I),
+        "midlayer.input_layernorm.weight": (H,),
+        "midlayer.hidden_norm.weight": (H,),
+        "midlayer.post_attention_layernorm.weight": (H,),
+        "norm.weight": (H,),
+        "lm_head.weight": (Vd, H),
+        "d2t": (Vd,),
+        "t2d": (V,),
+        "embed_tokens.weight": (V, H),
+    }
+    state = model.state_dict()
+    assert {k: tuple(v.shape) for k, v in state.items()} == expected  # no rope buffer, no `model.` prefix
+    assert state["d2t"].dtype == torch.int64 and state["t2d"].dtype == torch.bool
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == set(expected) - {"d2t", "t2d", "embed_tokens.weight"}
+    # default vocab map is the identity onto the first Vd ids
+    assert torch.equal(model.draft_to_target(torch.arange(Vd)), torch.arange(Vd))
+    assert int(model.t2d.sum()) == Vd
+
+
+def rms(x, w, eps):
+    return w * x / torch.sqrt((x * x).mean(-1, keepdim=True) + eps)
+
+
+def reference_prefill(model, cfg, aux, ids, positions):
+    """Float64 step-0 forward over one sequence with causal attention, written from the reference text."""
+    p = {k: v.double() for k, v in model.state_dict().items() if v.is_floating_point()}
+    eps = cfg.rms_norm_eps
+    g = aux.double() @ p["fc.weight"].T  # (1, T, H)
+    e = p["embed_tokens.weight"][ids]
+    x = torch.cat([rms(e, p["midlayer.input_layernorm.weight"], eps), rms(g, p["midlayer.hidden_norm.weight"], eps)],
+                  -1)
+    T, nH, nKV, D = ids.shape[1], cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+    q = (x @ p["midlayer.self_attn.q_proj.weight"].T).view(1, T, nH, D).transpose(1, 2)
+    k = (x @ p["midlayer.self_attn.k_proj.weight"].T).view(1, T, nKV, D).transpose(1, 2)
+    v = (x @ p["midlayer.self_attn.v_proj.weight"].T).view(1, T, nKV, D).transpose(1, 2)
+    hf = LlamaConfig(hidden_size=cfg.hidden_size, num_attention_heads=nH, head_dim=D,
+                     rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta})
+    cos, sin = LlamaRotaryEmbedding(hf)(q, positions)
+    q, k = apply_rotary_pos_emb(q, k, cos.double(), sin.double())
+    k, v = k.repeat_interleave(nH // nKV, dim=1), v.repeat_interleave(nH // nKV, dim=1)
+    scores = q @ k.transpose(-1, -2) / math.sqrt(D)
+    scores = scores.masked_fill(torch.ones(T, T, dtype=torch.bool).triu(1), float("-inf"))
+    a = (scores.softmax(-1) @ v).transpose(1, 2).reshape(1, T, nH * D)
+    out = g + a @ p["midlayer.self_attn.o_proj.weight"].T  # residual is the (un-normalised) hidden stream
+    h = rms(out, p["midlayer.post_attention_layernorm.weight"], eps)
+    mlp = (torch.nn.functional.silu(h @ p["midlayer.mlp.gate_proj.weight"].T) * (h @ p["midlayer.mlp.up_proj.weight"].T))
+    out = out + mlp @ p["midlayer.mlp.down_proj.weight"].T
+    return rms(out, p["norm.weight"], eps) @ p["lm_head.weight"].T, out
+
+
+@pytest.mark.parametrize("kv_heads", [1, 2, 4])
+def test_forward_matches_float64_reference(kv_heads):
+    cfg = tiny_cfg(num_key_value_heads=kv_heads)
+    model = random_draft(cfg, seed=3)
+    T = 11
+    aux = torch.randn(1, T, 3 * cfg.target_hidden_size)
+    ids = torch.randint(0, cfg.vocab_size, (1, T))
+    positions = torch.arange(5, 5 + T)[None]  # not starting at 0: RoPE is relative, but the rows are not
+    ref_logits, ref_out = reference_prefill(model, cfg, aux, ids, positions)
+    logits, out = draft_step(model, DraftCache(cfg, 1, T), ids, aux, positions, fused=False)
+    assert rel_err(logits.double(), ref_logits) <= 1e-5
+    assert rel_err(out.double(), ref_out) <= 1e-5
+
+
+LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+          "original_max_position_embeddings": 8192}
+
+
+@pytest.mark.parametrize("theta, scaling", [
+    (10000.0, None),
+    (1e6, {"rope_type": "default"}),
+    (10000.0, {"rope_type": "linear", "factor": 4.0}),
+    (10000.0, {"type": "linear", "factor": 2.0}),  # legacy key
+    (500000.0, LLAMA3),
+])
+def test_rope_matches_transformers(theta, scaling):
+    head_dim = 128
+    params = {"rope_theta": theta, "rope_type": "default"}
+    if scaling:
+        params.update({k: v for k, v in scaling.items() if k != "type"})
+        params["rope_type"] = scaling.get("rope_type", scaling.get("type"))
+    hf = LlamaConfig(hidden_size=256, num_attention_heads=2, head_dim=head_dim, rope_parameters=params,
+                     max_position_embeddings=131072)
+    hf_rope = LlamaRotaryEmbedding(hf)
+    ours = RotaryEmbedding(head_dim, theta, scaling)
+    assert torch.equal(ours.inv_freq, hf_rope.inv_freq)
+    positions = torch.tensor([[0, 1, 7, 100, 4095, 8191, 8192, 20000, 65535, 131071]])
+    hf_cos, hf_sin = hf_rope(torch.zeros(1, dtype=torch.float32), positions)
+    cos, sin = ours(positions)
+    torch.testing.assert_close(cos[:, 0], hf_cos, rtol=0, atol=1e-6)
+    torch.testing.assert_close(sin[:, 0], hf_sin, rtol=0, atol=1e-6)
+
+
+def test_llama3_scaling_changes_low_frequencies_only():
+    plain, scaled = rope_inv_freq(128, 500000.0), rope_inv_freq(128, 500000.0, LLAMA3)
+    assert torch.equal(plain[:8], scaled[:8])  # high frequencies kept
+    torch.testing.assert_close(scaled[-1], plain[-1] / 8.0)  # lowest frequency divided by the factor
+
+
+@pytest.mark.parametrize("scaling, match", [
+    ({"rope_type": "yarn", "factor": 4.0}, "unsupported rope type 'yarn'"),
+    ({"rope_type": "dynamic", "factor": 2.0}, "unsupported rope type 'dynamic'"),
+    ({"rope_type": "linear"}, "factor"),
+    ({"rope_type": "llama3", "factor": 8.0}, "low_freq_factor"),
+    ({"rope_type": "default", "partial_rotary_factor": 0.5}, "partial_rotary_factor"),
+])
+def test_unsupported_rope_fails_at_construction(scaling, match):
+    with pytest.raises(ValueError, match=match):
+        RotaryEmbedding(8, 10000.0, scaling)
+
+
+def test_model_rejects_rope_it_cannot_reproduce():
+    """The model validates its rope at construction even if handed a config object that did not."""
+    import dataclasses
+
+    cfg = tiny_cfg()
+    bad = type("Cfg", (), {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)})()
+    bad.rope_scaling = {"rope_type": "longrope"}
+    with pytest.raises(ValueError, match="longrope"):
+        Eagle3Draft(bad)
+
+
+def test_init_from_target_copies_embedding_vocab_map_and_lm_head_rows():
+    cfg = tiny_cfg()
+    model = Eagle3Draft(cfg)
+    V, H, Vd = cfg.vocab_size, cfg.hidden_size, cfg.draft_vocab_size
+    weights = {"embed_tokens.weight": torch.randn(V, H), "lm_head.weight": torch.randn(V, H),
+               "norm.weight": torch.rand(H) + 0.5}
+    kept = torch.sort(torch.randperm(V)[:Vd]).values
+    t2d = torch.zeros(V, dtype=torch.bool)
+    t2d[kept] = True
+    model.init_from_target(weights, kept - torch.arange(Vd), t2d)
+    assert torch.equal(model.embed_tokens.weight, weights["embed_tokens.weight"])
+    assert not model.embed_tokens.weight.requires_grad
+    assert torch.equal(model.lm_head.weight, weights["lm_head.weight"][kept])
+    assert torch.equal(model.norm.weight, weights["norm.weight"])
+    assert torch.equal(model.draft_to_target(torch.arange(Vd)), kept)
+    assert torch.equal(model.t2d, t2d)
+    # tied target (no lm_head): rows of the embedding; init_lm_head=False leaves lm_head alone
+    tied = Eagle3Draft(cfg)
+    tied.init_from_target({"embed_tokens.weight": weights["embed_tokens.weight"]}, kept - torch.arange(Vd), t2d)
+    assert torch.equal(tied.lm_head.weight, weights["embed_tokens.weight"][kept])
+    untouched = Eagle3Draft(cfg)
+    before = untouched.lm_head.weight.clone()
+    untouched.init_from_target(weights, kept - torch.arange(Vd), t2d, init_lm_head=False)
+    assert torch.equal(untouched.lm_head.weight, before)
+
+
+def test_init_from_target_rejects_mismatched_shapes():
+    cfg = tiny_cfg()
+    model = Eagle3Draft(cfg)
+    good_map = (torch.zeros(cfg.draft_vocab_size, dtype=torch.int64), torch.zeros(cfg.vocab_size, dtype=torch.bool))
+    with pytest.raises(ValueError, match="embed_tokens.weight"):
+        model.init_from_target({"embed_tokens.weight": torch.randn(cfg.vocab_size + 1, cfg.hidden_size)}, *good_map)
+    with pytest.raises(ValueError, match="vocab map"):
+        model.init_from_target({"embed_tokens.weight": torch.randn(cfg.vocab_size, cfg.hidden_size)},
+                               torch.zeros(3, dtype=torch.int64), good_map[1])
