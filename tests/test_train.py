@@ -1,0 +1,229 @@
+"""`eagle-pipe train` end to end on a real tiny dump: learning, export, resume after kill -9, NaN handling,
+and refusing bad dumps before the first step."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from safetensors.torch import load_file
+
+from stages import checkpoint as ckpt
+from stages.cli import main
+from train_dumps import cached_dump
+
+VD = 256
+BASE = ["--seq-len", "128", "--batch-size", "2", "--ttt-steps", "3", "--draft-vocab-size", str(VD),
+        "--warmup-steps", "3", "--no-compile", "--num-workers", "1", "--eval-fraction", "0.1"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """The CI box has 2 shared cores: OpenMP spin-waiting across 2 threads makes tiny steps ~4x slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def dump(tmp_path_factory, tiny_llama):
+    return cached_dump(tmp_path_factory, "llama-100", tiny_llama, records=100)
+
+
+def train(args: list[str], expect_ok: bool = True):
+    result = CliRunner().invoke(main, ["train", *BASE, *args])
+    if expect_ok:
+        assert result.exit_code == 0, result.output + repr(result.exception)
+    return result
+
+
+def records(run: Path) -> list[dict]:
+    return [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_loss_falls_and_held_out_accuracy_beats_chance(dump, tmp_path):
+    run = tmp_path / "run"
+    train(["--teacher-dir", str(dump), "--out", str(run), "--max-steps", "24", "--lr", "3e-3", "--log-every", "4",
+           "--eval-every", "12", "--save-every", "12"])
+    logs = [r for r in records(run) if "loss" in r]
+    assert logs[-1]["loss"] < 0.9 * logs[0]["loss"], [r["loss"] for r in logs]
+    summary = json.loads((run / "train_summary.json").read_text())
+    assert summary["steps"] == 24 and summary["final_metrics"]["skipped_steps"] == 0
+    assert summary["final_eval"]["eval_acc"][0] > 10.0 / VD, summary["final_eval"]
+    # the completion marker is written after everything else
+    newest_other = max(p.stat().st_mtime for p in run.rglob("*") if p.is_file() and p.name != "train_summary.json")
+    assert (run / "train_summary.json").stat().st_mtime >= newest_other
+    # the export is the final checkpoint's weights, loadable by the serving-layout loader
+    from eagle.export import load_draft
+
+    final = ckpt.latest_checkpoint(run / "checkpoints")
+    assert final.name == "step-00000024" and (run / "checkpoints" / "best").is_dir()
+    exported = load_draft(run / "export")
+    saved = load_file(str(final / "model.safetensors"))
+    for name, tensor in exported.state_dict().items():
+        if name in saved:
+            assert torch.equal(tensor.float(), saved[name].float()), name
+    # `eagle-pipe export CKPT OUT` gives the same files as the run's own export
+    result = CliRunner().invoke(main, ["export", str(final), str(tmp_path / "exp2")])
+    assert result.exit_code == 0, result.output
+    a, b = load_file(str(run / "export" / "model.safetensors")), load_file(str(tmp_path / "exp2" / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_host_normalizer_equals_the_losss_valid_counts(dump):
+    from stages.train_data import DumpIndex, PackedLoader
+    from stages.train_setup import build_draft, token_counts
+    from eagle.ttt import ttt_loss
+
+    index = DumpIndex(dump)
+    model = build_draft(dump, index.manifest, token_counts(index), draft_vocab_size=64, ttt_steps=3,
+                        init_lm_head=True, seed=0)
+    loader = PackedLoader(index, np.arange(index.num_documents), seq_len=64, batch_size=2, steps=3, t2d=model.t2d,
+                          drop_last=False)
+    total = 0
+    for micro in loader:
+        for batch, counts in micro:
+            _, m = ttt_loss(model, batch, 3, counts, index.teacher_kind)
+            assert torch.equal(m["valid"].float(), counts)
+            total += 1
+        if total >= 4:
+            break
+    assert counts[0] > 0
+
+
+def _train_cmd(dump, run, extra=()):
+    return [sys.executable, "-m", "stages.cli", "train", *BASE, "--teacher-dir", str(dump), "--out", str(run),
+            "--max-steps", "40", "--save-every", "8", "--log-every", "4", "--eval-every", "16", "--lr", "2e-3",
+            *extra]
+
+
+def test_kill_9_then_resume_gives_bitwise_the_same_weights(dump, tmp_path):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    straight = tmp_path / "straight"
+    subprocess.run(_train_cmd(dump, straight), check=True, env=env, capture_output=True)
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(_train_cmd(dump, killed), env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while ckpt.latest_checkpoint(killed / "checkpoints") is None and time.time() < deadline:
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    at_kill = ckpt.latest_checkpoint(killed / "checkpoints")
+    assert at_kill is not None and not (killed / "train_summary.json").exists(), "killed before the end"
+    assert int(at_kill.name.split("-")[1]) < 40
+    subprocess.run(_train_cmd(dump, killed, ["--resume"]), check=True, env=env, capture_output=True)
+    a = (straight / "checkpoints" / "step-00000040" / "model.safetensors").read_bytes()
+    b = (killed / "checkpoints" / "step-00000040" / "model.safetensors").read_bytes()
+    assert a == b
+    a = (straight / "checkpoints" / "step-00000040" / "optimizer.safetensors").read_bytes()
+    assert a == (killed / "checkpoints" / "step-00000040" / "optimizer.safetensors").read_bytes()
+    assert (straight / "export" / "model.safetensors").read_bytes() == (killed / "export" / "model.safetensors").read_bytes()
+    steps = [r["step"] for r in records(killed) if "loss" in r]
+    assert steps == sorted(set(steps)), "metrics past the checkpoint are not duplicated"
+
+
+def _nan_at(monkeypatch, bad_calls):
+    import stages.train as train_mod
+
+    real, calls = train_mod.ttt_loss, {"n": 0}
+
+    def poisoned(*args, **kwargs):
+        loss, metrics = real(*args, **kwargs)
+        calls["n"] += 1
+        if calls["n"] in bad_calls:
+            loss = loss * float("nan")
+        return loss, metrics
+
+    monkeypatch.setattr(train_mod, "ttt_loss", poisoned)
+
+
+def test_non_finite_loss_skips_the_update(dump, tmp_path, monkeypatch):
+    _nan_at(monkeypatch, {3})  # the third training forward = optimizer step 3 (no eval before it)
+    run = tmp_path / "run"
+    train(["--teacher-dir", str(dump), "--out", str(run), "--max-steps", "5", "--log-every", "1", "--save-every",
+           "1", "--keep-checkpoints", "10", "--eval-every", "0"])
+    summary = json.loads((run / "train_summary.json").read_text())
+    assert summary["final_metrics"]["skipped_steps"] == 1
+    s2, s3, s4 = (load_file(str(run / "checkpoints" / f"step-0000000{i}" / "model.safetensors")) for i in (2, 3, 4))
+    assert all(torch.equal(s2[k], s3[k]) for k in s2), "step 3 left the weights untouched"
+    assert not all(torch.equal(s3[k], s4[k]) for k in s3), "step 4 trained again"
+    opt3 = load_file(str(run / "checkpoints" / "step-00000003" / "optimizer.safetensors"))
+    assert all(v.item() == 2 for k, v in opt3.items() if k.endswith(".step"))
+
+
+def test_many_non_finite_steps_in_a_row_stop_with_a_usable_checkpoint(dump, tmp_path, monkeypatch):
+    _nan_at(monkeypatch, set(range(3, 100)))
+    run = tmp_path / "run"
+    result = train(["--teacher-dir", str(dump), "--out", str(run), "--max-steps", "20", "--log-every", "1",
+                    "--save-every", "2", "--max-bad-steps", "3", "--eval-every", "0", "--keep-checkpoints", "10"], expect_ok=False)
+    assert result.exit_code == 2 and "in a row" in result.output
+    last = ckpt.latest_checkpoint(run / "checkpoints")
+    weights = load_file(str(last / "model.safetensors"))
+    good = load_file(str(run / "checkpoints" / "step-00000002" / "model.safetensors"))
+    assert all(torch.isfinite(v).all() for v in weights.values() if v.is_floating_point())
+    assert all(torch.equal(weights[k], good[k]) for k in good)
+    assert not (run / "train_summary.json").exists()
+
+
+def test_existing_run_needs_resume_and_same_settings(dump, tmp_path):
+    run = tmp_path / "run"
+    train(["--teacher-dir", str(dump), "--out", str(run), "--max-steps", "2", "--eval-every", "0"])
+    again = train(["--teacher-dir", str(dump), "--out", str(run), "--max-steps", "2"], expect_ok=False)
+    assert again.exit_code == 2 and "--resume" in again.output
+    changed = train(["--teacher-dir", str(dump), "--out", str(run), "--max-steps", "4", "--resume", "--seed", "5"],
+                    expect_ok=False)
+    assert changed.exit_code == 2 and "seed" in changed.output
+
+
+def _copy(dump, tmp_path, name="copy") -> Path:
+    dst = tmp_path / name
+    shutil.copytree(dump, dst)
+    return dst
+
+
+def test_corrupt_part_is_refused_naming_the_file(dump, tmp_path):
+    bad = _copy(dump, tmp_path)
+    part = sorted(bad.glob("shards/*/part-*.safetensors"))[0]
+    data = bytearray(part.read_bytes())
+    data[-100] ^= 0xFF
+    part.write_bytes(bytes(data))
+    result = train(["--teacher-dir", str(bad), "--out", str(tmp_path / "run")], expect_ok=False)
+    assert result.exit_code == 2 and part.name in result.output and "sha256" in result.output
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_missing_shard_is_refused_naming_it(dump, tmp_path):
+    bad = _copy(dump, tmp_path)
+    shard = next(bad.glob("shards/shard-*"))
+    (shard / "done.json").unlink()
+    result = train(["--teacher-dir", str(bad), "--out", str(tmp_path / "run")], expect_ok=False)
+    assert result.exit_code == 2 and shard.name in result.output
+
+
+def test_done_json_that_disagrees_with_the_manifest_is_refused(dump, tmp_path):
+    bad = _copy(dump, tmp_path)
+    done_path = next(bad.glob("shards/*/done.json"))
+    done = json.loads(done_path.read_text())
+    done["manifest_sha256"] = "0" * 64
+    done_path.write_text(json.dumps(done))
+    result = train(["--teacher-dir", str(bad), "--out", str(tmp_path / "run")], expect_ok=False)
+    assert result.exit_code == 2 and "done.json" in result.output
+
+
+def test_dumps_of_different_targets_are_refused_together(dump, tmp_path_factory, tiny_qwen3, tmp_path):
+    other = cached_dump(tmp_path_factory, "qwen3-12", tiny_qwen3, records=12)
+    result = train(["--teacher-dir", str(dump), "--eval-teacher-dir", str(other), "--out", str(tmp_path / "run")],
+                   expect_ok=False)
+    assert result.exit_code == 2 and str(other / "manifest.json") in result.output
+    assert "config_sha256" in result.output
