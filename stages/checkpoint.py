@@ -92,7 +92,9 @@ def load_optimizer_payload(optimizer: torch.optim.Optimizer, names: dict[int, st
         state.setdefault(index[name], {})[field] = value
     for name, fields in info.get("plain_state", {}).items():
         state.setdefault(index[name], {}).update(fields)
-    groups = [{**g, "params": [index[n] for n in g["params"]]} for g in info["param_groups"]]
+    # JSON turns tuples (AdamW's betas) into lists; the optimizer's own state dict holds tuples
+    groups = [{**{k: tuple(v) if isinstance(v, list) else v for k, v in g.items()},
+               "params": [index[n] for n in g["params"]]} for g in info["param_groups"]]
     optimizer.load_state_dict({"state": state, "param_groups": groups})
 
 
