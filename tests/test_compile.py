@@ -67,3 +67,32 @@ def test_compiled_ttt_matches_eager_without_recompiling():
             assert rel_err(grad, eager_grads[name]) <= 1e-4, name
     assert counter.frame_count == 1  # the second batch of the same shape reused the first compilation
     assert eager_metrics["valid"][0] > 0 and torch.isfinite(eager_loss)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_compiled_flex_ttt_matches_eager_dense_on_cuda():
+    """The GPU training path (FlexAttention inside one fullgraph compile) equals the eager dense path."""
+    cfg = tiny_cfg(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=16)
+    model = random_draft(cfg, seed=5).cuda()
+    normalizer = torch.full((STEPS,), 50.0, device="cuda")
+    batches = [{k: v.cuda() for k, v in packed_batch(cfg, lengths, T=192, rows=2, seed=seed).items()}
+               for seed, lengths in ((6, [100, 50, 30]), (7, [64, 64, 60]))]
+    torch._dynamo.reset()
+    counter = CompileCounterWithBackend("inductor")
+    compiled = torch.compile(lambda m, b, n: ttt_loss(m, b, STEPS, n, "topk", attention="flex"),
+                             backend=counter, fullgraph=True)
+    for batch in batches:
+        results = []
+        for fn in (compiled, lambda m, b, n: ttt_loss(m, b, STEPS, n, "topk", attention="dense")):
+            model.zero_grad(set_to_none=True)
+            loss, metrics = fn(model, batch, normalizer)
+            loss.backward()
+            results.append((loss.detach(), metrics, {n: p.grad.clone() for n, p in model.named_parameters()
+                                                     if p.requires_grad}))
+        (loss, metrics, grads), (ref_loss, ref_metrics, ref_grads) = results
+        torch.testing.assert_close(loss, ref_loss, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(metrics["valid"], ref_metrics["valid"])
+        for name in ref_grads:
+            assert rel_err(grads[name], ref_grads[name]) <= 1e-3, name
+    assert counter.frame_count == 1
