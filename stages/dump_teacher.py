@@ -251,7 +251,7 @@ def dump_teacher(*, target, data, out, dtype=None, device=None, device_map=None,
                 "aux_layers": aux_ids, "teacher": teacher, "top_k": k, "max_seq_len": max_seq_len,
                 "loss_on": loss_on, "num_shards": num_shards, "part_tokens": part_tokens,
                 "batch_tokens": batch_tokens, "limit": limit}
-    staged = out / f".target.tmp-{os.getpid()}"
+    staged = out / f".target.tmp-{shards.temp_suffix()}"
     try:
         provenance = write_target_dir(tgt, staged)
         manifest = {

@@ -39,7 +39,7 @@ Parts hold whole sequences; within a shard, sequences are sorted by (length, sam
 about `part_tokens` tokens, so a rerun reproduces the same plan. Part files are never modified once renamed into
 place; a rerun keeps the ones present (after checking their sample indices) and writes the missing ones.
 
-Writes are atomic: write to a temporary name in the same directory (`.NAME.tmp-PID`), fsync, rename, fsync the
+Writes are atomic: write to a temporary name in the same directory (`.NAME.tmp-HOST-PID`), fsync, rename, fsync the
 directory. Leftover temporary files never look complete and are removed by the next run of that shard.
 
 OWNER: dump-teacher helper (extend freely, keep the contract; the train stage imports this module).
@@ -72,6 +72,13 @@ def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
     return h.hexdigest()
 
 
+def temp_suffix() -> str:
+    """host-pid: unique among jobs sharing a file system (PIDs alone repeat across nodes)."""
+    import socket
+
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
 def fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -83,7 +90,7 @@ def fsync_dir(path: Path) -> None:
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write, fsync, rename: a crash leaves either the old file or the new one, never a torn one."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp = path.with_name(f".{path.name}.tmp-{temp_suffix()}")
     with open(tmp, "wb") as f:
         f.write(data)
         f.flush()
@@ -104,7 +111,7 @@ def read_json(path: Path):
 def write_file_atomic(path: Path, write) -> None:
     """`write(tmp_path)` writes the content; then fsync, rename, fsync the directory (for large files)."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp = path.with_name(f".{path.name}.tmp-{temp_suffix()}")
     try:
         write(tmp)
         fd = os.open(tmp, os.O_RDONLY)
@@ -120,7 +127,7 @@ def write_file_atomic(path: Path, write) -> None:
 
 
 def remove_stale_temporaries(directory: Path) -> int:
-    """Delete `.NAME.tmp-PID` leftovers of a crashed run (one job per shard directory); returns how many."""
+    """Delete `.NAME.tmp-HOST-PID` leftovers of a crashed run (one job per shard directory); returns how many."""
     n = 0
     for tmp in Path(directory).glob(".*.tmp-*"):
         tmp.unlink(missing_ok=True)

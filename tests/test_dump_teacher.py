@@ -43,29 +43,41 @@ def chat_data(tmp_path_factory) -> Path:
     ("qwen3", "softmax", "float32"), ("llama", "topk", "bfloat16"),
 ])
 def test_dump_equals_plain_hf_forward(arch, teacher, dtype, request, chat_data, tmp_path, monkeypatch):
-    from transformers import AutoModelForCausalLM
+    model_dir = request.getfixturevalue(f"tiny_{arch}")
+    monkeypatch.setattr(dump_target, "TEACHER_CHUNK_BYTES", 7 * 4 * 600)  # several teacher chunks per batch
+    check_dump_against_plain_forward(model_dir, chat_data, tmp_path / "out", teacher, dtype, "cpu")
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_cuda_dump_equals_plain_hf_forward(dtype, tiny_qwen3, chat_data, tmp_path, monkeypatch):
+    """The GPU path (pinned slots, non-blocking copies, events, writer thread) against a CPU reference."""
+    monkeypatch.setattr(dump_target, "TEACHER_CHUNK_BYTES", 7 * 4 * 600)
+    check_dump_against_plain_forward(tiny_qwen3, chat_data, tmp_path / "out", "topk", dtype, "cuda")
+
+
+def check_dump_against_plain_forward(model_dir, chat_data, out, teacher, dtype, device):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from stages.records import Example, tokenize_records
 
-    model_dir = request.getfixturevalue(f"tiny_{arch}")
-    monkeypatch.setattr(dump_target, "TEACHER_CHUNK_BYTES", 7 * 4 * 600)  # several teacher chunks per batch
-    summary = dump_teacher(target=str(model_dir), data=[str(chat_data)], out=str(tmp_path / "out"),
-                           dtype=dtype, aux_layers="1,3,5", teacher=teacher, top_k=8, batch_tokens=500,
-                           part_tokens=900, max_seq_len=100)
+    summary = dump_teacher(target=str(model_dir), data=[str(chat_data)], out=str(out), dtype=dtype,
+                           device=device, aux_layers="1,3,5", teacher=teacher, top_k=8, batch_tokens=400,
+                           part_tokens=500, max_seq_len=100)
     assert summary["padding_fraction"] > 0 and summary["parts"] >= 3  # padded multi-sequence batches, parts
     assert summary["skipped"]["malformed_json"] == 1 and summary["skipped"]["no_supervised_tokens"] >= 1
     assert summary["truncated"] > 0
-    assert verify_dump(tmp_path / "out") == []
+    assert verify_dump(out) == []
 
     torch_dtype = dump_target.DTYPES[dtype]
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch_dtype).eval()
-    from transformers import AutoTokenizer
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     examples = {e.sample_index: e for e in tokenize_records([str(chat_data)], tokenizer, max_seq_len=100)
                 if isinstance(e, Example)}
     tol = dict(atol=1e-4, rtol=1e-4) if dtype == "float32" else dict(atol=6e-2, rtol=6e-2)
     seen = []
-    for part in read_parts(tmp_path / "out"):
+    for part in read_parts(out):
         cu = part["cu_seqlens"].tolist()
         assert cu[0] == 0 and cu[-1] == part["input_ids"].shape[0]
         for s, index in enumerate(part["sample_index"].tolist()):
@@ -97,7 +109,7 @@ def test_dump_equals_plain_hf_forward(arch, teacher, dtype, request, chat_data, 
                 torch.testing.assert_close(part["teacher_probs"][lo:hi].double(), logp.exp(), atol=1e-6, rtol=1e-4)
     assert sorted(seen) == sorted(examples)
 
-    target_w = shards.load_part(tmp_path / "out" / "target" / "weights.safetensors")
+    target_w = shards.load_part(out / "target" / "weights.safetensors")
     assert torch.equal(target_w["lm_head.weight"], model.lm_head.weight)
     assert torch.equal(target_w["embed_tokens.weight"], model.model.embed_tokens.weight)
     assert torch.equal(target_w["norm.weight"], model.model.norm.weight)
@@ -106,7 +118,7 @@ def test_dump_equals_plain_hf_forward(arch, teacher, dtype, request, chat_data, 
 # ---- crash safety ---------------------------------------------------------------------------------------------
 
 def test_sigkill_mid_run_then_rerun_is_byte_identical(tiny_llama, chat_data, tmp_path):
-    opts = dict(aux_layers="1,3,5", part_tokens=300, batch_tokens=400, max_seq_len=128, top_k=4)
+    opts = dict(aux_layers="1,3,5", part_tokens=300, batch_tokens=400, max_seq_len=128, top_k=4, device="cpu")
     killed = tmp_path / "killed"
     env = dict(os.environ, EAGLE_PIPE_TEST_PART_PAUSE="0.5")
     proc = subprocess.Popen([sys.executable, "-m", "stages.cli", *dump_args(tiny_llama, chat_data, killed, **opts)],

@@ -26,7 +26,7 @@ def three_shard_dump(tiny_llama, tmp_path_factory) -> Path:
     for i in range(NUM_SHARDS):
         dump_teacher(target=str(tiny_llama), data=[str(data)], out=str(out), aux_layers="1,3,5",
                      teacher="argmax", part_tokens=300, batch_tokens=400, max_seq_len=96,
-                     shard_index=i, num_shards=NUM_SHARDS)
+                     shard_index=i, num_shards=NUM_SHARDS, device="cpu")
     return out
 
 
