@@ -64,7 +64,7 @@ class PartWriter:
         """Queue one batch's outputs (rows row_offset.. of `part`); `last` closes the part."""
         self._raise_if_failed()
         if self.cuda:
-            slot = self.slots.free.get()
+            slot = self._free_slot()
             bufs = self.slots.buffers[slot]
             host = {}
             for name, t in outputs.items():
@@ -75,6 +75,13 @@ class PartWriter:
             self._put(("batch", part, row_offset, host, event, slot, last))
         else:
             self._put(("batch", part, row_offset, outputs, None, None, last))
+
+    def _free_slot(self) -> int:
+        while True:  # never wait forever on a writer that died
+            try:
+                return self.slots.free.get(timeout=1.0)
+            except queue.Empty:
+                self._raise_if_failed()
 
     def close(self) -> list[WrittenPart]:
         """Wait for every queued part to be on disk; re-raise a writer failure."""
