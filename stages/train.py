@@ -105,6 +105,32 @@ class Metrics:
         return out
 
 
+def optimizer_step(model, opt, params, step_fn, batches, normalizer, sync, grad_clip: float, lr: float,
+                   on_micro=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """One optimizer step over this rank's micro-batches: forward+loss (compiled), backward, gradient
+    all-reduce, clip, fused AdamW. Returns device tensors (global loss, bad) without a host sync; when `bad`
+    (non-finite loss or gradient) the update is skipped on the device."""
+    opt.zero_grad(set_to_none=False)
+    loss = torch.zeros((), device=params[0].device)
+    for batch in batches:
+        with nvtx.annotate("forward"):
+            micro_loss, m = step_fn(model, batch, normalizer)
+        with nvtx.annotate("backward"):
+            micro_loss.backward()
+        loss += micro_loss.detach()
+        if on_micro is not None:
+            on_micro(m)
+    with nvtx.annotate("optimizer"):
+        loss = sync(loss)
+        norm = torch.nn.utils.clip_grad_norm_(params, grad_clip, foreach=True)
+        bad = ~(torch.isfinite(norm) & torch.isfinite(loss))
+        opt.found_inf = bad.float()  # fused AdamW skips the whole update (and its step count) on the device
+        for group in opt.param_groups:
+            group["lr"] = lr
+        opt.step()
+    return loss, bad
+
+
 @torch.no_grad()
 def evaluate(model, loader: PackedLoader, step_fn, info, float_dtype) -> dict:
     """Held-out per-step accuracy and simulated acceptance length (all ranks; sums all-reduced)."""
@@ -256,23 +282,8 @@ def train(**s) -> dict:
             with nvtx.annotate("data"):
                 normalizer = all_reduce_sum(sum(c for _, c in micro).to(info.device), info)
                 batches = [to_device(b, info.device, float_dtype) for b, _ in micro]
-            opt.zero_grad(set_to_none=False)
-            loss = torch.zeros((), device=info.device)
-            for batch in batches:
-                with nvtx.annotate("forward"):
-                    micro_loss, m = step_fn(model, batch, normalizer)
-                with nvtx.annotate("backward"):
-                    micro_loss.backward()
-                loss += micro_loss.detach()
-                metrics.add_micro(m)
-            with nvtx.annotate("optimizer"):
-                loss = sync(loss)
-                norm = torch.nn.utils.clip_grad_norm_(params, s["grad_clip"], foreach=True)
-                bad = ~(torch.isfinite(norm) & torch.isfinite(loss))
-                opt.found_inf = bad.float()  # fused AdamW skips the whole update (and its step count) on device
-                for group in opt.param_groups:
-                    group["lr"] = schedule(step)
-                opt.step()
+            loss, bad = optimizer_step(model, opt, params, step_fn, batches, normalizer, sync, s["grad_clip"],
+                                       schedule(step), on_micro=metrics.add_micro)
             metrics.add_step(loss, bad, positions_per_step)
             step += 1
             bar.update(1)

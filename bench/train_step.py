@@ -1,0 +1,171 @@
+"""Benchmark: milliseconds per optimizer step of `eagle-pipe train`'s own step (stages.train.optimizer_step:
+compiled TTT forward + loss + metrics, backward, clip, fused AdamW) on synthetic packed batches of a given shape.
+
+    python bench/train_step.py --hidden 256 --heads 8 --kv-heads 4 --intermediate 688 --vocab 8192 \
+        --draft-vocab 4096 --seq-len 512 --batch 4 --ttt-steps 3 [--no-compile] [--steps 10] \
+        [--modelopt-python bench/.modelopt-venv/bin/python]
+
+Prints one JSON object: median ms per step (the compile and warm-up steps excluded), tokens/s, and on CUDA the
+model FLOP rate and its fraction of the bf16 peak. With --modelopt-python, runs bench/modelopt_step.py (same
+shape flags) in that interpreter in the same run and adds its median and the ratio.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from eagle.config import DraftConfig  # noqa: E402
+from eagle.model import Eagle3Draft  # noqa: E402
+from eagle.vocab import build_vocab_map  # noqa: E402
+from stages.train import make_step_fn, optimizer_step  # noqa: E402
+from stages.train_setup import DistInfo, GradSync, make_optimizer  # noqa: E402
+
+SHAPE_FLAGS = ("hidden", "heads", "kv_heads", "intermediate", "vocab", "draft_vocab", "seq_len", "batch",
+               "ttt_steps")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--hidden", type=int, default=256)
+    p.add_argument("--heads", type=int, default=8)
+    p.add_argument("--kv-heads", type=int, default=4)
+    p.add_argument("--intermediate", type=int, default=688)
+    p.add_argument("--vocab", type=int, default=8192)
+    p.add_argument("--draft-vocab", type=int, default=4096)
+    p.add_argument("--seq-len", type=int, default=512)
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--ttt-steps", type=int, default=3)
+    p.add_argument("--top-k", type=int, default=64, help="teacher top-k stored per position")
+    p.add_argument("--steps", type=int, default=10, help="timed optimizer steps")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps first (the compile happens here)")
+    p.add_argument("--no-compile", action="store_true")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--attention", default="auto", choices=["auto", "dense", "flex"])
+    p.add_argument("--peak-tflops", type=float, default=989.0, help="bf16 dense peak for the MFU figure (H100 SXM)")
+    p.add_argument("--modelopt-python", default=None, help="interpreter of the Model-Optimizer benchmark venv")
+    p.add_argument("--seed", type=int, default=0)
+    return p.parse_args(argv)
+
+
+def synthetic_batch(a, device: torch.device, aux_dtype: torch.dtype) -> dict:
+    """Packed rows of documents of random lengths (positions restart per document), a top-k teacher."""
+    g = torch.Generator().manual_seed(a.seed)
+    B, T = a.batch, a.seq_len
+    pos, doc = torch.zeros(B, T, dtype=torch.int64), torch.zeros(B, T, dtype=torch.int64)
+    for b in range(B):
+        o, d = 0, 0
+        while o < T:
+            n = min(int(torch.randint(T // 8, T // 2 + 1, (1,), generator=g)), T - o)
+            pos[b, o:o + n], doc[b, o:o + n] = torch.arange(n), d
+            o, d = o + n, d + 1
+    logits = torch.randn(B, T, a.top_k, generator=g)
+    top = torch.log_softmax(logits, -1).sort(-1, descending=True)
+    batch = {
+        "aux_hidden_states": torch.randn(B, T, 3 * a.hidden, generator=g).to(aux_dtype),
+        "input_ids": torch.randint(0, a.vocab, (B, T), generator=g),
+        "position_ids": pos, "document_ids": doc,
+        "loss_mask": torch.rand(B, T, generator=g) < 0.8,
+        "teacher_topk_ids": torch.randint(0, a.vocab, (B, T, a.top_k), generator=g),
+        "teacher_topk_logprobs": top.values - 2.0,
+    }
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+def model_flops_per_step(a) -> float:
+    """Matmul FLOPs of one optimizer step (forward x3 for forward + backward; the frozen embedding excluded)."""
+    H, hd = a.hidden, a.hidden // a.heads
+    per_token = (2 * H * a.heads * hd + 2 * 2 * H * a.kv_heads * hd + a.heads * hd * H  # q, k, v, o
+                 + 3 * H * a.intermediate + H * a.draft_vocab)                          # mlp, lm_head
+    attn = 2 * a.heads * hd * (a.seq_len / 2 + a.ttt_steps)  # QK^T and PV over ~T/2 causal keys, per token
+    tokens = a.batch * a.seq_len
+    fwd = 2 * tokens * (a.ttt_steps * (per_token + attn) + 3 * H * H)  # + fc once
+    return 3.0 * fwd
+
+
+def run_ours(a) -> dict:
+    device = torch.device(a.device)
+    torch.manual_seed(a.seed)
+    target = {"hidden_size": a.hidden, "num_attention_heads": a.heads, "num_key_value_heads": a.kv_heads,
+              "intermediate_size": a.intermediate, "num_hidden_layers": 16, "vocab_size": a.vocab,
+              "rms_norm_eps": 1e-5, "rope_theta": 500000.0, "max_position_embeddings": 131072}
+    cfg = DraftConfig.from_target_config(target, draft_vocab_size=a.draft_vocab, ttt_steps=a.ttt_steps)
+    model = Eagle3Draft(cfg)
+    d2t, t2d = build_vocab_map(torch.randint(0, 1000, (a.vocab,)), a.draft_vocab)
+    model.init_from_target({"embed_tokens.weight": torch.randn(a.vocab, a.hidden) * 0.02,
+                            "lm_head.weight": torch.randn(a.vocab, a.hidden) * 0.02}, d2t, t2d)
+    model.to(device).train()
+    opt, params, _ = make_optimizer(model, 1e-4, 0.0, device)
+    step_fn = make_step_fn(a.ttt_steps, "topk", 0.8, a.attention, device, not a.no_compile)
+    aux_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    batch = synthetic_batch(a, device, aux_dtype)
+    valid = batch["loss_mask"] & (batch["position_ids"] >= 0)
+    normalizer = torch.stack([(valid & (batch["position_ids"] >= j)).sum() for j in range(a.ttt_steps)]).float()
+    sync = GradSync(params, DistInfo(device=device))
+
+    def one() -> float:
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        loss, bad = optimizer_step(model, opt, params, step_fn, [batch], normalizer, sync, 1.0, 1e-4)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        else:
+            loss.item()
+        return time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    first = one()
+    for _ in range(a.warmup - 1):
+        one()
+    warm_s = time.perf_counter() - t0
+    times = [one() for _ in range(a.steps)]
+    med = statistics.median(times)
+    out = {"impl": "eagle-pipe", "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+           "compile": not a.no_compile, "shapes": {k: getattr(a, k) for k in SHAPE_FLAGS},
+           "median_ms": med * 1e3, "min_ms": min(times) * 1e3, "max_ms": max(times) * 1e3,
+           "tokens_per_s": a.batch * a.seq_len / med, "first_step_s": first, "warmup_s": warm_s,
+           "steps_timed": a.steps, "torch_threads": torch.get_num_threads(), "finite": bool(torch.isfinite(
+               torch.stack([p.detach().float().abs().max() for p in params])).all())}
+    if device.type == "cuda":
+        tflops = model_flops_per_step(a) / med / 1e12
+        out |= {"model_tflops": tflops, "mfu": tflops / a.peak_tflops, "peak_tflops": a.peak_tflops,
+                "max_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30}
+    return out
+
+
+def run_modelopt(a) -> dict:
+    script = Path(__file__).with_name("modelopt_step.py")
+    flags = []
+    for k in SHAPE_FLAGS:
+        flags += [f"--{k.replace('_', '-')}", str(getattr(a, k))]
+    flags += ["--steps", str(a.steps), "--warmup", str(a.warmup), "--json", "--device", a.device,
+              "--threads", str(torch.get_num_threads())]
+    flags += (["--no-compile"] if a.no_compile else []) + (["--bf16-autocast"] if a.device.startswith("cuda") else [])
+    res = subprocess.run([a.modelopt_python, str(script), *flags], capture_output=True, text=True)
+    if res.returncode != 0:
+        return {"error": (res.stderr or res.stdout)[-2000:]}
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def main(argv=None):
+    a = parse_args(argv)
+    result = run_ours(a)
+    if a.modelopt_python:
+        mo = run_modelopt(a)
+        result["modelopt"] = mo
+        if "median_ms" in mo:
+            result["speedup_vs_modelopt"] = mo["median_ms"] / result["median_ms"]
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
