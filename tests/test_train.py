@@ -227,3 +227,20 @@ def test_dumps_of_different_targets_are_refused_together(dump, tmp_path_factory,
                    expect_ok=False)
     assert result.exit_code == 2 and str(other / "manifest.json") in result.output
     assert "config_sha256" in result.output
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_compiled_bf16_training_on_cuda_matches_eager_and_learns(dump, tmp_path):
+    """The GPU path: bf16 autocast, FlexAttention, torch.compile(fullgraph=True), pinned prefetch, fused AdamW."""
+    args = [a for a in BASE if a != "--no-compile"] + ["--teacher-dir", str(dump), "--device", "cuda",
+                                                        "--max-steps", "16", "--lr", "3e-3", "--log-every", "1",
+                                                        "--eval-every", "8"]
+    train([*args, "--out", str(tmp_path / "compiled"), "--compile"])
+    train([*args, "--out", str(tmp_path / "eager"), "--no-compile"])
+    compiled = [r for r in records(tmp_path / "compiled") if "loss" in r]
+    eager = [r for r in records(tmp_path / "eager") if "loss" in r]
+    assert compiled[0]["loss"] == pytest.approx(eager[0]["loss"], rel=2e-2)
+    assert compiled[-1]["loss"] < 0.9 * compiled[0]["loss"]
+    summary = json.loads((tmp_path / "compiled" / "train_summary.json").read_text())
+    assert summary["final_eval"]["eval_acc"][0] > 10.0 / VD and summary["final_metrics"]["skipped_steps"] == 0

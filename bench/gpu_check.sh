@@ -1,0 +1,72 @@
+#!/usr/bin/env bash
+# One script for a lent GPU (budget: ~8 minutes): the CUDA-only tests (flex attention, bf16, compile, CUDA
+# training), then the training benchmarks at Llama-3.2-1B shapes, then a table.
+#
+#   bash bench/gpu_check.sh                 # PYTHON=... to pick the interpreter, OUT=... for the JSON files
+#   MODELOPT_PYTHON=.venv-modelopt/bin/python bash bench/gpu_check.sh   # adds the Model-Optimizer ratio
+set -uo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python}
+OUT=${OUT:-/tmp/eagle-gpu-check}
+mkdir -p "$OUT"
+MO=${MODELOPT_PYTHON:-}
+if [[ -z "$MO" && -x .venv-modelopt/bin/python ]]; then MO=.venv-modelopt/bin/python; fi
+
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
+
+echo "== CUDA tests (pytest -m cuda)"
+timeout 200 "$PY" -m pytest -q -m cuda tests -p no:cacheprovider 2>&1 | tail -n 25 | tee "$OUT/tests.txt"
+tests_rc=${PIPESTATUS[0]}
+
+# Llama-3.2-1B shapes: hidden 2048, 32 heads, 8 kv heads, intermediate 8192, vocab 128256, draft vocab 32000
+SHAPES=(--hidden 2048 --heads 32 --kv-heads 8 --intermediate 8192 --vocab 128256 --draft-vocab 32000
+        --seq-len 2048 --batch 16 --ttt-steps 3)
+echo "== train step, compiled"
+mo_flag=()
+if [[ -n "$MO" ]]; then mo_flag=(--modelopt-python "$MO"); fi
+timeout 240 "$PY" bench/train_step.py "${SHAPES[@]}" --steps 10 "${mo_flag[@]}" > "$OUT/train_compiled.json" \
+    2> "$OUT/train_compiled.err" || tail -n 20 "$OUT/train_compiled.err"
+echo "== train step, eager"
+timeout 90 "$PY" bench/train_step.py "${SHAPES[@]}" --steps 5 --no-compile > "$OUT/train_eager.json" \
+    2> "$OUT/train_eager.err" || tail -n 20 "$OUT/train_eager.err"
+trainer_rate=$("$PY" -c "import json,sys; print(json.load(open(sys.argv[1]))['tokens_per_s'])" \
+    "$OUT/train_compiled.json" 2>/dev/null || echo 0)
+echo "== loader, cold synthetic shards at hidden 2048"
+rate_flag=()
+if [[ "$trainer_rate" != "0" ]]; then rate_flag=(--trainer-tokens-per-s "$trainer_rate"); fi
+timeout 60 "$PY" bench/loader.py --synthetic-tokens 400000 --hidden 2048 --num-workers 4 "${rate_flag[@]}" \
+    > "$OUT/loader.json" 2> "$OUT/loader.err" || tail -n 20 "$OUT/loader.err"
+
+"$PY" - "$OUT" "$tests_rc" <<'PY'
+import json, sys
+from pathlib import Path
+out, tests_rc = Path(sys.argv[1]), sys.argv[2]
+def load(name):
+    try:
+        return json.loads((out / name).read_text().strip().splitlines()[-1])
+    except Exception as e:  # noqa: BLE001
+        return {"error": f"{name}: {e}"}
+c, e, l = load("train_compiled.json"), load("train_eager.json"), load("loader.json")
+mo = c.get("modelopt", {})
+rows = [
+    ("GPU", (out / "gpu.txt").read_text().strip()),
+    ("CUDA tests (pytest -m cuda)", "passed" if tests_rc == "0" else f"FAILED (rc {tests_rc}), see tests.txt"),
+    ("train step compiled, ms", f"{c.get('median_ms', float('nan')):.1f}"),
+    ("train step eager, ms", f"{e.get('median_ms', float('nan')):.1f}"),
+    ("compile speedup", f"{e.get('median_ms', float('nan')) / c.get('median_ms', float('nan')):.2f}x"),
+    ("tokens/s compiled", f"{c.get('tokens_per_s', 0):,.0f}"),
+    ("model TFLOP/s, MFU", f"{c.get('model_tflops', float('nan')):.0f}, {100 * c.get('mfu', float('nan')):.1f}% "
+                           f"of {c.get('peak_tflops', 'n/a')}"),
+    ("peak GPU memory GiB", f"{c.get('max_memory_gib', float('nan')):.1f}"),
+    ("Model-Optimizer compiled, ms", f"{mo.get('median_ms', float('nan')):.1f}" if mo else "not run"),
+    ("speedup vs Model-Optimizer", f"{c['speedup_vs_modelopt']:.2f}x" if "speedup_vs_modelopt" in c else "n/a"),
+    ("loader tokens/s (cold)", f"{l.get('tokens_per_s', 0):,.0f}"),
+    ("loader / trainer", f"{l.get('ratio_vs_trainer', float('nan')):.1f}x"),
+]
+width = max(len(k) for k, _ in rows)
+for k, v in rows:
+    print(f"{k:<{width}}  {v}")
+for d in (c, e, l):
+    if "error" in d:
+        print(d["error"])
+PY
