@@ -193,14 +193,14 @@ def train(**s) -> dict:
     eval_dir = Path(s["eval_teacher_dir"]) if s["eval_teacher_dir"] else None
     ckpt_root = run / "checkpoints"
     latest = ckpt.latest_checkpoint(ckpt_root)
-    if info.is_main and not s["resume"] and (latest is not None or (run / "train_summary.json").exists()):
-        raise StageError(f"{run}: holds a training run already; pass --resume to continue it or choose a new --out")
-
-    # 1. refuse a bad dump before anything else (rank 0 checksums; the others wait)
+    # 1. refuse a used run dir or a bad dump before anything else (rank 0 checksums; the others wait)
     ok, error = True, None
     if info.is_main:
         try:
-            manifest = check_dumps(teacher_dir, eval_dir)
+            if not s["resume"] and (latest is not None or (run / "train_summary.json").exists()):
+                raise StageError(f"{run}: holds a training run already; pass --resume to continue it or choose "
+                                 "a new --out")
+            check_dumps(teacher_dir, eval_dir)
         except StageError as e:
             ok, error = False, e
     if not broadcast_ok(info, ok):
