@@ -198,7 +198,9 @@ def evaluate(target: str, draft: str, data, *, num_prompts=32, max_new_tokens=12
     drafter = load_draft_for(model, draft, device)
     prompts, skipped = load_prompts(data, tokenizer, num_prompts)
     if not prompts:
-        raise StageError(f"{', '.join(map(str, data))}: no record with a user turn to use as a prompt")
+        why = ", ".join(f"{reason} {n}" for reason, n in sorted(skipped.items())) or "no records"
+        raise StageError(f"{', '.join(map(str, data))}: no record with a user turn to use as a prompt "
+                         f"(skipped: {why})")
     eos_ids = eos_token_ids(model, tokenizer)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_ids[0]
     simulated = simulated_acceptance_from_run(run_dir, draft_tokens) if run_dir else None

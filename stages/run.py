@@ -11,7 +11,8 @@ A stage is skipped when its outputs are complete and were made with the same set
   train         RUN/train_summary.json (written last) holds the same `settings`, and RUN/export/ exists;
   export        (only with an `export` section) its output has config.json + model.safetensors and train was
                 skipped. eval always runs: it is the measurement.
-`--force` runs every stage anyway (each stage's own resume logic still applies).
+A train run killed half-way (checkpoints but no train_summary.json) is resumed. `--force` runs every stage
+anyway (each stage's own checks still apply: train refuses a RUN that holds a finished run).
 """
 from __future__ import annotations
 
@@ -158,38 +159,35 @@ def dump_summary_from_disk(out: str) -> dict:
 
 
 def train_is_complete(options: dict) -> tuple[bool, str]:
-    run = Path(options["out"]) if options.get("out") else None
-    if run is None:
-        return False, "no --out"
+    """(RUN/train_summary.json records the same settings and RUN/export/ exists, why not)."""
+    run = Path(options["out"])
     summary_path = run / "train_summary.json"
     if not summary_path.is_file():
         return False, f"{summary_path} does not exist"
     if not (run / "export" / "config.json").is_file():
         return False, f"{run / 'export'} is missing"
     try:
-        summary = jsonlib.loads(summary_path.read_text())
-    except ValueError as e:
-        return False, f"{summary_path}: {e}"
-    recorded = summary.get("settings")
+        recorded = jsonlib.loads(summary_path.read_text()).get("settings")
+    except (ValueError, AttributeError) as e:
+        return False, f"{summary_path}: unreadable ({e})"
     if not isinstance(recorded, dict):
         return False, f"{summary_path} holds no settings"
-    wanted = {k: _jsonable(v) for k, v in options.items() if k in recorded}
-    changed = sorted(k for k in recorded if k in wanted and _same(recorded[k], wanted[k]) is False)
-    if changed or set(recorded) - set(wanted) - IGNORED_TRAIN_SETTINGS:
-        return False, f"settings changed ({', '.join(changed) or 'different options'})"
+    changed = sorted(k for k, v in options.items()
+                     if k not in TRAIN_SETTINGS_IGNORED and not _same(recorded.get(k), _jsonable(v)))
+    if changed:
+        return False, f"settings changed: {', '.join(changed)}"
     return True, "complete"
 
 
-# settings a train run records that are not options (derived values), and options that do not change the output
-IGNORED_TRAIN_SETTINGS = {"resume"}
+# train options that do not change the trained draft
+TRAIN_SETTINGS_IGNORED = {"resume", "num_workers", "log_every", "keep_checkpoints"}
 
 
 def _same(recorded, wanted) -> bool:
-    if recorded == wanted:
+    if _jsonable(recorded) == wanted:
         return True
-    for a, b in ((recorded, wanted), (wanted, recorded)):  # paths are recorded resolved
-        if isinstance(a, str) and isinstance(b, str) and Path(a).expanduser().resolve() == Path(b).expanduser().resolve():
-            return True
+    if isinstance(recorded, str) and isinstance(wanted, str):  # the same path written two ways
+        return Path(recorded).expanduser().resolve() == Path(wanted).expanduser().resolve()
     return False
 
 
@@ -202,7 +200,9 @@ def export_is_complete(options: dict) -> bool:
 def run_pipeline(ctx: click.Context, path: str, force: bool = False) -> dict:
     """Run (or skip) every stage; returns the one pipeline summary."""
     sections = load_sections(path)
-    options = {name: resolve_options(path, name, values) for name, values in sections.items()}
+    # resolved up front so a missing or bad option fails before hours of work; export's checkpoint
+    # argument must exist, so it is resolved when its turn comes
+    options = {name: resolve_options(path, name, values) for name, values in sections.items() if name != "export"}
     started = time.perf_counter()
     status, results = {}, {}
 
@@ -217,10 +217,15 @@ def run_pipeline(ctx: click.Context, path: str, force: bool = False) -> dict:
         status[name] = f"ran in {time.perf_counter() - t0:.1f} s"
 
     stage("dump-teacher", *dump_is_complete(options["dump-teacher"]))
-    stage("train", *train_is_complete(options["train"]))
-    if "export" in options:
+    done, why = train_is_complete(options["train"])
+    if not done and not force and has_partial_run(options["train"]["out"]):
+        options["train"]["resume"] = True  # a pipeline killed during training continues where it stopped
+        why += "; resuming the interrupted run"
+    stage("train", done, why)
+    if "export" in sections:
+        options["export"] = resolve_options(path, "export", sections["export"])
         fresh = status["train"] == "skipped" and export_is_complete(options["export"])
-        stage("export", fresh, "complete" if fresh else "train ran or output missing")
+        stage("export", fresh, "complete" if fresh else "train ran or the output is missing")
     stage("eval", False, "always measured")
 
     dump = dump_summary_from_disk(options["dump-teacher"]["out"])
@@ -230,7 +235,7 @@ def run_pipeline(ctx: click.Context, path: str, force: bool = False) -> dict:
         "data": [str(d) for d in options["dump-teacher"]["data"]],
         "sequences": dump["sequences"], "tokens": dump["tokens"], "supervised_tokens": dump["supervised_tokens"],
         "teacher_dir": dump["out"], "teacher_bytes": dump["bytes"], "teacher_bytes_per_token": dump["bytes_per_token"],
-        "training_seconds": _training_seconds(train),
+        "training_seconds": _training_seconds(train), "training_steps": train.get("steps"),
         "draft": options["eval"]["draft"], "run_dir": options["train"]["out"],
         "acceptance_length": ev["acceptance_length"], "per_position_acceptance": ev["per_position_acceptance"],
         "simulated_acceptance_length": ev["simulated_acceptance_length"], "draft_tokens": ev["draft_tokens"],
@@ -240,8 +245,16 @@ def run_pipeline(ctx: click.Context, path: str, force: bool = False) -> dict:
     }
 
 
+def has_partial_run(run_dir: str) -> bool:
+    """A train run directory with a complete checkpoint but no train_summary.json (interrupted)."""
+    from stages.checkpoint import latest_checkpoint
+
+    run = Path(run_dir)
+    return not (run / "train_summary.json").exists() and latest_checkpoint(run / "checkpoints") is not None
+
+
 def _training_seconds(train_summary: dict):
-    for key in ("training_seconds", "train_seconds", "seconds", "elapsed_s", "wall_seconds"):
+    for key in ("wall_time_s", "training_seconds", "seconds"):
         if isinstance(train_summary.get(key), (int, float)):
             return float(train_summary[key])
     return None
