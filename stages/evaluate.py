@@ -150,7 +150,7 @@ def _find_step_accuracies(obj) -> list[float] | None:
     """Per-step accuracies in a metrics dict: held-out ones first, then training ones."""
     if not isinstance(obj, dict):
         return None
-    for section in ("heldout", "eval", "final_eval", "final", "metrics", "train"):
+    for section in ("final_eval", "heldout", "eval", "final_metrics", "final", "metrics", "train"):
         found = _find_step_accuracies(obj.get(section)) if isinstance(obj.get(section), dict) else None
         if found:
             return found

@@ -32,6 +32,15 @@ EXPECTED_PROMPT_TURNS = [
 ]
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models on a shared 2-core machine: one intra-op thread avoids OpenMP spin-waits (10x faster)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def write_jsonl(path: Path, records) -> Path:
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
     return path
@@ -230,3 +239,59 @@ def test_table_output_and_bad_inputs(tiny_llama, random_draft, prompts_file, tmp
     no_prompts = write_jsonl(tmp_path / "text.jsonl", [{"text": "no user turn here"}])
     code, output, _ = run_eval("--target", tiny_llama, "--draft", random_draft, "--data", no_prompts)
     assert code == 2 and "no record with a user turn" in output
+
+
+# ----------------------------------------------------------------------------------------------- trained draft
+@pytest.fixture(scope="module")
+def trained_draft(tiny_llama, target, tmp_path_factory):
+    """A real Eagle3Draft trained by the train stage on a dump of the target's own greedy generations.
+
+    The records are pre-tokenized (prompt + greedy continuation, loss on the continuation), so the dump holds
+    exactly the trajectories the target produces. The draft is then evaluated on those same prompts: this
+    tests that `eval` measures a good draft as good (in-sample), not how well a draft generalises.
+    """
+    from conftest import corpus_text
+
+    model, tokenizer = target
+    root = tmp_path_factory.mktemp("trained_draft")
+    words = " ".join(corpus_text(20_000)).split()
+    prompts, records = [], []
+    for i in range(32):
+        turns = [{"role": "user", "content": " ".join(words[7 * i: 7 * i + 6])}]
+        prompts.append({"messages": turns})
+        ids = tokenizer.apply_chat_template(turns, add_generation_prompt=True, tokenize=True,
+                                            return_dict=True)["input_ids"]
+        with torch.no_grad():
+            out = model.generate(torch.tensor([ids]), max_new_tokens=32, do_sample=False,
+                                 pad_token_id=tokenizer.pad_token_id)[0].tolist()
+        records.append({"input_ids": out, "loss_mask": [0] * len(ids) + [1] * (len(out) - len(ids))})
+    write_jsonl(root / "train.jsonl", records)
+    write_jsonl(root / "prompts.jsonl", prompts)
+    runner = CliRunner()
+    result = runner.invoke(main, ["dump-teacher", "--target", str(tiny_llama), "--data", str(root / "train.jsonl"),
+                                  "--out", str(root / "dump"), "--top-k", "8", "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    result = runner.invoke(main, ["train", "--teacher-dir", str(root / "dump"), "--out", str(root / "run"),
+                                  "--seq-len", "256", "--batch-size", "4", "--max-steps", "400", "--lr", "2e-2",
+                                  "--warmup-steps", "10", "--ttt-steps", "3", "--eval-fraction", "0",
+                                  "--eval-every", "0", "--save-every", "0", "--num-workers", "1", "--no-compile",
+                                  "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    return root / "run", root / "prompts.jsonl"
+
+
+def test_trained_draft_accepts_well_above_one_and_is_lossless(tiny_llama, trained_draft, random_draft):
+    run, prompts = trained_draft
+    common = ["--target", tiny_llama, "--data", prompts, "--num-prompts", 6, "--max-new-tokens", 32, "--json"]
+    code, output, trained = run_eval("--draft", run / "export", "--run-dir", run, *common)
+    assert code == 0, output
+    code, output, random = run_eval("--draft", random_draft, *common)
+    assert code == 0, output
+    assert trained["lossless"] and random["lossless"]
+    assert trained["acceptance_length"] > 1.6 > 1.15 > random["acceptance_length"]
+    assert trained["per_position_acceptance"][0] > 0.4
+    # the training-time estimate is read from RUN and recomputed from its per-step accuracies
+    summary = json.loads((run / "train_summary.json").read_text())
+    acc = summary["final_metrics"]["acc"]
+    assert trained["simulated_acceptance_length"] == pytest.approx(1 + acc[0] + acc[0] * acc[1]
+                                                                   + acc[0] * acc[1] * acc[2])
