@@ -100,7 +100,8 @@ def main(argv=None):
     vocab = int(index.manifest["target"]["vocab_size"])
     t2d = torch.ones(vocab, dtype=torch.bool)
     loader = PackedLoader(index, np.arange(index.num_documents), seq_len=a.seq_len, batch_size=a.batch,
-                          steps=a.ttt_steps, t2d=t2d, num_workers=a.num_workers, pin=torch.cuda.is_available())
+                          steps=a.ttt_steps, t2d=t2d, num_workers=a.num_workers, pin=torch.cuda.is_available(),
+                          reuse_buffers=True)
     plan_s = time.perf_counter() - t0
     if not a.warm:
         evict(index.parts)

@@ -221,7 +221,7 @@ def train(**s) -> dict:
     common = dict(seq_len=s["seq_len"], batch_size=s["batch_size"], steps=steps, t2d=model.t2d.cpu(),
                   rank=info.rank, world_size=info.world_size, seed=s["seed"], long_sequences=s["long_sequences"],
                   pin=info.device.type == "cuda", num_workers=s["num_workers"])
-    loader = PackedLoader(index, train_ids, grad_accum=s["grad_accum"], **common)
+    loader = PackedLoader(index, train_ids, grad_accum=s["grad_accum"], reuse_buffers=True, **common)
     eval_loader = PackedLoader(eval_index, eval_ids, shuffle=False, drop_last=False, **common) \
         if len(eval_ids) else None
     steps_per_epoch = loader.steps_per_epoch()

@@ -161,7 +161,7 @@ def test_held_out_split_is_by_document_and_stable(tmp_path):
 
 
 def test_worker_errors_reach_the_consumer():
-    def produce(key):
+    def produce(i, key):
         if key == 3:
             raise RuntimeError("bad part")
         return key
@@ -171,3 +171,16 @@ def test_worker_errors_reach_the_consumer():
         for key, value in _prefetched(list(range(6)), produce, 2, 1):
             got.append(value)
     assert got == [0, 1, 2]
+
+
+def test_reused_buffers_give_the_same_batches(tmp_path):
+    root = write_dump(tmp_path / "dump", make_documents(LENGTHS * 3, V), V)
+    _, fresh, _ = make_loader(root, drop_last=False)
+    _, pooled, _ = make_loader(root, drop_last=False, reuse_buffers=True, num_workers=2, grad_accum=2)
+    want = [{k: v.clone() for k, v in b.items()} for b, _ in all_batches(fresh)]
+    got = []
+    for step in pooled:  # a consumer that is done with a step before asking for the next, like the trainer
+        got += [{k: v.clone() for k, v in b.items()} for b, _ in step]
+    assert len(pooled._buffers) > 1 and len(got) >= len(want) - 1
+    for a, b in zip(got, want):
+        assert all(torch.equal(a[k], b[k]) for k in a)
