@@ -14,7 +14,9 @@ batch — micro-batch m of rank r of optimizer step s holds rows s*G + (m*W + r)
 so W ranks x A micro-batches of B rows see exactly the rows one process with B*W*A rows would.
 
 The held-out split is by document (a hash of the record's sample_index and the seed), so no document is split
-between training and evaluation. Batches are built in background threads (pinned memory when training on CUDA).
+between training and evaluation. Parts are memory-mapped (`MappedPart`: zero-copy views into the safetensors
+file, so a batch costs one copy that runs without the GIL); batches are built in background threads, into pinned
+memory when training on CUDA and into reused host buffers on CPU.
 """
 from __future__ import annotations
 
