@@ -3,7 +3,7 @@
 What it makes (all under `examples/demo/`, all committed):
 
 - `target/`: the demo *target model* — a byte-level BPE tokenizer (vocab 2048, ChatML-style chat template,
-  eos `<|im_end|>`) trained offline with `tokenizers`, and an 8-layer Llama (hidden 128, ~2.6M parameters,
+  eos `<|im_end|>`) trained offline with `tokenizers`, and an 8-layer Llama (hidden 128, 2.49M parameters,
   float32) trained for a few minutes on CPU to answer chat prompts about Python with passages of the Python
   reference. Saved with `save_pretrained`, so `AutoModelForCausalLM` / `AutoTokenizer` load it offline.
 - `data/train.jsonl`, `data/eval.jsonl`: OpenAI-style `{"messages": [...]}` records whose assistant turn is the
@@ -11,13 +11,18 @@ What it makes (all under `examples/demo/`, all committed):
   says). Eval prompts are held out twice over: they use prompt phrasings that never occur in train.jsonl, and
   ask about documentation sections whose text train.jsonl never asks about.
 
-The text is `pydoc_data.topics` (the `help()` pages that ship with CPython), split into its headed sections.
-The LM sees two kinds of conversation, with a phrasing drawn at random each time:
-  * title questions  — user: "Explain the "if" statement in Python."  assistant: the start of that section;
-  * continuations    — user: 'Continue this passage ...: "<first words of a paragraph>"'  assistant: the rest.
+The text is `pydoc_data.topics` (the `help()` pages that ship with CPython), split into its 165 headed
+sections. The LM learns the opening (~320 characters) of every section, from two kinds of conversation with a
+phrasing drawn at random each time:
+  * title questions  — user: 'Explain the "if" statement in Python.'  assistant: the heading, then the
+                       section's opening (the heading, copied from the prompt, cues the memorised text);
+  * continuations    — user: 'Continue this passage ...: "<eight words of a sentence>"'  assistant: the rest.
+So it is a small, low-entropy "expert" that answers with (mostly) the reference's own words, which is what a
+few CPU minutes can teach a 2.5M-parameter model; its greedy answers are coherent and on topic.
 
-Reproduce (about 10 minutes on 2 CPU cores; results are deterministic up to floating-point reduction order,
-and the text itself depends on the Python version's pydoc_data — this was made with CPython 3.11):
+Reproduce (about 15 minutes on a busy 2-core machine with one torch thread, which beats two there; results
+are deterministic up to floating-point reduction order, and the text depends on the Python version's
+pydoc_data — this was made with CPython 3.11.7):
 
     python examples/demo/make_demo.py                 # tokenizer + LM + data
     python examples/demo/make_demo.py --data-only     # regenerate data/ from the committed target/
@@ -76,8 +81,8 @@ EVAL_CONTINUE_PHRASINGS = [
     'What comes next in the docs after "{s}"?',
 ]
 
-MAX_ANSWER_CHARS = 400  # an LM training answer: the start of a section or paragraph, cut at a line end
-MAX_LM_TOKENS = 192     # LM training conversations are truncated to this many tokens
+ANSWER_CHARS = 320   # what the LM learns per section: its opening, cut at a line end (~90 tokens)
+MAX_LM_TOKENS = 192  # LM training conversations are truncated to this many tokens
 HEADING_UNDERLINE = re.compile(r"([*=\-~^])\1{2,}")
 
 
@@ -113,7 +118,7 @@ def readable_title(title: str) -> str:
     return title[0].lower() + title[1:] if title.startswith(("The ", "A ", "An ")) else title
 
 
-def cut(text: str, limit: int = MAX_ANSWER_CHARS) -> str:
+def cut(text: str, limit: int = ANSWER_CHARS) -> str:
     """The start of `text`, at most `limit` characters, cut at the last line end before the limit."""
     if len(text) <= limit:
         return text.strip()
@@ -121,19 +126,21 @@ def cut(text: str, limit: int = MAX_ANSWER_CHARS) -> str:
     return head[: head.rfind("\n")].strip() if "\n" in head else head.strip()
 
 
-def paragraphs(text: str, min_chars: int = 160) -> list[str]:
-    """Prose paragraphs (not grammar or code blocks) long enough to be continued."""
-    out = []
-    for para in re.split(r"\n\s*\n", text):
-        if len(para) >= min_chars and not para.startswith(" ") and "::=" not in para:
-            out.append(para.strip())
-    return out
+def titled(title: str, answer: str) -> str:
+    """A title question's answer: the section heading, then its opening (the heading cues the memorised text)."""
+    return f"{title}\n\n{answer}"
 
 
-def continuation_prompt(para: str, n_words: int = 8) -> tuple[str, str]:
-    """(first words, rest) of a paragraph, split at a word boundary."""
-    words = para.split(" ")
-    return " ".join(words[:n_words]), " ".join(words[n_words:])
+def sentence_starts(answer: str, min_rest: int = 80) -> list[int]:
+    """Offsets in `answer` (after its first sentence) where a sentence starts and enough text follows."""
+    starts = [m.end() for m in re.finditer(r"(?<=[.:])\s+(?=[A-Z\"(*])", answer)]
+    return [i for i in starts if len(answer) - i >= min_rest and len(answer[i:].split()) >= 16]
+
+
+def continuation(answer: str, start: int, n_words: int = 8) -> tuple[str, str]:
+    """(first words on one line, the rest as written) of `answer[start:]`."""
+    head = re.match(r"\s*(?:\S+\s+){%d}" % n_words, answer[start:])
+    return " ".join(head.group().split()), answer[start + head.end():]
 
 
 # ----------------------------------------------------------------------------------------------- the LM
@@ -162,12 +169,13 @@ def lm_conversations(sections, rng: random.Random) -> list[list[dict]]:
     continue_phrasings = TRAIN_CONTINUE_PHRASINGS + EVAL_CONTINUE_PHRASINGS
     convs = []
     for title, text in sections:
+        answer = cut(text)
         user = rng.choice(title_phrasings).format(t=readable_title(title))
-        convs.append([{"role": "user", "content": user}, {"role": "assistant", "content": cut(text)}])
-        for para in paragraphs(text):
-            start, rest = continuation_prompt(para)
-            user = rng.choice(continue_phrasings).format(s=start)
-            convs.append([{"role": "user", "content": user}, {"role": "assistant", "content": cut(rest)}])
+        convs.append([{"role": "user", "content": user}, {"role": "assistant", "content": titled(title, answer)}])
+        if starts := sentence_starts(answer):
+            words, rest = continuation(answer, rng.choice(starts))
+            user = rng.choice(continue_phrasings).format(s=words)
+            convs.append([{"role": "user", "content": user}, {"role": "assistant", "content": rest}])
     for conv in convs:
         if rng.random() < 0.3:
             conv.insert(0, {"role": "system", "content": SYSTEM_PROMPT})
@@ -243,15 +251,14 @@ def demo_prompts(sections, args) -> tuple[list[list[dict]], list[list[dict]]]:
         out = []
         for i in indices:
             title, text = sections[i]
-            out.append(rng.choice(title_phrasings).format(t=readable_title(title)))
-            for para in rng.sample(paragraphs(text), k=min(per_section, len(paragraphs(text)))):
-                out.append(rng.choice(continue_phrasings).format(s=continuation_prompt(para)[0]))
+            titles = rng.sample(title_phrasings, k=min(per_section, len(title_phrasings)))
+            out += [p.format(t=readable_title(title)) for p in titles]
+            starts = sentence_starts(cut(text))
+            for start in rng.sample(starts, k=min(per_section, len(starts))):
+                out.append(rng.choice(continue_phrasings).format(s=continuation(cut(text), start)[0]))
         return out
 
-    train = prompts_for(sorted(set(order) - held_out), TRAIN_TITLE_PHRASINGS, TRAIN_CONTINUE_PHRASINGS, 99)
-    # each train section once more under a second phrasing: the draft sees phrasing variety per topic
-    train += [rng.choice(TRAIN_TITLE_PHRASINGS).format(t=readable_title(sections[i][0]))
-              for i in sorted(set(order) - held_out)]
+    train = prompts_for(sorted(set(order) - held_out), TRAIN_TITLE_PHRASINGS, TRAIN_CONTINUE_PHRASINGS, 3)
     evals = prompts_for(sorted(held_out), EVAL_TITLE_PHRASINGS, EVAL_CONTINUE_PHRASINGS, 1)
     train = sorted(set(train))
     rng.shuffle(train)
@@ -311,12 +318,12 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=8)
     ap.add_argument("--hidden", type=int, default=128)
     ap.add_argument("--intermediate", type=int, default=512)
-    ap.add_argument("--steps", type=int, default=300)
-    ap.add_argument("--batch", type=int, default=12)
+    ap.add_argument("--steps", type=int, default=900)
+    ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--train-records", type=int, default=800)
     ap.add_argument("--eval-records", type=int, default=32)
-    ap.add_argument("--eval-sections", type=int, default=24, help="sections held out of train.jsonl")
+    ap.add_argument("--eval-sections", type=int, default=20, help="sections held out of train.jsonl")
     ap.add_argument("--max-new-tokens", type=int, default=128)
     args = ap.parse_args()
 
