@@ -25,7 +25,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from stages.errors import StageError
-from stages.shards import fsync_dir
+from stages.shards import fsync_path
 
 FORMAT = "eagle-pipe-checkpoint"
 FROZEN = ("embed_tokens.weight",)
@@ -36,18 +36,10 @@ def step_name(step: int) -> str:
     return f"step-{step:08d}"
 
 
-def _fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _write_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict | None = None) -> None:
     save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(path),
               metadata={"format": FORMAT, **(metadata or {})})
-    _fsync_file(path)
+    fsync_path(path)
 
 
 def _write_json(path: Path, obj) -> None:
@@ -131,13 +123,13 @@ def save_checkpoint(root: str | Path, name: str, *, model: torch.nn.Module, opti
         _write_json(tmp / "optimizer.json", opt_json)
         _write_tensors(tmp / "rng.safetensors", rng_state())
         _write_json(tmp / "meta.json", {"format": FORMAT, "name": name, **meta})
-        fsync_dir(tmp)
+        fsync_path(tmp)
         if final.exists():
             old = root / f".old-{name}-{os.getpid()}"
             shutil.rmtree(old, ignore_errors=True)
             os.replace(final, old)
         os.replace(tmp, final)
-        fsync_dir(root)
+        fsync_path(root)
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
         if old is not None and old.exists() and not final.exists():

@@ -287,11 +287,11 @@ def install_target_dir(staged: Path, final: Path) -> None:
     check already proved it identical)."""
     import os
 
-    from stages.shards import fsync_dir
+    from stages.shards import fsync_path
 
     try:
         os.rename(staged, final)
-        fsync_dir(final.parent)
+        fsync_path(final.parent)
     except OSError:
         if not (final / "weights.safetensors").is_file():
             raise

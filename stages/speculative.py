@@ -21,6 +21,7 @@ checks that `eagle-pipe eval` catches the difference against the target's own `g
 """
 from __future__ import annotations
 
+import inspect
 import time
 from dataclasses import dataclass, field
 
@@ -47,6 +48,10 @@ class TargetWithAux:
             if not 0 <= k < len(layers):
                 raise ValueError(f"aux layer id {k} is outside the target's {len(layers)} decoder layers")
         self._captured: dict[int, torch.Tensor] = {}
+        # transformers renamed `past_key_values` to `cache` (5.2x); passing the wrong name would silently run
+        # without a cache, so ask the model which one it takes
+        params = inspect.signature(model.forward).parameters
+        self._cache_kwarg = "cache" if "cache" in params else "past_key_values"
         self._hooks = [layers[k].register_forward_pre_hook(self._hook(k), with_kwargs=True)
                        for k in self.aux_layer_ids]
 
@@ -69,7 +74,8 @@ class TargetWithAux:
         self._captured.clear()
         self._capturing = True
         try:
-            out = self.model(input_ids=input_ids, cache=cache, use_cache=True, logits_to_keep=logits_to_keep)
+            out = self.model(input_ids=input_ids, use_cache=True, logits_to_keep=logits_to_keep,
+                             **{self._cache_kwarg: cache})
         finally:
             self._capturing = False
         aux = torch.cat([self._captured[k] for k in self.aux_layer_ids], dim=-1)  # (1, T, 3*H)
