@@ -19,7 +19,8 @@ from stages.errors import StageError
 
 DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16,
           "half": torch.float16, "float32": torch.float32, "fp32": torch.float32, "float": torch.float32}
-TEACHER_CHUNK_BYTES = 256 << 20  # float32 logits per teacher chunk
+TEACHER_CHUNK_BYTES = 256 << 20      # float32 logits per teacher chunk, at most
+TEACHER_CPU_CHUNK_BYTES = 16 << 20   # on CPU: about this much (see teacher_chunk_rows)
 CONFIG_VOLATILE_KEYS = ("_name_or_path", "transformers_version", "_commit_hash", "_attn_implementation",
                         "_attn_implementation_autoset", "dtype", "torch_dtype")
 
@@ -196,26 +197,45 @@ def forward_batch(target: Target, aux_ids: list[int], input_ids, attention_mask,
     return aux, final.flatten(0, 1).index_select(0, idx)
 
 
+def teacher_chunk_rows(target: Target, device: torch.device) -> int:
+    """Token rows per teacher chunk: at most TEACHER_CHUNK_BYTES of float32 logits. On CPU also about
+    TEACHER_CPU_CHUNK_BYTES, so a chunk stays cache-sized and below malloc's mmap threshold (a fresh 64 MiB
+    logits tensor per chunk costs page faults comparable to the top-k itself), but at least hidden/2 rows so
+    the lm_head weight is still reused across enough rows."""
+    V = target.vocab_size
+    rows = TEACHER_CHUNK_BYTES // (V * 4)
+    if device.type == "cpu":
+        rows = min(rows, max(TEACHER_CPU_CHUNK_BYTES // (V * 4), target.hidden_size // 2))
+    return max(1, rows)
+
+
 @torch.inference_mode()
 def teacher_outputs(target: Target, hidden: torch.Tensor, kind: str, k: int) -> dict[str, torch.Tensor]:
-    """Teacher tensors for [n, H] final hidden states, computed over token chunks of bounded float32 size."""
+    """Teacher tensors for [n, H] final hidden states, computed over token chunks of bounded float32 size.
+
+    topk: the k largest logits (sorted, column 0 the argmax) minus the row's logsumexp, i.e. log-probabilities
+    normalised over the full vocabulary without materialising log_softmax. The logsumexp reuses the top-k's
+    maximum and runs in place on the chunk (sub, exp, sum): one extra pass instead of logsumexp's temporaries.
+    """
     head, post = target.lm_head, logits_postprocess(target.config)
-    V = target.vocab_size
-    chunk = max(1, TEACHER_CHUNK_BYTES // (V * 4))
-    pieces: dict[str, list] = {}
     hidden = hidden.to(head.weight.device)
+    chunk = teacher_chunk_rows(target, hidden.device)
+    pieces: dict[str, list] = {}
     for start in range(0, hidden.shape[0], chunk):
-        logits = post(head(hidden[start:start + chunk]).float())  # (c, V) float32
+        logits = post(head(hidden[start:start + chunk]).float())  # (c, V) float32, a fresh tensor
         if kind == "topk":
-            lse = torch.logsumexp(logits, dim=-1, keepdim=True)
             vals, ids = torch.topk(logits, k, dim=-1, sorted=True)
+            top = vals[:, :1]
+            shift = torch.where(torch.isfinite(top), top, torch.zeros_like(top))  # all -inf rows: no nan
+            # logsumexp = shift + log(sum(exp(logits - shift))); logits is ours, so overwrite it
+            lse = logits.sub_(shift).exp_().sum(-1, keepdim=True).log_().add_(shift)
             pieces.setdefault("teacher_topk_ids", []).append(ids.to(torch.int32))
-            pieces.setdefault("teacher_topk_logprobs", []).append(vals - lse)
+            pieces.setdefault("teacher_topk_logprobs", []).append(vals.sub_(lse))
         elif kind == "argmax":
             pieces.setdefault("teacher_argmax", []).append(logits.argmax(-1).to(torch.int32))
         else:
             pieces.setdefault("teacher_probs", []).append(torch.softmax(logits, -1).to(target.dtype))
-    return {name: torch.cat(parts) for name, parts in pieces.items()}
+    return {name: parts[0] if len(parts) == 1 else torch.cat(parts) for name, parts in pieces.items()}
 
 
 @torch.inference_mode()
