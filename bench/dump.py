@@ -5,6 +5,11 @@ Builds a random Llama of the requested size in a temp dir (WordLevel tokenizer, 
 runs the real `dump_teacher` on it, then times `model(input_ids, attention_mask).logits` (what any consumer of the
 target would run) on exactly the batches the dump planned. Prints one JSON object. Goal: overhead <= 1.15.
 
+Both sides are timed warm: the dump's rate (its own timer: from the first batch to the last part on disk, so
+including the writer's sha256/fsync, excluding model load, tokenization and the one-off self-check probe) is the
+best of `--dump-runs` full dumps into fresh directories; the bare forward is the best of 2 passes after a
+one-sequence warm-up.
+
     python bench/dump.py                       # CPU defaults, well under 2 minutes
     python bench/dump.py --device cuda --dtype bfloat16 --hidden 2048 --layers 16 --vocab 128256 \
         --records 512 --batch-tokens 16384
@@ -100,6 +105,9 @@ def main() -> None:
     p.add_argument("--teacher", default="topk", choices=["topk", "argmax", "softmax"])
     p.add_argument("--dtype", default=None)
     p.add_argument("--device", default=None)
+    p.add_argument("--dump-runs", type=int, default=2,
+                   help="Full dumps to run (fresh OUT each); the fastest is reported, as the bare forward's best "
+                        "pass is (default 2: both sides get one warm-up-like first pass).")
     p.add_argument("--keep", help="Directory to build in and keep (default: a temp dir, removed).")
     a = p.parse_args()
 
@@ -113,13 +121,18 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(a.keep or tmp)
         root.mkdir(parents=True, exist_ok=True)
-        model_dir, data, out = root / "target", root / "records.jsonl", root / "dump"
+        model_dir, data = root / "target", root / "records.jsonl"
         build_target(model_dir, a)
         write_records(data, a)
-        summary = dump_teacher(target=str(model_dir), data=[str(data)], out=str(out), dtype=a.dtype,
-                               device=device, aux_layers=f"1,{a.layers // 2},{a.layers - 1}", teacher=a.teacher,
-                               top_k=a.top_k, batch_tokens=a.batch_tokens, part_tokens=a.part_tokens,
-                               max_seq_len=a.max_len, loss_on="all", overwrite=True)
+        summaries = []
+        for run in range(a.dump_runs):  # fresh OUT each time: every run computes every part
+            summaries.append(dump_teacher(
+                target=str(model_dir), data=[str(data)], out=str(root / f"dump{run}"), dtype=a.dtype,
+                device=device, aux_layers=f"1,{a.layers // 2},{a.layers - 1}", teacher=a.teacher, top_k=a.top_k,
+                batch_tokens=a.batch_tokens, part_tokens=a.part_tokens, max_seq_len=a.max_len, loss_on="all",
+                overwrite=True))
+        summary = max(summaries, key=lambda s: s["tokens_per_s"])
+        out = root / f"dump{summaries.index(summary)}"
         bare_s, decoder_s, tokens = bare_forward_seconds(model_dir, out, a, dtype, device)
     assert tokens == summary["tokens"]
     dtype_bytes = torch.empty((), dtype=dtype).element_size()
@@ -131,6 +144,7 @@ def main() -> None:
         "teacher": a.teacher, "top_k": a.top_k, "records": a.records, "tokens": tokens,
         "padding_fraction": round(summary["padding_fraction"], 4),
         "dump_tokens_per_s": round(summary["tokens_per_s"], 1),
+        "dump_tokens_per_s_runs": [round(s["tokens_per_s"], 1) for s in summaries],
         "bare_forward_tokens_per_s": round(tokens / bare_s, 1),
         "overhead_ratio": round(tokens / bare_s / summary["tokens_per_s"], 3),
         "overhead_goal": 1.15,
