@@ -118,6 +118,18 @@ def build_model(out_dir: Path, arch: str, tokenizer, chat_template: str | None =
     return out_dir
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny tensors gain nothing from threads, and OpenMP spin-waiting on a busy 2-core box makes them several
+    times slower. Modules opt in with `pytestmark = pytest.mark.usefixtures("one_torch_thread")`."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def tiny_llama(tmp_path_factory) -> Path:
     """Tiny Llama (8 layers, hidden 64, untied) with a Llama-3 style chat template."""

@@ -13,14 +13,6 @@ from eagle.inference import DraftCache, draft_step
 from eagle.model import Eagle3Draft
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """Tiny tensors gain nothing from threads, and OpenMP spinning on a loaded 2-core box costs 30x."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def tiny_cfg(**overrides) -> DraftConfig:
     fields = dict(hidden_size=32, num_attention_heads=4, num_key_value_heads=2, head_dim=8, intermediate_size=48,

@@ -6,8 +6,10 @@ import pytest
 import torch
 from torch._dynamo.testing import CompileCounterWithBackend
 
-from draft_testing import packed_batch, random_draft, rel_err, single_thread, tiny_cfg  # noqa: F401
+from draft_testing import packed_batch, random_draft, rel_err, tiny_cfg
 from eagle.ttt import ttt_loss
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 STEPS = 3
 

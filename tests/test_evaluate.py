@@ -11,6 +11,8 @@ from click.testing import CliRunner
 
 from stages.cli import main
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 PROMPT_RECORDS = [
     {"messages": [{"role": "system", "content": "You are terse."},
                   {"role": "user", "content": "What does a for loop do?"},
@@ -30,15 +32,6 @@ EXPECTED_PROMPT_TURNS = [
     [{"role": "user", "content": "Explain the with statement."}],
     [{"role": "user", "content": "How do I raise an exception?"}],
 ]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models on a shared 2-core machine: one intra-op thread avoids OpenMP spin-waits (10x faster)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def write_jsonl(path: Path, records) -> Path:

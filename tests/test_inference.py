@@ -8,8 +8,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from draft_testing import random_draft, rel_err, single_thread, tiny_cfg  # noqa: F401
+from draft_testing import random_draft, rel_err, tiny_cfg
 from eagle.inference import DraftCache, draft_step
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def inputs(cfg, T, B=1, seed=0):

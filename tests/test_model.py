@@ -9,10 +9,12 @@ import torch
 from transformers import LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding, apply_rotary_pos_emb
 
-from draft_testing import random_draft, rel_err, single_thread, tiny_cfg  # noqa: F401
+from draft_testing import random_draft, rel_err, tiny_cfg
 from eagle.inference import DraftCache, draft_step
 from eagle.model import Eagle3Draft
 from eagle.rope import RotaryEmbedding, rope_inv_freq
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_parameter_names_shapes_and_dtypes_follow_the_serving_layout():

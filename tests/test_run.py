@@ -11,6 +11,8 @@ from click.testing import CliRunner
 
 from stages.cli import main
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 TRAIN = [
     {"messages": [{"role": "system", "content": "You are terse."},
                   {"role": "user", "content": f"What does statement number {i} do?"},
@@ -19,15 +21,6 @@ TRAIN = [
 ]
 EVAL = [{"messages": [{"role": "user", "content": "What is a decorator?"}]},
         {"messages": [{"role": "user", "content": "Explain the with statement."}]}]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models on a shared 2-core machine: one intra-op thread avoids OpenMP spin-waits."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture()

@@ -21,18 +21,11 @@ from stages import checkpoint as ckpt
 from stages.cli import main
 from train_dumps import cached_dump
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 VD = 256
 BASE = ["--seq-len", "128", "--batch-size", "2", "--ttt-steps", "3", "--draft-vocab-size", str(VD),
         "--warmup-steps", "3", "--no-compile", "--num-workers", "1", "--eval-fraction", "0.1"]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The CI box has 2 shared cores: OpenMP spin-waiting across 2 threads makes tiny steps ~4x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

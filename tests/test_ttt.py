@@ -4,9 +4,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from draft_testing import (documents, engine_chain_logits, packed_batch, random_draft, rel_err,  # noqa: F401
-                           single_thread, tiny_cfg)
+from draft_testing import (documents, engine_chain_logits, packed_batch, random_draft, rel_err,
+                           tiny_cfg)
 from eagle.ttt import ttt_forward, ttt_loss
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
