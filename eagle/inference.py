@@ -9,7 +9,7 @@ Chain drafting with verified tokens x_1..x_n and bonus x_{n+1} (reference, "How 
     after verification: cache.crop(number of verified positions), then prefill the newly verified ones.
 Cache slot i holds the K/V of the i-th token fed since the last crop point; queries attend causally to slots.
 
-OWNER: eagle-model helper. API:
+API:
 
     class DraftCache:
         def __init__(self, cfg, batch_size: int, max_len: int, device=None, dtype=torch.float32)

@@ -1,6 +1,6 @@
 """Reading chat datasets and turning records into (input_ids, loss_mask) with the tokenizer's chat template.
 
-OWNER: records helper. API (dump_teacher codes against this; keep it):
+API:
 
     @dataclass
     class Example:

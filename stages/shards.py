@@ -42,7 +42,7 @@ place; a rerun keeps the ones present (after checking their sample indices) and 
 Writes are atomic: write to a temporary name in the same directory (`.NAME.tmp-HOST-PID`), fsync, rename, fsync the
 directory. Leftover temporary files never look complete and are removed by the next run of that shard.
 
-OWNER: dump-teacher helper (extend freely, keep the contract; the train stage imports this module).
+Both stages import this module: change the format here and bump SCHEMA_VERSION.
 """
 from __future__ import annotations
 
