@@ -71,15 +71,16 @@ class DenseTTTAttention:
         j = len(self.keys)
         self.keys.append(k)
         self.values.append(v)
-        n_heads, scale = q.shape[1], q.shape[-1] ** -0.5
+        n_heads = q.shape[1]
+        q = q * q.shape[-1] ** -0.5  # scale the (B, nH, T, D) queries, not the T/D times larger scores
         k0, v0 = repeat_kv(self.keys[0], n_heads), repeat_kv(self.values[0], n_heads)
-        s0 = (q @ k0.transpose(-1, -2)) * scale  # (B, nH, T, T)
+        s0 = q @ k0.transpose(-1, -2)  # (B, nH, T, T)
         mask0 = self.same_doc & (self.offset >= j)  # (B, T, T)
         s0 = s0.masked_fill(~mask0[:, None], float("-inf"))
         diag_v, diag_s = [], []
         for i in range(1, j + 1):  # step-i key of the query's own chain sits j - i rows back
             ki = shift_rows(repeat_kv(self.keys[i], n_heads), j - i)  # (B, nH, T, D)
-            si = (q * ki).sum(-1) * scale  # (B, nH, T)
+            si = (q * ki).sum(-1)  # (B, nH, T)
             diag_s.append(si.masked_fill(~self._back_ok(j - i)[:, None], float("-inf")))
             diag_v.append(shift_rows(repeat_kv(self.values[i], n_heads), j - i))
         scores = torch.cat([s0] + [s[..., None] for s in diag_s], dim=-1)  # (B, nH, T, T + j)
