@@ -38,14 +38,14 @@ def draft_cross_entropy(logits: Tensor, batch: dict, valid: Tensor, target_to_dr
     """(ce_sum, correct_count, valid_count) of one draft step; see the module docstring."""
     if teacher_kind not in TEACHER_KINDS:
         raise ValueError(f"unknown teacher_kind {teacher_kind!r}; expected one of {TEACHER_KINDS}")
-    logits32 = logits.float()                                        # (B, T, Vd)
-    lse = torch.logsumexp(logits32, dim=-1)                          # (B, T)
+    # log_softmax, not logits - logsumexp: its backward is one fused kernel (eager logsumexp's is several passes)
+    logp = torch.log_softmax(logits.float(), dim=-1)                 # (B, T, Vd) float32
     if teacher_kind == "topk":
-        ce, kept_valid, teacher_argmax = _topk_ce(logits32, lse, batch, target_to_draft)
+        ce, kept_valid, teacher_argmax = _topk_ce(logp, batch, target_to_draft)
     elif teacher_kind == "argmax":
-        ce, kept_valid, teacher_argmax = _argmax_ce(logits32, lse, batch, target_to_draft)
+        ce, kept_valid, teacher_argmax = _argmax_ce(logp, batch, target_to_draft)
     else:
-        ce, kept_valid, teacher_argmax = _softmax_ce(logits32, lse, batch, d2t)
+        ce, kept_valid, teacher_argmax = _softmax_ce(logp, batch, d2t)
     valid = valid & kept_valid                                       # (B, T)
     ce_sum = torch.where(valid, ce, torch.zeros_like(ce)).sum()
 
@@ -60,7 +60,7 @@ def simulated_acceptance_length(acc: Tensor) -> Tensor:
     return 1.0 + torch.cumprod(acc.float(), dim=0).sum()
 
 
-def _topk_ce(logits32: Tensor, lse: Tensor, batch: dict, target_to_draft: Tensor):
+def _topk_ce(logp_all: Tensor, batch: dict, target_to_draft: Tensor):
     ids = batch["teacher_topk_ids"].long()                           # (B, T, k) target ids
     probs = batch["teacher_topk_logprobs"].float().exp()             # (B, T, k)
     draft_ids = target_to_draft[ids]                                 # (B, T, k), -1 outside the draft vocab
@@ -70,20 +70,20 @@ def _topk_ce(logits32: Tensor, lse: Tensor, batch: dict, target_to_draft: Tensor
     kept_valid = mass > 0
     q = torch.where(kept & kept_valid.unsqueeze(-1), kept_probs / mass.clamp_min(1e-30).unsqueeze(-1),
                     torch.zeros_like(probs))                         # (B, T, k), sums to 1 where kept_valid
-    logp = logits32.gather(-1, draft_ids.clamp_min(0)) - lse.unsqueeze(-1)  # (B, T, k)
+    logp = logp_all.gather(-1, draft_ids.clamp_min(0))              # (B, T, k)
     ce = -(q * logp).sum(dim=-1)                                     # (B, T)
     return ce, kept_valid, ids[..., 0]
 
 
-def _argmax_ce(logits32: Tensor, lse: Tensor, batch: dict, target_to_draft: Tensor):
+def _argmax_ce(logp_all: Tensor, batch: dict, target_to_draft: Tensor):
     target = batch["teacher_argmax"].long()                          # (B, T) target ids
     draft_ids = target_to_draft[target]                              # (B, T), -1 outside
     kept_valid = draft_ids >= 0
-    logp = logits32.gather(-1, draft_ids.clamp_min(0).unsqueeze(-1)).squeeze(-1) - lse  # (B, T)
+    logp = logp_all.gather(-1, draft_ids.clamp_min(0).unsqueeze(-1)).squeeze(-1)  # (B, T)
     return -logp, kept_valid, target
 
 
-def _softmax_ce(logits32: Tensor, lse: Tensor, batch: dict, d2t: Tensor):
+def _softmax_ce(logp_all: Tensor, batch: dict, d2t: Tensor):
     probs = batch["teacher_probs"]                                   # (B, T, V), any float dtype
     Vd = d2t.shape[0]
     draft_targets = torch.arange(Vd, device=d2t.device, dtype=torch.int64) + d2t.to(torch.int64)  # (Vd,)
@@ -92,6 +92,5 @@ def _softmax_ce(logits32: Tensor, lse: Tensor, batch: dict, d2t: Tensor):
     mass = kept_probs.sum(dim=-1)                                    # (B, T)
     kept_valid = mass > 0
     q = kept_probs / mass.clamp_min(1e-30).unsqueeze(-1)             # (B, T, Vd)
-    # sum_i q_i (logit_i - lse) = sum_i q_i logit_i - lse where sum q = 1
-    ce = lse * q.sum(dim=-1) - (q * logits32).sum(dim=-1)            # (B, T)
+    ce = -(q * logp_all).sum(dim=-1)                                 # (B, T)
     return ce, kept_valid, probs.argmax(dim=-1)
