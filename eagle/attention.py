@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 ATTENTION_KINDS = ("auto", "dense", "flex")
+QUERY_CHUNKS = 4  # dense path: causal blocks skipped = (QUERY_CHUNKS - 1) / (2 * QUERY_CHUNKS) of T*T
 
 
 def resolve_attention(kind: str, device: torch.device) -> str:
@@ -74,21 +75,29 @@ class DenseTTTAttention:
         n_heads = q.shape[1]
         q = q * q.shape[-1] ** -0.5  # scale the (B, nH, T, D) queries, not the T/D times larger scores
         k0, v0 = repeat_kv(self.keys[0], n_heads), repeat_kv(self.values[0], n_heads)
-        s0 = q @ k0.transpose(-1, -2)  # (B, nH, T, T)
-        mask0 = self.same_doc & (self.offset >= j)  # (B, T, T)
-        s0 = s0.masked_fill(~mask0[:, None], float("-inf"))
-        diag_v, diag_s = [], []
-        for i in range(1, j + 1):  # step-i key of the query's own chain sits j - i rows back
-            ki = shift_rows(repeat_kv(self.keys[i], n_heads), j - i)  # (B, nH, T, D)
-            si = (q * ki).sum(-1)  # (B, nH, T)
-            diag_s.append(si.masked_fill(~self._back_ok(j - i)[:, None], float("-inf")))
-            diag_v.append(shift_rows(repeat_kv(self.values[i], n_heads), j - i))
-        scores = torch.cat([s0] + [s[..., None] for s in diag_s], dim=-1)  # (B, nH, T, T + j)
-        p = torch.softmax(scores.float(), dim=-1).to(v.dtype)
-        out = p[..., : self.T] @ v0  # (B, nH, T, D)
-        for i, vi in enumerate(diag_v):
-            out = out + p[..., self.T + i, None] * vi
-        return out
+        diag_k = [shift_rows(repeat_kv(self.keys[i], n_heads), j - i) for i in range(1, j + 1)]  # (B, nH, T, D)
+        diag_v = [shift_rows(repeat_kv(self.values[i], n_heads), j - i) for i in range(1, j + 1)]
+        # query rows in chunks: rows < r1 see only step-0 keys < r1, so the all-masked upper blocks are skipped
+        chunk = self.T // QUERY_CHUNKS if self.T % QUERY_CHUNKS == 0 else self.T
+        outs = []
+        for r0 in range(0, self.T, chunk):
+            r1 = r0 + chunk
+            rows = slice(r0, r1)
+            qc = q[:, :, rows]  # (B, nH, C, D)
+            s0 = qc @ k0[:, :, :r1].transpose(-1, -2)  # (B, nH, C, r1)
+            mask0 = self.same_doc[:, rows, :r1] & (self.offset[rows, :r1] >= j)  # (B, C, r1)
+            s0 = s0.masked_fill(~mask0[:, None], float("-inf"))
+            diag_s = []
+            for i in range(1, j + 1):  # step-i key of the query's own chain sits j - i rows back
+                si = (qc * diag_k[i - 1][:, :, rows]).sum(-1)  # (B, nH, C)
+                diag_s.append(si.masked_fill(~self._back_ok(j - i)[:, None, rows], float("-inf")))
+            scores = torch.cat([s0] + [s[..., None] for s in diag_s], dim=-1)  # (B, nH, C, r1 + j)
+            p = torch.softmax(scores.float(), dim=-1).to(v.dtype)
+            out = p[..., :r1] @ v0[:, :, :r1]  # (B, nH, C, D)
+            for i, vi in enumerate(diag_v):
+                out = out + p[..., r1 + i, None] * vi[:, :, rows]
+            outs.append(out)
+        return torch.cat(outs, dim=2)  # (B, nH, T, D)
 
 
 _compiled_flex = None
