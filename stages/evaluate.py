@@ -1,11 +1,12 @@
 """Stage `eval`: a draft's measured acceptance length with real speculative decoding, and a lossless check.
 
-For each prompt (a conversation up to and including its first user turn, rendered with the chat template and
-the generation prompt, in file order) the target generates greedily twice: with its own `generate()` (the
+For each turn of each question (stages/prompt_sets.py: a conversation up to its first user turn, or a benchmark
+question of one or more turns, in file order; later turns follow the target's own earlier answers), rendered with
+the chat template and the generation prompt, the target generates greedily twice: with its own `generate()` (the
 reference output and the baseline speed) and with greedy chain speculative decoding driven by the exported
 draft (stages/speculative.py). The two outputs must be equal token for token; any difference is an error naming
 the prompt. Acceptance length = tokens produced per target forward in the decode phase, bonus token included
-(= 1 + the sum of the per-position acceptance rates).
+(= 1 + the sum of the per-position acceptance rates), pooled over all, per category and per turn.
 """
 from __future__ import annotations
 
@@ -22,38 +23,27 @@ DTYPES = {"bfloat16": "bfloat16", "bf16": "bfloat16", "float16": "float16", "fp1
 
 
 # ------------------------------------------------------------------------------------------------ prompts
-def first_user_turn(messages: list[dict]) -> list[dict] | None:
-    """The conversation up to and including its first user turn (leading system turns kept), or None."""
-    for i, m in enumerate(messages):
-        if m["role"] == "user":
-            return messages[: i + 1]
-    return None
+def render_prompt(tokenizer, messages: list[dict], where: str) -> list[int]:
+    """Token ids of a conversation rendered with the chat template and the generation prompt."""
+    try:
+        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                            return_dict=True)["input_ids"]
+    except Exception as e:  # a template that rejects the conversation: bad input, named
+        raise StageError(f"{where}: chat template failed: {e}") from None
+    return list(ids)
 
 
-def load_prompts(sources, tokenizer, num_prompts: int | None) -> tuple[list[tuple[str, list[int]]], Counter]:
-    """[(where, prompt token ids)] for the first `num_prompts` usable records, and skip counts by reason."""
-    from stages.records import RecordError, parse_record, read_records
+def load_prompts(sources, tokenizer, num_prompts: int | None):
+    """The first `num_prompts` usable questions (stages/prompt_sets.py) and the skipped records.
 
-    prompts, skipped = [], Counter()
-    for _, where, record in read_records(list(sources)):
-        if num_prompts is not None and len(prompts) >= num_prompts:
-            break
-        try:
-            kind, payload = parse_record(record)
-        except RecordError as e:
-            skipped[e.reason] += 1
-            continue
-        turns = first_user_turn(payload) if kind == "chat" else None
-        if turns is None:
-            skipped["no_user_turn"] += 1
-            continue
-        try:
-            ids = tokenizer.apply_chat_template(turns, add_generation_prompt=True, tokenize=True,
-                                                return_dict=True)["input_ids"]
-        except Exception as e:  # a template that rejects the conversation: bad input, named
-            raise StageError(f"{where}: chat template failed: {e}") from None
-        prompts.append((where, list(ids)))
-    return prompts, skipped
+    Turn 1 of every question is rendered here, so a template that rejects one fails before any generation.
+    """
+    from stages.prompt_sets import read_questions
+
+    questions, skips = read_questions(sources, num_prompts)
+    for q in questions:
+        render_prompt(tokenizer, q.conversation([]), q.where)
+    return questions, skips
 
 
 # ------------------------------------------------------------------------------------------------ models
@@ -177,13 +167,34 @@ def acceptance_stats(accepted: list[int], draft_tokens: int) -> dict:
     }
 
 
+def group_stats(runs: list[dict], key) -> dict[str, dict]:
+    """Per group (first-appearance order): questions, turns, target forwards, acceptance length over all the
+    group's target forwards pooled (as Spec-Bench averages a category), and the group's speedup."""
+    groups: dict[str, list[dict]] = {}
+    for run in runs:
+        groups.setdefault(str(key(run)), []).append(run)
+    return {name: _group_summary(group) for name, group in groups.items()}
+
+
+def _group_summary(runs: list[dict]) -> dict:
+    accepted = [a for run in runs for a in run["accepted"]]
+    spec_s, base_s = sum(r["seconds"] for r in runs), sum(r["baseline_seconds"] for r in runs)
+    spec_rate = sum(r["new_tokens"] for r in runs) / spec_s if spec_s else None
+    base_rate = sum(r["baseline_new_tokens"] for r in runs) / base_s if base_s else None
+    return {"questions": len({r["question"] for r in runs}), "turns": len(runs), "target_forwards": len(accepted),
+            "acceptance_length": sum(a + 1 for a in accepted) / len(accepted) if accepted else None,
+            "speedup": spec_rate / base_rate if spec_rate and base_rate else None}
+
+
 # ------------------------------------------------------------------------------------------------ the run
 def evaluate(target: str, draft: str, data, *, num_prompts=32, max_new_tokens=128, draft_tokens=3, dtype=None,
              device=None, run_dir=None, trust_remote_code=False) -> dict:
-    """Speculative vs plain greedy decoding over the prompts; returns the report dict (see `command`)."""
+    """Speculative vs plain greedy decoding over the questions' turns; returns the report dict (see `command`)."""
     import torch
     from tqdm import tqdm
 
+    from stages.prompt_sets import answer_text
+    from stages.records import summarize_skips
     from stages.speculative import TargetWithAux, greedy_generate, speculative_generate
 
     if draft_tokens < 1:
@@ -191,16 +202,18 @@ def evaluate(target: str, draft: str, data, *, num_prompts=32, max_new_tokens=12
     if max_new_tokens < 1:
         raise StageError(f"--max-new-tokens {max_new_tokens}: must be at least 1")
     if not data:
-        raise StageError("eval needs --data (a file with conversations)")
+        raise StageError("eval needs --data (a file with conversations or benchmark questions)")
     device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, device)
     model, tokenizer = load_target(target, torch_dtype, device, trust_remote_code)
     drafter = load_draft_for(model, draft, device)
-    prompts, skipped = load_prompts(data, tokenizer, num_prompts)
-    if not prompts:
-        why = ", ".join(f"{reason} {n}" for reason, n in sorted(skipped.items())) or "no records"
+    questions, skips = load_prompts(data, tokenizer, num_prompts)
+    skipped = summarize_skips(skips)
+    if not questions:
+        why = ", ".join(f"{reason} {n}" for reason, n in skipped.items()) or "no records"
+        first = f"; first: {skips[0].where}: {skips[0].message}" if skips else ""
         raise StageError(f"{', '.join(map(str, data))}: no record with a user turn to use as a prompt "
-                         f"(skipped: {why})")
+                         f"(skipped: {why}{first})")
     eos_ids = eos_token_ids(model, tokenizer)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_ids[0]
     simulated = simulated_acceptance_from_run(run_dir, draft_tokens) if run_dir else None
@@ -208,54 +221,84 @@ def evaluate(target: str, draft: str, data, *, num_prompts=32, max_new_tokens=12
     target_aux = TargetWithAux(model, drafter.cfg.aux_layer_ids)
     try:
         # warm-up outside the timings (first-call allocations, lazy inits)
-        greedy_generate(model, prompts[0][1], max_new_tokens=2, eos_ids=eos_ids, pad_id=pad_id, device=device)
-        speculative_generate(target_aux, drafter, prompts[0][1], max_new_tokens=2, draft_tokens=draft_tokens,
+        warm = render_prompt(tokenizer, questions[0].conversation([]), questions[0].where)
+        greedy_generate(model, warm, max_new_tokens=2, eos_ids=eos_ids, pad_id=pad_id, device=device)
+        speculative_generate(target_aux, drafter, warm, max_new_tokens=2, draft_tokens=draft_tokens,
                              eos_ids=eos_ids, device=device)
-        accepted, mismatches = [], []
-        spec_tokens = spec_seconds = base_tokens = base_seconds = 0
-        for i, (where, ids) in enumerate(tqdm(prompts, desc="eval", unit="prompt", dynamic_ncols=True)):
-            reference, seconds = greedy_generate(model, ids, max_new_tokens=max_new_tokens, eos_ids=eos_ids,
-                                                 pad_id=pad_id, device=device)
-            base_tokens += len(reference)
-            base_seconds += seconds
-            spec = speculative_generate(target_aux, drafter, ids, max_new_tokens=max_new_tokens,
-                                        draft_tokens=draft_tokens, eos_ids=eos_ids, device=device)
-            spec_tokens += len(spec.tokens)
-            spec_seconds += spec.seconds
-            accepted += spec.accepted
-            if spec.tokens != reference:
-                first = next((j for j, (a, b) in enumerate(zip(spec.tokens, reference)) if a != b),
-                             min(len(spec.tokens), len(reference)))
-                mismatches.append({"prompt": i, "where": where, "first_difference": first,
-                                   "speculative_len": len(spec.tokens), "reference_len": len(reference)})
+        runs, mismatches = [], []
+        progress = tqdm(total=sum(len(q.user_turns) for q in questions), desc="eval", unit="turn",
+                        dynamic_ncols=True)
+        for i, q in enumerate(questions):
+            answers = []  # the target's own answers to the turns so far
+            for turn in range(1, len(q.user_turns) + 1):
+                ids = render_prompt(tokenizer, q.conversation(answers), q.where)
+                reference, seconds = greedy_generate(model, ids, max_new_tokens=max_new_tokens, eos_ids=eos_ids,
+                                                     pad_id=pad_id, device=device)
+                spec = speculative_generate(target_aux, drafter, ids, max_new_tokens=max_new_tokens,
+                                            draft_tokens=draft_tokens, eos_ids=eos_ids, device=device)
+                runs.append({"question": i, "where": q.where, "question_id": q.question_id, "category": q.category,
+                             "turn": turn, "prompt_tokens": len(ids), "accepted": spec.accepted,
+                             "new_tokens": len(spec.tokens), "baseline_new_tokens": len(reference),
+                             "seconds": spec.seconds, "baseline_seconds": seconds})
+                if spec.tokens != reference:
+                    first = next((j for j, (a, b) in enumerate(zip(spec.tokens, reference)) if a != b),
+                                 min(len(spec.tokens), len(reference)))
+                    mismatches.append({"prompt": i, "turn": turn, "where": q.where, "first_difference": first,
+                                       "speculative_len": len(spec.tokens), "reference_len": len(reference)})
+                # the next turn follows the target's own answer (equal to the speculative one when lossless)
+                answers.append(answer_text(tokenizer, reference, eos_ids))
+                progress.update()
+        progress.close()
     finally:
         target_aux.remove()
 
+    spec_tokens, spec_seconds = sum(r["new_tokens"] for r in runs), sum(r["seconds"] for r in runs)
+    base_tokens, base_seconds = sum(r["baseline_new_tokens"] for r in runs), sum(r["baseline_seconds"] for r in runs)
     report = {
         "target": str(target), "draft": str(draft), "data": [str(d) for d in data],
-        "num_prompts": len(prompts), "skipped_records": dict(skipped), "draft_tokens": draft_tokens,
+        "num_prompts": len(questions), "num_turns": len(runs), "skipped_records": skipped,
+        "skipped_examples": _skip_examples(skips), "draft_tokens": draft_tokens,
         "max_new_tokens": max_new_tokens, "device": device, "dtype": str(torch_dtype).replace("torch.", ""),
-        **acceptance_stats(accepted, draft_tokens),
+        **acceptance_stats([a for r in runs for a in r["accepted"]], draft_tokens),
+        "per_category": group_stats(runs, lambda r: r["category"]),
+        "per_turn": group_stats(runs, lambda r: r["turn"]),
         "simulated_acceptance_length": simulated,
         "lossless": not mismatches, "mismatches": mismatches,
         "new_tokens": spec_tokens, "baseline_new_tokens": base_tokens,
         "tokens_per_s": spec_tokens / spec_seconds if spec_seconds else None,
         "baseline_tokens_per_s": base_tokens / base_seconds if base_seconds else None,
+        "per_prompt": runs,
     }
     report["speedup"] = (report["tokens_per_s"] / report["baseline_tokens_per_s"]
                          if report["tokens_per_s"] and report["baseline_tokens_per_s"] else None)
     return report
 
 
+def _skip_examples(skips, per_reason: int = 3) -> list[dict]:
+    """The first few skipped records of each reason, with their location."""
+    shown: Counter = Counter()
+    out = []
+    for s in skips:
+        if shown[s.reason] < per_reason:
+            shown[s.reason] += 1
+            out.append({"where": s.where, "reason": s.reason, "message": s.message})
+    return out
+
+
 def _fmt(value, spec=".3f") -> str:
     return "-" if value is None else format(value, spec)
 
 
+def _speedup(value) -> str:
+    return _fmt(value, ".2f") + "x" if value else "-"
+
+
 def format_report(r: dict) -> str:
-    """The readable table `eagle-pipe eval` prints."""
+    """The readable report `eagle-pipe eval` prints: totals, then acceptance length per category and per turn."""
     k = r["draft_tokens"]
+    prompts = f"{r['num_prompts']}" + (f" ({r['num_turns']} turns)" if r["num_turns"] != r["num_prompts"] else "")
     rows = [
-        ("prompts", f"{r['num_prompts']}" + (f" (skipped: {r['skipped_records']})" if r["skipped_records"] else "")),
+        ("prompts", prompts + (f" (skipped: {r['skipped_records']})" if r["skipped_records"] else "")),
         ("draft tokens K", str(k)),
         ("target forwards (decode)", str(r["target_forwards"])),
         ("acceptance length", _fmt(r["acceptance_length"])),
@@ -264,11 +307,28 @@ def format_report(r: dict) -> str:
         ("simulated (training)", _fmt(r["simulated_acceptance_length"])),
         ("tokens/s speculative", _fmt(r["tokens_per_s"], ".1f")),
         ("tokens/s target alone", _fmt(r["baseline_tokens_per_s"], ".1f")),
-        ("speedup", _fmt(r["speedup"], ".2f") + "x" if r["speedup"] else "-"),
+        ("speedup", _speedup(r["speedup"])),
         ("lossless", "yes" if r["lossless"] else f"NO ({len(r['mismatches'])} prompt(s) differ)"),
     ]
     width = max(len(name) for name, _ in rows)
-    return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)
+    lines = [f"{name:<{width}}  {value}" for name, value in rows]
+    overall = {"questions": r["num_prompts"], "turns": r["num_turns"], "target_forwards": r["target_forwards"],
+               "acceptance_length": r["acceptance_length"], "speedup": r["speedup"]}
+    lines += ["", *_group_table("category", {**r["per_category"], "overall": overall})]
+    if len(r["per_turn"]) > 1:
+        lines += ["", *_group_table("turn", {**r["per_turn"], "overall": overall})]
+    for s in r["skipped_examples"]:
+        lines.append(f"skipped {s['where']}: {s['reason']}: {s['message']}")
+    return "\n".join(lines)
+
+
+def _group_table(title: str, groups: dict[str, dict]) -> list[str]:
+    header = (title, "questions", "turns", "forwards", "acceptance length", "speedup")
+    rows = [(name, str(g["questions"]), str(g["turns"]), str(g["target_forwards"]), _fmt(g["acceptance_length"]),
+             _speedup(g["speedup"])) for name, g in groups.items()]
+    widths = [max(len(row[c]) for row in [header, *rows]) for c in range(len(header))]
+    return ["  ".join(cell.ljust(w) if c == 0 else cell.rjust(w) for c, (cell, w) in enumerate(zip(row, widths)))
+            for row in [header, *rows]]
 
 
 @click.command("eval")
@@ -276,8 +336,10 @@ def format_report(r: dict) -> str:
 @click.option("--draft", required=True, type=click.Path(file_okay=False),
               help="Exported draft directory (config.json + model.safetensors), e.g. RUN/export.")
 @click.option("--data", multiple=True, required=True,
-              help="Conversations (JSONL/JSON/Parquet/datasets); each gives the prompt up to its first user turn.")
-@click.option("--num-prompts", type=click.IntRange(min=1), default=32, help="Prompts to evaluate, in file order.")
+              help="Conversations (prompt: up to the first user turn) or benchmark questions: MT-bench / Spec-Bench / "
+                   "EAGLE question.jsonl (every turn), GSM8K, HumanEval (JSONL/JSON/Parquet/datasets).")
+@click.option("--num-prompts", type=click.IntRange(min=1), default=32,
+              help="Questions to evaluate, in file order; a multi-turn question counts once, all its turns run.")
 @click.option("--max-new-tokens", type=click.IntRange(min=1), default=128, help="New tokens per prompt at most.")
 @click.option("--draft-tokens", type=click.IntRange(min=1), default=3, help="K: draft tokens per target forward.")
 @click.option("--dtype", default="auto", help="Target dtype: bfloat16|float16|float32 (auto: bf16 on GPU, fp32 on CPU).")
@@ -295,8 +357,9 @@ def command(target, draft, data, num_prompts, max_new_tokens, draft_tokens, dtyp
     click.echo(jsonlib.dumps(report) if json else format_report(report))
     if not report["lossless"]:
         first = report["mismatches"][0]
+        turn = "" if first["turn"] == 1 else f", turn {first['turn']}"
         raise StageError(
             f"lossless check failed on {len(report['mismatches'])} prompt(s): prompt {first['prompt']} "
-            f"({first['where']}) differs from the target's greedy generate() at new token "
+            f"({first['where']}{turn}) differs from the target's greedy generate() at new token "
             f"{first['first_difference']}")
     return report

@@ -91,19 +91,21 @@ def run_eval(*args) -> tuple[int, str, dict | None]:
 
 # ----------------------------------------------------------------------------------------------- prompts
 def test_prompts_are_conversations_up_to_the_first_user_turn(target, prompts_file):
-    from stages.evaluate import load_prompts
+    from stages.evaluate import load_prompts, render_prompt
+    from stages.records import summarize_skips
 
     _, tokenizer = target
-    prompts, skipped = load_prompts([str(prompts_file)], tokenizer, None)
+    questions, skipped = load_prompts([str(prompts_file)], tokenizer, None)
+    prompts = [(q.where, render_prompt(tokenizer, q.conversation([]), q.where)) for q in questions]
     expected = [tokenizer.apply_chat_template(t, add_generation_prompt=True, tokenize=True,
                                               return_dict=True)["input_ids"] for t in EXPECTED_PROMPT_TURNS]
     assert [ids for _, ids in prompts] == expected
     assert [where for where, _ in prompts] == [f"{prompts_file}:{n}" for n in (1, 3, 4, 5)]
-    assert dict(skipped) == {"no_user_turn": 1}
+    assert summarize_skips(skipped) == {"no_user_turn": 1}
     text = tokenizer.decode(prompts[0][1])
     assert text.endswith("<|start_header_id|>assistant<|end_header_id|>\n\n") and "It iterates" not in text
     limited, _ = load_prompts([str(prompts_file)], tokenizer, 2)
-    assert [ids for _, ids in limited] == expected[:2]
+    assert [q.where for q in limited] == [where for where, _ in prompts[:2]]
 
 
 # ----------------------------------------------------------------------------------------------- target
