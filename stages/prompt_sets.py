@@ -3,15 +3,16 @@
 Records come from `stages.records.read_records` (JSONL, `.jsonl.gz`, JSON, Parquet, datasets), and each is
 recognised by its fields, in this order:
 
-| fields | published as | user turns | category |
-|---|---|---|---|
-| `messages` / `conversations` | chat data (OpenAI / ShareGPT) | the first user turn (earlier system turns kept) | `chat` |
-| `turns` (+ `question_id`, `category`) | MT-bench, Spec-Bench, EAGLE, Vicuna-bench `question.jsonl` | every entry of `turns` | `category` (`uncategorized` if empty) |
-| `question` | GSM8K `test.jsonl` | the question | `gsm8k` |
-| `prompt` + `entry_point` | HumanEval `HumanEval.jsonl.gz` | `Complete the code I provided.` + the prompt (EAGLE's wording) | `humaneval` |
-| `prompt` | any other prompt file | the prompt | `prompt` |
+- `messages` / `conversations` (OpenAI / ShareGPT chat data): the first user turn, earlier system turns kept;
+  category `chat`.
+- `turns` (+ `question_id`, `category`): MT-bench, Spec-Bench, EAGLE and Vicuna-bench `question.jsonl`; every
+  turn, in order; category from the record (`uncategorized` when empty).
+- `question`: GSM8K `test.jsonl`; category `gsm8k`.
+- `prompt` + `entry_point`: HumanEval `HumanEval.jsonl.gz`, asked as "Complete the code I provided." + prompt
+  (EAGLE's humaneval_question.jsonl wording, so numbers compare); category `humaneval`.
+- `prompt`: any other prompt file, asked as is; category `prompt`.
 
-A question with several turns is run the MT-bench way (FastChat's `gen_model_answer`, EAGLE's `gen_ea_answer`):
+A question with several turns is run the MT-bench way (as FastChat's and EAGLE's MT-bench answer scripts do):
 turn k's prompt is the conversation so far with the target's own answers to the earlier turns as assistant
 turns, rendered with the chat template and the generation prompt. Records with none of these fields (plain
 `text`, `input_ids`) have no user turn and are skipped, counted by reason with their location.
