@@ -33,8 +33,8 @@ def render_prompt(tokenizer, messages: list[dict], where: str) -> list[int]:
     return list(ids)
 
 
-def load_prompts(sources, tokenizer, num_prompts: int | None):
-    """The first `num_prompts` usable questions (stages/prompt_sets.py) and the skipped records.
+def load_prompts(sources, tokenizer, num_prompts: int | None) -> tuple[list, list]:
+    """([Question], [Skipped]): the first `num_prompts` usable questions (stages/prompt_sets.py), the skips.
 
     Turn 1 of every question is rendered here, so a template that rejects one fails before any generation.
     """
