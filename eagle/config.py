@@ -322,7 +322,8 @@ def choose_draft_rope(target: dict, mode: str = "auto") -> DraftRope:
         return DraftRope(theta, scaling, f"the target's {which}: {kind}, rope_theta {theta:g}"
                                          f"{', ' + detail if detail else ''} (vLLM and SGLang compute it as "
                                          "training does)")
-    why = (engine_mismatch(raw) if isinstance(raw, dict) else None) or why  # name the target's own problem (e.g. partial rotary), not a side effect
+    # name the target's own problem (e.g. partial rotary) rather than a side effect of normalising it
+    why = (engine_mismatch(raw) if isinstance(raw, dict) else None) or why
     if mode == "target":
         raise ValueError(f"draft_rope=target: the draft cannot take the target's {which} ({kind}): {why}; "
                          "use draft_rope auto or default")

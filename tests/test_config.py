@@ -160,7 +160,8 @@ def test_dump_default_aux_layers_for_shallow_targets(n):
     assert len(set(ids)) == 3 and ids == sorted(ids) and 0 <= ids[0] and ids[-1] <= n - 1
     if n >= 7:
         assert ids == [2, n // 2, n - 3]
-    assert DraftConfig.from_target_config(llama_dict(num_hidden_layers=n), aux_layer_ids=ids).aux_layer_ids == tuple(ids)
+    cfg = DraftConfig.from_target_config(llama_dict(num_hidden_layers=n), aux_layer_ids=ids)
+    assert cfg.aux_layer_ids == tuple(ids)
 
 
 @pytest.mark.parametrize("n", [1, 2])
