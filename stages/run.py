@@ -103,7 +103,8 @@ def expected_dump_settings(options: dict, num_layers: int) -> dict:
     """The `settings` dump-teacher would write for these options (its own helpers, without loading the target)."""
     from stages.dump_plan import shard_from_env
     from stages.dump_target import dtype_name, parse_aux_layers, resolve_dtype
-    from stages.dump_teacher import local_or_name, resolve_device
+    from stages.dump_teacher import resolve_device
+    from stages.paths import local_or_name
 
     device = resolve_device(options.get("device"))
     _, num_shards = shard_from_env(options.get("shard_index"), options.get("num_shards"))
