@@ -228,14 +228,15 @@ class OpenAIEngine:
             if not key:
                 raise StageError(f"--api-key-env {api_key_env}: the environment variable is not set")
             self.headers["Authorization"] = f"Bearer {key}"
-        self.model = self._check_served_model(served_model or target, target)
+        self.model = self._check_served_model(served_model or target, None if served_model else target)
 
     def describe(self) -> dict:
         return {"kind": self.kind, "served_model": self.model}
 
-    def _check_served_model(self, wanted: str, target: str) -> str:
-        """The served model must be the target: `wanted` among the server's model ids, or one whose id or root
-        path ends with the target's directory name (vLLM serves a path under that path unless renamed)."""
+    def _check_served_model(self, wanted: str, target: str | None) -> str:
+        """The served model must be the target: `wanted` among the server's model ids, or (without
+        --served-model) the one whose id or root path ends with the target's directory name (vLLM serves a
+        path under that path, and reports it as `root` when it is renamed with --served-model-name)."""
         try:
             listing = self._call("GET", "/models", None)
             served = [(m["id"], m.get("root") or "") for m in listing["data"]]
@@ -244,7 +245,7 @@ class OpenAIEngine:
         ids = [i for i, _ in served]
         if wanted in ids:
             return wanted
-        name = os.path.basename(str(target).rstrip("/"))
+        name = os.path.basename(str(target or "").rstrip("/"))
         matches = [i for i, root in served if name and name in (os.path.basename(i.rstrip("/")),
                                                                   os.path.basename(root.rstrip("/")))]
         if len(matches) == 1:
