@@ -170,7 +170,6 @@ def _many_records(n: int) -> list[dict]:
                           {"role": "assistant", "content": "Someone else's answer."}]} for i in range(n)]
 
 
-@pytest.mark.slow
 def test_sigkill_mid_run_then_rerun_is_identical(tiny_llama, tmp_path):
     data = write_jsonl(tmp_path / "chat.jsonl", _many_records(16))
     opts = dict(max_new_tokens=6, part_records=3, batch_size=2, device="cpu")
@@ -321,7 +320,6 @@ def test_openai_engine_counts_failing_requests_and_writes_the_rest(tiny_llama, t
 
 # ---- regenerate -> dump-teacher -> train -> eval ----------------------------------------------------------
 
-@pytest.mark.slow
 def test_pipeline_regenerates_then_dumps_trains_and_evaluates(tiny_llama, tmp_path, monkeypatch):
     import yaml
 
@@ -354,3 +352,17 @@ def test_pipeline_regenerates_then_dumps_trains_and_evaluates(tiny_llama, tmp_pa
     assert result.exit_code == 0, result.output
     again = json.loads(result.stdout.strip().splitlines()[-1])
     assert again["stages"]["regenerate"] == "skipped" and again["stages"]["dump-teacher"] == "skipped"
+
+
+@pytest.mark.parametrize("name, end_of_turn", [("qwen3", "<|im_end|>"), ("gemma-2b-it", "<end_of_turn>")])
+def test_stop_ids_include_the_real_templates_end_of_turn(name, end_of_turn):
+    from types import SimpleNamespace
+
+    from transformers import AutoTokenizer
+
+    from real_assets import real_path
+    from stages.regenerate_engines import stop_token_ids
+
+    tok = AutoTokenizer.from_pretrained(real_path("tokenizers", name))
+    no_eos = SimpleNamespace(generation_config=None, config=SimpleNamespace(eos_token_id=None))
+    assert tok.convert_tokens_to_ids(end_of_turn) in stop_token_ids(no_eos, tok, {})
