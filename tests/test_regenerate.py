@@ -353,6 +353,14 @@ def test_pipeline_regenerates_then_dumps_trains_and_evaluates(tiny_llama, tmp_pa
     again = json.loads(result.stdout.strip().splitlines()[-1])
     assert again["stages"]["regenerate"] == "skipped" and again["stages"]["dump-teacher"] == "skipped"
 
+    from stages.regenerate import is_complete
+    from stages.run import load_sections, resolve_options
+
+    options = resolve_options("pipeline.yaml", "regenerate", load_sections("pipeline.yaml")["regenerate"])
+    assert is_complete(options) == (True, "complete")
+    done, why = is_complete({**options, "max_new_tokens": 25})
+    assert not done and "settings.max_new_tokens" in why
+
 
 @pytest.mark.parametrize("name, end_of_turn", [("qwen3", "<|im_end|>"), ("gemma-2b-it", "<end_of_turn>")])
 def test_stop_ids_include_the_real_templates_end_of_turn(name, end_of_turn):
