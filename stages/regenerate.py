@@ -316,7 +316,7 @@ def parse_template_kwargs(text) -> dict:
 
 def regenerate(*, target, data, out, turns="all", engine="hf", base_url=None, served_model=None,
                api_key_env=None, concurrency=16, request_timeout=600.0, max_retries=3, dtype=None, device=None,
-               trust_remote_code=False, batch_size=64, batch_tokens=262144, max_new_tokens=1024,
+               device_map=None, trust_remote_code=False, batch_size=64, batch_tokens=262144, max_new_tokens=1024,
                temperature=0.0, top_p=1.0, seed=0, chat_template_kwargs=None, drop_truncated=False,
                shard_index=None, num_shards=None, part_records=256, limit=None, overwrite=False, strict=False,
                retry_backoff=1.0) -> dict:
@@ -347,7 +347,8 @@ def regenerate(*, target, data, out, turns="all", engine="hf", base_url=None, se
     ensure_writable(out)
     jobs, read_skips, num_records = collect_jobs(data, shard_index=shard_index, num_shards=num_shards,
                                                  turns=turns, strict=strict, limit=limit)
-    eng = make_engine(engine, target, decoding, dtype=dtype, device=device, trust_remote_code=trust_remote_code,
+    eng = make_engine(engine, target, decoding, dtype=dtype, device=device, device_map=device_map,
+                      trust_remote_code=trust_remote_code,
                       batch_size=batch_size, batch_tokens=batch_tokens, base_url=base_url,
                       served_model=served_model, api_key_env=api_key_env, concurrency=concurrency,
                       request_timeout=request_timeout, max_retries=max_retries, retry_backoff=retry_backoff)
@@ -493,6 +494,7 @@ DTYPE_CHOICES = ["bfloat16", "float16", "float32", "bf16", "fp16", "fp32"]
 @click.option("--max-retries", type=int, default=3, help="(openai) Retries per request (backoff 1, 2, 4 s ...) before the record counts as engine_error.")
 @click.option("--dtype", type=click.Choice(DTYPE_CHOICES, case_sensitive=False), default=None, help="(hf) Default: bfloat16 on GPU, float32 on CPU.")
 @click.option("--device", default=None, help="(hf) Default: cuda:LOCAL_RANK if available, else cpu.")
+@click.option("--device-map", default=None, help="(hf) Hugging Face device_map (e.g. auto) to spread a large target over GPUs.")
 @click.option("--trust-remote-code", is_flag=True, help="(hf) Allow the target's own modelling code to run.")
 @click.option("--batch-size", type=int, default=64, help="(hf) Prompts per generate() batch.")
 @click.option("--batch-tokens", type=int, default=262144, help="(hf) Rows x (longest prompt + max new tokens) per batch, at most.")

@@ -106,11 +106,15 @@ class _PerRowSampler:
     """A logits processor that draws each row's next token with that row's own generator (temperature, top-p)
     and leaves only that token finite, so greedy search emits it: per-record seeds inside a batched generate()."""
 
-    def __init__(self, generators, temperature: float, top_p: float):
-        self.generators, self.temperature, self.top_p = generators, temperature, top_p
+    def __init__(self, seeds: list[int], temperature: float, top_p: float):
+        self.seeds, self.temperature, self.top_p = seeds, temperature, top_p
+        self.generators = None
 
     def __call__(self, input_ids, scores):
         import torch
+
+        if self.generators is None:  # on the logits' device (with a device_map, the last GPU's)
+            self.generators = [torch.Generator(scores.device).manual_seed(s) for s in self.seeds]
 
         probs = torch.softmax(scores.float() / self.temperature, dim=-1)
         if self.top_p < 1.0:
@@ -129,8 +133,8 @@ class HFEngine:
 
     kind = "hf"
 
-    def __init__(self, target: str, decoding: Decoding, *, dtype=None, device=None, trust_remote_code=False,
-                 batch_size: int = 64, batch_tokens: int = 262144):
+    def __init__(self, target: str, decoding: Decoding, *, dtype=None, device=None, device_map=None,
+                 trust_remote_code=False, batch_size: int = 64, batch_tokens: int = 262144):
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -140,13 +144,14 @@ class HFEngine:
         self.dtype = resolve_dtype(dtype, self.device)
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(target, trust_remote_code=trust_remote_code)
-            model = AutoModelForCausalLM.from_pretrained(target, dtype=self.dtype,
-                                                         trust_remote_code=trust_remote_code)
+            model = AutoModelForCausalLM.from_pretrained(target, dtype=self.dtype, trust_remote_code=trust_remote_code,
+                                                         **({"device_map": device_map} if device_map else {}))
         except Exception as exc:
             raise StageError(f"target {target}: cannot load it: {str(exc).splitlines()[0]}") from None
         if self.tokenizer.chat_template is None:
             raise StageError(f"target {target}: the tokenizer has no chat template")
-        self.model = model.to(self.device).eval()
+        self.model = (model if device_map else model.to(self.device)).eval()
+        self.device = model.get_input_embeddings().weight.device  # where inputs go (device_map: the first GPU)
         self.decoding, self.batch_size, self.batch_tokens = decoding, batch_size, batch_tokens
         self.stop_ids = stop_token_ids(self.model, self.tokenizer, decoding.chat_template_kwargs)
         pad = self.tokenizer.pad_token_id
@@ -189,8 +194,8 @@ class HFEngine:
         kwargs = dict(max_new_tokens=self.decoding.max_new_tokens, do_sample=False, num_beams=1,
                       eos_token_id=self.stop_ids, pad_token_id=self.pad_id)
         if not self.decoding.greedy:
-            gens = [torch.Generator(self.device).manual_seed(req.seed) for req in requests]
-            kwargs["logits_processor"] = [_PerRowSampler(gens, self.decoding.temperature, self.decoding.top_p)]
+            kwargs["logits_processor"] = [_PerRowSampler([req.seed for req in requests], self.decoding.temperature,
+                                                         self.decoding.top_p)]
         with torch.inference_mode():
             out = self.model.generate(input_ids=ids.to(self.device), attention_mask=mask.to(self.device), **kwargs)
         stop = set(self.stop_ids)
@@ -320,7 +325,7 @@ def _describe(exc: Exception) -> str:
 
 def make_engine(engine: str, target: str, decoding: Decoding, **options):
     if engine == "hf":
-        keys = ("dtype", "device", "trust_remote_code", "batch_size", "batch_tokens")
+        keys = ("dtype", "device", "device_map", "trust_remote_code", "batch_size", "batch_tokens")
         return HFEngine(target, decoding, **{k: options[k] for k in keys if k in options})
     if engine == "openai":
         keys = ("base_url", "served_model", "api_key_env", "concurrency", "request_timeout", "max_retries",
