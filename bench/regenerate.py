@@ -26,9 +26,13 @@ sys.path.insert(0, str(REPO))
 
 
 def cli(args: list) -> dict:
+    """A stage in-process, returning its summary; its printed output goes to stderr (stdout is the JSON)."""
+    import contextlib
+
     from stages.cli import main
 
-    return main.main(args=[str(a) for a in args], standalone_mode=False)
+    with contextlib.redirect_stdout(sys.stderr):
+        return main.main(args=[str(a) for a in args], standalone_mode=False)
 
 
 def load_chats(path: str) -> list[list[dict]]:

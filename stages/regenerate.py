@@ -7,13 +7,8 @@ turn with the target's own answer to the conversation so far (earlier answers al
 turn. The engine is the target in-process (`hf`) or an OpenAI-compatible server (`openai`):
 stages/regenerate_engines.py.
 
-Layout of OUT (read as is by `dump-teacher --data OUT`, in sample_index order: stages/record_sources.py)::
-
-    OUT/manifest.json                                  format, target, engine, settings, data fingerprint
-    OUT/shard-IIIII-of-NNNNN/part-PPPPP.jsonl          {"messages", "source": {sample_index, location},
-                                                        "generation": {finish_reasons, num_tokens}} per line
-    OUT/shard-IIIII-of-NNNNN/part-PPPPP.json           the part's bookkeeping (records, skips), written after it
-    OUT/shard-IIIII-of-NNNNN/done.json                 written last: the shard is complete
+The output layout (read as is by `dump-teacher --data OUT`, in sample_index order) is specified in
+stages/regenerated_format.py.
 
 Records go to shards by `sample_index % num_shards` (like the dump); a shard's records, in sample_index order,
 are cut into parts of `--part-records`. Every file is written atomically. A rerun keeps the parts whose
@@ -27,7 +22,6 @@ import shutil
 import time
 from collections import Counter
 from pathlib import Path
-from typing import Iterator
 
 import click
 
@@ -36,76 +30,10 @@ from stages.dump_plan import in_shard, shard_from_env
 from stages.errors import StageError
 from stages.paths import data_fingerprint, ensure_writable, local_or_name
 from stages.regenerate_engines import Decoding, Request, make_engine, request_seed
+from stages.regenerated_format import (FORMAT, SCHEMA_VERSION, bookkeeping_name, compared_manifest,
+                                       manifest_identity_sha256, part_name, shard_dir)
 
-FORMAT = "eagle-pipe-regenerated"
-SCHEMA_VERSION = 1
 TURNS = ("all", "first")
-MANIFEST_UNCOMPARED = ("endpoint",)   # where the server was: a restarted server elsewhere may resume the run
-
-
-# ------------------------------------------------------------------------------------------------ layout
-def shard_dir(out: Path, shard_index: int, num_shards: int) -> Path:
-    return Path(out) / f"shard-{shard_index:05d}-of-{num_shards:05d}"
-
-
-def part_name(part_index: int) -> str:
-    return f"part-{part_index:05d}.jsonl"
-
-
-def bookkeeping_name(part_index: int) -> str:
-    return f"part-{part_index:05d}.json"
-
-
-def is_regenerated_dir(path: Path) -> bool:
-    manifest = Path(path) / "manifest.json"
-    if not manifest.is_file():
-        return False
-    try:
-        return shards.read_json(manifest).get("format") == FORMAT
-    except (ValueError, AttributeError):
-        return False
-
-
-def read_regenerated(out: Path, start: int, select) -> Iterator:
-    """A record reader (stages/record_sources.py) over a complete OUT: the written records of every shard,
-    merged by their original sample_index, so the order does not depend on the number of shards. `where` is
-    `part.jsonl:LINE`; returns the number of records."""
-    import heapq
-
-    out = Path(out)
-    try:
-        num_shards = int(shards.read_json(out / "manifest.json")["num_shards"])
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise StageError(f"{out}/manifest.json: unreadable ({exc})") from None
-    streams = []
-    for i in range(num_shards):
-        directory = shard_dir(out, i, num_shards)
-        if not (directory / "done.json").is_file():
-            raise StageError(f"{directory}: not complete (no done.json); finish `eagle-pipe regenerate` for "
-                             f"shard {i} of {num_shards} first")
-        files = [directory / p["file"] for p in shards.read_json(directory / "done.json")["parts"]]
-        streams.append(_part_lines(files))
-    n = 0
-    for _, where, record in heapq.merge(*streams, key=lambda item: item[0]):
-        if select is None or select(start + n):
-            yield start + n, where, record
-        n += 1
-    return n
-
-
-def _part_lines(files: list[Path]):
-    from stages.record_sources import parse_json_line
-
-    for path in files:
-        with open(path, "rb") as f:
-            for line_no, raw in enumerate(f, 1):
-                record = parse_json_line(raw)
-                try:
-                    index = int(record["source"]["sample_index"])
-                except (KeyError, TypeError, ValueError):
-                    raise StageError(f"{path}:{line_no}: not a regenerated record (no source.sample_index)") \
-                        from None
-                yield index, f"{path}:{line_no}", record
 
 
 # ------------------------------------------------------------------------------------------------ records
@@ -268,15 +196,6 @@ def build_manifest(*, target, data, engine_info: dict, endpoint, decoding: Decod
             "engine": engine_info, "endpoint": endpoint, "settings": settings,
             "data": {"sources": sources, "fingerprint": data_fingerprint(sources)}, "num_shards": num_shards}
 
-
-def _compared(manifest: dict) -> dict:
-    return {k: v for k, v in manifest.items() if k not in MANIFEST_UNCOMPARED}
-
-
-def manifest_identity_sha256(manifest: dict) -> str:
-    return shards.manifest_sha256(_compared(manifest))
-
-
 def claim_manifest(out: Path, manifest: dict, overwrite: bool) -> None:
     """Write OUT/manifest.json or accept one made with the same target, engine and settings; another is
     refused unless --overwrite, which removes its shards."""
@@ -284,7 +203,7 @@ def claim_manifest(out: Path, manifest: dict, overwrite: bool) -> None:
     old_shards = sorted(out.glob("shard-*-of-*"))
     if path.is_file() or old_shards:
         try:
-            diff = shards.manifest_difference(_compared(shards.read_json(path)), _compared(manifest))
+            diff = shards.manifest_difference(compared_manifest(shards.read_json(path)), compared_manifest(manifest))
         except (OSError, ValueError):
             diff = "manifest.json is missing or not valid JSON"
         if diff is None:
@@ -464,7 +383,7 @@ def is_complete(options: dict) -> tuple[bool, str]:
                                   seed=options["seed"], drop_truncated=options["drop_truncated"],
                                   num_shards=num_shards, part_records=options["part_records"],
                                   limit=options["limit"])
-        diff = shards.manifest_difference(_compared(existing), _compared(expected))
+        diff = shards.manifest_difference(compared_manifest(existing), compared_manifest(expected))
     except (ValueError, KeyError, TypeError, StageError) as exc:
         return False, f"{path}: cannot compare settings ({exc})"
     if diff is not None:

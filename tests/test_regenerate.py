@@ -16,7 +16,8 @@ from click.testing import CliRunner
 
 from stages.cli import main
 from stages.records import read_records
-from stages.regenerate import prompt_segments, shard_dir
+from stages.regenerate import prompt_segments
+from stages.regenerated_format import shard_dir
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
