@@ -9,7 +9,6 @@ after a crash only computes what is missing and yields the same bytes.
 """
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import time
@@ -21,6 +20,7 @@ import numpy as np
 from stages import shards
 from stages.dump_plan import Sequence, plan_parts, pad_batch, shard_from_env, token_counts
 from stages.errors import StageError
+from stages.paths import data_fingerprint, ensure_writable, local_or_name
 
 SOFTMAX_MAX_PART_BYTES = 8 << 30     # --teacher softmax: refuse parts above 8 GiB ...
 SOFTMAX_MAX_TOTAL_BYTES = 1 << 40    # ... or a dump estimated above 1 TiB, unless --allow-large-softmax
@@ -53,35 +53,6 @@ def resolve_device(device: str | None) -> str:
     if torch.cuda.is_available():
         return f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
     return "cpu"
-
-
-def ensure_writable(out: Path) -> None:
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / f".write-test-{os.getpid()}"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as exc:
-        raise StageError(f"--out {out}: not writable ({exc.strerror or exc})") from None
-
-
-def local_or_name(source: str) -> str:
-    """Absolute path for a local file/dir (so jobs started from other directories agree), else as given."""
-    path = Path(source).expanduser()
-    return str(path.resolve()) if path.exists() else source
-
-
-def data_fingerprint(sources: list[str]) -> str:
-    """sha256 over every local data file's name and content; a hub dataset name counts by its name."""
-    h = hashlib.sha256()
-    for source in sources:
-        path = Path(source)
-        files = sorted(f for f in path.rglob("*") if f.is_file()) if path.is_dir() else [path]
-        h.update(f"source\0{source}\n".encode())
-        for f in files:
-            if f.is_file():
-                h.update(f"{f.relative_to(path) if path.is_dir() else f.name}\0{shards.sha256_file(f)}\n".encode())
-    return h.hexdigest()
 
 
 def claim_manifest(out: Path, manifest: dict, overwrite: bool) -> None:

@@ -6,7 +6,8 @@ globally without parsing the ones another shard will tokenize. `record` is a dic
 `RecordError` for a record that could not even be parsed (bad bytes, malformed JSON line).
 
 Numbering: a JSONL source has one record per non-blank line; a JSON source one per list element; Parquet and
-`datasets` one per row. Sources are read in the order given; a directory of data files in sorted name order.
+`datasets` one per row. Sources are read in the order given; a directory of data files in sorted name order;
+the output directory of `eagle-pipe regenerate` by the original sample_index (every shard must be complete).
 """
 from __future__ import annotations
 
@@ -148,6 +149,13 @@ def _rows_of_batch(num_rows: int, to_rows, label: str, start: int, first_row: in
         yield index, f"{label}[{first_row + r}]", rows[r]
 
 
+def is_regenerated_dir(path: Path) -> bool:
+    """The output of `eagle-pipe regenerate` (its manifest.json says so): read as its records, not as files."""
+    from stages.regenerated_format import is_regenerated_dir as check
+
+    return check(path)
+
+
 def is_saved_dataset(path: Path) -> bool:
     return path.is_dir() and any(
         (path / f).exists() for f in ("dataset_info.json", "state.json", "dataset_dict.json"))
@@ -194,6 +202,8 @@ def expand_source(source: str) -> list[tuple[str, object]]:
     if path.is_dir():
         if is_saved_dataset(path):
             return [("saved", path)]
+        if is_regenerated_dir(path):
+            return [("regenerated", path)]
         files = sorted(p for p in path.iterdir() if p.is_file() and p.name.lower().endswith(DATA_SUFFIXES))
         if not files:
             raise StageError(f"{source}: a directory with no data files (.jsonl, .json, .parquet) "
@@ -225,5 +235,9 @@ def iter_source(kind: str, target, start: int, select: Select) -> Iterator:
         return (yield from read_json(target, start, select))
     if kind == "parquet":
         return (yield from read_parquet(target, start, select))
+    if kind == "regenerated":
+        from stages.regenerated_format import read_regenerated
+
+        return (yield from read_regenerated(target, start, select))
     ds, label = load_saved_dataset(target) if kind == "saved" else load_hub_dataset(target)
     return (yield from read_dataset(ds, label, start, select))

@@ -1,12 +1,15 @@
-"""Stage `run`: dump-teacher -> train -> export -> eval from one `pipeline.yaml`, skipping finished stages.
+"""Stage `run`: (regenerate ->) dump-teacher -> train -> export -> eval from one `pipeline.yaml`, skipping
+finished stages.
 
 Each section of the file holds one stage's options (the same keys as its CLI flags, validated exactly as
 `eagle-pipe -c FILE STAGE` validates them: stages/config.py). Every stage is called in-process with
 `ctx.invoke(stage.command, **options)` and returns its summary dict. Paths the stages share are wired for you
-when a section leaves them out: train.teacher_dir = dump-teacher.out; eval.target = dump-teacher.target;
+when a section leaves them out: dump-teacher.data = regenerate.out and regenerate.target = dump-teacher.target
+(with a `regenerate` section); train.teacher_dir = dump-teacher.out; eval.target = dump-teacher.target;
 eval.draft = RUN/export (or export.out); eval.run_dir = RUN.
 
 A stage is skipped when its outputs are complete and were made with the same settings:
+  regenerate    every shard's done.json was written under a manifest equal to the one these options give;
   dump-teacher  OUT/manifest.json `settings` equal the options' and `verify` finds no problem;
   train         RUN/train_summary.json (written last) holds the same `settings`, and RUN/export/ exists;
   export        (only with an `export` section) its output has config.json + model.safetensors and train was
@@ -27,6 +30,7 @@ from stages.config import check_section, load_pipeline_file
 from stages.errors import StageError
 
 STAGES = {  # section -> module, in pipeline order
+    "regenerate": "stages.regenerate",
     "dump-teacher": "stages.dump_teacher",
     "train": "stages.train",
     "export": "stages.export",
@@ -50,6 +54,12 @@ def load_sections(path: str) -> dict[str, dict]:
     if missing:
         raise StageError(f"{path}: missing section(s) {', '.join(missing)} (a pipeline needs {', '.join(REQUIRED)})")
     dump, train, ev = sections["dump-teacher"], sections["train"], sections["eval"]
+    regen = sections.get("regenerate")
+    if regen is not None:  # the target answers the data's prompts; dump-teacher reads its answers
+        if "target" in dump:
+            regen.setdefault("target", dump["target"])
+        if "out" in regen:
+            dump.setdefault("data", [regen["out"]])
     if "out" in dump:
         train.setdefault("teacher_dir", dump["out"])
     if "target" in dump:
@@ -103,7 +113,8 @@ def expected_dump_settings(options: dict, num_layers: int) -> dict:
     """The `settings` dump-teacher would write for these options (its own helpers, without loading the target)."""
     from stages.dump_plan import shard_from_env
     from stages.dump_target import dtype_name, parse_aux_layers, resolve_dtype
-    from stages.dump_teacher import local_or_name, resolve_device
+    from stages.dump_teacher import resolve_device
+    from stages.paths import local_or_name
 
     device = resolve_device(options.get("device"))
     _, num_shards = shard_from_env(options.get("shard_index"), options.get("num_shards"))
@@ -216,6 +227,10 @@ def run_pipeline(ctx: click.Context, path: str, force: bool = False) -> dict:
         results[name] = ctx.invoke(stage_command(name), **options[name])
         status[name] = f"ran in {time.perf_counter() - t0:.1f} s"
 
+    if "regenerate" in options:
+        from stages.regenerate import is_complete as regenerate_is_complete
+
+        stage("regenerate", *regenerate_is_complete(options["regenerate"]))
     stage("dump-teacher", *dump_is_complete(options["dump-teacher"]))
     done, why = train_is_complete(options["train"])
     if not done and not force and has_partial_run(options["train"]["out"]):
@@ -287,7 +302,7 @@ def format_summary(s: dict) -> str:
 @click.option("--force", is_flag=True, help="Run every stage even when its outputs are complete.")
 @click.pass_context
 def command(ctx, pipeline, json, force):
-    """Run dump-teacher -> train -> export -> eval as configured in PIPELINE (default pipeline.yaml)."""
+    """Run (regenerate ->) dump-teacher -> train -> export -> eval as configured in PIPELINE (default pipeline.yaml)."""
     summary = run_pipeline(ctx, pipeline, force=force)
     click.echo("== summary")
     click.echo(format_summary(summary))
