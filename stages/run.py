@@ -19,6 +19,7 @@ anyway (each stage's own checks still apply: train refuses a RUN that holds a fi
 """
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import json as jsonlib
 import time
@@ -28,6 +29,7 @@ import click
 
 from stages.config import check_section, load_pipeline_file
 from stages.errors import StageError
+from stages.train_settings import TrainSettings
 
 STAGES = {  # section -> module, in pipeline order
     "regenerate": "stages.regenerate",
@@ -183,8 +185,11 @@ def train_is_complete(options: dict) -> tuple[bool, str]:
         return False, f"{summary_path}: unreadable ({e})"
     if not isinstance(recorded, dict):
         return False, f"{summary_path} holds no settings"
-    changed = sorted(k for k, v in options.items()
-                     if k not in TRAIN_SETTINGS_IGNORED and not _same(recorded.get(k), _jsonable(v)))
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainSettings)
+                if f.default is not dataclasses.MISSING}
+    # an option added after the run was recorded counts as its default (an older summary lacks the key)
+    changed = sorted(k for k, v in options.items() if k not in TRAIN_SETTINGS_IGNORED
+                     and not _same(recorded.get(k, _jsonable(defaults.get(k))), _jsonable(v)))
     if changed:
         return False, f"settings changed: {', '.join(changed)}"
     return True, "complete"

@@ -85,6 +85,12 @@ def test_changed_settings_are_not_skipped(demo):
     assert dump_is_complete(dump | {"top_k": 5}) == (False, "settings changed")
     assert train_is_complete(train | {"lr": 2e-3}) == (False, "settings changed: lr")
     assert train_is_complete(train | {"num_workers": 2})[0]  # does not change the draft
+    summary_path = Path("work/run/train_summary.json")  # a run recorded before an option existed
+    recorded = json.loads(summary_path.read_text())
+    del recorded["settings"]["draft_rope"]
+    summary_path.write_text(json.dumps(recorded))
+    assert train_is_complete(train) == (True, "complete")  # the missing option counts as its default
+    assert train_is_complete(train | {"draft_rope": "default"}) == (False, "settings changed: draft_rope")
     part = next(Path("work/teacher/shards").rglob("part-*.safetensors"))
     part.write_bytes(part.read_bytes()[:-8])  # a truncated part: verify must catch it
     complete, why = dump_is_complete(dump)
