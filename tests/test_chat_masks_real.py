@@ -148,6 +148,14 @@ def small_tokenizer(template: RealTemplate) -> PreTrainedTokenizerFast:
                                   bos_token=bos or None, eos_token=eos or None)
     tok.add_special_tokens({"additional_special_tokens": [s for s in added if s not in (bos, eos)]})
     tok.chat_template = template.text
+    # Templates that build their tokens at render time ('<｜hy_eos{}｜>'.format(...)): take them from renderings.
+    rendered = set()
+    for messages in CONVERSATIONS.values():
+        try:
+            rendered.update(SPECIAL_SHAPES.findall(render(tok, messages, True)))
+        except Exception:  # a refused conversation; checked in the test
+            pass
+    tok.add_tokens(sorted(rendered - set(tok.get_vocab())), special_tokens=True)
     return tok
 
 
@@ -180,11 +188,21 @@ END_OF_TURN = ["<|eot_id|>", "<|eom_id|>", "<|im_end|>", "<|end|>", "<|return|>"
                "<|END_OF_TURN_TOKEN|>", "<|END_TEXT|>", "<|END_RESPONSE|>", "<｜end▁of▁sentence｜>", "<|endoftext|>",
                "<|end_of_text|>", "<eos>", "<|end_of_turn|>", "<seed:eos>", "<|message_sep|>", "<sep>", "<turn|>",
                "</assistant>", "[e~[", "<SPECIAL_12>", "<step>", "<|EOT|>", "<end_message>",
-               "<|assistant_end|>"]
+               "<|assistant_end|>", "<｜hy_eos:opensource｜>"]
 END_OF_TURN_TOKEN = re.compile(r"\s*(?:" + "|".join(map(re.escape, END_OF_TURN)) + ")")
 # Templates that end an assistant turn with no end-of-turn token: the turn ends with its answer.
 NO_END_OF_TURN = {
-    "templates/llama.cpp/llama-cpp-rwkv-world.jinja": "turns are separated by blank lines only",
+    **dict.fromkeys([
+        "templates/chujiezheng_chat_templates/amberchat.jinja", "templates/chujiezheng_chat_templates/chatqa.jinja",
+        "templates/chujiezheng_chat_templates/falcon-instruct.jinja",
+        "templates/chujiezheng_chat_templates/solar-instruct.jinja", "templates/llama.cpp/llama-cpp-rwkv-world.jinja",
+        "templates/ollama_golden/templates.jsonl:24:granite-instruct", "templates/ollama_golden/templates.jsonl:31:chatqa",
+        "templates/ollama_golden/templates.jsonl:32:falcon-instruct",
+        "templates/ollama_golden/templates.jsonl:33:falcon-instruct",
+        "templates/ollama_golden/templates.jsonl:34:solar-instruct",
+    ], "plain-text roles: the next turn starts after blank lines"),
+    **dict.fromkeys(["templates/llama.cpp/GLM-4.6.jinja", "templates/llama.cpp/GLM-4.7-Flash.jinja"],
+                    "the next turn's header <|user|> follows the answer directly; it is the user's header"),
 }
 
 
@@ -228,3 +246,91 @@ def reference_spans(tok, messages: list[dict]) -> list[tuple[int, int]]:
     if len(runs) > 1:
         runs[-1] = runs[-1][:len(runs[0])]
     return [(start, run[-1]) for (start, _), run in zip(spans, runs)]
+
+
+# ---------------------------------------------------------------------------------------------- the checks
+# Templates that refuse a conversation for a reason of their own: {name: {conversation: (error text, why)}}.
+NEEDS_TOOLS = ("'NoneType' object is not iterable", "a tool-use template: renders only with tools=[...]")
+REFUSALS = {
+    "tokenizers/gemma-2b-it/tokenizer_config.json": {
+        c: ("System role not supported", "Gemma-2 has no system role") for c in ("system", "reasoning")},
+    "templates/llama.cpp/CohereForAI-c4ai-command-r-plus-tool_use.jinja": dict.fromkeys(CONVERSATIONS, NEEDS_TOOLS),
+    "templates/llama.cpp/NousResearch-Hermes-2-Pro-Llama-3-8B-tool_use.jinja": dict.fromkeys(
+        CONVERSATIONS, NEEDS_TOOLS),
+    "templates/llama.cpp/fireworks-ai-llama-3-firefunction-v2.jinja": dict.fromkeys(
+        CONVERSATIONS, ("'functions' is undefined", "a function-calling template: renders only with functions")),
+    **{f"templates/ollama_golden/templates.jsonl:{n}:mistral-instruct": {
+        c: ("Conversation roles must alternate", "an old Mistral template without a system role")
+        for c in ("system", "reasoning")} for n in (11, 15)},
+    **{f"templates/ollama_golden/templates.jsonl:{n}:{name}": {
+        c: ("System messages are not allowed", "no system role") for c in ("system", "reasoning")}
+       for n, name in ((12, "starcoder2-instruct"), (25, "magicoder"))},
+}
+
+# Templates that silently leave the system message out (nothing of it to leak).
+SYSTEM_NOT_RENDERED = {
+    "tokenizers/phi-3-mini-128k-instruct/tokenizer_config.json",
+    "templates/llama.cpp/mistralai-Mistral-Nemo-Instruct-2407.jinja",  # only into a last user turn
+    "templates/ollama_golden/templates.jsonl:10:zephyr", "templates/ollama_golden/templates.jsonl:28:phi-3",
+    "templates/ollama_golden/templates.jsonl:31:chatqa",
+}
+
+
+def supervised_mask(offsets, spans) -> list[int]:
+    return [int(any(a < e and b > s for s, e in spans)) for a, b in offsets]
+
+
+def check_template(tok, template: RealTemplate, conversation: str) -> str:
+    """Assert the masker's mask on one conversation is the rule's; returns what happened ("refused" / "masked")."""
+    messages = CONVERSATIONS[conversation]
+    refusal = REFUSALS.get(template.name, {}).get(conversation)
+    if refusal is not None:
+        with pytest.raises(Exception, match=re.escape(refusal[0])):
+            render(tok, messages, False)
+        with pytest.raises(TemplateError, match=re.escape(refusal[0])):
+            ChatMasker(tok).encode(messages)
+        return "refused"
+    full = render(tok, messages, False)
+    ids, mask = ChatMasker(tok).encode(messages)
+    enc = tok(full, add_special_tokens=False, return_offsets_mapping=True)
+    assert ids == enc["input_ids"]
+    spans = reference_spans(tok, messages)
+    assert mask == supervised_mask(enc["offset_mapping"], spans), [
+        tok.decode([t for t, m in zip(ids, mask) if m]), [full[s:e] for s, e in spans]]
+    # Independently of the spans: no user/system text is supervised, every answer is, entirely.
+    for message in messages:
+        text = answer_of(message) if message["role"] == "assistant" else message["content"]
+        at = full.find(text)
+        if at < 0 and message["role"] == "system" and template.name in SYSTEM_NOT_RENDERED:
+            continue
+        assert at >= 0, f"{message['role']} text not rendered"
+        covered = supervised_mask(enc["offset_mapping"], [(at, at + len(text))])
+        touched = [m for m, c in zip(mask, covered) if c]
+        assert all(touched) if message["role"] == "assistant" else not any(touched), message
+    has_end_of_turn = all(end_of_turn_run(full, full.find(answer_of(m)) + len(answer_of(m)))
+                          for m in messages[:-1] if m["role"] == "assistant")
+    assert has_end_of_turn != (template.name in NO_END_OF_TURN)
+    return "masked"
+
+
+TEMPLATES = real_templates()
+TEMPLATE_IDS = [t.name for t in TEMPLATES]
+
+
+@pytest.mark.parametrize("template", TEMPLATES or [None], ids=TEMPLATE_IDS or ["absent"])
+def test_mask_on_every_real_template(template):
+    if template is None:
+        real_path("templates")  # skips: shared/real is not there
+    outcomes = {c: check_template(small_tokenizer(template), template, c) for c in CONVERSATIONS}
+    assert set(REFUSALS.get(template.name, {})) == {c for c, o in outcomes.items() if o == "refused"}
+
+
+def test_every_template_is_found_and_the_lists_name_real_ones():
+    real_path("templates")
+    names = set(TEMPLATE_IDS)
+    assert len(TEMPLATES) >= 130
+    assert set(REFUSALS) <= names and set(NO_END_OF_TURN) <= names
+    for path in ("templates/llama.cpp", "templates/chujiezheng_chat_templates"):
+        on_disk = {str(p.relative_to(real_root())) for p in real_path(path).glob("*.jinja")}
+        texts = {t.text for t in TEMPLATES}
+        assert all(p.read_text() in texts for p in real_path(path).glob("*.jinja")), on_disk - names
