@@ -106,26 +106,26 @@ def test_masks_equal_hand_built_assistant_spans(which, messages, llama_tok, qwen
         m["content"] + eot for m in messages if m["role"] == "assistant"]
 
 
-def test_generation_tags_agree_with_prefix_method(qwen_tok, qwen_gen_tok, tmp_path):
+def test_generation_tags_do_not_change_the_rule(qwen_tok, qwen_gen_tok, tmp_path):
+    """`{% generation %}` spans are not used (SmolLM3's wrap the header and the newline after <|im_end|>): a tagged
+    template is masked by the same rule as any other."""
     convs = [CONVERSATIONS[0]["messages"], CONVERSATIONS[1]["messages"], MULTI_TURN]
     src = write_jsonl(tmp_path / "c.jsonl", [{"messages": m} for m in convs] + [CONVERSATIONS[2]])
-    assert ChatMasker(qwen_gen_tok).use_generation_tags and not ChatMasker(qwen_tok).use_generation_tags
-    # Same template, both methods. (HF renders with trim_blocks, so the conftest tagged template drops the
-    # "\n" after an assistant turn's <|im_end|>; its text differs from CHATML_TEMPLATE there.)
+    # (HF renders with trim_blocks, so the conftest tagged template drops the "\n" after an assistant turn's
+    # <|im_end|>; its text differs from CHATML_TEMPLATE there.)
     tagged = list(tokenize_records(src, qwen_gen_tok, max_seq_len=4096))
-    masker = ChatMasker(qwen_gen_tok, use_generation_tags=False)
     for ex, msgs in zip(tagged, convs):
-        assert masker.encode(msgs) == (ex.input_ids, ex.loss_mask)
         assert supervised_runs(qwen_gen_tok, ex.input_ids, ex.loss_mask) == [
             m["content"] + "<|im_end|>" for m in msgs if m["role"] == "assistant"]
-    # A tagged template that renders exactly CHATML_TEMPLATE's text gives exactly the prefix method's output.
-    same_text = AutoTokenizer.from_pretrained(qwen_tok.name_or_path)
-    same_text.chat_template = CHATML_GENERATION_TEMPLATE.replace(
-        "{% endgeneration %}\n", "{% endgeneration %}{{ '\\n' }}")
-    assert same_text.apply_chat_template(MULTI_TURN, tokenize=False) == qwen_tok.apply_chat_template(
+    # Tags that wrap more than the rule (the header, the trailing newline) are ignored too.
+    wide = AutoTokenizer.from_pretrained(qwen_tok.name_or_path)
+    wide.chat_template = CHATML_TEMPLATE.replace(
+        "<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n",
+        "{% if m['role'] == 'assistant' %}{% generation %}<|im_start|>assistant\n{{ m['content'] }}<|im_end|>\n"
+        "{% endgeneration %}{% else %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endif %}")
+    assert wide.apply_chat_template(MULTI_TURN, tokenize=False) == qwen_tok.apply_chat_template(
         MULTI_TURN, tokenize=False)
-    assert ChatMasker(same_text).use_generation_tags
-    assert list(tokenize_records(src, same_text, max_seq_len=4096)) == list(
+    assert list(tokenize_records(src, wide, max_seq_len=4096)) == list(
         tokenize_records(src, qwen_tok, max_seq_len=4096))
 
 
@@ -164,7 +164,7 @@ def test_template_that_rewrites_earlier_turns(qwen_tok, tmp_path):
     assert (ex.input_ids, ex.loss_mask) == reference(tok, chatml_segments(as_rendered))
 
 
-def test_template_without_special_tokens_supervises_whole_increment(qwen_tok, tmp_path):
+def test_template_without_end_of_turn_token_supervises_the_content(qwen_tok, tmp_path):
     tok = AutoTokenizer.from_pretrained(qwen_tok.name_or_path)
     tok.chat_template = ("{% for m in messages %}{{ m['role'] }}:\n{{ m['content'] }}\n{% endfor %}"
                          "{% if add_generation_prompt %}assistant:\n{% endif %}")
@@ -172,7 +172,7 @@ def test_template_without_special_tokens_supervises_whole_increment(qwen_tok, tm
     (ex,) = tokenize_records(write_jsonl(tmp_path / "c.jsonl", [{"messages": msgs}]), tok, max_seq_len=4096)
     segs = []
     for m in msgs:
-        segs += [(f"{m['role']}:\n", 0), (m["content"] + "\n", int(m["role"] == "assistant"))]
+        segs += [(f"{m['role']}:\n", 0), (m["content"], int(m["role"] == "assistant")), ("\n", 0)]
     assert (ex.input_ids, ex.loss_mask) == reference(tok, segs)
 
 
