@@ -222,8 +222,8 @@ def render(tok, messages: list[dict], add_generation_prompt: bool) -> str:
 def reference_spans(tok, messages: list[dict]) -> list[tuple[int, int]]:
     """Each assistant turn's [start, end) in the conversation's text, by the rule (module docstring).
 
-    The last turn keeps as many end-of-turn tokens as the earlier ones have: what follows is the template's
-    closing text (Phi-3's `<|endoftext|>`), not the turn's.
+    The last turn keeps as many end-of-turn tokens as it has when a user turn follows: what follows is the
+    template's closing text (Phi-3's `<|endoftext|>`), not the turn's.
     """
     full = render(tok, messages, False)
     spans, runs = [], []
@@ -245,8 +245,12 @@ def reference_spans(tok, messages: list[dict]) -> list[tuple[int, int]]:
         answer_end = full.rfind(answer_of(message), start, limit) + len(answer_of(message))
         runs.append(end_of_turn_run(full, answer_end) or [answer_end])
         spans.append((start, answer_end))
-    if len(runs) > 1:
-        runs[-1] = runs[-1][:len(runs[0])]
+    if runs and messages[-1]["role"] == "assistant":
+        # the last turn keeps as many end-of-turn tokens as it has when a user turn follows it
+        followed = render(tok, [*messages, {"role": "user", "content": "Userask next."}], False)
+        answer = answer_of(messages[-1])
+        kept = end_of_turn_run(followed, followed.rfind(answer, 0, followed.rfind("Userask next.")) + len(answer))
+        runs[-1] = runs[-1][:max(len(kept), 1)]
     return [(start, run[-1]) for (start, _), run in zip(spans, runs)]
 
 
@@ -431,3 +435,42 @@ def test_specforge_golden_ids_and_masks(name, folder, template_file):
     assert ids == golden["input_ids"]
     assert mask == specforge_to_rule(tok, ids, golden["loss_mask"])
 
+
+
+# ---------------------------------------------------------------------------------------------- real chat data
+SHAREGPT_TEMPLATES = ["tokenizers/phi-3-mini-4k-instruct/tokenizer_config.json",
+                      "tokenizers/gpt-oss-20b/chat_template.llama.cpp_gpt-oss-120b.jinja",
+                      "tokenizers/mistral-7b-instruct-v0.3/mistral_common_chat_templates/v3.jinja"]
+
+
+@pytest.mark.parametrize("name", SHAREGPT_TEMPLATES)
+def test_sharegpt_records_with_three_turns_are_masked_not_skipped(name):
+    """FastChat's ShareGPT sample (1-3 assistant turns per record) through tokenize_records: no record is
+    skipped, and each mask is the rule's (records whose texts repeat inside the record are checked for their
+    answers being supervised only, as the reference finds texts by search)."""
+    from stages.records import Example, parse_record, tokenize_records
+
+    (template,) = [t for t in TEMPLATES if t.name == name]
+    tok = family_tokenizer(template.folder) if template.folder in REAL_TOKENIZER_FOLDERS else small_tokenizer(template)
+    tok.chat_template = template.text
+    source = real_path("data/fastchat/dummy_conversation.json")
+    records = json.loads(source.read_text())[:40]
+    examples = list(tokenize_records([str(source)], tok, max_seq_len=100_000, select=lambda i: i < 40))
+    assert len(examples) == 40 and all(isinstance(e, Example) for e in examples)
+    exact = 0
+    for example, record in zip(examples, records):
+        _, messages = parse_record(record)
+        full = render(tok, messages, False)
+        enc = tok(full, add_special_tokens=False, return_offsets_mapping=True)
+        assert example.input_ids == enc["input_ids"]
+        contents = [m["content"] for m in messages]
+        if all(full.count(c) == 1 for c in contents):
+            exact += 1
+            assert example.loss_mask == supervised_mask(enc["offset_mapping"], reference_spans(tok, messages))
+        for m in messages:
+            at = full.find(m["content"])
+            covered = supervised_mask(enc["offset_mapping"], [(at, at + len(m["content"]))])
+            touched = [s for s, c in zip(example.loss_mask, covered) if c]
+            assert all(touched) if m["role"] == "assistant" else not any(touched) or full.count(m["content"]) > 1
+    assert exact >= 25
+    assert sum(1 for r in records if sum(t["from"] == "gpt" for t in r["conversations"]) == 3) >= 10
