@@ -8,21 +8,18 @@ the template writes after the end-of-turn token (ChatML's newline, Phi-3's closi
 
 Why probes: real templates do not render a conversation as a concatenation of its prefixes. They append text
 at the very end (Phi-3), end the last turn differently (gpt-oss: `<|return|>`, `<|end|>` before), move the
-system prompt into the last user turn (Mistral v3), or drop earlier reasoning (Qwen3). So the turn is located
-in the full rendering itself, with three renderings per assistant turn i:
+system prompt into the last user turn (Mistral v3), or drop earlier reasoning (Qwen3). So each assistant turn
+is located in the full rendering itself, with renderings in which a sentinel is appended to a message's
+content (appended, not substituted, so templates that parse the content — `<think>` splitting — render it
+the same way):
 
-* `probe`: the full conversation with turn i's content replaced by a sentinel. The text before and after the
-  sentinel is the template's own text around the content, in the full conversation's context, so the content
-  of turn i occupies exactly what lies between them in the real rendering.
-* `prompt`: messages[:i] with the generation prompt. When the real rendering starts with it, the turn starts
-  where it ends. Otherwise (the prompt moves the system text, or opens a block history turns do not have),
-  the turn starts before the content by the markup the template writes between the generation prompt and the
-  content (gpt-oss's channel header) — read from `alone`.
-* `alone`: messages[:i] plus the sentinel turn, rendered as the last message. What follows the sentinel is
-  the turn's own ending; the end-of-turn token is the first special token of the real text after the content
-  that starts within that ending (this is how `<|end|>` before a later turn and `<|return|>` at the end are
-  both found, and Phi-3's trailing `<|endoftext|>` is not). A template without such a token ends the turn
-  with the text its own ending shares with the real one (e.g. a newline).
+* end of the content: where the sentinel stands in the full conversation rendered with it on turn i;
+* start: the prompt (messages[:i] plus the generation prompt) is rendered with the sentinel on the previous
+  message; what it writes after that sentinel (the previous message's ending and the generation prompt) is
+  followed in the full text from the previous message's end, as far as the two agree. This is the
+  generation prompt's end even when the prompt's text before it differs from the full rendering;
+* end-of-turn: the special tokens written after the content both when the turn is last and when a user turn
+  follows (`_turn_end`).
 
 The full rendering is tokenized once with offsets, and a token is supervised when it overlaps one of the
 character spans. A record is a `TemplateError` only when the template itself raises.
