@@ -129,6 +129,72 @@ def test_generation_tags_do_not_change_the_rule(qwen_tok, qwen_gen_tok, tmp_path
         tokenize_records(src, qwen_tok, max_seq_len=4096))
 
 
+# Shapes of real templates that render a conversation differently from the concatenation of its prefixes
+# (tests/test_chat_masks_real.py checks the real ones): Phi-3 closes the text with the EOS token, gpt-oss ends
+# the last assistant turn with <|return|> and the others with <|end|>, Mistral v3 moves the system text into
+# the last user turn.
+PHI3_LIKE = ("{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}<|end|>\n{% endfor %}"
+             "{% if add_generation_prompt %}<|assistant|>\n{% else %}{{ eos_token }}{% endif %}")
+GPT_OSS_LIKE = ("{% for m in messages %}<|start|>{{ m['role'] }}"
+                "{% if m['role'] == 'assistant' %}<|channel|>final{% endif %}<|message|>{{ m['content'] }}"
+                "{% if m['role'] == 'assistant' and loop.last and not add_generation_prompt %}<|return|>"
+                "{% else %}<|end|>{% endif %}{% endfor %}{% if add_generation_prompt %}<|start|>assistant{% endif %}")
+MISTRAL_LIKE = ("{{ bos_token }}{% set ns = namespace(last=-1, sys='') %}"
+                "{% for m in messages %}{% if m['role'] == 'user' %}{% set ns.last = loop.index0 %}{% endif %}"
+                "{% if m['role'] == 'system' %}{% set ns.sys = m['content'] %}{% endif %}{% endfor %}"
+                "{% for m in messages %}{% if m['role'] == 'user' %}[INST] "
+                "{% if loop.index0 == ns.last and ns.sys %}{{ ns.sys }}\n\n{% endif %}{{ m['content'] }}[/INST]"
+                "{% elif m['role'] == 'assistant' %} {{ m['content'] }}</s>{% endif %}{% endfor %}")
+
+
+def phi3_segments(tok, messages):
+    segs = []
+    for m in messages:
+        segs += [(f"<|{m['role']}|>\n", 0), (m["content"] + "<|end|>", int(m["role"] == "assistant")), ("\n", 0)]
+    return segs + [(tok.eos_token, 0)]
+
+
+def gpt_oss_segments(tok, messages):
+    segs = []
+    for k, m in enumerate(messages):
+        if m["role"] == "assistant":
+            end = "<|return|>" if k == len(messages) - 1 else "<|end|>"
+            segs += [("<|start|>assistant", 0), ("<|channel|>final<|message|>" + m["content"] + end, 1)]
+        else:
+            segs += [(f"<|start|>{m['role']}", 0), ("<|message|>" + m["content"] + "<|end|>", 0)]
+    return segs
+
+
+def mistral_segments(tok, messages):
+    system = next((m["content"] for m in messages if m["role"] == "system"), "")
+    last_user = max(k for k, m in enumerate(messages) if m["role"] == "user")
+    segs = [(tok.bos_token, 0)]
+    for k, m in enumerate(messages):
+        if m["role"] == "user":
+            moved = f"{system}\n\n" if k == last_user and system else ""
+            segs.append((f"[INST] {moved}{m['content']}[/INST]", 0))
+        elif m["role"] == "assistant":
+            segs.append((f" {m['content']}</s>", 1))
+    return segs
+
+
+THREE_TURNS = MULTI_TURN + [{"role": "user", "content": "And a module?"},
+                            {"role": "assistant", "content": "A file of definitions."}]
+
+
+@pytest.mark.parametrize("template,segments", [(PHI3_LIKE, phi3_segments), (GPT_OSS_LIKE, gpt_oss_segments),
+                                               (MISTRAL_LIKE, mistral_segments)], ids=["phi3", "gpt-oss", "mistral"])
+@pytest.mark.parametrize("messages", [MULTI_TURN, THREE_TURNS, THREE_TURNS[:-1]], ids=["2", "3", "ends-in-user"])
+def test_templates_that_are_not_prefix_stable(template, segments, messages, qwen_tok, tmp_path):
+    tok = AutoTokenizer.from_pretrained(qwen_tok.name_or_path)
+    tok.add_special_tokens({"additional_special_tokens": [
+        "<|system|>", "<|user|>", "<|assistant|>", "<|end|>", "<|start|>", "<|channel|>", "<|message|>",
+        "<|return|>", "[INST]", "[/INST]", "</s>"]})
+    tok.chat_template = template
+    (ex,) = tokenize_records(write_jsonl(tmp_path / "c.jsonl", [{"messages": messages}]), tok, max_seq_len=4096)
+    assert (ex.input_ids, ex.loss_mask) == reference(tok, segments(tok, messages))
+
+
 def test_template_whose_generation_prompt_differs_from_history(qwen_tok, tmp_path):
     """Qwen3-style: the generation prompt opens an empty think block that history turns do not have."""
     tok = AutoTokenizer.from_pretrained(qwen_tok.name_or_path)
