@@ -35,7 +35,7 @@ from stages.errors import StageError
 
 # Stands in for a turn's content in probe renderings: private-use characters no template writes itself.
 SENTINEL = "\ue000eagle-pipe-turn\ue001"
-SENTINEL_BEFORE = "\ue002eagle-pipe-previous\ue003"  # the message before that turn
+SENTINEL_OTHER = "\ue002eagle-pipe-other\ue003"  # a neighbour: the message before the turn, or a user turn after it
 
 
 class TemplateError(ValueError):
@@ -107,12 +107,12 @@ class ChatMasker:
             content_end = _shared_prefix_end(full, probe[:probe.find(SENTINEL)])
             start = _common_prefix_len(self.render([], add_generation_prompt=True), full[:content_end])
         else:
-            previous = {**messages[i - 1], "content": messages[i - 1]["content"] + SENTINEL_BEFORE}
+            previous = {**messages[i - 1], "content": messages[i - 1]["content"] + SENTINEL_OTHER}
             probe = self.render(messages[:i - 1] + [previous, turn] + messages[i + 1:], add_generation_prompt=False)
             if SENTINEL not in probe:
                 return None
             at = probe.find(SENTINEL)
-            content_end = _shared_prefix_end(full, probe[:at].replace(SENTINEL_BEFORE, "", 1))
+            content_end = _shared_prefix_end(full, probe[:at].replace(SENTINEL_OTHER, "", 1))
             start = self._turn_start(messages, i, full, probe[:at], content_end)
         return min(start, content_end), self._turn_end(messages, i, full, content_end)
 
@@ -125,13 +125,13 @@ class ChatMasker:
         message's ending plus the generation prompt — is followed in `full` from the same point, as far as
         both agree.
         """
-        previous = {**messages[i - 1], "content": messages[i - 1]["content"] + SENTINEL_BEFORE}
+        previous = {**messages[i - 1], "content": messages[i - 1]["content"] + SENTINEL_OTHER}
         prompt = self.render(messages[:i - 1] + [previous], add_generation_prompt=True)
-        at_prompt, at_probe = prompt.find(SENTINEL_BEFORE), probe_head.find(SENTINEL_BEFORE)
+        at_prompt, at_probe = prompt.find(SENTINEL_OTHER), probe_head.find(SENTINEL_OTHER)
         if at_prompt < 0 or at_probe < 0 or not full.startswith(probe_head[:at_probe]):
             # the previous message is not rendered in place (e.g. a system text moved elsewhere)
             return _common_prefix_len(self.render(messages[:i], add_generation_prompt=True), full)
-        anchor = prompt[at_prompt + len(SENTINEL_BEFORE):]
+        anchor = prompt[at_prompt + len(SENTINEL_OTHER):]
         return at_probe + _common_prefix_len(anchor, full[at_probe:content_end])
 
     def _turn_end(self, messages: list[dict], i: int, full: str, content_end: int) -> int:
@@ -152,7 +152,7 @@ class ChatMasker:
         if i + 1 < len(messages):
             ending_last, ending_followed = _after(as_last, SENTINEL), full[content_end:]
         else:
-            followed = self.render(turn + [{"role": "user", "content": SENTINEL_BEFORE}], add_generation_prompt=False)
+            followed = self.render(turn + [{"role": "user", "content": SENTINEL_OTHER}], add_generation_prompt=False)
             ending_last, ending_followed = full[content_end:], _after(followed, SENTINEL)
         shared = _common_prefix_len(ending_last, ending_followed)
         ends = [m.end() for m in self._special.finditer(ending_last, 0, shared)]

@@ -393,7 +393,8 @@ SPECFORGE_GOLDEN = [
 ]
 # Not reproduced: the other references need a tokenizer shared/real does not have (DeepSeek, Kimi, Ling), tool
 # messages (records here carry system/user/assistant text only), or a template it does not have (Qwen3-Next,
-# Qwen3.5); gpt-oss's needs the o200k tokenizer built in the families helpers.
+# Qwen3.5); gpt-oss's is SpecForge's own harmony rendering (a fixed "Current date: 2025-06-28", "Reasoning: low",
+# `<|end|>` on the last turn), which the official template does not produce.
 
 
 def specforge_case(name: str, folder: str, template_file: str):
