@@ -451,10 +451,10 @@ def test_sharegpt_records_with_three_turns_are_masked_not_skipped(name):
     answers being supervised only, as the reference finds texts by search)."""
     from stages.records import Example, parse_record, tokenize_records
 
+    source = real_path("data/fastchat/dummy_conversation.json")
     (template,) = [t for t in TEMPLATES if t.name == name]
     tok = family_tokenizer(template.folder) if template.folder in REAL_TOKENIZER_FOLDERS else small_tokenizer(template)
     tok.chat_template = template.text
-    source = real_path("data/fastchat/dummy_conversation.json")
     records = json.loads(source.read_text())[:40]
     examples = list(tokenize_records([str(source)], tok, max_seq_len=100_000, select=lambda i: i < 40))
     assert len(examples) == 40 and all(isinstance(e, Example) for e in examples)
