@@ -8,8 +8,14 @@ with every message's content a unique sentence:
   prompt, where that rendering ends. Otherwise (the prompt moves the system text, as Mistral v3 does) the
   earlier rendering's text after the previous message's content is followed in the conversation's text, from
   the same content, as far as the two agree.
-* end: the end-of-turn token right after the answer, from the explicit END_OF_TURN list below; templates
-  that write none end the turn at the answer (listed in NO_END_OF_TURN with what they write instead).
+* end: the end-of-turn tokens right after the answer (whitespace between allowed), from the explicit
+  END_OF_TURN list below; the last turn keeps as many as it has when a user turn follows (Phi-3's closing
+  `<|endoftext|>` is not the turn's). Templates that write none end the turn at the answer (listed in
+  NO_END_OF_TURN with what they write instead).
+
+Independently of the spans, no user/system text may be supervised and every answer must be, entirely.
+Also: SpecForge's golden Qwen ids reproduced exactly (masks up to its two documented convention
+differences), and FastChat's ShareGPT records (3 assistant turns included) masked, not skipped.
 
 Every template is checked with a small offline tokenizer that has the template's special tokens added, and
 the templates that ship next to a real vocabulary (Qwen, Phi-3) also with that tokenizer. Templates that
@@ -196,7 +202,8 @@ NO_END_OF_TURN = {
         "templates/chujiezheng_chat_templates/amberchat.jinja", "templates/chujiezheng_chat_templates/chatqa.jinja",
         "templates/chujiezheng_chat_templates/falcon-instruct.jinja",
         "templates/chujiezheng_chat_templates/solar-instruct.jinja", "templates/llama.cpp/llama-cpp-rwkv-world.jinja",
-        "templates/ollama_golden/templates.jsonl:24:granite-instruct", "templates/ollama_golden/templates.jsonl:31:chatqa",
+        "templates/ollama_golden/templates.jsonl:24:granite-instruct",
+        "templates/ollama_golden/templates.jsonl:31:chatqa",
         "templates/ollama_golden/templates.jsonl:32:falcon-instruct",
         "templates/ollama_golden/templates.jsonl:33:falcon-instruct",
         "templates/ollama_golden/templates.jsonl:34:solar-instruct",
