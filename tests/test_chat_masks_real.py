@@ -359,7 +359,7 @@ def family_tokenizer(folder: str):
     path = real_path(folder)
     if (path / "tokenizer.json").is_file():
         config = folder_config(folder)
-        return PreTrainedTokenizerFast(tokenizer_file=str(path / "tokenizer.json"),
+        return PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_file(str(path / "tokenizer.json")),
                                        **{k: _token_str(config[k]) for k in ("bos_token", "eos_token", "unk_token")
                                           if config.get(k)})
     return AutoTokenizer.from_pretrained(str(path))
@@ -367,7 +367,24 @@ def family_tokenizer(folder: str):
 
 REAL_TOKENIZER_FOLDERS = ["tokenizers/qwen3", "tokenizers/qwen2.5-instruct", "tokenizers/phi-3-mini-4k-instruct",
                           "tokenizers/phi-3-mini-128k-instruct"]
-REAL_TOKENIZER_TEMPLATES = [t for t in TEMPLATES if t.folder in REAL_TOKENIZER_FOLDERS]
+# Templates kept elsewhere whose family's vocabulary is here: {template: tokenizer folder}.
+FAMILY_OF = {
+    **dict.fromkeys(["templates/llama.cpp/Qwen-QwQ-32B.jinja", "templates/llama.cpp/Qwen3-Coder.jinja", "templates/chujiezheng_chat_templates/qwen2.5-instruct.jinja",
+                     "templates/chujiezheng_chat_templates/chatml.jinja"], "tokenizers/qwen3"),
+    "templates/chujiezheng_chat_templates/phi-3.jinja": "tokenizers/phi-3-mini-128k-instruct",
+    # Llama-2's SentencePiece vocabulary, as Phi-3's tokenizer.json ships it (llama-2-7b's own tokenizer.json has
+    # merges the tokenizers library rejects)
+    **dict.fromkeys(["templates/chujiezheng_chat_templates/llama-2-chat.jinja",
+                     "templates/chujiezheng_chat_templates/mistral-instruct.jinja",
+                     "templates/chujiezheng_chat_templates/zephyr.jinja"], "tokenizers/phi-3-mini-4k-instruct"),
+}
+
+
+def family_folder(template: RealTemplate) -> str | None:
+    return FAMILY_OF.get(template.name, template.folder if template.folder in REAL_TOKENIZER_FOLDERS else None)
+
+
+REAL_TOKENIZER_TEMPLATES = [t for t in TEMPLATES if family_folder(t) is not None]
 
 
 @pytest.mark.parametrize("template", REAL_TOKENIZER_TEMPLATES or [None],
@@ -375,7 +392,7 @@ REAL_TOKENIZER_TEMPLATES = [t for t in TEMPLATES if t.folder in REAL_TOKENIZER_F
 def test_mask_with_the_real_tokenizer(template):
     if template is None:
         real_path("tokenizers")
-    tok = family_tokenizer(template.folder)
+    tok = family_tokenizer(family_folder(template))
     tok.chat_template = template.text
     for conversation in CONVERSATIONS:
         check_template(tok, template, conversation)
@@ -383,7 +400,8 @@ def test_mask_with_the_real_tokenizer(template):
 
 def test_real_tokenizers_are_covered():
     real_path("tokenizers")
-    assert {t.folder for t in REAL_TOKENIZER_TEMPLATES} == set(REAL_TOKENIZER_FOLDERS)
+    assert {family_folder(t) for t in REAL_TOKENIZER_TEMPLATES} == set(REAL_TOKENIZER_FOLDERS)
+    assert set(FAMILY_OF) <= set(TEMPLATE_IDS)
     qwen = family_tokenizer("tokenizers/qwen3")
     config = folder_config("tokenizers/qwen3")["added_tokens_decoder"]
     assert all(qwen.convert_tokens_to_ids(t["content"]) == int(i) for i, t in config.items())
@@ -460,7 +478,7 @@ def test_sharegpt_records_with_three_turns_are_masked_not_skipped(name):
 
     source = real_path("data/fastchat/dummy_conversation.json")
     (template,) = [t for t in TEMPLATES if t.name == name]
-    tok = family_tokenizer(template.folder) if template.folder in REAL_TOKENIZER_FOLDERS else small_tokenizer(template)
+    tok = family_tokenizer(family_folder(template)) if family_folder(template) else small_tokenizer(template)
     tok.chat_template = template.text
     records = json.loads(source.read_text())[:40]
     examples = list(tokenize_records([str(source)], tok, max_seq_len=100_000, select=lambda i: i < 40))
