@@ -24,12 +24,13 @@ eagle3`` builds and runs with its default flags, except where noted):
 3. Model: ``models/eagle3/core.py:368 Eagle3DraftModel.from_training_args`` (as ``train/cli.py:587`` calls it)
    with the CLI's eagle3 defaults ``norm_before_residual=True``, ``norm_before_fc=True``, ``norm_output=True``
    (``TrainConfig._resolve_derived_defaults``; ``--plain-eagle3`` turns the last two off, as in ours),
-   ``embed_requires_grad=False``, ``draft_attn_impl="eager"`` (the CLI default ``simple_flex_attention`` needs
-   a compiled flex kernel; ``--attn sdpa`` is the other dense choice). Loss: ``get_trainer_kwargs`` (core.py:429)
-   with ``loss_fn="kl_div"``, ``ttt_step_loss_decay=1.0`` (defaults) and ``loss_implementation="eager"``: the CLI
-   default ``fused`` is a Triton kernel (losses/fused.py) that has no CPU backend; the eager one is
+   ``embed_requires_grad=False``, ``draft_attn_impl="eager"`` on CPU (the CLI default ``simple_flex_attention``,
+   kept on CUDA, needs a compiled flex kernel, and speculators compiles only on CUDA; ``--attn sdpa`` is the
+   other dense choice). Loss: ``get_trainer_kwargs`` (core.py:429) with ``loss_fn="kl_div"``,
+   ``ttt_step_loss_decay=1.0`` (defaults) and on CPU ``loss_implementation="eager"``: the CLI default ``fused``
+   (kept on CUDA) is a Triton kernel (losses/fused.py) with no CPU backend; the eager one is
    ``losses/eager.py:11 kl_div_loss`` (fp32 log_softmax + softmax + kl_div over the draft vocab), reduced by
-   ``losses/utils.py:233 compound_loss`` / ``:269 loss_function``.
+   ``losses/utils.py:233 compound_loss`` / ``:269 loss_function``. Only the CPU path has been run.
 4. Batch: what ``train/data.py:336 CollateFn`` yields after ``models/eagle3/data.py shift_batch``: ONE packed
    row ``[1, batch*seq_len]`` (speculators has no batch dimension; samples are concatenated up to
    ``--total-seq-len``), ``document_ids`` per sample, ``position_ids`` restarting per document (from 1, after
@@ -62,9 +63,12 @@ draft tokens. ``torch.compile``: speculators compiles ``forward`` only when CUDA
 ``--no-compile`` disables dynamo for it on CUDA.
 
 Differences in what it computes vs eagle-pipe (``stages.train.optimizer_step``) at the same shapes:
-- Attention: a dense eager score matrix over the whole packed row, ``(B*T) x (B*T)*(k+1)`` at TTT step k,
-  masked entries computed and then discarded; ours attends within ``[B, T]`` rows and skips fully masked key
-  blocks. At B 4 x T 512 that is ~4x the attention FLOPs and memory (its peak RSS is reported).
+- Attention: a dense eager score matrix over the whole packed row, ``L x L*(k+1)`` at TTT step k with
+  ``L = B*T`` (the earlier steps' keys are appended as full ``L x L`` blocks of which only the diagonal is
+  unmasked), every masked entry computed and then discarded: ``6 (B*T)^2`` score entries over 3 steps. Ours
+  (eagle/attention.py, dense path) computes per step one causal ``T x T`` block per row less its skipped
+  37.5%, plus one diagonal vector per earlier step: ``~3 * 0.625 * B * T^2``, ~13x fewer at B 4 x T 512.
+  The peak RSS is reported (~2.7 GiB here vs well under 1 GiB for ours).
 - Teacher: full draft-vocab teacher distribution from an extra frozen GEMM every step, KL over the draft vocab;
   ours reads the dump's stored top-k teacher log-probs (no teacher GEMM). Its input is 4H floats per token
   (3H aux + H last hidden) vs our 3H + top-k.
@@ -105,7 +109,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=10, help="timed steps")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps first")
     p.add_argument("--no-compile", action="store_true", help="disable speculators' CUDA-only torch.compile")
-    p.add_argument("--attn", choices=["eager", "sdpa"], default="eager", help="draft_attn_impl")
+    p.add_argument("--attn", choices=["auto", "eager", "sdpa", "simple_flex_attention"], default="auto",
+                   help="draft_attn_impl (auto: the CLI default simple_flex_attention on CUDA, eager on CPU)")
+    p.add_argument("--loss-impl", choices=["auto", "eager", "fused"], default="auto",
+                   help="loss_implementation (auto: the CLI default fused Triton kernel on CUDA, eager on CPU)")
     p.add_argument("--optimizer", choices=["adamw", "muon"], default="adamw")
     p.add_argument("--plain-eagle3", action="store_true", help="norm_before_fc=False, norm_output=False")
     p.add_argument("--device", default="cpu")
@@ -115,6 +122,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--json", action="store_true", help="print only one JSON object on stdout")
     args = p.parse_args(argv)
     args.total_seq_len = args.total_seq_len or args.batch * args.seq_len
+    on_cuda = args.device.startswith("cuda")
+    if args.attn == "auto":
+        args.attn = "simple_flex_attention" if on_cuda else "eager"
+    if args.loss_impl == "auto":
+        args.loss_impl = "fused" if on_cuda else "eager"
     if args.hidden % args.heads or args.heads % args.kv_heads:
         p.error("--hidden must be divisible by --heads, and --heads by --kv-heads")
     if not 0 < args.draft_vocab < args.vocab:
@@ -163,7 +175,7 @@ def build_model(args, verifier_dir: Path, torch):
         ttt_steps=args.ttt_steps, target_layer_ids=None,
     )
     train_kwargs, _ = Eagle3DraftModel.get_trainer_kwargs(
-        ttt_steps=args.ttt_steps, ttt_step_loss_decay=1.0, loss_fn="kl_div", loss_implementation="eager")
+        ttt_steps=args.ttt_steps, ttt_step_loss_decay=1.0, loss_fn="kl_div", loss_implementation=args.loss_impl)
     return model.to(args.device), train_kwargs
 
 
@@ -237,13 +249,14 @@ def run(args) -> dict:
         logged = {k: v.item() for k, v in metrics.items()}
         return logged["loss_sum"]
 
-    times, losses = [], []
+    times, cpu_times, losses = [], [], []
     for _ in range(total):
         sync()
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         losses.append(step())
         sync()
         times.append((time.perf_counter() - t0) * 1000.0)
+        cpu_times.append((time.process_time() - c0) * 1000.0)  # this process's CPU time, all threads
     timed = times[args.warmup:]
     median_ms = statistics.median(timed)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -253,6 +266,7 @@ def run(args) -> dict:
         "median_ms": round(median_ms, 2),
         "tokens_per_s": round(args.total_seq_len / (median_ms / 1000.0), 1),
         "step_ms": [round(t, 2) for t in timed],
+        "median_cpu_ms": round(statistics.median(cpu_times[args.warmup:]), 2),
         "first_step_ms": round(times[0], 2),
         "loss_first_last": [round(losses[0], 4), round(losses[-1], 4)],
         "finite": bool(all(torch.isfinite(p).all() for p in params)),
@@ -264,6 +278,7 @@ def run(args) -> dict:
         "total_seq_len": args.total_seq_len,
         "trainable_params": sum(p.numel() for p in params),
         "attn": args.attn,
+        "loss_impl": args.loss_impl,
         "optimizer": args.optimizer,
         "eagle31_norms": not args.plain_eagle3,
         "dtype": "float32",

@@ -9,7 +9,9 @@ Prints one JSON object: median ms per step (the compile and warm-up steps exclud
 model FLOP rate and its fraction of the bf16 peak. With --modelopt-python / --speculators-python, runs
 bench/modelopt_step.py / bench/speculators_step.py (same shape flags) in that interpreter in the same run, after
 ours, and adds each one's result and the ratio theirs/ours of median ms (`speedup_vs_modelopt`,
-`speedup_vs_speculators`; > 1 means ours is faster).
+`speedup_vs_speculators`; > 1 means ours is faster). `median_cpu_ms` is the median of the process's CPU time per
+step (time.process_time, all its threads): on a CPU shared with other jobs it follows the work done rather than
+the neighbours' load, so `cpu_speedup_vs_*` (the same ratio of CPU times) is the steadier figure there.
 """
 from __future__ import annotations
 
@@ -114,27 +116,30 @@ def run_ours(a) -> dict:
     normalizer = torch.stack([(valid & (batch["position_ids"] >= j)).sum() for j in range(a.ttt_steps)]).float()
     sync = GradSync(params, DistInfo(device=device))
 
-    def one() -> float:
+    def one() -> tuple[float, float]:
+        """(wall s, this process's CPU s) of one step."""
         if device.type == "cuda":
             torch.cuda.synchronize()
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         loss, bad = optimizer_step(model, opt, params, step_fn, [batch], normalizer, sync, 1.0, 1e-4)
         if device.type == "cuda":
             torch.cuda.synchronize()
         else:
             loss.item()
-        return time.perf_counter() - t0
+        return time.perf_counter() - t0, time.process_time() - c0
 
     t0 = time.perf_counter()
-    first = one()
+    first = one()[0]
     for _ in range(a.warmup - 1):
         one()
     warm_s = time.perf_counter() - t0
-    times = [one() for _ in range(a.steps)]
+    timed = [one() for _ in range(a.steps)]
+    times = [w for w, _ in timed]
     med = statistics.median(times)
     out = {"impl": "eagle-pipe", "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
            "compile": not a.no_compile, "shapes": {k: getattr(a, k) for k in SHAPE_FLAGS},
            "median_ms": med * 1e3, "min_ms": min(times) * 1e3, "max_ms": max(times) * 1e3,
+           "median_cpu_ms": statistics.median(c for _, c in timed) * 1e3,
            "tokens_per_s": a.batch * a.seq_len / med, "first_step_s": first, "warmup_s": warm_s,
            "steps_timed": a.steps, "torch_threads": torch.get_num_threads(), "finite": bool(torch.isfinite(
                torch.stack([p.detach().float().abs().max() for p in params])).all())}
@@ -172,6 +177,8 @@ def main(argv=None):
             result[name] = peer
             if "median_ms" in peer:
                 result[f"speedup_vs_{name}"] = peer["median_ms"] / result["median_ms"]
+            if "median_cpu_ms" in peer:
+                result[f"cpu_speedup_vs_{name}"] = peer["median_cpu_ms"] / result["median_cpu_ms"]
     print(json.dumps(result))
 
 
