@@ -68,7 +68,7 @@ Differences in what it computes vs eagle-pipe (``stages.train.optimizer_step``) 
   unmasked), every masked entry computed and then discarded: ``6 (B*T)^2`` score entries over 3 steps. Ours
   (eagle/attention.py, dense path) computes per step one causal ``T x T`` block per row less its skipped
   37.5%, plus one diagonal vector per earlier step: ``~3 * 0.625 * B * T^2``, ~13x fewer at B 4 x T 512.
-  The peak RSS is reported (~2.7 GiB here vs well under 1 GiB for ours).
+  ``max_rss_gib`` reports the process's peak memory (2.7 GiB at these shapes).
 - Teacher: full draft-vocab teacher distribution from an extra frozen GEMM every step, KL over the draft vocab;
   ours reads the dump's stored top-k teacher log-probs (no teacher GEMM). Its input is 4H floats per token
   (3H aux + H last hidden) vs our 3H + top-k.
