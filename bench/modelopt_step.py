@@ -198,13 +198,14 @@ def run(args) -> dict:
         optimizer.zero_grad(set_to_none=True)
         return float(out.loss.detach())
 
-    times, losses = [], []
+    times, cpu_times, losses = [], [], []
     for i in range(total):
         sync()
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         losses.append(step())
         sync()
         times.append((time.perf_counter() - t0) * 1000.0)
+        cpu_times.append((time.process_time() - c0) * 1000.0)  # this process's CPU time, all threads
     timed = times[args.warmup:]
     median_ms = statistics.median(timed)
     counters = torch._dynamo.utils.counters
@@ -214,6 +215,7 @@ def run(args) -> dict:
         "median_ms": round(median_ms, 2),
         "tokens_per_s": round(args.batch * args.seq_len / (median_ms / 1000.0), 1),
         "step_ms": [round(t, 2) for t in timed],
+        "median_cpu_ms": round(statistics.median(cpu_times[args.warmup:]), 2),
         "first_step_ms": round(times[0], 2),
         "loss_first_last": [round(losses[0], 4), round(losses[-1], 4)],
         "dynamo_unique_graphs": int(counters["stats"]["unique_graphs"]),

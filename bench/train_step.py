@@ -3,11 +3,15 @@ compiled TTT forward + loss + metrics, backward, clip, fused AdamW) on synthetic
 
     python bench/train_step.py --hidden 256 --heads 8 --kv-heads 4 --intermediate 688 --vocab 8192 \
         --draft-vocab 4096 --seq-len 512 --batch 4 --ttt-steps 3 [--no-compile] [--steps 10] \
-        [--modelopt-python bench/.modelopt-venv/bin/python]
+        [--modelopt-python .venv-modelopt/bin/python] [--speculators-python .venv-speculators/bin/python]
 
 Prints one JSON object: median ms per step (the compile and warm-up steps excluded), tokens/s, and on CUDA the
-model FLOP rate and its fraction of the bf16 peak. With --modelopt-python, runs bench/modelopt_step.py (same
-shape flags) in that interpreter in the same run and adds its median and the ratio.
+model FLOP rate and its fraction of the bf16 peak. With --modelopt-python / --speculators-python, runs
+bench/modelopt_step.py / bench/speculators_step.py (same shape flags) in that interpreter in the same run, after
+ours, and adds each one's result and the ratio theirs/ours of median ms (`speedup_vs_modelopt`,
+`speedup_vs_speculators`; > 1 means ours is faster). `median_cpu_ms` is the median of the process's CPU time per
+step (time.process_time, all its threads): on a CPU shared with other jobs it follows the work done rather than
+the neighbours' load, so `cpu_speedup_vs_*` (the same ratio of CPU times) is the steadier figure there.
 """
 from __future__ import annotations
 
@@ -52,6 +56,7 @@ def parse_args(argv=None):
     p.add_argument("--attention", default="auto", choices=["auto", "dense", "flex"])
     p.add_argument("--peak-tflops", type=float, default=989.0, help="bf16 dense peak for the MFU figure (H100 SXM)")
     p.add_argument("--modelopt-python", default=None, help="interpreter of the Model-Optimizer benchmark venv")
+    p.add_argument("--speculators-python", default=None, help="interpreter of the speculators benchmark venv")
     p.add_argument("--seed", type=int, default=0)
     return p.parse_args(argv)
 
@@ -111,27 +116,30 @@ def run_ours(a) -> dict:
     normalizer = torch.stack([(valid & (batch["position_ids"] >= j)).sum() for j in range(a.ttt_steps)]).float()
     sync = GradSync(params, DistInfo(device=device))
 
-    def one() -> float:
+    def one() -> tuple[float, float]:
+        """(wall s, this process's CPU s) of one step."""
         if device.type == "cuda":
             torch.cuda.synchronize()
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         loss, bad = optimizer_step(model, opt, params, step_fn, [batch], normalizer, sync, 1.0, 1e-4)
         if device.type == "cuda":
             torch.cuda.synchronize()
         else:
             loss.item()
-        return time.perf_counter() - t0
+        return time.perf_counter() - t0, time.process_time() - c0
 
     t0 = time.perf_counter()
-    first = one()
+    first = one()[0]
     for _ in range(a.warmup - 1):
         one()
     warm_s = time.perf_counter() - t0
-    times = [one() for _ in range(a.steps)]
+    timed = [one() for _ in range(a.steps)]
+    times = [w for w, _ in timed]
     med = statistics.median(times)
     out = {"impl": "eagle-pipe", "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
            "compile": not a.no_compile, "shapes": {k: getattr(a, k) for k in SHAPE_FLAGS},
            "median_ms": med * 1e3, "min_ms": min(times) * 1e3, "max_ms": max(times) * 1e3,
+           "median_cpu_ms": statistics.median(c for _, c in timed) * 1e3,
            "tokens_per_s": a.batch * a.seq_len / med, "first_step_s": first, "warmup_s": warm_s,
            "steps_timed": a.steps, "torch_threads": torch.get_num_threads(), "finite": bool(torch.isfinite(
                torch.stack([p.detach().float().abs().max() for p in params])).all())}
@@ -142,15 +150,19 @@ def run_ours(a) -> dict:
     return out
 
 
-def run_modelopt(a) -> dict:
-    script = Path(__file__).with_name("modelopt_step.py")
+PEERS = {"modelopt": "modelopt_step.py", "speculators": "speculators_step.py"}
+
+
+def run_peer(a, name: str, python: str) -> dict:
+    """A peer's step (bench/<peer>_step.py) at our shapes in its own venv; its JSON, or the error tail."""
+    script = Path(__file__).with_name(PEERS[name])
     flags = []
     for k in SHAPE_FLAGS:
         flags += [f"--{k.replace('_', '-')}", str(getattr(a, k))]
     flags += ["--steps", str(a.steps), "--warmup", str(a.warmup), "--json", "--device", a.device,
               "--threads", str(torch.get_num_threads())]
     flags += (["--no-compile"] if a.no_compile else []) + (["--bf16-autocast"] if a.device.startswith("cuda") else [])
-    res = subprocess.run([a.modelopt_python, str(script), *flags], capture_output=True, text=True)
+    res = subprocess.run([python, str(script), *flags], capture_output=True, text=True)
     if res.returncode != 0:
         return {"error": (res.stderr or res.stdout)[-2000:]}
     return json.loads(res.stdout.strip().splitlines()[-1])
@@ -159,11 +171,14 @@ def run_modelopt(a) -> dict:
 def main(argv=None):
     a = parse_args(argv)
     result = run_ours(a)
-    if a.modelopt_python:
-        mo = run_modelopt(a)
-        result["modelopt"] = mo
-        if "median_ms" in mo:
-            result["speedup_vs_modelopt"] = mo["median_ms"] / result["median_ms"]
+    for name, python in (("modelopt", a.modelopt_python), ("speculators", a.speculators_python)):
+        if python:
+            peer = run_peer(a, name, python)
+            result[name] = peer
+            if "median_ms" in peer:
+                result[f"speedup_vs_{name}"] = peer["median_ms"] / result["median_ms"]
+            if "median_cpu_ms" in peer:
+                result[f"cpu_speedup_vs_{name}"] = peer["median_cpu_ms"] / result["median_cpu_ms"]
     print(json.dumps(result))
 
 
