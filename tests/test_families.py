@@ -1,0 +1,149 @@
+"""Every popular target family through the real CLI: dump-teacher -> verify -> train -> export -> lossless eval.
+
+Each target is a tiny random model built from the family's real config.json (shrunk, same architecture class,
+RoPE, sliding window / layer types, MoE, MLA) with its real tokenizer and chat template where shared/real has
+them (tests/real_assets.py says which stand in). Data: conversations written here, in OpenAI messages and
+ShareGPT form, with system prompts and 3 assistant turns, plus real ShareGPT records from FastChat. Eval prompts
+with their answers run several times past the (shrunk) sliding window, and must equal the target's own
+greedy `generate()` token for token.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+from safetensors import safe_open
+
+from stages.cli import main
+from tests.real_assets import FAMILIES, FAMILY_BY_NAME, build_family_target, needs_real, real_path
+
+pytestmark = [needs_real, pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]
+
+WINDOW = 16          # the shrunk sliding window / attention chunk, in tokens
+NEW_TOKENS = 40      # eval answer length: prompt + answer pass the window several times
+EXPORT_TENSORS = {"fc.weight", "norm.weight", "lm_head.weight", "d2t", "t2d"} | {
+    f"midlayer.{n}.weight" for n in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+                                     "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj", "input_layernorm",
+                                     "hidden_norm", "post_attention_layernorm")}
+
+
+def conversation(i: int, sharegpt: bool) -> dict:
+    """A system prompt and three user/assistant exchanges."""
+    turns = [("system", "You are a terse assistant for Python questions.")]
+    for t in range(3):
+        turns += [("user", f"Question {t} about example {i}: what does the for statement do in block {t}?"),
+                  ("assistant", f"In block {t} of example {i} it iterates over the items of a sequence, "
+                                "binding each to the target, then runs the suite.")]
+    if sharegpt:
+        names = {"system": "system", "user": "human", "assistant": "gpt"}
+        return {"conversations": [{"from": names[r], "value": v} for r, v in turns]}
+    return {"messages": [{"role": r, "content": v} for r, v in turns]}
+
+
+def write_train_data(path: Path) -> Path:
+    records = [conversation(i, sharegpt=i % 2 == 1) for i in range(4)]
+    fastchat = json.loads(real_path("data/fastchat/dummy_conversation.json").read_text())
+    records += [r for r in fastchat if sum(c["from"] == "gpt" for c in r["conversations"]) >= 3][:2]
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+def write_eval_data(path: Path) -> Path:
+    """Prompts (system + a long first user turn) that alone are longer than the window."""
+    long_question = ("Explain, step by step and with an example, how the with statement calls the enter and "
+                     "exit methods of a context manager, and what happens when the block raises. ")
+    records = [{"messages": [{"role": "system", "content": "You are terse."},
+                             {"role": "user", "content": long_question * 2}]},
+               {"conversations": [{"from": "human", "value": "What is a generator? " * 6},
+                                  {"from": "gpt", "value": "A function that yields."}]}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+def cli(*args) -> tuple[int, str]:
+    result = CliRunner().invoke(main, [str(a) for a in args])
+    if result.exception is not None and not isinstance(result.exception, SystemExit):
+        raise result.exception
+    return result.exit_code, result.output
+
+
+@pytest.fixture(scope="module")
+def targets(tmp_path_factory):
+    """Family name -> tiny target directory, built once per module."""
+    built: dict[str, Path] = {}
+
+    def get(name: str) -> Path:
+        if name not in built:
+            built[name] = build_family_target(FAMILY_BY_NAME[name], tmp_path_factory.mktemp(name) / "target",
+                                              window=WINDOW)
+        return built[name]
+    return get
+
+
+def template_raises(target: Path, record: dict) -> bool:
+    """Whether the family's own template refuses this conversation (then dump must skip it as template_error)."""
+    from transformers import AutoTokenizer
+
+    from stages.records import parse_record
+
+    tokenizer = AutoTokenizer.from_pretrained(target)
+    _, messages = parse_record(record)
+    try:
+        tokenizer.apply_chat_template(messages, tokenize=False)
+    except Exception:
+        return True
+    return False
+
+
+@pytest.mark.parametrize("name", [f.name for f in FAMILIES])
+def test_family_dumps_trains_exports_and_evaluates_losslessly(name, targets, tmp_path):
+    target = targets(name)
+    train_data = write_train_data(tmp_path / "train.jsonl")
+    teacher, run, export = tmp_path / "teacher", tmp_path / "run", tmp_path / "export"
+
+    code, out = cli("dump-teacher", "--target", target, "--data", train_data, "--out", teacher, "--top-k", 4,
+                    "--max-seq-len", 1024, "--device", "cpu", "--dtype", "float32")
+    assert code == 0, out
+    done = json.loads(next((teacher / "shards").glob("shard-*/done.json")).read_text())
+    records = [json.loads(line) for line in train_data.read_text().splitlines()]
+    refused = sum(template_raises(target, r) for r in records)  # Gemma-2's template refuses system turns
+    assert refused < len(records), f"{name}: its template refuses every test conversation"
+    assert done["records"]["skipped"] == ({"template_error": refused} if refused else {}), done["records"]
+    assert done["records"]["written"] == len(records) - refused and done["num_supervised_tokens"] > 0
+
+    code, out = cli("verify", teacher)
+    assert code == 0, out
+
+    code, out = cli("train", "--teacher-dir", teacher, "--out", run, "--seq-len", 512, "--batch-size", 2,
+                    "--max-steps", 2, "--ttt-steps", 2, "--warmup-steps", 1, "--eval-fraction", 0,
+                    "--save-every", 2, "--log-every", 1, "--no-compile", "--num-workers", 1, "--device", "cpu",
+                    "--draft-vocab-size", 512)
+    assert code == 0, out
+    losses = [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()
+              if '"loss"' in line]
+    assert losses and all(torch.isfinite(torch.tensor(losses))), losses
+
+    code, out = cli("export", run, export)
+    assert code == 0, out
+    assert sorted(p.name for p in export.iterdir()) == ["config.json", "model.safetensors"]
+    config = json.loads((export / "config.json").read_text())
+    tcfg = json.loads((target / "config.json").read_text())
+    tcfg = tcfg.get("text_config", tcfg)
+    assert config["architectures"] == ["LlamaForCausalLMEagle3"] and config["num_hidden_layers"] == 1
+    assert config["target_hidden_size"] == tcfg["hidden_size"] and config["vocab_size"] == tcfg["vocab_size"]
+    assert config["draft_vocab_size"] == 512
+    aux = config["eagle_aux_hidden_state_layer_ids"]
+    assert aux == sorted(aux) and len(aux) == 3 and 0 <= aux[0] and aux[-1] < tcfg["num_hidden_layers"]
+    with safe_open(str(export / "model.safetensors"), framework="pt") as f:
+        assert set(f.keys()) == EXPORT_TENSORS
+
+    eval_data = write_eval_data(tmp_path / "eval.jsonl")
+    code, out = cli("eval", "--target", target, "--draft", export, "--data", eval_data, "--max-new-tokens",
+                    NEW_TOKENS, "--draft-tokens", 3, "--device", "cpu", "--json")
+    assert code == 0, out
+    report = json.loads(next(line for line in out.splitlines()[::-1] if line.startswith("{")))
+    assert report["lossless"] is True and report["mismatches"] == [], report
+    assert report["new_tokens"] == report["baseline_new_tokens"] > 0
