@@ -122,14 +122,20 @@ def load_target(source: str, dtype: torch.dtype, device: str, device_map: str | 
 
 
 def default_aux_layers(num_layers: int) -> tuple[int, int, int]:
-    return (2, num_layers // 2, num_layers - 3)
+    """The draft library's default (eagle.config.default_aux_layer_ids), so dump and train agree."""
+    from eagle.config import default_aux_layer_ids
+
+    try:
+        return default_aux_layer_ids(num_layers)
+    except ValueError as e:
+        raise StageError(f"{e} (EAGLE-3 fuses three different target layers)") from None
 
 
 def parse_aux_layers(text: str | None, num_layers: int) -> list[int]:
-    """'2,16,29' -> [2, 16, 29]; default (2, N//2, N-3). Three ids, ascending, each a layer of the target."""
+    """'2,16,29' -> [2, 16, 29]; default (2, N//2, N-3), evenly spread ids for N < 7. Three ascending ids."""
     if text is None or str(text).strip() == "":
         ids = list(default_aux_layers(num_layers))
-        origin = f"the default (2, N//2, N-3) for N={num_layers} layers"
+        origin = f"the default aux layers for N={num_layers} layers"
     else:
         try:
             items = text if isinstance(text, (list, tuple)) else str(text).split(",")

@@ -146,6 +146,28 @@ def test_shallow_target_without_three_aux_layers():
         DraftConfig.from_target_config(llama_dict(num_hidden_layers=2))
 
 
+@pytest.mark.parametrize("n", [3, 4, 5, 6, 7, 8])
+def test_dump_default_aux_layers_for_shallow_targets(n):
+    """dump-teacher's default is the draft's: distinct ascending layers of the target, for every N >= 3."""
+    from stages.dump_target import parse_aux_layers
+
+    ids = parse_aux_layers(None, n)
+    assert ids == list(default_aux_layer_ids(n))
+    assert len(set(ids)) == 3 and ids == sorted(ids) and 0 <= ids[0] and ids[-1] <= n - 1
+    if n >= 7:
+        assert ids == [2, n // 2, n - 3]
+    assert DraftConfig.from_target_config(llama_dict(num_hidden_layers=n), aux_layer_ids=ids).aux_layer_ids == tuple(ids)
+
+
+@pytest.mark.parametrize("n", [1, 2])
+def test_dump_default_aux_layers_refuse_fewer_than_three_layers(n):
+    from stages.dump_target import parse_aux_layers
+    from stages.errors import StageError
+
+    with pytest.raises(StageError, match=f"a target with {n} layer.s. has fewer than 3 distinct aux layers"):
+        parse_aux_layers(None, n)
+
+
 @pytest.mark.parametrize("rope, match", [
     ({"rope_type": "yarn", "factor": 4.0}, "unsupported rope_type 'yarn'; supported: default, linear, llama3"),
     ({"rope_type": "dynamic", "factor": 2.0}, "unsupported rope_type 'dynamic'"),
