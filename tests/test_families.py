@@ -9,6 +9,7 @@ greedy `generate()` token for token.
 """
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 
@@ -23,7 +24,7 @@ from tests.real_assets import FAMILIES, FAMILY_BY_NAME, build_family_target, nee
 pytestmark = [needs_real, pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]
 
 WINDOW = 16          # the shrunk sliding window / attention chunk, in tokens
-NEW_TOKENS = 40      # eval answer length: prompt + answer pass the window several times
+NEW_TOKENS = 24      # eval answer length: prompt + answer pass the window several times
 EXPORT_TENSORS = {"fc.weight", "norm.weight", "lm_head.weight", "d2t", "t2d"} | {
     f"midlayer.{n}.weight" for n in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
                                      "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj", "input_layernorm",
@@ -32,11 +33,10 @@ EXPORT_TENSORS = {"fc.weight", "norm.weight", "lm_head.weight", "d2t", "t2d"} | 
 
 def conversation(i: int, sharegpt: bool) -> dict:
     """A system prompt and three user/assistant exchanges."""
-    turns = [("system", "You are a terse assistant for Python questions.")]
+    turns = [("system", "You are terse.")]
     for t in range(3):
-        turns += [("user", f"Question {t} about example {i}: what does the for statement do in block {t}?"),
-                  ("assistant", f"In block {t} of example {i} it iterates over the items of a sequence, "
-                                "binding each to the target, then runs the suite.")]
+        turns += [("user", f"What does line {t} of example {i} do?"),
+                  ("assistant", f"Line {t} loops over the items of example {i}.")]
     if sharegpt:
         names = {"system": "system", "user": "human", "assistant": "gpt"}
         return {"conversations": [{"from": names[r], "value": v} for r, v in turns]}
@@ -44,30 +44,35 @@ def conversation(i: int, sharegpt: bool) -> dict:
 
 
 def write_train_data(path: Path) -> Path:
+    """Two conversations of each form written here, and FastChat's two shortest with 3+ assistant turns."""
     records = [conversation(i, sharegpt=i % 2 == 1) for i in range(4)]
     fastchat = json.loads(real_path("data/fastchat/dummy_conversation.json").read_text())
-    records += [r for r in fastchat if sum(c["from"] == "gpt" for c in r["conversations"]) >= 3][:2]
+    multi = [r for r in fastchat if sum(c["from"] == "gpt" for c in r["conversations"]) >= 3]
+    records += sorted(multi, key=lambda r: sum(len(c["value"]) for c in r["conversations"]))[:2]
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
     return path
 
 
-def write_eval_data(path: Path) -> Path:
-    """Prompts (system + a long first user turn) that alone are longer than the window."""
+def write_eval_data(path: Path, target: Path) -> Path:
+    """Prompts (system + a long first user turn) that alone are longer than the window; the system prompt is left
+    out where the family's template refuses one (Gemma-2)."""
     long_question = ("Explain, step by step and with an example, how the with statement calls the enter and "
                      "exit methods of a context manager, and what happens when the block raises. ")
     records = [{"messages": [{"role": "system", "content": "You are terse."},
                              {"role": "user", "content": long_question * 2}]},
                {"conversations": [{"from": "human", "value": "What is a generator? " * 6},
                                   {"from": "gpt", "value": "A function that yields."}]}]
+    records = [r for r in records if not template_raises(target, r)]
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
     return path
 
 
 def cli(*args) -> tuple[int, str]:
+    """Exit code and output; for --json commands the output's last line is the stdout JSON object."""
     result = CliRunner().invoke(main, [str(a) for a in args])
     if result.exception is not None and not isinstance(result.exception, SystemExit):
         raise result.exception
-    return result.exit_code, result.output
+    return result.exit_code, result.output + "\n" + result.stdout.strip()
 
 
 @pytest.fixture(scope="module")
@@ -83,16 +88,20 @@ def targets(tmp_path_factory):
     return get
 
 
-def template_raises(target: Path, record: dict) -> bool:
-    """Whether the family's own template refuses this conversation (then dump must skip it as template_error)."""
+@functools.lru_cache(maxsize=2)
+def _tokenizer(target: Path):
     from transformers import AutoTokenizer
 
+    return AutoTokenizer.from_pretrained(target)
+
+
+def template_raises(target: Path, record: dict) -> bool:
+    """Whether the family's own template refuses this conversation (then dump must skip it as template_error)."""
     from stages.records import parse_record
 
-    tokenizer = AutoTokenizer.from_pretrained(target)
     _, messages = parse_record(record)
     try:
-        tokenizer.apply_chat_template(messages, tokenize=False)
+        _tokenizer(target).apply_chat_template(messages, tokenize=False)
     except Exception:
         return True
     return False
@@ -117,7 +126,7 @@ def test_family_dumps_trains_exports_and_evaluates_losslessly(name, targets, tmp
     code, out = cli("verify", teacher)
     assert code == 0, out
 
-    code, out = cli("train", "--teacher-dir", teacher, "--out", run, "--seq-len", 512, "--batch-size", 2,
+    code, out = cli("train", "--teacher-dir", teacher, "--out", run, "--seq-len", 128, "--batch-size", 2,
                     "--max-steps", 2, "--ttt-steps", 2, "--warmup-steps", 1, "--eval-fraction", 0,
                     "--save-every", 2, "--log-every", 1, "--no-compile", "--num-workers", 1, "--device", "cpu",
                     "--draft-vocab-size", 512)
@@ -140,10 +149,41 @@ def test_family_dumps_trains_exports_and_evaluates_losslessly(name, targets, tmp
     with safe_open(str(export / "model.safetensors"), framework="pt") as f:
         assert set(f.keys()) == EXPORT_TENSORS
 
-    eval_data = write_eval_data(tmp_path / "eval.jsonl")
+    eval_data = write_eval_data(tmp_path / "eval.jsonl", target)
     code, out = cli("eval", "--target", target, "--draft", export, "--data", eval_data, "--max-new-tokens",
                     NEW_TOKENS, "--draft-tokens", 3, "--device", "cpu", "--json")
     assert code == 0, out
     report = json.loads(next(line for line in out.splitlines()[::-1] if line.startswith("{")))
     assert report["lossless"] is True and report["mismatches"] == [], report
     assert report["new_tokens"] == report["baseline_new_tokens"] > 0
+
+
+@pytest.mark.parametrize("name", [f.name for f in FAMILIES if f.window])
+def test_target_cache_cropped_past_the_window_equals_a_full_forward(name, targets):
+    """Verification forwards with rejected drafts cropped away, far past the sliding window / attention chunk,
+    give the logits and aux features of one plain forward over the whole sequence (no cache)."""
+    from transformers import AutoModelForCausalLM
+
+    from stages.speculative import TargetWithAux, crop_target_cache, full_history_cache
+
+    model = AutoModelForCausalLM.from_pretrained(targets(name), dtype=torch.float32).eval()
+    V = model.config.get_text_config().vocab_size
+    ids = torch.randint(0, V, (1, 5 * WINDOW), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = model(ids, output_hidden_states=True, use_cache=False)
+    wrapped = TargetWithAux(model, (1, 3, 5))
+    cache, logits, aux, pos = full_history_cache(model.config), [], [], 0
+    try:
+        while pos < ids.shape[1]:
+            chunk = ids[:, pos:pos + 7]
+            wrapped.forward((chunk + 1) % V, cache)  # drafts the target rejects
+            crop_target_cache(cache, pos)
+            step_logits, step_aux = wrapped.forward(chunk, cache)
+            logits.append(step_logits)
+            aux.append(step_aux)
+            pos += chunk.shape[1]
+    finally:
+        wrapped.remove()
+    torch.testing.assert_close(torch.cat(logits, 1), ref.logits, rtol=1e-4, atol=1e-4)
+    want_aux = torch.cat([ref.hidden_states[k] for k in (1, 3, 5)], -1)
+    torch.testing.assert_close(torch.cat(aux, 1), want_aux, rtol=1e-4, atol=1e-4)
