@@ -1,14 +1,18 @@
 """Draft configuration, derived from the target's `config.json` (a plain dict) — no target model is loaded.
 
-The draft layer works at the target's width H, copies its attention geometry, RMSNorm epsilon and RoPE
-(theta and scaling), and predicts over a draft vocabulary of Vd <= V tokens. Both the transformers-5 layout
-(`rope_parameters` {rope_theta, rope_type, ...}) and the older one (`rope_theta` + `rope_scaling`) are read;
-rope_type "default" is normalised to `rope_scaling=None`. Every setting is validated when the config is built,
-so a bad value fails with one clear ValueError before any tensor is allocated.
+The draft layer works at the target's width H, copies its attention geometry and RMSNorm epsilon, and predicts
+over a draft vocabulary of Vd <= V tokens. Its RoPE is the draft's own choice, written in the exported
+config.json that vLLM and SGLang apply (`choose_draft_rope`): the target's RoPE when the draft reproduces it
+exactly as the engines compute it (default, linear, llama3, and YaRN without engine-specific attention-factor
+keys), else plain RoPE with the target's rope_theta. Both the transformers-5 layout (`rope_parameters`
+{rope_theta, rope_type, ...}, or one such dict per layer type) and the older one (`rope_theta` + `rope_scaling`)
+are read; rope_type "default" is normalised to `rope_scaling=None`. Every setting is validated when the config
+is built, so a bad value fails with one clear ValueError before any tensor is allocated.
 
 API: `DraftConfig` (fields documented on the class), `DraftConfig.from_target_config(target_dict,
-draft_vocab_size=32000, ttt_steps=7, aux_layer_ids=None, **overrides)` (default aux ids (2, N//2, N-3), draft
-vocab capped at V), `to_dict` / `from_dict`, `default_aux_layer_ids(n)`, and `load_target_dir(path)` which reads
+draft_vocab_size=32000, ttt_steps=7, aux_layer_ids=None, draft_rope="auto", **overrides)` (default aux ids
+(2, N//2, N-3), evenly spread for N < 7; draft vocab capped at V), `choose_draft_rope(target_dict, mode)`,
+`to_dict` / `from_dict`, `default_aux_layer_ids(n)`, and `load_target_dir(path)` which reads
 OUT/target/config.json and weights.safetensors (embed_tokens, lm_head, norm), naming a missing file or field.
 """
 from __future__ import annotations
@@ -22,12 +26,9 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
-# Keys each supported scaling needs besides rope_type (what vLLM / SGLang / HF read).
-_ROPE_REQUIRED = {
-    "linear": ("factor",),
-    "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
-}
+from eagle.rope import engine_mismatch, normalise_rope_scaling, rope_type_of
+
+DRAFT_ROPE_MODES = ("auto", "target", "default")
 TARGET_WEIGHTS = ("embed_tokens.weight", "lm_head.weight", "norm.weight")
 
 
@@ -50,7 +51,8 @@ class DraftConfig:
     rope_theta: float
     """RoPE base frequency (the target's)."""
     rope_scaling: dict | None
-    """HF rope_scaling dict with "rope_type" in ("linear", "llama3") and its parameters; None = plain RoPE."""
+    """HF rope_scaling dict with "rope_type" in ("linear", "llama3", "yarn") and its parameters, one the
+    engines compute exactly like training (eagle.rope.engine_mismatch); None = plain RoPE."""
     max_position_embeddings: int
     """The target's context length (exported for the engines)."""
     vocab_size: int
@@ -69,7 +71,7 @@ class DraftConfig:
     def __post_init__(self):
         # Normalise containers so equality and to_dict round-trips are exact (JSON gives lists).
         object.__setattr__(self, "aux_layer_ids", _as_int_tuple(self.aux_layer_ids, "aux_layer_ids"))
-        object.__setattr__(self, "rope_scaling", _normalise_rope_scaling(self.rope_scaling))
+        object.__setattr__(self, "rope_scaling", normalise_rope_scaling(self.rope_scaling))
         self._validate()
 
     def _validate(self) -> None:
@@ -92,14 +94,17 @@ class DraftConfig:
         if not (isinstance(self.rope_theta, (int, float)) and self.rope_theta > 0):
             raise ValueError(f"rope_theta must be a positive number, got {self.rope_theta!r}")
         validate_aux_layer_ids(self.aux_layer_ids, self.num_target_layers)
+        why = engine_mismatch(self.rope_scaling)
+        if why:
+            raise ValueError(f"rope_scaling {self.rope_scaling} would not be served as trained: {why}")
 
     @classmethod
     def from_target_config(cls, target: dict, *, draft_vocab_size: int = 32000, ttt_steps: int = 7,
-                           aux_layer_ids=None, **overrides) -> "DraftConfig":
+                           aux_layer_ids=None, draft_rope: str = "auto", **overrides) -> "DraftConfig":
         """Derive the draft config from the target's config.json dict.
 
-        draft_vocab_size is capped at the target vocab V. `overrides` replace any derived field by name
-        (e.g. intermediate_size=...); unknown names raise ValueError.
+        draft_vocab_size is capped at the target vocab V; draft_rope picks the RoPE (`choose_draft_rope`).
+        `overrides` replace any derived field by name (e.g. intermediate_size=...); unknown names raise ValueError.
         """
         if not isinstance(target, dict):
             raise ValueError(f"target config must be a dict (parsed config.json), got {type(target).__name__}")
@@ -119,7 +124,7 @@ class DraftConfig:
                 raise ValueError(f"target config has no head_dim and hidden_size {hidden} is not divisible by "
                                  f"num_attention_heads {heads}")
             head_dim = hidden // heads
-        rope_theta, rope_scaling = _read_rope(target)
+        rope = choose_draft_rope(target, draft_rope)
         if not isinstance(draft_vocab_size, int) or isinstance(draft_vocab_size, bool) or draft_vocab_size < 1:
             raise ValueError(f"draft_vocab_size must be an integer >= 1, got {draft_vocab_size!r}")
         fields = dict(
@@ -129,8 +134,8 @@ class DraftConfig:
             head_dim=head_dim,
             intermediate_size=_field(target, "intermediate_size"),
             rms_norm_eps=_field(target, "rms_norm_eps"),
-            rope_theta=rope_theta,
-            rope_scaling=rope_scaling,
+            rope_theta=rope.rope_theta,
+            rope_scaling=rope.rope_scaling,
             max_position_embeddings=_field(target, "max_position_embeddings"),
             vocab_size=vocab,
             draft_vocab_size=min(draft_vocab_size, vocab),
@@ -255,41 +260,71 @@ def _as_int_tuple(ids, name: str) -> tuple[int, ...]:
     return ids
 
 
-def _read_rope(target: dict) -> tuple[float, dict | None]:
-    """(rope_theta, rope_scaling) from either `rope_parameters` (transformers 5) or rope_theta/rope_scaling."""
-    params = target.get("rope_parameters")
-    if isinstance(params, dict) and params and not isinstance(next(iter(params.values())), dict):
+def _target_rope(target: dict) -> tuple[float, dict | None, str]:
+    """(rope_theta, raw rope_scaling, which of the target's RoPEs) from either `rope_parameters` (transformers 5;
+    for per-layer-type dicts the full-attention entry) or rope_theta/rope_scaling (older layout)."""
+    params, which = target.get("rope_parameters"), "RoPE"
+    if isinstance(params, dict) and params and all(isinstance(v, dict) for v in params.values()):
+        # Gemma-3 style {full_attention: {...}, sliding_attention: {...}}: the draft attends over the whole
+        # context, as the full-attention layers do (published Gemma-3 drafts use their rope_theta too)
+        layer_type = "full_attention" if "full_attention" in params else sorted(params)[0]
+        params, which = params[layer_type], f"{layer_type} RoPE (of {', '.join(sorted(params))})"
+    if isinstance(params, dict) and params:
         theta = params.get("rope_theta", target.get("rope_theta"))
         scaling = {k: v for k, v in params.items() if k != "rope_theta"}
-    elif isinstance(params, dict) and params:
-        raise ValueError("target config has per-layer-type rope_parameters "
-                         f"({sorted(params)}); only a single RoPE setting is supported")
     else:
-        theta = target.get("rope_theta")
-        scaling = target.get("rope_scaling")
+        theta, scaling = target.get("rope_theta"), target.get("rope_scaling")
+        if "rope_local_base_freq" in target:  # Gemma-3 in the older layout: rope_theta is the global one
+            which = "global-attention RoPE (rope_theta; its sliding layers use rope_local_base_freq)"
     if theta is None:
         raise ValueError("target config has no field 'rope_theta' (neither top level nor in rope_parameters)")
-    partial = (scaling or {}).get("partial_rotary_factor", target.get("partial_rotary_factor"))
-    if partial not in (None, 1, 1.0):
-        raise ValueError(f"partial_rotary_factor={partial} is not supported (the draft rotates the full head)")
-    return float(theta), _normalise_rope_scaling(scaling)
+    if not isinstance(theta, (int, float)) or isinstance(theta, bool) or theta <= 0:
+        raise ValueError(f"target rope_theta must be a positive number, got {theta!r}")
+    partial = target.get("partial_rotary_factor")
+    if partial not in (None, 1, 1.0) and (not isinstance(scaling, dict) or "partial_rotary_factor" not in scaling):
+        scaling = {**(scaling if isinstance(scaling, dict) else {"rope_type": "default"}),
+                   "partial_rotary_factor": partial}
+    return float(theta), scaling, which
 
 
-def _normalise_rope_scaling(scaling) -> dict | None:
-    """None for plain RoPE; else a copy with "rope_type" set, validated against the supported types."""
-    if scaling is None:
-        return None
-    if not isinstance(scaling, dict):
-        raise ValueError(f"rope_scaling must be a dict or null, got {scaling!r}")
-    scaling = copy.deepcopy(scaling)
-    scaling.pop("rope_theta", None)
-    rope_type = scaling.pop("rope_type", None) or scaling.pop("type", None) or "default"
-    scaling.pop("type", None)
-    if rope_type not in SUPPORTED_ROPE_TYPES:
-        raise ValueError(f"unsupported rope_type {rope_type!r}; supported: {', '.join(SUPPORTED_ROPE_TYPES)}")
-    if rope_type == "default":
-        return None
-    missing = [k for k in _ROPE_REQUIRED[rope_type] if scaling.get(k) is None]
-    if missing:
-        raise ValueError(f"rope_scaling of type {rope_type!r} is missing {missing}")
-    return {"rope_type": rope_type, **scaling}
+@dataclass(frozen=True)
+class DraftRope:
+    """The RoPE a draft trains and is served with, and a one-line reason for the choice."""
+
+    rope_theta: float
+    rope_scaling: dict | None
+    reason: str
+
+
+def choose_draft_rope(target: dict, mode: str = "auto") -> DraftRope:
+    """The draft's RoPE from the target's config dict.
+
+    mode "auto": the target's RoPE when the draft reproduces it exactly as vLLM and SGLang compute it for a
+    LlamaForCausalLMEagle3 draft, else plain RoPE with the target's rope_theta (never refused). "target": the
+    target's RoPE or a ValueError saying why it cannot be. "default": plain RoPE with the target's rope_theta.
+    """
+    if mode not in DRAFT_ROPE_MODES:
+        raise ValueError(f"draft_rope must be one of {', '.join(DRAFT_ROPE_MODES)}, got {mode!r}")
+    if "hidden_size" not in target and isinstance(target.get("text_config"), dict):
+        target = target["text_config"]
+    theta, raw, which = _target_rope(target)
+    kind = rope_type_of(raw)
+    plain = f"plain RoPE, rope_theta {theta:g}"
+    if mode == "default":
+        return DraftRope(theta, None, f"{plain} (draft_rope=default; the target's {which} is {kind})")
+    try:
+        scaling = normalise_rope_scaling(raw)
+        why = engine_mismatch(scaling)
+    except ValueError as e:
+        scaling, why = None, str(e)
+    if why is None:
+        detail = ", ".join(f"{k} {v}" for k, v in (scaling or {}).items() if k != "rope_type")
+        return DraftRope(theta, scaling, f"the target's {which}: {kind}, rope_theta {theta:g}"
+                                         f"{', ' + detail if detail else ''} (vLLM and SGLang compute it as "
+                                         "training does)")
+    # name the target's own problem (e.g. partial rotary) rather than a side effect of normalising it
+    why = (engine_mismatch(raw) if isinstance(raw, dict) else None) or why
+    if mode == "target":
+        raise ValueError(f"draft_rope=target: the draft cannot take the target's {which} ({kind}): {why}; "
+                         "use draft_rope auto or default")
+    return DraftRope(theta, None, f"{plain} (the target's {which} is {kind}, not taken: {why})")

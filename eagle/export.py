@@ -162,6 +162,10 @@ def load_draft(path, embed_weight: torch.Tensor | None = None, device="cpu"):
         cfg = DraftConfig.from_dict(meta["draft_config"])
     except ValueError as e:
         raise ValueError(f"{cfg_path}: {e}") from None
+    served = {"rope_theta": config.get("rope_theta"), "rope_scaling": config.get("rope_scaling")}
+    trained = {"rope_theta": float(cfg.rope_theta), "rope_scaling": cfg.rope_scaling}
+    if served != trained:  # the engines read the top-level fields: they must be what the draft was trained with
+        raise ValueError(f"{cfg_path}: the engines' rope fields {served} differ from the trained draft's {trained}")
 
     expected = export_tensor_shapes(cfg)
     with safe_open(str(w_path), framework="pt") as f:

@@ -125,7 +125,7 @@ class Eagle3Draft(nn.Module):
         self.midlayer = DraftLayer(cfg)
         self.norm = RMSNorm(h, cfg.rms_norm_eps)
         self.lm_head = nn.Linear(h, vd, bias=False)
-        self.rope = RotaryEmbedding(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)  # raises on unknown types
+        self.rope = RotaryEmbedding(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)  # raises on types it lacks
         self.register_buffer("d2t", torch.zeros(vd, dtype=torch.int64))  # identity map until set
         t2d = torch.zeros(cfg.vocab_size, dtype=torch.bool)
         t2d[:vd] = True

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import click
@@ -27,8 +28,9 @@ import torch
 
 from stages import checkpoint as ckpt
 from stages.errors import StageError
-from stages.shards import atomic_write_json
+from stages.shards import atomic_write_json, read_json
 from stages.train_data import DumpIndex, PackedLoader
+from stages.train_settings import TrainSettings
 from stages.train_setup import (GradSync, WarmupCosine, all_reduce_sum, barrier, broadcast_ok, build_draft,
                                 check_dumps, init_distributed, make_optimizer, token_counts)
 
@@ -184,149 +186,244 @@ class RunLog:
             self.tb.close()
 
 
-def train(**s) -> dict:
-    """The `train` command's work (all options as keyword arguments); returns the summary dict."""
+@dataclass
+class TrainData:
+    """The dump, its held-out split, the packed loaders (no eval loader when nothing is held out), the length."""
+
+    index: DumpIndex
+    train_ids: np.ndarray
+    eval_ids: np.ndarray
+    loader: PackedLoader
+    eval_loader: PackedLoader | None
+    steps_per_epoch: int
+    total_steps: int
+
+
+@dataclass
+class Optimization:
+    """Fused AdamW over the trainable parameters, the lr schedule and the cross-rank gradient sum."""
+
+    opt: torch.optim.Optimizer
+    params: list[torch.Tensor]
+    names: dict[int, str]
+    schedule: WarmupCosine
+    sync: GradSync
+
+
+@dataclass
+class TrainState:
+    """What the loop advances and checkpoints besides weights, optimizer and data position."""
+
+    step: int = 0
+    best: float | None = None
+    """Best held-out simulated acceptance length so far (RUN/checkpoints/best/)."""
+    last_log: dict = field(default_factory=dict)
+    final_eval: dict = field(default_factory=dict)
+
+
+def train(s: TrainSettings) -> dict:
+    """The `train` command's work, phase by phase; returns the summary dict (also RUN/train_summary.json)."""
     wall0 = time.time()
-    info = init_distributed(s["device"])
-    teacher_dir, run = Path(s["teacher_dir"]), Path(s["out"])
-    eval_dir = Path(s["eval_teacher_dir"]) if s["eval_teacher_dir"] else None
-    ckpt_root = run / "checkpoints"
-    latest = ckpt.latest_checkpoint(ckpt_root)
-    # 1. refuse a used run dir or a bad dump before anything else (rank 0 checksums; the others wait)
+    info = init_distributed(s.device)
+    latest = check_inputs(s, info)
+    index = DumpIndex(Path(s.teacher_dir))
+    model = build_model(s, index, info)
+    data = build_data(s, index, model, info)
+    optim = build_optimization(s, model, data, info)
+    state = resume(s, info, latest, model, optim, data)
+    run_loop(s, info, model, optim, data, state)
+    return finish(s, info, model, state, wall0)
+
+
+def check_inputs(s: TrainSettings, info) -> Path | None:
+    """Refuse a used run dir or a bad dump before anything else (rank 0 checksums; the others wait).
+    Returns the newest complete checkpoint in RUN (None when there is none)."""
+    run = Path(s.out)
+    latest = ckpt.latest_checkpoint(run / "checkpoints")
     ok, error = True, None
     if info.is_main:
         try:
-            if not s["resume"] and (latest is not None or (run / "train_summary.json").exists()):
+            if not s.resume and (latest is not None or (run / "train_summary.json").exists()):
                 raise StageError(f"{run}: holds a training run already; pass --resume to continue it or choose "
                                  "a new --out")
-            check_dumps(teacher_dir, eval_dir)
+            check_dumps(Path(s.teacher_dir), _eval_dir(s))
         except StageError as e:
             ok, error = False, e
     if not broadcast_ok(info, ok):
         raise error or StageError(f"rank {info.rank}: rank 0 refused the teacher dump (see its message)")
+    return latest
 
-    # 2. data, draft, optimizer
-    index = DumpIndex(teacher_dir)
-    manifest = index.manifest
-    model = build_draft(teacher_dir, manifest, token_counts(index), draft_vocab_size=s["draft_vocab_size"],
-                        ttt_steps=s["ttt_steps"], init_lm_head=s["init_lm_head"], seed=s["seed"]).to(info.device)
-    steps, kind = s["ttt_steps"], index.teacher_kind
+
+def build_model(s: TrainSettings, index: DumpIndex, info):
+    """The draft from the dump alone, on the device; rank 0 says which RoPE it took and why."""
+    from eagle.config import choose_draft_rope
+
+    teacher_dir = Path(s.teacher_dir)
+    model = build_draft(teacher_dir, index.manifest, token_counts(index), draft_vocab_size=s.draft_vocab_size,
+                        ttt_steps=s.ttt_steps, init_lm_head=s.init_lm_head, seed=s.seed,
+                        draft_rope=s.draft_rope).to(info.device)
+    if info.is_main:
+        rope = choose_draft_rope(read_json(teacher_dir / "target" / "config.json"), s.draft_rope)
+        click.echo(f"train: draft RoPE: {rope.reason}", err=True)
+    return model
+
+
+def build_data(s: TrainSettings, index: DumpIndex, model, info) -> TrainData:
+    """Held-out split (whole documents, or the separate eval dump), packed loaders, and the number of steps."""
+    eval_dir = _eval_dir(s)
     if eval_dir is not None:
         train_ids, eval_index = np.arange(index.num_documents), DumpIndex(eval_dir)
         eval_ids = np.arange(eval_index.num_documents)
     else:
-        train_ids, eval_ids = index.split(s["eval_fraction"], s["seed"])
+        train_ids, eval_ids = index.split(s.eval_fraction, s.seed)
         eval_index = index
-    common = dict(seq_len=s["seq_len"], batch_size=s["batch_size"], steps=steps, t2d=model.t2d.cpu(),
-                  rank=info.rank, world_size=info.world_size, seed=s["seed"], long_sequences=s["long_sequences"],
-                  pin=info.device.type == "cuda", num_workers=s["num_workers"])
-    loader = PackedLoader(index, train_ids, grad_accum=s["grad_accum"], reuse_buffers=True, **common)
+    common = dict(seq_len=s.seq_len, batch_size=s.batch_size, steps=s.ttt_steps, t2d=model.t2d.cpu(),
+                  rank=info.rank, world_size=info.world_size, seed=s.seed, long_sequences=s.long_sequences,
+                  pin=info.device.type == "cuda", num_workers=s.num_workers)
+    loader = PackedLoader(index, train_ids, grad_accum=s.grad_accum, reuse_buffers=True, **common)
     eval_loader = PackedLoader(eval_index, eval_ids, shuffle=False, drop_last=False, **common) \
         if len(eval_ids) else None
     steps_per_epoch = loader.steps_per_epoch()
     if steps_per_epoch == 0:
-        raise StageError(f"{teacher_dir}: packs into {len(loader.rows(0))} rows of {s['seq_len']} positions; one "
+        raise StageError(f"{s.teacher_dir}: packs into {len(loader.rows(0))} rows of {s.seq_len} positions; one "
                          f"optimizer step needs {loader.rows_per_step} (batch x ranks x grad-accum); lower them")
-    total = s["max_steps"] if s["max_steps"] and not s["epochs"] else steps_per_epoch * (s["epochs"] or 1)
-    if s["max_steps"] and s["epochs"]:
-        total = min(total, s["max_steps"])
-    opt, params, names = make_optimizer(model, s["lr"], s["weight_decay"], info.device)
-    schedule = WarmupCosine(s["lr"], s["warmup_steps"], total, s["min_lr_ratio"])
-    sync = GradSync(params, info)
+    total = s.max_steps if s.max_steps and not s.epochs else steps_per_epoch * (s.epochs or 1)
+    if s.max_steps and s.epochs:
+        total = min(total, s.max_steps)
+    return TrainData(index, train_ids, eval_ids, loader, eval_loader, steps_per_epoch, total)
 
-    # 3. resume
-    settings = {k: v for k, v in s.items()} | {"world_size": info.world_size}
-    step, best = 0, None
-    if s["resume"] and latest is not None:
-        meta = ckpt.load_checkpoint(latest, model=model, optimizer=opt, param_names=names)
-        for key in RESUME_FIXED:
-            if meta["settings"].get(key) != settings.get(key):
-                raise StageError(f"{latest}: was trained with {key}={meta['settings'].get(key)!r}, now "
-                                 f"{settings.get(key)!r}; resume with the same value or start a new --out")
-        step, best = meta["step"], meta.get("best_eval_acceptance_length")
-        loader.load_state_dict(meta["loader"])
-    else:
-        sync.broadcast_params()
+
+def build_optimization(s: TrainSettings, model, data: TrainData, info) -> Optimization:
+    opt, params, names = make_optimizer(model, s.lr, s.weight_decay, info.device)
+    schedule = WarmupCosine(s.lr, s.warmup_steps, data.total_steps, s.min_lr_ratio)
+    return Optimization(opt, params, names, schedule, GradSync(params, info))
+
+
+def resume(s: TrainSettings, info, latest: Path | None, model, optim: Optimization, data: TrainData) -> TrainState:
+    """With --resume and a checkpoint: restore weights, optimizer, RNG and data position, refusing settings
+    that would change the data order or the draft. Otherwise every rank starts from rank 0's weights."""
+    state = TrainState()
+    if not (s.resume and latest is not None):
+        optim.sync.broadcast_params()
+        return state
+    meta = ckpt.load_checkpoint(latest, model=model, optimizer=optim.opt, param_names=optim.names)
+    settings = s.record(info.world_size)
+    for key in RESUME_FIXED:
+        if meta["settings"].get(key) != settings.get(key):
+            raise StageError(f"{latest}: was trained with {key}={meta['settings'].get(key)!r}, now "
+                             f"{settings.get(key)!r}; resume with the same value or start a new --out")
+    trained, now = meta.get("draft_config") or {}, model.cfg.to_dict()
+    changed = sorted(k for k in now if trained.get(k) != now[k])
+    if changed:  # e.g. another --draft-rope: the same weights would be rotated differently
+        was, is_ = (", ".join(f"{k}={d.get(k)!r}" for k in changed) for d in (trained, now))
+        raise StageError(f"{latest}: was trained as a different draft ({was}), now {is_}; resume with the same "
+                         "settings or start a new --out")
+    state.step, state.best = meta["step"], meta.get("best_eval_acceptance_length")
+    data.loader.load_state_dict(meta["loader"])
+    return state
+
+
+def run_loop(s: TrainSettings, info, model, optim: Optimization, data: TrainData, state: TrainState) -> None:
+    """Optimizer steps up to the total; logs, evaluates and checkpoints on schedule, and stops (with a checkpoint
+    of the last finite weights) after --max-bad-steps skipped steps in a row."""
+    run, ckpt_root, total = Path(s.out), Path(s.out) / "checkpoints", data.total_steps
     if info.is_main:
         run.mkdir(parents=True, exist_ok=True)
     barrier(info)
-    log = RunLog(run, step, info.is_main)
+    log = RunLog(run, state.step, info.is_main)
     float_dtype = None if info.device.type == "cuda" else torch.float32
-    step_fn = make_step_fn(steps, kind, s["decay"], s["attention"], info.device, s["compile"])
-    metrics = Metrics(steps, info.device)
-    positions_per_step = loader.rows_per_step * s["seq_len"]
-
-    def meta_now(extra: dict | None = None) -> dict:
-        return {"step": step, "settings": settings, "draft_config": model.cfg.to_dict(), "loader":
-                loader.state_dict(), "scheduler": schedule.state_dict() | {"step": step},
-                "best_eval_acceptance_length": best, "teacher_dir": str(teacher_dir), **(extra or {})}
-
-    def save(name: str, extra: dict | None = None) -> None:
-        if info.is_main:
-            ckpt.save_checkpoint(ckpt_root, name, model=model, optimizer=opt, param_names=names,
-                                 meta=meta_now(extra))
-            if name.startswith("step-"):
-                ckpt.prune_checkpoints(ckpt_root, s["keep_checkpoints"])
-        barrier(info)
-
+    step_fn = make_step_fn(s.ttt_steps, data.index.teacher_kind, s.decay, s.attention, info.device, s.compile)
+    metrics = Metrics(s.ttt_steps, info.device)
+    positions_per_step = data.loader.rows_per_step * s.seq_len
+    save = _checkpoint_writer(s, info, model, optim, data, state)
     if info.is_main:
-        click.echo(f"train: {index.num_documents} documents ({len(train_ids)} train, {len(eval_ids)} held out), "
-                   f"{loader.chunks.report()}, {steps_per_epoch} steps/epoch, {total} steps, "
-                   f"{info.world_size} rank(s) on {info.device}", err=True)
-    bar = _progress(total, step, info.is_main)
-    last_log, last_eval, final_eval = {}, {}, {}
+        click.echo(f"train: {data.index.num_documents} documents ({len(data.train_ids)} train, "
+                   f"{len(data.eval_ids)} held out), {data.loader.chunks.report()}, {data.steps_per_epoch} "
+                   f"steps/epoch, {total} steps, {info.world_size} rank(s) on {info.device}", err=True)
+    bar = _progress(total, state.step, info.is_main)
     model.train()
-    while step < total:
-        for micro in loader:
+    while state.step < total:
+        for micro in data.loader:
             with nvtx.annotate("data"):
                 normalizer = all_reduce_sum(sum(c for _, c in micro).to(info.device), info)
                 batches = [to_device(b, info.device, float_dtype) for b, _ in micro]
-            loss, bad = optimizer_step(model, opt, params, step_fn, batches, normalizer, sync, s["grad_clip"],
-                                       schedule(step), on_micro=metrics.add_micro)
+            loss, bad = optimizer_step(model, optim.opt, optim.params, step_fn, batches, normalizer, optim.sync,
+                                       s.grad_clip, optim.schedule(state.step), on_micro=metrics.add_micro)
             metrics.add_step(loss, bad, positions_per_step)
-            step += 1
+            state.step += 1
+            step = state.step
             bar.update(1)
-            if _due(step, s["log_every"], total):
-                last_log = {"step": step, "epoch": loader.epoch, "lr": schedule(step - 1)} | metrics.flush(info)
+            if _due(step, s.log_every, total):
+                state.last_log = {"step": step, "epoch": data.loader.epoch, "lr": optim.schedule(step - 1)} \
+                    | metrics.flush(info)
+                last_log = state.last_log
                 log.write(last_log)
                 bar.set_postfix(loss=f"{last_log['loss']:.3f}", acc=",".join(f"{a:.2f}" for a in last_log["acc"]),
                                 al=f"{last_log['acceptance_length']:.2f}", tok_s=f"{last_log['tokens_per_s']:.0f}")
-                if last_log["max_skipped_in_a_row"] >= s["max_bad_steps"]:
+                if last_log["max_skipped_in_a_row"] >= s.max_bad_steps:
                     save(ckpt.step_name(step))
                     raise StageError(f"{run}: {last_log['max_skipped_in_a_row']} steps in a row had a non-finite "
                                      f"loss or gradient (updates skipped); stopped. The weights in "
                                      f"{ckpt_root / ckpt.step_name(step)} are the last finite ones; lower --lr "
                                      "or check the dump")
-            if eval_loader is not None and _due(step, s["eval_every"], total):
+            if data.eval_loader is not None and _due(step, s.eval_every, total):
                 model.eval()
-                last_eval = evaluate(model, eval_loader, step_fn, info, float_dtype) | {"step": step}
+                last_eval = evaluate(model, data.eval_loader, step_fn, info, float_dtype) | {"step": step}
                 model.train()
                 log.write(last_eval)
-                if best is None or last_eval["eval_acceptance_length"] > best:
-                    best = last_eval["eval_acceptance_length"]
+                if state.best is None or last_eval["eval_acceptance_length"] > state.best:
+                    state.best = last_eval["eval_acceptance_length"]
                     save("best", {"eval": last_eval})
-                final_eval = last_eval
-            if _due(step, s["save_every"], total):
+                state.final_eval = last_eval
+            if _due(step, s.save_every, total):
                 save(ckpt.step_name(step))
             if step >= total:
                 break
     bar.close()
     log.close()
 
-    # 4. export and the completion marker (written last)
-    summary = {"settings": settings, "steps": step, "final_metrics": last_log, "final_eval": final_eval,
-               "best_eval_acceptance_length": best, "checkpoint": str(ckpt_root / ckpt.step_name(step)),
+
+def finish(s: TrainSettings, info, model, state: TrainState, wall0: float) -> dict:
+    """Export the final draft, then write RUN/train_summary.json last (`eagle-pipe run`'s completion marker)."""
+    run = Path(s.out)
+    summary = {"settings": s.record(info.world_size), "steps": state.step, "final_metrics": state.last_log,
+               "final_eval": state.final_eval, "best_eval_acceptance_length": state.best,
+               "checkpoint": str(run / "checkpoints" / ckpt.step_name(state.step)),
                "export_dir": str(run / "export"), "wall_time_s": time.time() - wall0}
     if info.is_main:
         from eagle.export import export_draft
 
         export_draft(model, run / "export")
         atomic_write_json(run / "train_summary.json", summary)
-        click.echo(f"train: {step} steps; loss {last_log.get('loss', float('nan')):.4f}; held-out acceptance "
-                   f"length {final_eval.get('eval_acceptance_length', float('nan')):.3f}; exported to "
-                   f"{run / 'export'}", err=True)
+        click.echo(f"train: {state.step} steps; loss {state.last_log.get('loss', float('nan')):.4f}; held-out "
+                   f"acceptance length {state.final_eval.get('eval_acceptance_length', float('nan')):.3f}; "
+                   f"exported to {run / 'export'}", err=True)
     barrier(info)
     return summary
+
+
+def _checkpoint_writer(s: TrainSettings, info, model, optim: Optimization, data: TrainData, state: TrainState):
+    """save(name, extra=None): rank 0 writes RUN/checkpoints/NAME (pruning old step checkpoints); all wait."""
+    root = Path(s.out) / "checkpoints"
+    settings = s.record(info.world_size)
+
+    def save(name: str, extra: dict | None = None) -> None:
+        if info.is_main:
+            meta = {"step": state.step, "settings": settings, "draft_config": model.cfg.to_dict(),
+                    "loader": data.loader.state_dict(),
+                    "scheduler": optim.schedule.state_dict() | {"step": state.step},
+                    "best_eval_acceptance_length": state.best, "teacher_dir": str(Path(s.teacher_dir)),
+                    **(extra or {})}
+            ckpt.save_checkpoint(root, name, model=model, optimizer=optim.opt, param_names=optim.names, meta=meta)
+            if name.startswith("step-"):
+                ckpt.prune_checkpoints(root, s.keep_checkpoints)
+        barrier(info)
+
+    return save
+
+
+def _eval_dir(s: TrainSettings) -> Path | None:
+    return Path(s.eval_teacher_dir) if s.eval_teacher_dir else None
 
 
 def _due(step: int, every: int, total: int) -> bool:
@@ -360,6 +457,9 @@ def _progress(total: int, initial: int, enabled: bool):
 @click.option("--attention", type=click.Choice(["auto", "dense", "flex"]), default="auto", show_default=True)
 @click.option("--init-lm-head/--no-init-lm-head", default=True, show_default=True,
               help="Start lm_head/norm from the target's.")
+@click.option("--draft-rope", type=click.Choice(["auto", "target", "default"]), default="auto", show_default=True,
+              help="The draft's RoPE: auto = the target's when vLLM/SGLang reproduce it exactly, else plain RoPE "
+                   "with the target's rope_theta; target = the target's or an error; default = plain RoPE.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N.")
 @click.option("--seed", default=0, show_default=True)
 @click.option("--save-every", default=1000, show_default=True)
@@ -375,4 +475,4 @@ def _progress(total: int, initial: int, enabled: bool):
 @click.option("--max-bad-steps", default=10, show_default=True, help="Stop after this many skipped steps in a row.")
 def command(**settings) -> dict:
     """Train an EAGLE-3 draft from a teacher dump (DUMP/target + shards), without loading the target."""
-    return train(**settings)
+    return train(TrainSettings(**settings))

@@ -1,14 +1,18 @@
-"""DraftConfig from real HF config dicts (Llama, Qwen3, legacy rope layout), validation, round trips,
-and load_target_dir on a target dir written the way stage one writes it."""
+"""DraftConfig from real HF config dicts (Llama, Qwen3, legacy rope layout), the draft's RoPE choice (configs
+written here and real ones from shared/real), validation, round trips, and load_target_dir on a target dir
+written the way stage one writes it."""
 from __future__ import annotations
 
+import copy
 import json
+import re
 
 import pytest
 import torch
 from safetensors.torch import save_file
 
-from eagle.config import DraftConfig, default_aux_layer_ids, load_target_dir
+from eagle.config import DraftConfig, choose_draft_rope, default_aux_layer_ids, load_target_dir
+from real_assets import real_path
 
 LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                "original_max_position_embeddings": 8192}
@@ -156,7 +160,8 @@ def test_dump_default_aux_layers_for_shallow_targets(n):
     assert len(set(ids)) == 3 and ids == sorted(ids) and 0 <= ids[0] and ids[-1] <= n - 1
     if n >= 7:
         assert ids == [2, n // 2, n - 3]
-    assert DraftConfig.from_target_config(llama_dict(num_hidden_layers=n), aux_layer_ids=ids).aux_layer_ids == tuple(ids)
+    cfg = DraftConfig.from_target_config(llama_dict(num_hidden_layers=n), aux_layer_ids=ids)
+    assert cfg.aux_layer_ids == tuple(ids)
 
 
 @pytest.mark.parametrize("n", [1, 2])
@@ -169,27 +174,142 @@ def test_dump_default_aux_layers_refuse_fewer_than_three_layers(n):
 
 
 @pytest.mark.parametrize("rope, match", [
-    ({"rope_type": "yarn", "factor": 4.0}, "unsupported rope_type 'yarn'; supported: default, linear, llama3"),
-    ({"rope_type": "dynamic", "factor": 2.0}, "unsupported rope_type 'dynamic'"),
+    ({"rope_type": "longrope", "factor": 4.0, "short_factor": [1.0], "long_factor": [2.0]}, "longrope switches"),
+    ({"rope_type": "dynamic", "factor": 2.0}, "dynamic NTK"),
+    ({"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 1024, "mscale": 1.0,
+      "mscale_all_dim": 1.0}, "mscale, mscale_all_dim"),
+    ({"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 1024, "attention_factor": 1.1},
+     "attention_factor"),
+    ({"rope_type": "yarn", "factor": 4.0}, r"missing \['original_max_position_embeddings'\]"),
     ({"rope_type": "linear"}, r"missing \['factor'\]"),
     ({"rope_type": "llama3", "factor": 8.0}, "missing"),
+    ({"rope_type": "default", "partial_rotary_factor": 0.5}, "partial_rotary_factor=0.5"),
 ])
-def test_unsupported_or_incomplete_rope(rope, match):
-    target = legacy_llama_dict()
-    target["rope_scaling"] = rope
-    with pytest.raises(ValueError, match=match):
-        DraftConfig.from_target_config(target)
+def test_rope_the_draft_cannot_take_falls_back_to_plain(rope, match):
+    """auto: plain RoPE with the target's theta and the reason; target: a ValueError; both config layouts."""
+    legacy = legacy_llama_dict()
+    legacy["rope_scaling"] = rope
     new_style = llama_dict()
-    new_style["rope_parameters"] = {"rope_theta": 10000.0, **rope}
-    with pytest.raises(ValueError, match=match):
-        DraftConfig.from_target_config(new_style)
+    new_style["rope_parameters"] = {"rope_theta": 500000.0, **rope}
+    for target in (legacy, new_style):
+        cfg = DraftConfig.from_target_config(target)
+        assert cfg.rope_theta == 500000.0 and cfg.rope_scaling is None
+        reason = choose_draft_rope(target).reason
+        assert reason.startswith("plain RoPE, rope_theta 500000") and re.search(match, reason)
+        with pytest.raises(ValueError, match=match):
+            DraftConfig.from_target_config(target, draft_rope="target")
 
 
-def test_partial_rotary_refused():
+def test_partial_rotary_target_gets_full_plain_rope():
     target = legacy_llama_dict()
     target["partial_rotary_factor"] = 0.5
+    assert DraftConfig.from_target_config(target).rope_scaling is None
+    assert "partial_rotary_factor=0.5" in choose_draft_rope(target).reason
     with pytest.raises(ValueError, match="partial_rotary_factor"):
-        DraftConfig.from_target_config(target)
+        choose_draft_rope(target, "target")
+
+
+YARN = {"rope_type": "yarn", "factor": 32.0, "original_max_position_embeddings": 4096, "beta_fast": 32.0,
+        "beta_slow": 1.0, "truncate": False}
+
+
+def test_yarn_the_engines_share_is_taken():
+    from transformers import GptOssConfig
+
+    target = GptOssConfig(hidden_size=64, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+                          head_dim=16, intermediate_size=64, vocab_size=300, rope_theta=150000.0,
+                          rope_scaling=dict(YARN), max_position_embeddings=131072).to_dict()
+    cfg = DraftConfig.from_target_config(target)
+    assert cfg.rope_theta == 150000.0 and cfg.rope_scaling == YARN
+    assert choose_draft_rope(target, "target").rope_scaling == YARN
+    assert choose_draft_rope(target).reason.startswith("the target's RoPE: yarn, rope_theta 150000")
+    plain = DraftConfig.from_target_config(target, draft_rope="default")
+    assert plain.rope_theta == 150000.0 and plain.rope_scaling is None
+    assert DraftConfig.from_dict(cfg.to_dict()) == cfg
+
+
+def test_gemma3_per_layer_type_rope_takes_the_full_attention_entry():
+    from transformers import Gemma3TextConfig
+
+    target = Gemma3TextConfig(hidden_size=64, num_hidden_layers=6, num_attention_heads=4, num_key_value_heads=1,
+                              head_dim=16, intermediate_size=64, vocab_size=300,
+                              rope_parameters={"full_attention": {"rope_type": "linear", "factor": 8.0,
+                                                                  "rope_theta": 1_000_000.0},
+                                               "sliding_attention": {"rope_type": "default",
+                                                                     "rope_theta": 10_000.0}}).to_dict()
+    assert set(target["rope_parameters"]) == {"full_attention", "sliding_attention"}
+    cfg = DraftConfig.from_target_config(target)
+    assert cfg.rope_theta == 1_000_000.0 and cfg.rope_scaling == {"rope_type": "linear", "factor": 8.0}
+    assert "full_attention RoPE" in choose_draft_rope(target).reason
+    only_sliding = dict(target, rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 1e4}})
+    assert DraftConfig.from_target_config(only_sliding).rope_theta == 1e4
+
+
+def test_draft_rope_mode_and_unservable_rope_scaling_refused():
+    with pytest.raises(ValueError, match="draft_rope must be one of auto, target, default"):
+        choose_draft_rope(llama_dict(), "yarn")
+    fields = DraftConfig.from_target_config(llama_dict()).to_dict()
+    fields["rope_scaling"] = dict(YARN, mscale=1.0, mscale_all_dim=1.0)
+    with pytest.raises(ValueError, match="would not be served as trained"):
+        DraftConfig.from_dict(fields)
+
+
+# the draft RoPE chosen for real targets: (rope_type taken, rope_theta); None = plain RoPE
+REAL_ROPE = {
+    "gpt-oss-20b.json": ("yarn", 150000.0),
+    "gpt-oss-120b.json": ("yarn", 150000.0),
+    "DeepSeek-V3.json": (None, 10000.0),  # YaRN with mscale/mscale_all_dim: read differently by the engines
+    "DeepSeek-R1.json": (None, 10000.0),
+    "Kimi-K2-Instruct.json": (None, 50000.0),
+    "Llama-4-Scout-17B-16E-Instruct.json": ("llama3", 500000.0),  # text_config, low == high freq factor
+    "Llama-4-Maverick-17B-128E-Instruct.json": (None, 500000.0),
+    "Llama-3.1-8B.json": ("llama3", 500000.0),
+    "Qwen3-8B.json": (None, 1_000_000.0),
+    "Mistral-7B-Instruct-v0.3.json": (None, 1_000_000.0),
+    "mlc_preset/Phi-3.5-mini-instruct.json": (None, 10000.0),  # longrope
+    "mlc_preset/Phi-4-mini-instruct.json": (None, 10000.0),  # longrope, partial rotary
+    "mlc_preset/gemma-3-1b-it.json": (None, 1_000_000.0),  # the global layers' theta, not the sliding 10000
+    "mlc_preset/gemma-2-2b.json": (None, 10000.0),
+    "mlc_preset/DeepSeek-V2-Lite.json": (None, 10000.0),
+}
+
+
+@pytest.mark.parametrize("name", sorted(REAL_ROPE))
+def test_draft_rope_for_real_target_configs(name):
+    """Every real config gets a draft (never refused), as published, and as transformers 5 re-saves it."""
+    from transformers import CONFIG_MAPPING
+
+    raw = json.loads(real_path("configs", *name.split("/")).read_text())
+    kind, theta = REAL_ROPE[name]
+    text = raw.get("text_config", raw)
+    layouts = [raw]
+    if text["model_type"] in CONFIG_MAPPING:  # what dump-teacher writes: the config re-saved by transformers 5
+        layouts.append(CONFIG_MAPPING[raw["model_type"]].from_dict(copy.deepcopy(raw)).to_dict())
+    for target in layouts:
+        rope = choose_draft_rope(target)
+        assert rope.rope_theta == theta, rope.reason
+        assert (rope.rope_scaling or {}).get("rope_type") == kind, rope.reason
+        if kind == "yarn":
+            assert rope.rope_scaling == {"rope_type": "yarn", **{k: v for k, v in text["rope_scaling"].items()
+                                                                 if k != "rope_type"}}
+        cfg = DraftConfig.from_target_config(target, aux_layer_ids=(0, 1, 2))
+        assert (cfg.rope_theta, cfg.rope_scaling) == (rope.rope_theta, rope.rope_scaling)
+        if kind is None and text.get("rope_scaling"):
+            with pytest.raises(ValueError, match="draft_rope=target"):
+                choose_draft_rope(target, "target")
+
+
+@pytest.mark.parametrize("target, draft", [
+    ("mlc_preset/gemma-3-1b-it.json", "gemma3-1b-eagle3.json"),
+    ("DeepSeek-V3.json", "deepseek-v3-671b-eagle3.json"),
+])
+def test_draft_rope_agrees_with_published_drafts(target, draft):
+    """Where a published EAGLE-3 draft exists for a target whose RoPE we do not take, it uses the same plain RoPE
+    (a Llama config without rope keys means theta 10000, no scaling)."""
+    rope = choose_draft_rope(json.loads(real_path("configs", *target.split("/")).read_text()))
+    published = json.loads(real_path("configs", "drafts", "specforge", draft).read_text())
+    assert (rope.rope_theta, rope.rope_scaling) == (published.get("rope_theta", 10000.0),
+                                                   published.get("rope_scaling"))
 
 
 @pytest.mark.parametrize("field", ["hidden_size", "num_attention_heads", "num_hidden_layers", "vocab_size",

@@ -19,6 +19,8 @@ from eagle.vocab import build_vocab_map
 V, VD, N_LAYERS = 300, 120, 12
 LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                "original_max_position_embeddings": 64}
+YARN_ROPE = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64, "beta_fast": 16.0,
+             "beta_slow": 1.0, "truncate": False}
 
 EXPECTED_TENSORS = {  # name -> shape builder from (H, Ht, nH*hd, nKV*hd, I)
     "fc.weight": lambda H, Ht, Q, KV, I: (H, 3 * Ht),
@@ -73,7 +75,7 @@ def run_draft(model, tokens, feats, steps=3):
     return torch.cat(collected, dim=1)
 
 
-@pytest.fixture(params=[None, LLAMA3_ROPE], ids=["default_rope", "llama3_rope"])
+@pytest.fixture(params=[None, LLAMA3_ROPE, YARN_ROPE], ids=["default_rope", "llama3_rope", "yarn_rope"])
 def exported(request, tmp_path):
     model, embed = make_model(request.param)
     return model, embed, export_draft(model, tmp_path / "draft")
@@ -115,7 +117,35 @@ def test_config_json_loads_in_transformers(exported):
     assert params["rope_theta"] == 5000.0
     assert params["rope_type"] == (model.cfg.rope_scaling or {"rope_type": "default"})["rope_type"]
     if model.cfg.rope_scaling:
-        assert params["factor"] == 8.0 and params["original_max_position_embeddings"] == 64
+        assert {k: params[k] for k in model.cfg.rope_scaling} == model.cfg.rope_scaling
+
+
+def test_exported_rope_is_what_transformers_builds_from_config_json(exported):
+    """The engines build their rotary embedding from config.json's rope fields (transformers' config object):
+    transformers' own Llama RoPE from the exported file equals the loaded draft's cos/sin."""
+    from transformers import AutoConfig
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+    model, embed, out = exported
+    hf_rope = LlamaRotaryEmbedding(AutoConfig.from_pretrained(out))
+    loaded = load_draft(out, embed_weight=embed)
+    assert torch.equal(loaded.rope.inv_freq, hf_rope.inv_freq)
+    assert loaded.rope.attention_scaling == hf_rope.attention_scaling
+    positions = torch.arange(0, 256, 5)[None]
+    hf_cos, hf_sin = hf_rope(torch.zeros(1), positions)
+    cos, sin = loaded.rope(positions)
+    torch.testing.assert_close(cos[:, 0], hf_cos, rtol=0, atol=2e-6)
+    torch.testing.assert_close(sin[:, 0], hf_sin, rtol=0, atol=2e-6)
+
+
+def test_load_refuses_rope_fields_edited_away_from_the_trained_draft(tmp_path):
+    model, _ = make_model(YARN_ROPE)
+    out = export_draft(model, tmp_path / "draft")
+    config = json.loads((out / "config.json").read_text())
+    config["rope_scaling"]["truncate"] = True
+    (out / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="rope fields .* differ from the trained draft's"):
+        load_draft(out)
 
 
 def test_tensors_follow_every_rule(exported):

@@ -1,5 +1,5 @@
 """Draft model: parameter layout of the serving checkpoint, the engines' forward (vs a float64 reference written
-here with transformers' RoPE), RoPE vs transformers for default/linear/llama3, target initialisation."""
+here with transformers' RoPE), RoPE vs transformers for default/linear/llama3/yarn, target initialisation."""
 from __future__ import annotations
 
 import math
@@ -96,31 +96,63 @@ def test_forward_matches_float64_reference(kv_heads):
 
 LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
           "original_max_position_embeddings": 8192}
+LLAMA4_SCOUT = {"rope_type": "llama3", "factor": 16.0, "low_freq_factor": 1.0, "high_freq_factor": 1.0,
+                "original_max_position_embeddings": 8192}  # equal factors: a hard step, no blend
+GPT_OSS_YARN = {"rope_type": "yarn", "factor": 32.0, "original_max_position_embeddings": 4096, "beta_fast": 32.0,
+                "beta_slow": 1.0, "truncate": False}
 
 
-@pytest.mark.parametrize("theta, scaling", [
-    (10000.0, None),
-    (1e6, {"rope_type": "default"}),
-    (10000.0, {"rope_type": "linear", "factor": 4.0}),
-    (10000.0, {"type": "linear", "factor": 2.0}),  # legacy key
-    (500000.0, LLAMA3),
+@pytest.mark.parametrize("theta, scaling, head_dim", [
+    (10000.0, None, 128),
+    (1e6, {"rope_type": "default"}, 128),
+    (10000.0, {"rope_type": "linear", "factor": 4.0}, 128),
+    (10000.0, {"type": "linear", "factor": 2.0}, 128),  # legacy key
+    (500000.0, LLAMA3, 128),
+    (500000.0, LLAMA4_SCOUT, 128),
+    (150000.0, GPT_OSS_YARN, 64),
+    (10000.0, {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768}, 128),  # defaults
+    (1e6, {"rope_type": "yarn", "factor": 8.0, "original_max_position_embeddings": 16384, "beta_fast": 16.0,
+           "beta_slow": 2.0}, 96),
+    (10000.0, {"rope_type": "yarn", "factor": 40.0, "original_max_position_embeddings": 4096, "beta_fast": 32,
+               "beta_slow": 1, "mscale": 0.707, "mscale_all_dim": 0.707}, 64),  # DeepSeek-V2-Lite
+    (10000.0, {"type": "yarn", "factor": 40.0, "original_max_position_embeddings": 4096, "mscale": 1.0,
+               "mscale_all_dim": 0.5}, 64),
+    (10000.0, {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 8192,
+               "attention_factor": 1.25}, 128),
 ])
-def test_rope_matches_transformers(theta, scaling):
-    head_dim = 128
+def test_rope_matches_transformers(theta, scaling, head_dim):
+    """inv_freq bit-identical and cos/sin (incl. YaRN's attention factor) equal to transformers' Llama RoPE."""
     params = {"rope_theta": theta, "rope_type": "default"}
     if scaling:
         params.update({k: v for k, v in scaling.items() if k != "type"})
         params["rope_type"] = scaling.get("rope_type", scaling.get("type"))
-    hf = LlamaConfig(hidden_size=256, num_attention_heads=2, head_dim=head_dim, rope_parameters=params,
-                     max_position_embeddings=131072)
+    max_pos = int(scaling["factor"] * scaling["original_max_position_embeddings"]) \
+        if scaling and "original_max_position_embeddings" in scaling else 131072
+    hf = LlamaConfig(hidden_size=2 * head_dim, num_attention_heads=2, head_dim=head_dim, rope_parameters=params,
+                     max_position_embeddings=max_pos)
     hf_rope = LlamaRotaryEmbedding(hf)
     ours = RotaryEmbedding(head_dim, theta, scaling)
     assert torch.equal(ours.inv_freq, hf_rope.inv_freq)
+    assert ours.attention_scaling == hf_rope.attention_scaling
     positions = torch.tensor([[0, 1, 7, 100, 4095, 8191, 8192, 20000, 65535, 131071]])
     hf_cos, hf_sin = hf_rope(torch.zeros(1, dtype=torch.float32), positions)
     cos, sin = ours(positions)
-    torch.testing.assert_close(cos[:, 0], hf_cos, rtol=0, atol=1e-6)
-    torch.testing.assert_close(sin[:, 0], hf_sin, rtol=0, atol=1e-6)
+    torch.testing.assert_close(cos[:, 0], hf_cos, rtol=0, atol=2e-6)
+    torch.testing.assert_close(sin[:, 0], hf_sin, rtol=0, atol=2e-6)
+
+
+def test_yarn_attention_factor_and_frequency_blend():
+    """YaRN by its definition: top frequencies kept, bottom ones divided by the factor, cos/sin scaled by
+    0.1 ln(factor) + 1 (mscale == mscale_all_dim cancels it)."""
+    plain = rope_inv_freq(64, 150000.0)
+    yarn = RotaryEmbedding(64, 150000.0, GPT_OSS_YARN)
+    assert torch.equal(yarn.inv_freq[:4], plain[:4])
+    torch.testing.assert_close(yarn.inv_freq[-4:], plain[-4:] / 32.0)
+    assert yarn.attention_scaling == pytest.approx(0.1 * math.log(32.0) + 1.0)
+    cos, sin = yarn(torch.tensor([[3]]))
+    assert (cos ** 2 + sin ** 2).sqrt().flatten() == pytest.approx([yarn.attention_scaling] * 64)
+    deepseek = dict(GPT_OSS_YARN, mscale=1.0, mscale_all_dim=1.0)
+    assert RotaryEmbedding(64, 150000.0, deepseek).attention_scaling == 1.0
 
 
 def test_llama3_scaling_changes_low_frequencies_only():
@@ -130,10 +162,14 @@ def test_llama3_scaling_changes_low_frequencies_only():
 
 
 @pytest.mark.parametrize("scaling, match", [
-    ({"rope_type": "yarn", "factor": 4.0}, "unsupported rope type 'yarn'"),
+    ({"rope_type": "longrope", "factor": 4.0}, "unsupported rope type 'longrope'"),
     ({"rope_type": "dynamic", "factor": 2.0}, "unsupported rope type 'dynamic'"),
     ({"rope_type": "linear"}, "factor"),
     ({"rope_type": "llama3", "factor": 8.0}, "low_freq_factor"),
+    (dict(LLAMA3, high_freq_factor=0.5), "high_freq_factor >= low_freq_factor"),
+    ({"rope_type": "yarn", "factor": 4.0}, "original_max_position_embeddings"),
+    (dict(GPT_OSS_YARN, beta_fast=0), "positive 'beta_fast'"),
+    (dict(GPT_OSS_YARN, truncate="no"), "boolean 'truncate'"),
     ({"rope_type": "default", "partial_rotary_factor": 0.5}, "partial_rotary_factor"),
 ])
 def test_unsupported_rope_fails_at_construction(scaling, match):

@@ -179,6 +179,46 @@ def test_existing_run_needs_resume_and_same_settings(dump, tmp_path):
     assert changed.exit_code == 2 and "seed" in changed.output
 
 
+def test_draft_rope_is_announced_taken_and_fixed_on_resume(dump, tmp_path):
+    """A target with linear RoPE: auto takes it (said at start, exported), default trains plain RoPE, and a
+    resume with another --draft-rope is refused because the same weights would rotate differently."""
+    linear = _copy(dump, tmp_path)
+    config_path = linear / "target" / "config.json"
+    config = json.loads(config_path.read_text())
+    config["rope_parameters"] = {"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0}
+    config_path.write_text(json.dumps(config))
+    run, plain = tmp_path / "run", tmp_path / "plain"
+    result = train(["--teacher-dir", str(linear), "--out", str(run), "--max-steps", "2", "--eval-every", "0"])
+    assert "train: draft RoPE: the target's RoPE: linear, rope_theta 10000, factor 2.0" in result.output
+    exported = json.loads((run / "export" / "config.json").read_text())
+    assert exported["rope_scaling"] == {"rope_type": "linear", "factor": 2.0} and exported["rope_theta"] == 10000.0
+    result = train(["--teacher-dir", str(linear), "--out", str(plain), "--max-steps", "2", "--eval-every", "0",
+                    "--draft-rope", "default"])
+    assert "train: draft RoPE: plain RoPE, rope_theta 10000 (draft_rope=default" in result.output
+    assert json.loads((plain / "export" / "config.json").read_text())["rope_scaling"] is None
+    (run / "train_summary.json").unlink()  # an interrupted run
+    changed = train(["--teacher-dir", str(linear), "--out", str(run), "--max-steps", "4", "--resume",
+                     "--eval-every", "0", "--draft-rope", "default"], expect_ok=False)
+    assert changed.exit_code == 2 and "was trained as a different draft (rope_scaling=" in changed.output
+
+
+def test_train_settings_mirror_the_command_options():
+    """TrainSettings is the typed form of the click options: same names, same defaults."""
+    import dataclasses
+
+    from stages.train import command
+    from stages.train_settings import TrainSettings
+
+    fields = {f.name: f.default for f in dataclasses.fields(TrainSettings)}
+    assert list(fields) == [p.name for p in command.params]
+    required = {name for name, default in fields.items() if default is dataclasses.MISSING}
+    assert required == {p.name for p in command.params if p.required} == {"teacher_dir", "out"}
+    resolved = command.make_context("train", ["--teacher-dir", "d", "--out", "o"]).params  # click's defaults
+    assert TrainSettings(**resolved) == TrainSettings(teacher_dir="d", out="o")
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        TrainSettings(teacher_dir="d", out="o").lr = 1.0
+
+
 def _copy(dump, tmp_path, name="copy") -> Path:
     dst = tmp_path / name
     shutil.copytree(dump, dst)

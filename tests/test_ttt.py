@@ -33,9 +33,33 @@ def compare_with_engine(model, cfg, batch, steps, position_shift=0) -> float:
     return worst
 
 
-@pytest.mark.parametrize("kv_heads", [2, 4])
-def test_ttt_logits_equal_engine_chain_drafting(kv_heads):
-    cfg = tiny_cfg(num_key_value_heads=kv_heads)
+# one case per RoPE the draft can take: (rope_theta, rope_scaling), scaled so that positions < 34 feel it
+ROPES = {
+    "default": (10000.0, None),
+    "linear": (100.0, {"rope_type": "linear", "factor": 2.0}),
+    "llama3": (100.0, {"rope_type": "llama3", "factor": 4.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                       "original_max_position_embeddings": 16}),
+    "yarn": (100.0, {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16, "beta_fast": 8.0,
+                     "beta_slow": 1.0, "truncate": False}),
+}
+
+
+def test_every_rope_type_has_a_train_serve_case():
+    from eagle.rope import SUPPORTED_ROPE_TYPES, RotaryEmbedding
+
+    assert set(ROPES) == set(SUPPORTED_ROPE_TYPES)
+    positions = torch.arange(34)[None]
+    for kind, (theta, scaling) in ROPES.items():
+        if scaling is not None:  # the case rotates differently from plain RoPE with its theta
+            plain, scaled = RotaryEmbedding(8, theta)(positions), RotaryEmbedding(8, theta, scaling)(positions)
+            assert (plain[0] - scaled[0]).abs().max() > 0.1, kind
+
+
+@pytest.mark.parametrize("kv_heads, rope", [(2, "default"), (4, "default"), (2, "linear"), (2, "llama3"),
+                                            (4, "yarn")])
+def test_ttt_logits_equal_engine_chain_drafting(kv_heads, rope):
+    theta, scaling = ROPES[rope]
+    cfg = tiny_cfg(num_key_value_heads=kv_heads, rope_theta=theta, rope_scaling=scaling)
     model = random_draft(cfg, seed=1)
     batch = packed_batch(cfg, [9, 5, 12, 3], T=34, rows=2, seed=2)  # 29 positions + padding per row
     assert compare_with_engine(model, cfg, batch, steps=4) <= 1e-5

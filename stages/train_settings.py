@@ -1,0 +1,81 @@
+"""The options of `eagle-pipe train` as one typed, frozen value: what each one means, in one place.
+
+`TrainSettings(**options)` takes the click command's keyword arguments (or a `train:` section of pipeline.yaml,
+which click resolves the same way). `record(world_size)` is the JSON dict written into every checkpoint's
+meta.json and into train_summary.json, and compared on `--resume` and by `eagle-pipe run`.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    teacher_dir: str
+    """Teacher dump written by `eagle-pipe dump-teacher` (DIR/manifest.json, DIR/target/, shards)."""
+    out: str
+    """Run directory: checkpoints/, metrics.jsonl, tensorboard/, export/, train_summary.json."""
+    seq_len: int = 2048
+    """Positions per packed row; every batch has this one shape, so the compiled step never recompiles."""
+    batch_size: int = 8
+    """Rows per micro-batch per rank."""
+    grad_accum: int = 1
+    """Micro-batches per optimizer step."""
+    max_steps: int | None = None
+    """Optimizer steps; None: `epochs` passes over the data. With `epochs` too, a cap on them."""
+    epochs: int | None = None
+    """Passes over the data (None: 1, or `max_steps` steps when that is given)."""
+    lr: float = 1e-4
+    """Peak learning rate (AdamW, betas 0.9 / 0.95)."""
+    min_lr_ratio: float = 0.1
+    """Floor of the cosine decay, as a fraction of `lr`."""
+    warmup_steps: int = 100
+    """Linear warmup steps before the cosine decay."""
+    weight_decay: float = 0.0
+    """AdamW weight decay of the matrices (never of norms)."""
+    grad_clip: float = 0.5
+    """Maximum global gradient norm."""
+    ttt_steps: int = 7
+    """K: draft steps unrolled by training-time test."""
+    draft_vocab_size: int = 32000
+    """Vd: the draft's vocabulary (the most frequent supervised target ids), capped at the target's V."""
+    decay: float = 0.8
+    """Loss weight decay**j of TTT step j."""
+    long_sequences: str = "split"
+    """Documents longer than `seq_len`: "split" into independent chunks or "truncate"."""
+    attention: str = "auto"
+    """TTT attention kernel: "auto" (flex on CUDA, else dense), "dense" or "flex"."""
+    init_lm_head: bool = True
+    """Start the draft's lm_head rows and final norm from the target's."""
+    draft_rope: str = "auto"
+    """The draft's RoPE: "auto" (the target's when the engines compute it exactly as training does, else plain
+    RoPE with the target's rope_theta), "target" (the target's or an error) or "default" (plain RoPE)."""
+    device: str = "auto"
+    """auto, cpu, cuda or cuda:N (under torchrun: the local rank's GPU)."""
+    seed: int = 0
+    """Seeds the draft's initialisation, the held-out split and the data order."""
+    save_every: int = 1000
+    """Optimizer steps between checkpoints (and one at the end)."""
+    keep_checkpoints: int = 2
+    """Newest step checkpoints kept (plus checkpoints/best/)."""
+    log_every: int = 10
+    """Optimizer steps between metrics.jsonl records: the one host sync of the metrics."""
+    eval_every: int = 500
+    """Optimizer steps between held-out evaluations (0: only at the end)."""
+    eval_fraction: float = 0.01
+    """Fraction of documents held out of `teacher_dir` (by a hash of their record index)."""
+    eval_teacher_dir: str | None = None
+    """A separate held-out dump of the same target; then nothing is held out of `teacher_dir`."""
+    resume: bool = False
+    """Continue from the newest complete checkpoint in `out` (weights, optimizer, schedule, RNG, data position)."""
+    compile: bool = True
+    """torch.compile(fullgraph=True) the TTT forward + loss (False: eager)."""
+    num_workers: int = 2
+    """Threads building batches in the background."""
+    max_bad_steps: int = 10
+    """Stop after this many optimizer steps in a row with a non-finite loss or gradient."""
+
+    def record(self, world_size: int) -> dict:
+        """The settings as written into checkpoints and train_summary.json (plus the world size)."""
+        return dataclasses.asdict(self) | {"world_size": world_size}
