@@ -1,21 +1,31 @@
 """Render a conversation with the tokenizer's chat template and mark the tokens the draft is trained on.
 
-The loss mask is exactly the assistant turns' tokens, each turn's end-of-turn token included; the assistant
-header (the generation prompt) and whatever the template writes after the end-of-turn token (ChatML's "\\n")
-are not supervised.
+The rule: the supervised text of an assistant turn is exactly what the model generates for it — everything
+after the generation prompt (what `add_generation_prompt=True` renders after the earlier turns) up to and
+including the turn's end-of-turn token. Model-written markup inside the turn (Qwen3's `<think>` block,
+gpt-oss's `<|channel|>final<|message|>`) is supervised; system, user and header text never is, nor whatever
+the template writes after the end-of-turn token (ChatML's newline, Phi-3's closing `<|endoftext|>`).
 
-Two ways to find those tokens, which give the same mask on the same rendered text:
+Why probes: real templates do not render a conversation as a concatenation of its prefixes. They append text
+at the very end (Phi-3), end the last turn differently (gpt-oss: `<|return|>`, `<|end|>` before), move the
+system prompt into the last user turn (Mistral v3), or drop earlier reasoning (Qwen3). So the turn is located
+in the full rendering itself, with three renderings per assistant turn i:
 
-* templates with `{% generation %}` tags: transformers' `return_assistant_tokens_mask=True`;
-* every other template (most real ones) — the prefix method: render growing prefixes of the conversation as
-  strings. Assistant turn i starts where the rendering of messages[:i] *with* the generation prompt ends, and
-  ends after the last special/added token of its rendered increment (its end-of-turn marker; the whole
-  increment when it has none). The full rendering is tokenized once with offsets, and a token is supervised
-  when it overlaps one of those character spans (the same overlap rule transformers uses for generation tags).
-  Templates whose renderings are not prefixes of each other (a generation prompt unlike the history header,
-  or past turns rewritten once later turns follow, as Qwen3 drops past reasoning) are located in the full
-  text instead: the turn starts where the prefix rendering and the full text part, and ends at its
-  end-of-turn marker's next occurrence.
+* `probe`: the full conversation with turn i's content replaced by a sentinel. The text before and after the
+  sentinel is the template's own text around the content, in the full conversation's context, so the content
+  of turn i occupies exactly what lies between them in the real rendering.
+* `prompt`: messages[:i] with the generation prompt. When the real rendering starts with it, the turn starts
+  where it ends. Otherwise (the prompt moves the system text, or opens a block history turns do not have),
+  the turn starts before the content by the markup the template writes between the generation prompt and the
+  content (gpt-oss's channel header) — read from `alone`.
+* `alone`: messages[:i] plus the sentinel turn, rendered as the last message. What follows the sentinel is
+  the turn's own ending; the end-of-turn token is the first special token of the real text after the content
+  that starts within that ending (this is how `<|end|>` before a later turn and `<|return|>` at the end are
+  both found, and Phi-3's trailing `<|endoftext|>` is not). A template without such a token ends the turn
+  with the text its own ending shares with the real one (e.g. a newline).
+
+The full rendering is tokenized once with offsets, and a token is supervised when it overlaps one of the
+character spans. A record is a `TemplateError` only when the template itself raises.
 """
 from __future__ import annotations
 
@@ -26,7 +36,9 @@ from transformers.utils.chat_template_utils import render_jinja_template
 
 from stages.errors import StageError
 
-GENERATION_TAG = re.compile(r"\{%-?\s*generation\s*-?%\}")
+# Stands in for a turn's content in probe renderings: private-use characters no template writes itself.
+SENTINEL = "\ue000eagle-pipe-turn\ue001"
+SENTINEL_BEFORE = "\ue002eagle-pipe-previous\ue003"  # the message before that turn
 
 
 class TemplateError(ValueError):
@@ -43,26 +55,21 @@ def chat_template_of(tokenizer) -> str:
         raise StageError(f"tokenizer chat template: {exc}") from None
 
 
-def has_generation_tags(template: str) -> bool:
-    return GENERATION_TAG.search(template) is not None
-
-
 class ChatMasker:
     """Tokenizes conversations with one tokenizer's chat template and builds their loss masks."""
 
-    def __init__(self, tokenizer, *, use_generation_tags: bool | None = None):
+    def __init__(self, tokenizer):
         if not getattr(tokenizer, "is_fast", False):
             raise StageError("a fast (Rust) tokenizer is needed for character offsets; got a slow tokenizer")
         self.tokenizer = tokenizer
         self.template = chat_template_of(tokenizer)
-        tagged = has_generation_tags(self.template)
-        self.use_generation_tags = tagged if use_generation_tags is None else use_generation_tags and tagged
         self._special = self._special_token_pattern(tokenizer)
 
     @staticmethod
     def _special_token_pattern(tokenizer) -> re.Pattern | None:
-        strings = {t.content for t in tokenizer.added_tokens_decoder.values() if t.content}
-        strings.update(s for s in tokenizer.all_special_tokens if s)
+        # Added tokens that are pure whitespace (Gemma's "\n" runs) are text, not turn markers.
+        strings = {t.content for t in tokenizer.added_tokens_decoder.values() if t.content.strip()}
+        strings.update(s for s in tokenizer.all_special_tokens if s.strip())
         if not strings:
             return None
         return re.compile("|".join(re.escape(s) for s in sorted(strings, key=len, reverse=True)))
@@ -73,6 +80,7 @@ class ChatMasker:
 
         Calls transformers' renderer directly: `apply_chat_template` refuses an empty conversation and its
         per-call message normalisation (a no-op for our plain {role, content} dicts) costs more than the render.
+        `{% generation %}` tags render as nothing: the mask follows the one rule below, not the tags.
         """
         try:
             rendered, _ = render_jinja_template(
@@ -85,57 +93,94 @@ class ChatMasker:
     def assistant_spans(self, messages: list[dict], full: str) -> list[tuple[int, int]]:
         """Character spans [start, end) of each assistant turn's supervised text in `full`."""
         spans = []
-        cursor = 0
         for i, message in enumerate(messages):
-            if message["role"] != "assistant":
-                continue
-            before = self.render(messages[:i], add_generation_prompt=True)
-            after = self.render(messages[: i + 1], add_generation_prompt=False)
-            if after.startswith(before) and full.startswith(after):
-                start = len(before)
-                marker = self._last_special(after[start:])
-                end = start + (marker.end() if marker else len(after) - start)
-            else:
-                start, end = self._locate_unstable_turn(i, before, after, full, cursor)
-            if end > start:
-                spans.append((start, end))
-            cursor = max(cursor, end)
+            if message["role"] == "assistant":
+                span = self._turn_span(messages, i, full)
+                if span is not None and span[1] > span[0]:
+                    spans.append(span)
         return spans
 
-    def _locate_unstable_turn(self, i: int, before: str, after: str, full: str, cursor: int) -> tuple[int, int]:
-        """Span of turn i when the renderings are not prefixes of each other.
+    def _turn_span(self, messages: list[dict], i: int, full: str) -> tuple[int, int] | None:
+        """Turn i's span in `full`; None when the template does not render that turn's content."""
+        turn = {**messages[i], "content": messages[i]["content"] + SENTINEL}
+        if i == 0:
+            probe = self.render([turn] + messages[1:], add_generation_prompt=False)
+            if SENTINEL not in probe:
+                return None
+            content_end = _shared_prefix_end(full, probe[:probe.find(SENTINEL)])
+            start = _common_prefix_len(self.render([], add_generation_prompt=True), full[:content_end])
+        else:
+            previous = {**messages[i - 1], "content": messages[i - 1]["content"] + SENTINEL_BEFORE}
+            probe = self.render(messages[:i - 1] + [previous, turn] + messages[i + 1:], add_generation_prompt=False)
+            if SENTINEL not in probe:
+                return None
+            at = probe.find(SENTINEL)
+            content_end = _shared_prefix_end(full, probe[:at].replace(SENTINEL_BEFORE, "", 1))
+            start = self._turn_start(messages, i, full, probe[:at], content_end)
+        return min(start, content_end), self._turn_end(messages, i, full, content_end)
 
-        Either the generation prompt differs from the header history turns get (e.g. an empty think block), or
-        the template renders a turn differently once later turns follow (e.g. Qwen3 drops past reasoning). The
-        turn starts where `before` and `full` part (not before the previous turn's end) and ends at the first
-        end-of-turn marker after that — the marker being the last special token of the turn's own rendering.
+    def _turn_start(self, messages: list[dict], i: int, full: str, probe_head: str, content_end: int) -> int:
+        """Where the generation prompt ends, in `full`.
+
+        The prompt is rendered after messages[:i] alone, so its text before the previous message may differ
+        from the full rendering (Mistral moves the system text into the last user turn; Qwen3-style templates
+        keep only the last turn's reasoning). What it writes after the previous message's content — that
+        message's ending plus the generation prompt — is followed in `full` from the same point, as far as
+        both agree.
         """
-        start = max(cursor, _common_prefix_len(before, full))
-        increment = after[_common_prefix_len(before, after):]
-        marker = self._last_special(increment)
-        if marker is not None:
-            pos = full.find(marker.group(0), start)
-            if pos >= 0:
-                return start, pos + len(marker.group(0))
-        elif increment and full.startswith(increment, start):
-            return start, start + len(increment)
-        raise TemplateError(
-            f"cannot locate assistant turn {i} in the rendered conversation (the template renders it differently "
-            "once later turns follow); use a template with {% generation %} tags")
+        previous = {**messages[i - 1], "content": messages[i - 1]["content"] + SENTINEL_BEFORE}
+        prompt = self.render(messages[:i - 1] + [previous], add_generation_prompt=True)
+        at_prompt, at_probe = prompt.find(SENTINEL_BEFORE), probe_head.find(SENTINEL_BEFORE)
+        if at_prompt < 0 or at_probe < 0 or not full.startswith(probe_head[:at_probe]):
+            # the previous message is not rendered in place (e.g. a system text moved elsewhere)
+            return _common_prefix_len(self.render(messages[:i], add_generation_prompt=True), full)
+        anchor = prompt[at_prompt + len(SENTINEL_BEFORE):]
+        return at_probe + _common_prefix_len(anchor, full[at_probe:content_end])
 
-    def _last_special(self, text: str) -> re.Match | None:
-        """The last special/added token in `text` (an assistant turn's end-of-turn marker), if any."""
-        last = None
-        if self._special is not None:
-            for last in self._special.finditer(text):
-                pass
-        return last
+    def _turn_end(self, messages: list[dict], i: int, full: str, content_end: int) -> int:
+        """After the turn's end-of-turn token(s) in `full`; the content's end when the template writes none.
+
+        The turn's ending is the special tokens the template writes after the content both when the turn is
+        the last message and when a user turn follows (Phi-3: `<|end|>` without the closing `<|endoftext|>`;
+        Cohere: `<|END_TEXT|><|END_OF_TURN_TOKEN|>`) — less a last one right where the two part, which opens
+        the next header (a template that always appends a generation prompt). When they share none (gpt-oss
+        ends the last turn with `<|return|>` and the others with `<|end|>`), it is the special token right
+        after the content (whitespace between allowed) when what follows it is another special token or the
+        end (so GLM's next-turn header `<|user|>`, followed by the user's text, is not).
+        """
+        if self._special is None:
+            return content_end
+        turn = [*messages[:i], {**messages[i], "content": messages[i]["content"] + SENTINEL}]
+        as_last = self.render(turn, add_generation_prompt=False)
+        if i + 1 < len(messages):
+            ending_last, ending_followed = _after(as_last, SENTINEL), full[content_end:]
+        else:
+            followed = self.render(turn + [{"role": "user", "content": SENTINEL_BEFORE}], add_generation_prompt=False)
+            ending_last, ending_followed = full[content_end:], _after(followed, SENTINEL)
+        shared = _common_prefix_len(ending_last, ending_followed)
+        ends = [m.end() for m in self._special.finditer(ending_last, 0, shared)]
+        if len(ends) > 1 and self._parts_right_after(ends[-1], shared, ending_last, ending_followed):
+            ends.pop()
+        if ends:
+            return content_end + ends[-1]
+        first = self._special.match(full, content_end + _leading_space(full, content_end))
+        if first is not None:
+            rest = full[first.end():].lstrip()
+            if not rest or self._special.match(rest):
+                return first.end()
+        return content_end
+
+    def _parts_right_after(self, at: int, shared: int, *endings: str) -> bool:
+        """Whether both endings go on past `at` and part in the token that starts there (a header opener)."""
+        if any(at >= len(e) for e in endings):
+            return False
+        if at == shared:
+            return True
+        return any((m := self._special.match(e, at)) is not None and m.end() > shared for e in endings)
 
     # ------------------------------------------------------------------ tokenizing
     def encode(self, messages: list[dict], loss_on: str = "assistant") -> tuple[list[int], list[int]]:
         """(input_ids, loss_mask) of the whole conversation."""
-        if self.use_generation_tags and loss_on == "assistant":
-            return self._encode_with_generation_tags(messages)
         full = self.render(messages, add_generation_prompt=False)
         enc = self.tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
         ids = list(enc["input_ids"])
@@ -144,13 +189,19 @@ class ChatMasker:
         spans = self.assistant_spans(messages, full)
         return ids, mask_from_spans(enc["offset_mapping"], spans)
 
-    def _encode_with_generation_tags(self, messages: list[dict]) -> tuple[list[int], list[int]]:
-        try:
-            out = self.tokenizer.apply_chat_template(
-                messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
-        except Exception as exc:
-            raise TemplateError(f"chat template failed: {type(exc).__name__}: {exc}") from None
-        return list(out["input_ids"]), [int(m) for m in out["assistant_masks"]]
+
+def _after(text: str, sentinel: str) -> str:
+    return text[text.find(sentinel) + len(sentinel):]
+
+
+def _shared_prefix_end(full: str, probe_head: str) -> int:
+    """Where the real content ends: the probe's text up to its sentinel is `full`'s up to there, unless the
+    real content changed the template's text (trailing spaces a template strips): then as far as they agree."""
+    return len(probe_head) if full.startswith(probe_head) else _common_prefix_len(full, probe_head)
+
+
+def _leading_space(text: str, at: int) -> int:
+    return len(text) - at - len(text[at:].lstrip())
 
 
 def mask_from_spans(offsets, spans: list[tuple[int, int]]) -> list[int]:
@@ -168,8 +219,13 @@ def mask_from_spans(offsets, spans: list[tuple[int, int]]) -> list[int]:
 
 
 def _common_prefix_len(a: str, b: str) -> int:
-    n = min(len(a), len(b))
-    i = 0
-    while i < n and a[i] == b[i]:
-        i += 1
-    return i
+    """Length of the longest common prefix (binary search on slices: C-speed on long renderings)."""
+    lo, hi = 0, min(len(a), len(b))
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if a[lo:mid] == b[lo:mid]:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
