@@ -110,7 +110,7 @@ def load_draft_for(target_model, draft_dir: str, device: str):
     except (OSError, ValueError, KeyError) as e:
         raise StageError(f"{draft_dir}: cannot load the draft: {e}") from None
     draft = draft.float()  # the draft is small: run it in float32 whatever the export dtype
-    cfg, tcfg = draft.cfg, target_model.config
+    cfg, tcfg = draft.cfg, target_model.config.get_text_config()  # a multimodal checkpoint: its text model
     if cfg.vocab_size != embed.shape[0] or cfg.target_hidden_size != tcfg.hidden_size:
         raise StageError(f"{draft_dir}: draft was made for another target (vocab {cfg.vocab_size}, hidden "
                          f"{cfg.target_hidden_size}; target has {embed.shape[0]}, {tcfg.hidden_size})")

@@ -10,13 +10,14 @@ Besides the path helpers, this module builds, offline and from those files only:
     Phi-3's complete tokenizer.json), with the family's REAL chat template. Where the vocabulary is missing
     (Gemma-2/3, DeepSeek-V3) a small byte-level BPE is trained here and given the family's real special tokens
     and real chat template: `FamilySpec.tokenizer_note` says which.
-  - tiny random-weight targets from each family's real config.json, shrunk (4 heads, hidden 64, few experts,
+  - tiny random-weight targets from each family's real config.json, shrunk (4 heads, hidden 32, few experts,
     `layers` layers) but keeping the architecture class, RoPE type, sliding window / layer types, MoE and MLA.
     Sliding windows (and Llama-4's attention chunks) are shrunk to `window` tokens so a test passes them cheaply.
 """
 from __future__ import annotations
 
 import base64
+import functools
 import json
 import os
 from dataclasses import dataclass, field
@@ -90,6 +91,15 @@ def read_tiktoken_ranks(path: Path) -> dict[bytes, int]:
 def tiktoken_backend(path: Path, pattern: str):
     """tiktoken ranks -> a `tokenizers` byte-level BPE, with transformers' own TikTokenConverter (merges rebuilt
     from the ranks); only the rank-file reader is ours, as tiktoken is not installed."""
+    from tokenizers import Tokenizer
+
+    return Tokenizer.from_str(_converted_tiktoken(str(path), pattern))
+
+
+@functools.lru_cache(maxsize=2)
+def _converted_tiktoken(path: str, pattern: str) -> str:
+    """The conversion as JSON, kept: rebuilding the merges of 200k ranks takes seconds, and two families share
+    each rank file (Llama-3 / SmolLM3, gpt-oss / Phi-4-mini)."""
     from transformers.convert_slow_tokenizer import TikTokenConverter
 
     class RanksConverter(TikTokenConverter):
@@ -97,7 +107,7 @@ def tiktoken_backend(path: Path, pattern: str):
         def load_tiktoken_bpe(tiktoken_url):
             return read_tiktoken_ranks(Path(tiktoken_url))
 
-    return RanksConverter(vocab_file=str(path), pattern=pattern).converted()
+    return RanksConverter(vocab_file=path, pattern=pattern).converted().to_str()
 
 
 def with_special_tokens(backend, specials: dict[int, str]):
@@ -324,6 +334,7 @@ class FamilySpec:
     model_type: str | None = None  # when config is None, or to take a nested text_config
     window: bool = False          # the shrunk target has a sliding window / attention chunks
     overrides: dict = field(default_factory=dict)
+    multimodal: str | None = None  # save the text model inside this *ForConditionalGeneration (tiny vision)
 
 
 FAMILIES = [
@@ -331,6 +342,9 @@ FAMILIES = [
     FamilySpec("llama4", "configs/Llama-4-Scout-17B-16E-Instruct.json", tok_llama4,
                "real vocabulary; template written from Meta's prompt-format doc", model_type="llama4_text",
                window=True),
+    FamilySpec("llama4-multimodal", "configs/Llama-4-Scout-17B-16E-Instruct.json", tok_llama4,
+               "real vocabulary; template written from Meta's prompt-format doc", model_type="llama4_text",
+               window=True, multimodal="llama4"),
     FamilySpec("qwen2.5", "configs/mlc_preset/Qwen2.5-3B-Instruct.json", tok_qwen("qwen2.5-instruct"), "real"),
     FamilySpec("qwen3", "configs/Qwen3-8B.json", tok_qwen("qwen3"), "real"),
     FamilySpec("qwen3-moe", "configs/Qwen3-30B-A3B.json", tok_qwen("qwen3"), "real"),
@@ -347,6 +361,10 @@ FAMILIES = [
     FamilySpec("gemma3", "configs/mlc_preset/gemma-3-1b-it.json",
                tok_gemma(Path(T, "gemma-3-it/chat_template.json"), []),
                "trained BPE stand-in (no Gemma vocabulary in shared/real), real template", window=True),
+    FamilySpec("gemma3-multimodal", "configs/mlc_preset/gemma-3-1b-it.json",
+               tok_gemma(Path(T, "gemma-3-it/chat_template.json"), []),
+               "trained BPE stand-in, real template; the 1B text config inside Gemma3ForConditionalGeneration",
+               window=True, multimodal="gemma3"),
     FamilySpec("phi3.5", "configs/mlc_preset/Phi-3.5-mini-instruct.json", tok_phi3, "real (Phi-3 tokenizer.json)"),
     FamilySpec("phi4-mini", "tokenizers/phi-4-mini-instruct/config.json", tok_phi4,
                "real (o200k + Phi-4-mini specials)"),
@@ -356,7 +374,7 @@ FAMILIES = [
 ]
 FAMILY_BY_NAME = {f.name: f for f in FAMILIES}
 
-HIDDEN, HEADS, KV_HEADS, HEAD_DIM, INTERMEDIATE = 64, 4, 2, 16, 128
+HIDDEN, HEADS, KV_HEADS, HEAD_DIM, INTERMEDIATE = 32, 4, 2, 8, 64
 
 
 def _shrink_rope_factors(rope: dict | None, rotary_dim: int) -> dict | None:
@@ -378,8 +396,10 @@ def shrunk_config(spec: FamilySpec, root: Path, vocab_size: int, layers: int, wi
     for key in ("quantization_config", "auto_map", "_name_or_path", "torch_dtype", "dtype",
                 "transformers_version", "architectures", "attention_sink_size", "prefill_chunk_size"):
         d.pop(key, None)
+    heads = d.get("num_attention_heads")
     d.update(hidden_size=HIDDEN, num_hidden_layers=layers, num_attention_heads=HEADS, intermediate_size=INTERMEDIATE,
-             num_key_value_heads=min(KV_HEADS, d.get("num_key_value_heads", KV_HEADS) or KV_HEADS),
+             num_key_value_heads=HEADS if d.get("num_key_value_heads") in (None, heads)
+             else min(KV_HEADS, d["num_key_value_heads"]),  # multi-head (and MLA) stays multi-head
              vocab_size=vocab_size)
     if "head_dim" in d or d.get("model_type") in ("gemma2", "gemma3_text", "gpt_oss", "qwen3", "qwen3_moe",
                                                  "llama4_text", "smollm3"):
@@ -402,7 +422,7 @@ def shrunk_config(spec: FamilySpec, root: Path, vocab_size: int, layers: int, wi
     for key, value in (("moe_intermediate_size", 32), ("intermediate_size_mlp", INTERMEDIATE),
                        ("first_k_dense_replace", 1), ("n_group", 1), ("topk_group", 1),
                        ("q_lora_rank", 32), ("kv_lora_rank", 16), ("qk_rope_head_dim", 8),
-                       ("qk_nope_head_dim", 8), ("v_head_dim", HEAD_DIM), ("max_window_layers", layers)):
+                       ("qk_nope_head_dim", 8), ("v_head_dim", 16), ("max_window_layers", layers)):
         if key in d and d[key] is not None:
             d[key] = value
     if "mlp_only_layers" in d:
@@ -432,9 +452,11 @@ def build_family_target(spec: FamilySpec, out_dir: Path, *, layers: int = 8, win
         token = getattr(tokenizer, f"{role}_token", None)
         if token is not None:  # the real ids of this tokenizer (a stand-in's differ from the config's)
             d[f"{role}_token_id"] = tokenizer.convert_tokens_to_ids(token)
-    config = AutoConfig.for_model(model_type, **d)
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config)
+    if spec.multimodal:
+        model = multimodal_model(spec.multimodal, model_type, d)
+    else:
+        model = AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **d))
     with torch.no_grad():  # larger-than-default init so the random model's distributions are not flat
         for p in model.parameters():
             if p.dim() >= 2:
@@ -443,3 +465,25 @@ def build_family_target(spec: FamilySpec, out_dir: Path, *, layers: int = 8, win
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
     return out_dir
+
+
+# a tiny vision tower for the *ForConditionalGeneration checkpoints (text-only data never runs it)
+TINY_VISION = {
+    "llama4": dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32, image_size=28,
+                   patch_size=14, vision_output_dim=32, projector_input_dim=32, projector_output_dim=32),
+    "gemma3": dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32, image_size=28,
+                   patch_size=14),
+}
+
+
+def multimodal_model(kind: str, text_type: str, text: dict):
+    from transformers import AutoConfig, Gemma3ForConditionalGeneration, Llama4ForConditionalGeneration
+
+    text_config = AutoConfig.for_model(text_type, **text).to_dict()
+    if kind == "gemma3":
+        config = AutoConfig.for_model("gemma3", text_config=text_config, vision_config=TINY_VISION[kind],
+                                      mm_tokens_per_image=4, eos_token_id=text["eos_token_id"],
+                                      pad_token_id=text.get("pad_token_id"), bos_token_id=text.get("bos_token_id"))
+        return Gemma3ForConditionalGeneration(config)
+    config = AutoConfig.for_model("llama4", text_config=text_config, vision_config=TINY_VISION[kind])
+    return Llama4ForConditionalGeneration(config)

@@ -69,7 +69,9 @@ def write_eval_data(path: Path, target: Path) -> Path:
 
 def cli(*args) -> tuple[int, str]:
     """Exit code and output; for --json commands the output's last line is the stdout JSON object."""
+    import sys, time; t0 = time.time()
     result = CliRunner().invoke(main, [str(a) for a in args])
+    print("TIMING", args[0], round(time.time() - t0, 1), file=sys.stderr)
     if result.exception is not None and not isinstance(result.exception, SystemExit):
         raise result.exception
     return result.exit_code, result.output + "\n" + result.stdout.strip()
