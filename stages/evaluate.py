@@ -205,7 +205,10 @@ def evaluate(target: str, draft: str, data, *, num_prompts=32, max_new_tokens=12
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_ids[0]
     simulated = simulated_acceptance_from_run(run_dir, draft_tokens) if run_dir else None
 
-    target_aux = TargetWithAux(model, drafter.cfg.aux_layer_ids)
+    try:
+        target_aux = TargetWithAux(model, drafter.cfg.aux_layer_ids)
+    except ValueError as e:  # no text decoder found, or aux ids outside it: one line naming the target
+        raise StageError(f"{target}: {e}") from None
     try:
         # warm-up outside the timings (first-call allocations, lazy inits)
         greedy_generate(model, prompts[0][1], max_new_tokens=2, eos_ids=eos_ids, pad_id=pad_id, device=device)

@@ -14,7 +14,7 @@ import torch
 
 CHILD_NAMES = ("model", "language_model", "text_model", "decoder", "transformer")
 LAYER_NAMES = ("layers", "h")
-NORM_NAMES = ("norm", "final_layernorm", "ln_f", "final_norm")
+NORM_NAMES = ("norm", "final_layernorm", "final_layer_norm", "ln_f", "final_norm")
 
 
 @dataclass

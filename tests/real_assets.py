@@ -339,10 +339,9 @@ class FamilySpec:
 
 FAMILIES = [
     FamilySpec("llama3", "configs/Llama-3.1-8B.json", tok_llama3, "real (Meta tiktoken + llama-duo specials)"),
+    # the real Scout checkpoint is a Llama4ForConditionalGeneration; AutoModelForCausalLM loads its text model as
+    # Llama4ForCausalLM (the class whose get_decoder() returns itself)
     FamilySpec("llama4", "configs/Llama-4-Scout-17B-16E-Instruct.json", tok_llama4,
-               "real vocabulary; template written from Meta's prompt-format doc", model_type="llama4_text",
-               window=True),
-    FamilySpec("llama4-multimodal", "configs/Llama-4-Scout-17B-16E-Instruct.json", tok_llama4,
                "real vocabulary; template written from Meta's prompt-format doc", model_type="llama4_text",
                window=True, multimodal="llama4"),
     FamilySpec("qwen2.5", "configs/mlc_preset/Qwen2.5-3B-Instruct.json", tok_qwen("qwen2.5-instruct"), "real"),
@@ -458,9 +457,11 @@ def build_family_target(spec: FamilySpec, out_dir: Path, *, layers: int = 8, win
     else:
         model = AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **d))
     with torch.no_grad():  # larger-than-default init so the random model's distributions are not flat
-        for p in model.parameters():
+        for name, p in model.named_parameters():
             if p.dim() >= 2:
                 p.normal_(0.0, 0.08)
+            elif "norm" in name:  # norm weights away from their init, so a wrongly read norm shows
+                p.add_(torch.randn_like(p) * 0.1)
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)

@@ -69,9 +69,7 @@ def write_eval_data(path: Path, target: Path) -> Path:
 
 def cli(*args) -> tuple[int, str]:
     """Exit code and output; for --json commands the output's last line is the stdout JSON object."""
-    import sys, time; t0 = time.time()
     result = CliRunner().invoke(main, [str(a) for a in args])
-    print("TIMING", args[0], round(time.time() - t0, 1), file=sys.stderr)
     if result.exception is not None and not isinstance(result.exception, SystemExit):
         raise result.exception
     return result.exit_code, result.output + "\n" + result.stdout.strip()
@@ -109,6 +107,24 @@ def template_raises(target: Path, record: dict) -> bool:
     return False
 
 
+def assert_dumped_norm_is_the_targets(target: Path, weights: Path) -> None:
+    """OUT/target's norm.weight (the draft norm's init) in the draft's plain RMSNorm reproduces the target's own
+    final norm (Gemma's is x * (1 + weight))."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from eagle.model import RMSNorm
+
+    model = AutoModelForCausalLM.from_pretrained(target, dtype=torch.float32)
+    config = model.config.get_text_config()
+    norm = next(m for n, m in model.named_modules() if n.endswith("model.norm") or n.endswith("language_model.norm"))
+    plain = RMSNorm(config.hidden_size, config.rms_norm_eps)
+    with torch.no_grad():
+        plain.weight.copy_(load_file(str(weights))["norm.weight"])
+        x = torch.randn(3, 5, config.hidden_size, generator=torch.Generator().manual_seed(0))
+        torch.testing.assert_close(plain(x), norm(x), rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("name", [f.name for f in FAMILIES])
 def test_family_dumps_trains_exports_and_evaluates_losslessly(name, targets, tmp_path):
     target = targets(name)
@@ -124,6 +140,8 @@ def test_family_dumps_trains_exports_and_evaluates_losslessly(name, targets, tmp
     assert refused < len(records), f"{name}: its template refuses every test conversation"
     assert done["records"]["skipped"] == ({"template_error": refused} if refused else {}), done["records"]
     assert done["records"]["written"] == len(records) - refused and done["num_supervised_tokens"] > 0
+
+    assert_dumped_norm_is_the_targets(target, teacher / "target" / "weights.safetensors")
 
     code, out = cli("verify", teacher)
     assert code == 0, out
@@ -189,3 +207,27 @@ def test_target_cache_cropped_past_the_window_equals_a_full_forward(name, target
     torch.testing.assert_close(torch.cat(logits, 1), ref.logits, rtol=1e-4, atol=1e-4)
     want_aux = torch.cat([ref.hidden_states[k] for k in (1, 3, 5)], -1)
     torch.testing.assert_close(torch.cat(aux, 1), want_aux, rtol=1e-4, atol=1e-4)
+
+
+def test_real_tokenizers_reproduce_the_published_ids():
+    """The offline builders give the vendors' ids: Meta's Llama-3 test vectors, mistral-common's golden
+    tokenizations (SentencePiece v1 and v3), and the Qwen ids in SpecForge's reference."""
+    from tests.real_assets import T, real_root, sentencepiece_tokenizer, tok_llama3, tok_qwen
+
+    vectors = json.loads(real_path(T, "llama-3.1-8b-instruct/original/llama_models_tokenizer_test_vectors.json")
+                         .read_text())
+    llama3 = tok_llama3(real_root())
+    for case in vectors["encode"]:
+        ids = llama3(case["text"], add_special_tokens=False)["input_ids"]
+        assert [128000] * case["bos"] + ids + [128001] * case["eos"] == case["ids"]
+    for token, token_id in vectors["special_tokens"].items():
+        assert llama3.convert_tokens_to_ids(token) == token_id
+
+    samples = real_path(T, "mistral-7b-instruct-v0.3/mistral_common_tests/samples/no_tools")
+    for version, model in (("v1", "tokenizer.model.v1"), ("v3", "mistral_instruct_tokenizer_240323.model.v3")):
+        tok = sentencepiece_tokenizer(samples.parents[2] / model, "")
+        want = json.loads((samples / f"tokens_{version}.json").read_text())["tokens"]
+        assert tok((samples / f"text_{version}.txt").read_text(), add_special_tokens=False)["input_ids"] == want
+
+    qwen = tok_qwen("qwen3")(real_root())
+    assert qwen("Who are you", add_special_tokens=False)["input_ids"] == [15191, 525, 498]
