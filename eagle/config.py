@@ -308,7 +308,7 @@ def choose_draft_rope(target: dict, mode: str = "auto") -> DraftRope:
     if "hidden_size" not in target and isinstance(target.get("text_config"), dict):
         target = target["text_config"]
     theta, raw, which = _target_rope(target)
-    kind = rope_type_of(raw)
+    kind = rope_type_of(raw) if raw is None or isinstance(raw, dict) else f"{raw!r} (not a dict)"
     plain = f"plain RoPE, rope_theta {theta:g}"
     if mode == "default":
         return DraftRope(theta, None, f"{plain} (draft_rope=default; the target's {which} is {kind})")

@@ -151,7 +151,8 @@ def _llama3_inv_freq(inv_freq: torch.Tensor, rs: dict) -> torch.Tensor:
     high_freq_wavelen = old_len / high
     wavelen = 2 * math.pi / inv_freq
     scaled = torch.where(wavelen > low_freq_wavelen, inv_freq / factor, inv_freq)
-    smooth = (old_len / wavelen - low) / (high - low)
+    # equal factors (Llama-4): no blend band; smooth 0 as vLLM sets it (transformers would divide by zero)
+    smooth = (old_len / wavelen - low) / (high - low) if high != low else torch.zeros_like(inv_freq)
     smoothed = (1 - smooth) * scaled / factor + smooth * scaled
     is_medium = ~(wavelen < high_freq_wavelen) * ~(wavelen > low_freq_wavelen)
     return torch.where(is_medium, smoothed, scaled)

@@ -11,6 +11,9 @@ over ranks and accumulation computes the same update as one big batch. A non-fin
 update on the device (AdamW's `found_inf`, no host sync); metrics stay on the device and reach the host once per
 `--log-every` steps, when too many skipped steps in a row stop the run.
 
+`train(settings)` reads as its phases: check_inputs -> build_model -> build_data -> build_optimization ->
+resume -> run_loop -> finish, each a function of the typed `TrainSettings` (stages/train_settings.py).
+
 Writes RUN/checkpoints/ (stages/checkpoint.py), RUN/metrics.jsonl, RUN/tensorboard/ (when installed),
 RUN/export/ (the serving layout) and, last, RUN/train_summary.json: `eagle-pipe run`'s completion marker.
 """
@@ -31,8 +34,8 @@ from stages.errors import StageError
 from stages.shards import atomic_write_json, read_json
 from stages.train_data import DumpIndex, PackedLoader
 from stages.train_settings import TrainSettings
-from stages.train_setup import (GradSync, WarmupCosine, all_reduce_sum, barrier, broadcast_ok, build_draft,
-                                check_dumps, init_distributed, make_optimizer, token_counts)
+from stages.train_setup import (DistInfo, GradSync, WarmupCosine, all_reduce_sum, barrier, broadcast_ok,
+                                build_draft, check_dumps, init_distributed, make_optimizer, token_counts)
 
 # settings a resumed run must share with the checkpoint (they change the data order or the model)
 RESUME_FIXED = ("seq_len", "batch_size", "grad_accum", "seed", "ttt_steps", "draft_vocab_size", "long_sequences",
@@ -235,7 +238,7 @@ def train(s: TrainSettings) -> dict:
     return finish(s, info, model, state, wall0)
 
 
-def check_inputs(s: TrainSettings, info) -> Path | None:
+def check_inputs(s: TrainSettings, info: DistInfo) -> Path | None:
     """Refuse a used run dir or a bad dump before anything else (rank 0 checksums; the others wait).
     Returns the newest complete checkpoint in RUN (None when there is none)."""
     run = Path(s.out)
@@ -254,7 +257,7 @@ def check_inputs(s: TrainSettings, info) -> Path | None:
     return latest
 
 
-def build_model(s: TrainSettings, index: DumpIndex, info):
+def build_model(s: TrainSettings, index: DumpIndex, info: DistInfo):
     """The draft from the dump alone, on the device; rank 0 says which RoPE it took and why."""
     from eagle.config import choose_draft_rope
 
@@ -268,7 +271,7 @@ def build_model(s: TrainSettings, index: DumpIndex, info):
     return model
 
 
-def build_data(s: TrainSettings, index: DumpIndex, model, info) -> TrainData:
+def build_data(s: TrainSettings, index: DumpIndex, model, info: DistInfo) -> TrainData:
     """Held-out split (whole documents, or the separate eval dump), packed loaders, and the number of steps."""
     eval_dir = _eval_dir(s)
     if eval_dir is not None:
@@ -293,13 +296,14 @@ def build_data(s: TrainSettings, index: DumpIndex, model, info) -> TrainData:
     return TrainData(index, train_ids, eval_ids, loader, eval_loader, steps_per_epoch, total)
 
 
-def build_optimization(s: TrainSettings, model, data: TrainData, info) -> Optimization:
+def build_optimization(s: TrainSettings, model, data: TrainData, info: DistInfo) -> Optimization:
     opt, params, names = make_optimizer(model, s.lr, s.weight_decay, info.device)
     schedule = WarmupCosine(s.lr, s.warmup_steps, data.total_steps, s.min_lr_ratio)
     return Optimization(opt, params, names, schedule, GradSync(params, info))
 
 
-def resume(s: TrainSettings, info, latest: Path | None, model, optim: Optimization, data: TrainData) -> TrainState:
+def resume(s: TrainSettings, info: DistInfo, latest: Path | None, model, optim: Optimization,
+           data: TrainData) -> TrainState:
     """With --resume and a checkpoint: restore weights, optimizer, RNG and data position, refusing settings
     that would change the data order or the draft. Otherwise every rank starts from rank 0's weights."""
     state = TrainState()
@@ -323,7 +327,7 @@ def resume(s: TrainSettings, info, latest: Path | None, model, optim: Optimizati
     return state
 
 
-def run_loop(s: TrainSettings, info, model, optim: Optimization, data: TrainData, state: TrainState) -> None:
+def run_loop(s: TrainSettings, info: DistInfo, model, optim: Optimization, data: TrainData, state: TrainState) -> None:
     """Optimizer steps up to the total; logs, evaluates and checkpoints on schedule, and stops (with a checkpoint
     of the last finite weights) after --max-bad-steps skipped steps in a row."""
     run, ckpt_root, total = Path(s.out), Path(s.out) / "checkpoints", data.total_steps
@@ -383,7 +387,7 @@ def run_loop(s: TrainSettings, info, model, optim: Optimization, data: TrainData
     log.close()
 
 
-def finish(s: TrainSettings, info, model, state: TrainState, wall0: float) -> dict:
+def finish(s: TrainSettings, info: DistInfo, model, state: TrainState, wall0: float) -> dict:
     """Export the final draft, then write RUN/train_summary.json last (`eagle-pipe run`'s completion marker)."""
     run = Path(s.out)
     summary = {"settings": s.record(info.world_size), "steps": state.step, "final_metrics": state.last_log,
@@ -402,7 +406,8 @@ def finish(s: TrainSettings, info, model, state: TrainState, wall0: float) -> di
     return summary
 
 
-def _checkpoint_writer(s: TrainSettings, info, model, optim: Optimization, data: TrainData, state: TrainState):
+def _checkpoint_writer(s: TrainSettings, info: DistInfo, model, optim: Optimization, data: TrainData,
+                       state: TrainState):
     """save(name, extra=None): rank 0 writes RUN/checkpoints/NAME (pruning old step checkpoints); all wait."""
     root = Path(s.out) / "checkpoints"
     settings = s.record(info.world_size)
