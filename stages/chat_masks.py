@@ -8,21 +8,18 @@ the template writes after the end-of-turn token (ChatML's newline, Phi-3's closi
 
 Why probes: real templates do not render a conversation as a concatenation of its prefixes. They append text
 at the very end (Phi-3), end the last turn differently (gpt-oss: `<|return|>`, `<|end|>` before), move the
-system prompt into the last user turn (Mistral v3), or drop earlier reasoning (Qwen3). So the turn is located
-in the full rendering itself, with three renderings per assistant turn i:
+system prompt into the last user turn (Mistral v3), or drop earlier reasoning (Qwen3). So each assistant turn
+is located in the full rendering itself, with renderings in which a sentinel is appended to a message's
+content (appended, not substituted, so templates that parse the content — `<think>` splitting — render it
+the same way):
 
-* `probe`: the full conversation with turn i's content replaced by a sentinel. The text before and after the
-  sentinel is the template's own text around the content, in the full conversation's context, so the content
-  of turn i occupies exactly what lies between them in the real rendering.
-* `prompt`: messages[:i] with the generation prompt. When the real rendering starts with it, the turn starts
-  where it ends. Otherwise (the prompt moves the system text, or opens a block history turns do not have),
-  the turn starts before the content by the markup the template writes between the generation prompt and the
-  content (gpt-oss's channel header) — read from `alone`.
-* `alone`: messages[:i] plus the sentinel turn, rendered as the last message. What follows the sentinel is
-  the turn's own ending; the end-of-turn token is the first special token of the real text after the content
-  that starts within that ending (this is how `<|end|>` before a later turn and `<|return|>` at the end are
-  both found, and Phi-3's trailing `<|endoftext|>` is not). A template without such a token ends the turn
-  with the text its own ending shares with the real one (e.g. a newline).
+* end of the content: where the sentinel stands in the full conversation rendered with it on turn i;
+* start: the prompt (messages[:i] plus the generation prompt) is rendered with the sentinel on the previous
+  message; what it writes after that sentinel (the previous message's ending and the generation prompt) is
+  followed in the full text from the previous message's end, as far as the two agree. This is the
+  generation prompt's end even when the prompt's text before it differs from the full rendering;
+* end-of-turn: the special tokens written after the content both when the turn is last and when a user turn
+  follows (`_turn_end`).
 
 The full rendering is tokenized once with offsets, and a token is supervised when it overlaps one of the
 character spans. A record is a `TemplateError` only when the template itself raises.
@@ -38,7 +35,7 @@ from stages.errors import StageError
 
 # Stands in for a turn's content in probe renderings: private-use characters no template writes itself.
 SENTINEL = "\ue000eagle-pipe-turn\ue001"
-SENTINEL_BEFORE = "\ue002eagle-pipe-previous\ue003"  # the message before that turn
+SENTINEL_OTHER = "\ue002eagle-pipe-other\ue003"  # a neighbour: the message before the turn, or a user turn after it
 
 
 class TemplateError(ValueError):
@@ -110,12 +107,12 @@ class ChatMasker:
             content_end = _shared_prefix_end(full, probe[:probe.find(SENTINEL)])
             start = _common_prefix_len(self.render([], add_generation_prompt=True), full[:content_end])
         else:
-            previous = {**messages[i - 1], "content": messages[i - 1]["content"] + SENTINEL_BEFORE}
+            previous = {**messages[i - 1], "content": messages[i - 1]["content"] + SENTINEL_OTHER}
             probe = self.render(messages[:i - 1] + [previous, turn] + messages[i + 1:], add_generation_prompt=False)
             if SENTINEL not in probe:
                 return None
             at = probe.find(SENTINEL)
-            content_end = _shared_prefix_end(full, probe[:at].replace(SENTINEL_BEFORE, "", 1))
+            content_end = _shared_prefix_end(full, probe[:at].replace(SENTINEL_OTHER, "", 1))
             start = self._turn_start(messages, i, full, probe[:at], content_end)
         return min(start, content_end), self._turn_end(messages, i, full, content_end)
 
@@ -128,13 +125,13 @@ class ChatMasker:
         message's ending plus the generation prompt — is followed in `full` from the same point, as far as
         both agree.
         """
-        previous = {**messages[i - 1], "content": messages[i - 1]["content"] + SENTINEL_BEFORE}
+        previous = {**messages[i - 1], "content": messages[i - 1]["content"] + SENTINEL_OTHER}
         prompt = self.render(messages[:i - 1] + [previous], add_generation_prompt=True)
-        at_prompt, at_probe = prompt.find(SENTINEL_BEFORE), probe_head.find(SENTINEL_BEFORE)
+        at_prompt, at_probe = prompt.find(SENTINEL_OTHER), probe_head.find(SENTINEL_OTHER)
         if at_prompt < 0 or at_probe < 0 or not full.startswith(probe_head[:at_probe]):
             # the previous message is not rendered in place (e.g. a system text moved elsewhere)
             return _common_prefix_len(self.render(messages[:i], add_generation_prompt=True), full)
-        anchor = prompt[at_prompt + len(SENTINEL_BEFORE):]
+        anchor = prompt[at_prompt + len(SENTINEL_OTHER):]
         return at_probe + _common_prefix_len(anchor, full[at_probe:content_end])
 
     def _turn_end(self, messages: list[dict], i: int, full: str, content_end: int) -> int:
@@ -155,7 +152,7 @@ class ChatMasker:
         if i + 1 < len(messages):
             ending_last, ending_followed = _after(as_last, SENTINEL), full[content_end:]
         else:
-            followed = self.render(turn + [{"role": "user", "content": SENTINEL_BEFORE}], add_generation_prompt=False)
+            followed = self.render(turn + [{"role": "user", "content": SENTINEL_OTHER}], add_generation_prompt=False)
             ending_last, ending_followed = full[content_end:], _after(followed, SENTINEL)
         shared = _common_prefix_len(ending_last, ending_followed)
         ends = [m.end() for m in self._special.finditer(ending_last, 0, shared)]

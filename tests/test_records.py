@@ -106,27 +106,93 @@ def test_masks_equal_hand_built_assistant_spans(which, messages, llama_tok, qwen
         m["content"] + eot for m in messages if m["role"] == "assistant"]
 
 
-def test_generation_tags_agree_with_prefix_method(qwen_tok, qwen_gen_tok, tmp_path):
+def test_generation_tags_do_not_change_the_rule(qwen_tok, qwen_gen_tok, tmp_path):
+    """`{% generation %}` spans are not used (SmolLM3's wrap the header and the newline after <|im_end|>): a tagged
+    template is masked by the same rule as any other."""
     convs = [CONVERSATIONS[0]["messages"], CONVERSATIONS[1]["messages"], MULTI_TURN]
     src = write_jsonl(tmp_path / "c.jsonl", [{"messages": m} for m in convs] + [CONVERSATIONS[2]])
-    assert ChatMasker(qwen_gen_tok).use_generation_tags and not ChatMasker(qwen_tok).use_generation_tags
-    # Same template, both methods. (HF renders with trim_blocks, so the conftest tagged template drops the
-    # "\n" after an assistant turn's <|im_end|>; its text differs from CHATML_TEMPLATE there.)
+    # (HF renders with trim_blocks, so the conftest tagged template drops the "\n" after an assistant turn's
+    # <|im_end|>; its text differs from CHATML_TEMPLATE there.)
     tagged = list(tokenize_records(src, qwen_gen_tok, max_seq_len=4096))
-    masker = ChatMasker(qwen_gen_tok, use_generation_tags=False)
     for ex, msgs in zip(tagged, convs):
-        assert masker.encode(msgs) == (ex.input_ids, ex.loss_mask)
         assert supervised_runs(qwen_gen_tok, ex.input_ids, ex.loss_mask) == [
             m["content"] + "<|im_end|>" for m in msgs if m["role"] == "assistant"]
-    # A tagged template that renders exactly CHATML_TEMPLATE's text gives exactly the prefix method's output.
-    same_text = AutoTokenizer.from_pretrained(qwen_tok.name_or_path)
-    same_text.chat_template = CHATML_GENERATION_TEMPLATE.replace(
-        "{% endgeneration %}\n", "{% endgeneration %}{{ '\\n' }}")
-    assert same_text.apply_chat_template(MULTI_TURN, tokenize=False) == qwen_tok.apply_chat_template(
+    # Tags that wrap more than the rule (the header, the trailing newline) are ignored too.
+    wide = AutoTokenizer.from_pretrained(qwen_tok.name_or_path)
+    wide.chat_template = CHATML_TEMPLATE.replace(
+        "<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n",
+        "{% if m['role'] == 'assistant' %}{% generation %}<|im_start|>assistant\n{{ m['content'] }}<|im_end|>\n"
+        "{% endgeneration %}{% else %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endif %}")
+    assert wide.apply_chat_template(MULTI_TURN, tokenize=False) == qwen_tok.apply_chat_template(
         MULTI_TURN, tokenize=False)
-    assert ChatMasker(same_text).use_generation_tags
-    assert list(tokenize_records(src, same_text, max_seq_len=4096)) == list(
+    assert list(tokenize_records(src, wide, max_seq_len=4096)) == list(
         tokenize_records(src, qwen_tok, max_seq_len=4096))
+
+
+# Shapes of real templates that render a conversation differently from the concatenation of its prefixes
+# (tests/test_chat_masks_real.py checks the real ones): Phi-3 closes the text with the EOS token, gpt-oss ends
+# the last assistant turn with <|return|> and the others with <|end|>, Mistral v3 moves the system text into
+# the last user turn.
+PHI3_LIKE = ("{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}<|end|>\n{% endfor %}"
+             "{% if add_generation_prompt %}<|assistant|>\n{% else %}{{ eos_token }}{% endif %}")
+GPT_OSS_LIKE = ("{% for m in messages %}<|start|>{{ m['role'] }}"
+                "{% if m['role'] == 'assistant' %}<|channel|>final{% endif %}<|message|>{{ m['content'] }}"
+                "{% if m['role'] == 'assistant' and loop.last and not add_generation_prompt %}<|return|>"
+                "{% else %}<|end|>{% endif %}{% endfor %}{% if add_generation_prompt %}<|start|>assistant{% endif %}")
+MISTRAL_LIKE = ("{{ bos_token }}{% set ns = namespace(last=-1, sys='') %}"
+                "{% for m in messages %}{% if m['role'] == 'user' %}{% set ns.last = loop.index0 %}{% endif %}"
+                "{% if m['role'] == 'system' %}{% set ns.sys = m['content'] %}{% endif %}{% endfor %}"
+                "{% for m in messages %}{% if m['role'] == 'user' %}[INST] "
+                "{% if loop.index0 == ns.last and ns.sys %}{{ ns.sys }}\n\n{% endif %}{{ m['content'] }}[/INST]"
+                "{% elif m['role'] == 'assistant' %} {{ m['content'] }}</s>{% endif %}{% endfor %}")
+
+
+def phi3_segments(tok, messages):
+    segs = []
+    for m in messages:
+        segs += [(f"<|{m['role']}|>\n", 0), (m["content"] + "<|end|>", int(m["role"] == "assistant")), ("\n", 0)]
+    return segs + [(tok.eos_token, 0)]
+
+
+def gpt_oss_segments(tok, messages):
+    segs = []
+    for k, m in enumerate(messages):
+        if m["role"] == "assistant":
+            end = "<|return|>" if k == len(messages) - 1 else "<|end|>"
+            segs += [("<|start|>assistant", 0), ("<|channel|>final<|message|>" + m["content"] + end, 1)]
+        else:
+            segs += [(f"<|start|>{m['role']}", 0), ("<|message|>" + m["content"] + "<|end|>", 0)]
+    return segs
+
+
+def mistral_segments(tok, messages):
+    system = next((m["content"] for m in messages if m["role"] == "system"), "")
+    last_user = max(k for k, m in enumerate(messages) if m["role"] == "user")
+    segs = [(tok.bos_token, 0)]
+    for k, m in enumerate(messages):
+        if m["role"] == "user":
+            moved = f"{system}\n\n" if k == last_user and system else ""
+            segs.append((f"[INST] {moved}{m['content']}[/INST]", 0))
+        elif m["role"] == "assistant":
+            segs.append((f" {m['content']}</s>", 1))
+    return segs
+
+
+THREE_TURNS = MULTI_TURN + [{"role": "user", "content": "And a module?"},
+                            {"role": "assistant", "content": "A file of definitions."}]
+
+
+@pytest.mark.parametrize("template,segments", [(PHI3_LIKE, phi3_segments), (GPT_OSS_LIKE, gpt_oss_segments),
+                                               (MISTRAL_LIKE, mistral_segments)], ids=["phi3", "gpt-oss", "mistral"])
+@pytest.mark.parametrize("messages", [MULTI_TURN, THREE_TURNS, THREE_TURNS[:-1]], ids=["2", "3", "ends-in-user"])
+def test_templates_that_are_not_prefix_stable(template, segments, messages, qwen_tok, tmp_path):
+    tok = AutoTokenizer.from_pretrained(qwen_tok.name_or_path)
+    tok.add_special_tokens({"additional_special_tokens": [
+        "<|system|>", "<|user|>", "<|assistant|>", "<|end|>", "<|start|>", "<|channel|>", "<|message|>",
+        "<|return|>", "[INST]", "[/INST]", "</s>"]})
+    tok.chat_template = template
+    (ex,) = tokenize_records(write_jsonl(tmp_path / "c.jsonl", [{"messages": messages}]), tok, max_seq_len=4096)
+    assert (ex.input_ids, ex.loss_mask) == reference(tok, segments(tok, messages))
 
 
 def test_template_whose_generation_prompt_differs_from_history(qwen_tok, tmp_path):
@@ -164,7 +230,7 @@ def test_template_that_rewrites_earlier_turns(qwen_tok, tmp_path):
     assert (ex.input_ids, ex.loss_mask) == reference(tok, chatml_segments(as_rendered))
 
 
-def test_template_without_special_tokens_supervises_whole_increment(qwen_tok, tmp_path):
+def test_template_without_end_of_turn_token_supervises_the_content(qwen_tok, tmp_path):
     tok = AutoTokenizer.from_pretrained(qwen_tok.name_or_path)
     tok.chat_template = ("{% for m in messages %}{{ m['role'] }}:\n{{ m['content'] }}\n{% endfor %}"
                          "{% if add_generation_prompt %}assistant:\n{% endif %}")
@@ -172,7 +238,7 @@ def test_template_without_special_tokens_supervises_whole_increment(qwen_tok, tm
     (ex,) = tokenize_records(write_jsonl(tmp_path / "c.jsonl", [{"messages": msgs}]), tok, max_seq_len=4096)
     segs = []
     for m in msgs:
-        segs += [(f"{m['role']}:\n", 0), (m["content"] + "\n", int(m["role"] == "assistant"))]
+        segs += [(f"{m['role']}:\n", 0), (m["content"], int(m["role"] == "assistant")), ("\n", 0)]
     assert (ex.input_ids, ex.loss_mask) == reference(tok, segs)
 
 
