@@ -278,14 +278,12 @@ def tok_smollm3(root: Path):
                           eos_token="<|im_end|>", pad_token="<|im_end|>")
 
 
-def tok_qwen(folder: str, template: str | None = None):
+def tok_qwen(folder: str):
+    """Qwen2Tokenizer from the folder's vocab.json + merges.txt and its official tokenizer_config.json."""
     def build(root: Path):
         from transformers import AutoTokenizer
 
-        tok = AutoTokenizer.from_pretrained(str(root / T / folder))
-        if template is not None:
-            tok.chat_template = read_template(root / T / folder / template)
-        return tok
+        return AutoTokenizer.from_pretrained(str(root / T / folder))
     return build
 
 
