@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from stages.errors import StageError
+from stages.target_parts import decoder_parts, effective_norm_weight
 
 DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16,
           "half": torch.float16, "float32": torch.float32, "fp32": torch.float32, "float": torch.float32}
@@ -65,7 +66,8 @@ class Target:
         return self.model.get_output_embeddings()
 
     def base_model(self) -> torch.nn.Module:
-        return self.model.get_decoder()
+        """The text decoder (see stages/target_parts.py): its last_hidden_state is the final-normed state."""
+        return decoder_parts(self.model).base
 
 
 def load_config(source: str, trust_remote_code: bool):
@@ -109,13 +111,13 @@ def load_target(source: str, dtype: torch.dtype, device: str, device_map: str | 
     if not device_map:
         model.to(device)
     model.eval()
-    base = model.get_decoder()
-    layers = getattr(base, "layers", None)
-    norm = next((getattr(base, n) for n in ("norm", "final_layernorm", "ln_f") if hasattr(base, n)), None)
-    if not isinstance(layers, torch.nn.ModuleList) or norm is None or model.get_output_embeddings() is None:
-        raise StageError(f"target {source}: unsupported architecture {type(model).__name__} "
-                         "(needs decoder layers, a final norm and an lm_head)")
-    return Target(source, model, tokenizer, config, layers, norm, dtype,
+    try:
+        parts = decoder_parts(model)
+    except ValueError as exc:
+        raise StageError(f"target {source}: {exc}") from None
+    if model.get_output_embeddings() is None:
+        raise StageError(f"target {source}: unsupported architecture {type(model).__name__} (no lm_head)")
+    return Target(source, model, tokenizer, config, parts.layers, parts.norm, dtype,
                   model.get_input_embeddings().weight.device)
 
 
@@ -287,7 +289,8 @@ TARGET_NON_TOKENIZER_FILES = {"config.json", "weights.safetensors", "generation_
 
 
 def write_target_dir(target: Target, directory: Path) -> dict:
-    """config.json, tokenizer files and weights.safetensors {embed_tokens, lm_head (also when tied), norm};
+    """config.json, tokenizer files and weights.safetensors {embed_tokens, lm_head (also when tied), norm as the
+    scale a plain RMSNorm applies};
     returns provenance hashes {config_sha256, tokenizer_sha256, weights_sha256}."""
     from stages.shards import sha256_file, write_safetensors
 
@@ -299,7 +302,7 @@ def write_target_dir(target: Target, directory: Path) -> dict:
     tensors = {  # clone: tied weights share storage, and safetensors refuses shared tensors
         "embed_tokens.weight": target.model.get_input_embeddings().weight.detach().to("cpu").clone(),
         "lm_head.weight": target.lm_head.weight.detach().to("cpu").clone(),
-        "norm.weight": target.norm.weight.detach().to("cpu").clone(),
+        "norm.weight": effective_norm_weight(target.norm).to("cpu").clone(),  # Gemma: 1 + weight
     }
     write_safetensors(directory / "weights.safetensors", tensors, {"format": "pt"})
     tok_files = [f for f in directory.rglob("*") if f.is_file() and f.name not in TARGET_NON_TOKENIZER_FILES]

@@ -100,7 +100,7 @@ def load_draft_for(target_model, draft_dir: str, device: str):
     except (OSError, ValueError, KeyError) as e:
         raise StageError(f"{draft_dir}: cannot load the draft: {e}") from None
     draft = draft.float()  # the draft is small: run it in float32 whatever the export dtype
-    cfg, tcfg = draft.cfg, target_model.config
+    cfg, tcfg = draft.cfg, target_model.config.get_text_config()  # a multimodal checkpoint: its text model
     if cfg.vocab_size != embed.shape[0] or cfg.target_hidden_size != tcfg.hidden_size:
         raise StageError(f"{draft_dir}: draft was made for another target (vocab {cfg.vocab_size}, hidden "
                          f"{cfg.target_hidden_size}; target has {embed.shape[0]}, {tcfg.hidden_size})")
@@ -218,7 +218,10 @@ def evaluate(target: str, draft: str, data, *, num_prompts=32, max_new_tokens=12
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_ids[0]
     simulated = simulated_acceptance_from_run(run_dir, draft_tokens) if run_dir else None
 
-    target_aux = TargetWithAux(model, drafter.cfg.aux_layer_ids)
+    try:
+        target_aux = TargetWithAux(model, drafter.cfg.aux_layer_ids)
+    except ValueError as e:  # no text decoder found, or aux ids outside it: one line naming the target
+        raise StageError(f"{target}: {e}") from None
     try:
         # warm-up outside the timings (first-call allocations, lazy inits)
         warm = render_prompt(tokenizer, questions[0].conversation([]), questions[0].where)

@@ -3,7 +3,7 @@
 Used by `eagle-pipe eval`. One prompt at a time (batch 1), so cache positions equal RoPE positions.
 
 Target side: an `AutoModelForCausalLM` with a `DynamicCache` that is cropped back to the verified length after
-every verification forward; its aux features are captured with forward *pre*-hooks on the aux layers (vLLM
+every verification forward (its sliding-window layers keep all past states so that they can be cropped); its aux features are captured with forward *pre*-hooks on the aux layers (vLLM
 convention: id k = the residual stream entering decoder layer k = HF `hidden_states[k]`), concatenated in
 ascending layer order, exactly as `dump-teacher` stores them.
 
@@ -29,12 +29,10 @@ import torch
 
 
 def decoder_layers(model) -> torch.nn.ModuleList:
-    """The decoder layers of a HF causal LM (Llama, Qwen, Mistral, ... all keep them at `model.layers`)."""
-    base = model.get_decoder() if hasattr(model, "get_decoder") else getattr(model, "model", model)
-    layers = getattr(base, "layers", None)
-    if not isinstance(layers, torch.nn.ModuleList):
-        raise ValueError(f"cannot find the decoder layers of {type(model).__name__} (expected `.model.layers`)")
-    return layers
+    """The decoder layers of a HF causal LM's text decoder (stages/target_parts.py finds it)."""
+    from stages.target_parts import decoder_parts
+
+    return decoder_parts(model).layers
 
 
 class TargetWithAux:
@@ -96,6 +94,22 @@ def verify_draft(target_logits: torch.Tensor, draft_ids: list[int]) -> tuple[int
     return accepted, greedy[accepted]
 
 
+def full_history_cache(config):
+    """A DynamicCache for `config` whose sliding-window / chunked layers keep every past state.
+
+    Rejected drafts must be cropped away, and a sliding layer that already dropped states past its window
+    cannot be cropped (transformers refuses). The model still applies its window: the attention masks come from
+    config.sliding_window / attention_chunk_size, not from what the cache holds, so the output is the same.
+    """
+    from transformers import DynamicCache
+    from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
+
+    cache = DynamicCache(config=config)
+    cache.layers = [DynamicLayer() if isinstance(layer, DynamicSlidingWindowLayer) else layer
+                    for layer in cache.layers]
+    return cache
+
+
 def crop_target_cache(cache, length: int) -> None:
     """Cut a HF DynamicCache back to `length` positions (transformers 5 crops by a negative count)."""
     extra = cache.get_seq_length() - length
@@ -129,8 +143,6 @@ def _finish(tokens: list[int], eos_ids: set[int], max_new_tokens: int) -> tuple[
 def speculative_generate(target: TargetWithAux, draft, prompt_ids: list[int], *, max_new_tokens: int,
                          draft_tokens: int, eos_ids, device="cpu") -> SpeculativeResult:
     """Greedy speculative decoding of one prompt; returns the new tokens and per-forward acceptance counts."""
-    from transformers import DynamicCache
-
     from eagle import inference
 
     verify = globals()["verify_draft"]  # looked up per call, so a test can replace it
@@ -141,7 +153,7 @@ def speculative_generate(target: TargetWithAux, draft, prompt_ids: list[int], *,
     start = time.perf_counter()
 
     prompt = torch.tensor([prompt_ids], dtype=torch.long, device=device)  # (1, P)
-    cache = DynamicCache(config=target.model.config)
+    cache = full_history_cache(target.model.config)
     logits, feats = target.forward(prompt, cache, logits_to_keep=1)
     seq = list(prompt_ids) + [int(logits[0, -1].argmax())]  # x_0..x_L; x_L (the bonus) not yet in the target
     new, done = _finish(seq[len(prompt_ids):], eos_ids, max_new_tokens)

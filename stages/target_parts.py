@@ -1,0 +1,77 @@
+"""Where a Hugging Face causal LM keeps its text decoder (decoder layers, final norm); used by dump-teacher and eval.
+
+Most causal LMs keep it at `model.model` with `.layers` and `.norm`, which `get_decoder()` returns. Not all:
+`Llama4ForCausalLM.get_decoder()` returns the model itself, and multimodal `*ForConditionalGeneration`
+checkpoints (Gemma-3, Llama-4, Mistral-3, ...) keep their language model at `model.model.language_model`;
+text-only data runs through that text model alone. So look for the module instead of trusting one accessor.
+Refused (one line): models without such a text decoder, e.g. encoder-decoder models.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+CHILD_NAMES = ("model", "language_model", "text_model", "decoder", "transformer")
+LAYER_NAMES = ("layers", "h")
+NORM_NAMES = ("norm", "final_layernorm", "final_layer_norm", "ln_f", "final_norm")
+
+
+@dataclass
+class DecoderParts:
+    base: torch.nn.Module           # forward(input_ids, attention_mask, ...) -> last_hidden_state (final-normed)
+    layers: torch.nn.ModuleList
+    norm: torch.nn.Module
+
+
+def _parts_of(module) -> DecoderParts | None:
+    layers = next((getattr(module, n) for n in LAYER_NAMES
+                   if isinstance(getattr(module, n, None), torch.nn.ModuleList)), None)
+    norm = next((getattr(module, n) for n in NORM_NAMES if isinstance(getattr(module, n, None), torch.nn.Module)),
+                None)
+    if layers is None or len(layers) == 0 or norm is None:
+        return None
+    return DecoderParts(module, layers, norm)
+
+
+def decoder_parts(model) -> DecoderParts:
+    """The text decoder of `model`: breadth-first over get_decoder() and the usual wrapper attributes."""
+    queue = [model]
+    if hasattr(model, "get_decoder"):
+        queue.insert(0, model.get_decoder())
+    seen: set[int] = set()
+    while queue:
+        module = queue.pop(0)
+        if module is None or id(module) in seen:
+            continue
+        seen.add(id(module))
+        parts = _parts_of(module)
+        if parts is not None:
+            return parts
+        queue += [getattr(module, n, None) for n in CHILD_NAMES]
+    raise ValueError(f"unsupported architecture {type(model).__name__}: no text decoder with decoder layers "
+                     f"({'/'.join(LAYER_NAMES)}) and a final norm ({'/'.join(NORM_NAMES)}) under "
+                     f"{'/'.join(CHILD_NAMES)}")
+
+
+@torch.no_grad()
+def effective_norm_weight(norm: torch.nn.Module) -> torch.Tensor:
+    """The per-channel scale `norm` really applies, as a plain (Llama) RMSNorm weight: x / rms(x) * w.
+
+    Gemma's RMSNorm multiplies by (1 + weight), so its stored weight (~0) would zero a draft norm initialised
+    from it. The scale is read off the module's own output on a constant input (rms 1, so the output is the
+    scale up to eps) and used only when the module is such a norm (checked on a random input); otherwise the
+    stored weight is returned unchanged.
+    """
+    weight = norm.weight.detach()
+    H = weight.shape[-1]
+    eps = float(next((getattr(norm, n) for n in ("variance_epsilon", "eps") if hasattr(norm, n)), 0.0))
+    probe = torch.ones(1, H, dtype=weight.dtype, device=weight.device)
+    scale = norm(probe).float() * (1.0 + eps) ** 0.5
+    x = torch.randn(4, H, generator=torch.Generator().manual_seed(0)).to(weight.device, weight.dtype)
+    xf = x.float()
+    plain = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps) * scale
+    tol = 1e-4 if weight.dtype == torch.float32 else 3e-2
+    if not torch.allclose(norm(x).float(), plain, atol=tol, rtol=tol):
+        return weight
+    return scale[0].to(weight.dtype)
