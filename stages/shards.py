@@ -151,11 +151,21 @@ SAFETENSORS_DTYPES = {"float64": "F64", "float32": "F32", "bfloat16": "BF16", "f
                       "int32": "I32", "int16": "I16", "int8": "I8", "uint8": "U8", "bool": "BOOL"}
 
 
-def write_safetensors(path: Path, tensors: dict, metadata: dict[str, str]) -> None:
+WRITE_BLOCK = 16 << 20  # bytes per write() and per sha256 update: few syscalls, and the hasher stays one block behind
+
+
+def write_safetensors(path: Path, tensors: dict, metadata: dict[str, str]) -> tuple[str, int]:
     """A safetensors file with a *deterministic* header (sorted keys; safetensors' own writer orders metadata
     by hash, so equal content could give different bytes). Data is ordered by (itemsize descending, name), which
-    keeps every tensor aligned, and streamed from the tensors without an intermediate copy of the file."""
+    keeps every tensor aligned, and streamed from the tensors without an intermediate copy of the file.
+
+    Returns (sha256, bytes) of what was written. The hash is computed from the same memory blocks while they are
+    written, on a helper thread (hashlib and write() both release the GIL), so hashing overlaps the copy into
+    the page cache and the file is never read back.
+    """
+    import hashlib
     import struct
+    from concurrent.futures import ThreadPoolExecutor
 
     import torch
 
@@ -170,18 +180,29 @@ def write_safetensors(path: Path, tensors: dict, metadata: dict[str, str]) -> No
         offset += nbytes
     blob = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)
-    with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(blob)))
-        f.write(blob)
+    digest, size = hashlib.sha256(), 0
+    # one worker: updates run in submission order; leaving the block waits for the last one
+    with open(path, "wb") as f, ThreadPoolExecutor(1, thread_name_prefix="eagle-pipe-sha256") as hasher:
+        def put(block) -> None:
+            nonlocal size
+            hasher.submit(digest.update, block)
+            f.write(block)
+            size += len(block)
+
+        put(struct.pack("<Q", len(blob)) + blob)
         for name in order:
-            t = tensors[name].detach().to("cpu").contiguous()
+            t = tensors[name].detach().to("cpu").contiguous()  # the blocks below keep `t` alive until hashed
             if t.numel():
-                f.write(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
+                data = memoryview(t.reshape(-1).view(torch.uint8).numpy())
+                for lo in range(0, len(data), WRITE_BLOCK):
+                    put(data[lo:lo + WRITE_BLOCK])
+    return digest.hexdigest(), size
 
 
 def write_part(path: Path, tensors: dict, metadata: dict[str, str], *, pause_before_rename: float = 0.0
                ) -> tuple[str, int]:
-    """Write one part atomically; returns (sha256, bytes). Same tensors + metadata -> same bytes.
+    """Write one part atomically; returns (sha256, bytes), hashed while writing. Same tensors + metadata ->
+    same bytes.
 
     `pause_before_rename` (seconds) exists for the crash test: it widens the window in which a kill leaves a
     temporary file behind.
@@ -189,14 +210,15 @@ def write_part(path: Path, tensors: dict, metadata: dict[str, str], *, pause_bef
     import time
 
     meta = {"format": PART_FORMAT, "schema_version": str(SCHEMA_VERSION), **metadata}
+    written = []
 
     def write(tmp):
-        write_safetensors(tmp, tensors, meta)
+        written.append(write_safetensors(tmp, tensors, meta))
         if pause_before_rename:
             time.sleep(pause_before_rename)
 
     write_file_atomic(path, write)
-    return sha256_file(path), Path(path).stat().st_size
+    return written[0]
 
 
 def part_header(path: Path) -> dict:
