@@ -40,6 +40,7 @@ from stages.errors import StageError
 from stages.shards import TEACHER_KINDS, read_json, shard_dir
 
 PACK_WINDOW = 1024  # chunks packed together; bigger windows pack tighter but cost more planning time
+ADVISE_MIN_BYTES = 128 << 10  # smaller reads are one readahead window anyway: not worth a WILLNEED syscall
 
 
 class DumpIndex:
@@ -197,8 +198,8 @@ class PartFile:
     at memory-copy speed without the GIL, and without the page faults of a mapping, so worker threads copy in
     parallel). The bytes are copied as stored, whatever the element type; only a destination of another dtype
     (int32 ids into int64, uint8 mask into bool) goes through a scratch buffer and one conversion.
-    `advise(name, lo, hi)` asks the kernel to start reading a range (POSIX_FADV_WILLNEED), so all reads of a cold
-    batch are in flight together."""
+    `advise(name, lo, hi)` asks the kernel to start reading a range of at least ADVISE_MIN_BYTES
+    (POSIX_FADV_WILLNEED), so the large reads of a cold batch are in flight together."""
 
     def __init__(self, path: Path):
         self.path = Path(path)
@@ -230,7 +231,7 @@ class PartFile:
 
     def advise(self, name: str, lo: int, hi: int) -> None:
         _, _, start, row_bytes = self._tensors[name]
-        if hi > lo:
+        if (hi - lo) * row_bytes >= ADVISE_MIN_BYTES:
             os.posix_fadvise(self.fd, start + lo * row_bytes, (hi - lo) * row_bytes, os.POSIX_FADV_WILLNEED)
 
     def read_rows(self, name: str, lo: int, hi: int, out: torch.Tensor, scratch) -> None:
