@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import struct
 import threading
 
@@ -44,11 +45,28 @@ def random_tensors(n: int, seed: int = 0) -> dict:
             "cu_seqlens": torch.tensor([0, n], dtype=torch.int64), "empty": torch.zeros(0, 4)}
 
 
-@pytest.mark.parametrize("block", [7, 1000, 1 << 20])
-def test_part_bytes_and_streamed_sha256_match_reference(tmp_path, monkeypatch, block):
-    monkeypatch.setattr(shards, "WRITE_BLOCK", block)  # odd sizes cut tensors mid-element and mid-row
+def direct_io_supported(directory) -> bool:
+    try:
+        fd = os.open(directory / "probe", os.O_WRONLY | os.O_CREAT | os.O_DIRECT)
+    except (OSError, AttributeError):
+        return False
+    os.close(fd)
+    return True
+
+
+@pytest.mark.parametrize("direct", [True, False])
+@pytest.mark.parametrize("block", [7, 5000, 1 << 20])
+def test_part_bytes_and_streamed_sha256_match_reference(tmp_path, monkeypatch, block, direct):
+    """Both disk paths (O_DIRECT through bounce buffers, buffered) write the documented bytes and hash them."""
+    if direct and not direct_io_supported(tmp_path):
+        pytest.skip(f"{tmp_path}: file system without O_DIRECT (the buffered path is tested)")
+    monkeypatch.setattr(shards, "WRITE_BLOCK", block)  # odd sizes cut tensors mid-element and bounce buffers
+    monkeypatch.setenv(shards.BUFFERED_ENV, "0" if direct else "1")
+    sinks = []
+    monkeypatch.setattr(shards, "_DirectSink", lambda *a: sinks.append(real_sink(*a)) or sinks[-1])
     tensors = random_tensors(301)
     sha, size = shards.write_part(tmp_path / "p.safetensors", tensors, {"part_index": "3"})
+    assert len(sinks) == direct, "the O_DIRECT path ran where supported, and only there"
     got = (tmp_path / "p.safetensors").read_bytes()
     meta = {"format": shards.PART_FORMAT, "part_index": "3", "schema_version": str(shards.SCHEMA_VERSION)}
     assert got == reference_bytes(tensors, meta)
@@ -57,6 +75,9 @@ def test_part_bytes_and_streamed_sha256_match_reference(tmp_path, monkeypatch, b
     with safe_open(str(tmp_path / "p.safetensors"), framework="pt") as f:
         for name, t in tensors.items():
             assert torch.equal(f.get_tensor(name), t)
+
+
+real_sink = shards._DirectSink
 
 
 def make_part(index: int, lengths: list[int], batches: list[tuple[int, int]], first_sample: int) -> PartPlan:
