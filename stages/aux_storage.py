@@ -33,8 +33,9 @@ def storage_dtype(choice: str, model_dtype: torch.dtype) -> torch.dtype:
 
 def quantize_fp8(aux: torch.Tensor, num_layers: int = 3) -> tuple[torch.Tensor, torch.Tensor]:
     """[n, L*H] any float dtype -> (q float8_e4m3fn [n, L*H], scales float32 [n, L]), on aux's device."""
-    x = aux.float().unflatten(-1, (num_layers, -1))                       # (n, L, H)
-    scale = x.abs().amax(-1, keepdim=True) / FP8_MAX                      # (n, L, 1)
+    x = aux.unflatten(-1, (num_layers, -1))                               # (n, L, H), stored dtype
+    scale = x.abs().amax(-1, keepdim=True).float() / FP8_MAX              # (n, L, 1); absmax is exact in any dtype
+    # x / float32 scale promotes to float32: the one full-size temporary (a bf16 batch is not copied first)
     q = (x / torch.where(scale > 0, scale, torch.ones_like(scale))).clamp_(-FP8_MAX, FP8_MAX).to(FP8)
     return q.flatten(-2), scale.squeeze(-1)
 

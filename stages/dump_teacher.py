@@ -225,8 +225,8 @@ def run_parts(tgt, aux_ids, parts, directory: Path, *, teacher: str, k: int, met
 class DumpSettings:
     """dump-teacher's options after `plan_dump` checked and resolved them: what every later step reads."""
 
-    target: str                   # local directory (absolute) or hub id
-    data: tuple[str, ...]         # sources, local ones absolute
+    target: str                   # local directory or hub id, as given (messages name it so)
+    data: tuple[str, ...]         # as given (record reports name them so)
     out: Path
     device: str                   # resolved: cuda:LOCAL_RANK, cpu, or as given
     dtype: torch.dtype            # the target's compute dtype
@@ -251,11 +251,20 @@ class DumpSettings:
     def k(self) -> int | None:
         return self.top_k if self.teacher == "topk" else None
 
+    @property
+    def sources(self) -> list[str]:
+        """The data sources as the manifest records them: local ones absolute, so jobs started elsewhere agree."""
+        return [local_or_name(x) for x in self.data]
+
+    @property
+    def target_source(self) -> str:
+        return local_or_name(self.target)
+
     def record(self, aux_ids: list[int]) -> dict:
         """manifest.json `settings`: every option that changes the output (resumed jobs must agree on them)."""
         from stages.dump_target import dtype_name
 
-        return {"target": self.target, "data": list(self.data), "dtype": dtype_name(self.dtype),
+        return {"target": self.target_source, "data": self.sources, "dtype": dtype_name(self.dtype),
                 "aux_dtype": dtype_name(self.aux_dtype), "aux_layers": aux_ids, "teacher": self.teacher,
                 "top_k": self.k, "max_seq_len": self.max_seq_len, "loss_on": self.loss_on,
                 "num_shards": self.num_shards, "part_tokens": self.part_tokens, "batch_tokens": self.batch_tokens,
@@ -308,7 +317,7 @@ def plan_dump(*, target, data, out, dtype=None, device=None, device_map=None, tr
         raise StageError(f"--teacher softmax: a part would hold {part_tokens * vocab * bytes_per_prob / 2**30:.1f} GiB "
                          f"(vocab {vocab}); lower --part-tokens, use --teacher topk, or pass --allow-large-softmax")
     return DumpSettings(
-        target=local_or_name(target), data=tuple(local_or_name(s) for s in data), out=out, device=device,
+        target=target, data=tuple(data), out=out, device=device,
         dtype=torch_dtype, aux_dtype=storage_dtype(aux_dtype, torch_dtype), device_map=device_map,
         trust_remote_code=trust_remote_code, aux_layers=aux_layers, teacher=teacher, top_k=top_k,
         batch_tokens=batch_tokens, max_seq_len=max_seq_len, loss_on=loss_on, shard_index=shard_index,
@@ -338,7 +347,7 @@ def claim_dump(s: DumpSettings, tgt, aux_ids: list[int]) -> dict:
         provenance = write_target_dir(tgt, staged)
         manifest = {
             "format": DUMP_FORMAT, "schema_version": shards.SCHEMA_VERSION,
-            "target": {"source": s.target, "architecture": type(tgt.model).__name__,
+            "target": {"source": s.target_source, "architecture": type(tgt.model).__name__,
                        "model_type": tgt.config.model_type, **provenance, "num_layers": tgt.num_layers,
                        "hidden_size": tgt.hidden_size, "vocab_size": tgt.vocab_size, "dtype": settings["dtype"],
                        "tie_word_embeddings": bool(getattr(tgt.config, "tie_word_embeddings", False))},
@@ -346,7 +355,7 @@ def claim_dump(s: DumpSettings, tgt, aux_ids: list[int]) -> dict:
             "teacher": {"kind": s.teacher, "k": s.k, "logprob_dtype": "float32" if s.teacher == "topk" else None,
                         "probs_dtype": settings["dtype"] if s.teacher == "softmax" else None},
             "max_seq_len": s.max_seq_len, "loss_on": s.loss_on,
-            "data": {"sources": list(s.data), "fingerprint": data_fingerprint(list(s.data))},
+            "data": {"sources": s.sources, "fingerprint": data_fingerprint(s.sources)},
             "num_shards": s.num_shards, "part_tokens": s.part_tokens, "settings": settings,
         }
         claim_manifest(s.out, manifest, s.overwrite)
