@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -59,6 +60,7 @@ def run_arm(work: Path, case: str, aux_dtype: str, max_steps: int | None) -> dic
     teacher, run = work / case / aux_dtype / "teacher", work / case / aux_dtype / "run"
     cli("dump-teacher", "--out", str(teacher), "--aux-dtype", aux_dtype, *CASES[case]["dump"])
     steps = ["--max-steps", str(max_steps)] if max_steps else []
+    shutil.rmtree(run, ignore_errors=True)  # a fresh run each time (a finished dump is reused as it is)
     cli("train", "--teacher-dir", str(teacher), "--out", str(run), *steps)
     report = json.loads(cli("eval", "--draft", str(run / "export"), "--run-dir", str(run), "--json",
                             *CASES[case]["eval"]).strip().splitlines()[-1])

@@ -14,6 +14,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
@@ -197,3 +198,35 @@ def test_schema_1_dumps_still_verify_and_train_to_the_same_weights(full, tmp_pat
         assert a == (tmp_path / "new" / "checkpoints" / "step-00000008" / name).read_bytes(), name
     # and a schema-1 dump trains next to a schema-2 FP8 eval dump of the same target
     train(["--teacher-dir", str(old), "--eval-teacher-dir", str(full), "--out", str(tmp_path / "mixed"), *common])
+
+
+def test_loader_moves_the_stored_fp8_bytes_and_scales_position_by_position(tmp_path):
+    """Second code path: the same documents as a float32 dump and as an FP8 dump give the same plan, and every
+    position of every FP8 batch (padding included) holds exactly quantize_fp8 of the float32 batch's row."""
+    from stages.train_data import DumpIndex, PackedLoader
+    from train_helpers import make_documents, write_dump
+
+    docs = make_documents([5, 17, 2, 9, 30, 1, 12, 8, 3, 21], vocab=40, aux_width=3 * 8)
+    docs8 = []
+    for d in docs:
+        q, s = quantize_fp8(d["aux_hidden_states"])
+        docs8.append(d | {"aux_hidden_states": q, "aux_scales": s})
+    loaders = []
+    for name, ds in (("f32", docs), ("fp8", docs8)):
+        index = DumpIndex(write_dump(tmp_path / name, ds, vocab=40))
+        t2d = torch.ones(40, dtype=torch.bool)
+        loaders.append(PackedLoader(index, np.arange(index.num_documents), seq_len=16, batch_size=2, steps=3,
+                                    t2d=t2d, seed=1, drop_last=False))
+    n = 0
+    for (full_step, fp8_step) in zip(*loaders):
+        for (full, c_full), (b8, c8) in zip(full_step, fp8_step):
+            assert b8["aux_hidden_states"].dtype == FP8 and b8["aux_scales"].shape == (2, 16, 3)
+            q, s = quantize_fp8(full["aux_hidden_states"].flatten(0, 1))
+            assert torch.equal(b8["aux_hidden_states"].flatten(0, 1).view(torch.uint8), q.view(torch.uint8))
+            assert torch.equal(b8["aux_scales"].flatten(0, 1), s)
+            assert torch.equal(c_full, c8)
+            for key in full:
+                if key != "aux_hidden_states":
+                    assert torch.equal(full[key], b8[key]), key
+            n += 1
+    assert n >= 4
