@@ -40,10 +40,30 @@ def quantize_fp8(aux: torch.Tensor, num_layers: int = 3) -> tuple[torch.Tensor, 
     return q.flatten(-2), scale.squeeze(-1)
 
 
+def fp8_to_float32(q: torch.Tensor) -> torch.Tensor:
+    """float32 values of e4m3 data held as float8_e4m3fn or as its uint8 bits. Compiled, it decodes the bits with
+    integer ops: Triton handles e4m3 only on compute capability >= 8.9 (an fp8 kernel argument or cast fails to
+    compile on A100 and older, pytorch#167082), so the training step receives the bits (`device_view`). Eager
+    mode uses torch's own conversion. Both give the same values (tested for all 256 bytes)."""
+    if not torch.compiler.is_compiling():
+        return q.view(FP8).float()
+    b = q.view(torch.uint8).to(torch.int32)
+    e, m = (b >> 3) & 15, b & 7
+    normal = ((e + 120) << 23 | m << 20).view(torch.float32)                  # 2^(e-7) * (1 + m/8)
+    magnitude = torch.where(e == 0, m.to(torch.float32) * 2.0 ** -9, normal)  # subnormals: m * 2^-9
+    value = magnitude * (1 - 2 * (b >> 7)).to(torch.float32)
+    return torch.where((b & 0x7F) == 0x7F, torch.full_like(value, float("nan")), value)
+
+
+def device_view(t: torch.Tensor) -> torch.Tensor:
+    """What the step is handed for a stored tensor: FP8 as its uint8 bits (a free view; see fp8_to_float32)."""
+    return t.view(torch.uint8) if t.dtype == FP8 else t
+
+
 def dequantize_fp8(q: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """(q [..., L*H], scales [..., L]) -> [..., L*H] in `dtype`: float32(q) * scale."""
     L = scales.shape[-1]
-    return (q.float().unflatten(-1, (L, -1)) * scales.float().unsqueeze(-1)).flatten(-2).to(dtype)
+    return (fp8_to_float32(q).unflatten(-1, (L, -1)) * scales.float().unsqueeze(-1)).flatten(-2).to(dtype)
 
 
 def encode_aux(aux: torch.Tensor, dtype: torch.dtype) -> dict[str, torch.Tensor]:
@@ -63,8 +83,9 @@ def aux_specs(hidden_size: int, dtype: torch.dtype) -> dict[str, tuple[tuple[int
 
 
 def dequantize_batch(batch: dict) -> dict:
-    """A batch whose aux states are float (FP8 ones dequantized by their scales); other batches unchanged.
-    Pure tensor code with a branch on the batch's keys only, so it compiles into the step without a sync."""
+    """A batch whose aux states are float (FP8 ones, as float8_e4m3fn or its uint8 bits, dequantized by their
+    scales); other batches unchanged. Pure tensor code with a branch on the batch's keys only, so it compiles
+    into the step without a sync."""
     if "aux_scales" not in batch:
         return batch
     out = {k: v for k, v in batch.items() if k != "aux_scales"}

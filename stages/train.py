@@ -59,13 +59,14 @@ def make_step_fn(steps: int, teacher_kind: str, decay: float, attention: str, de
 
 
 def to_device(batch: dict, device: torch.device, float_dtype: torch.dtype | None) -> dict:
-    """The host batch on the device; floats cast to `float_dtype` (CPU: float32), except FP8 aux states, which
-    only the step can dequantize (it has their scales)."""
+    """The host batch on the device; floats cast to `float_dtype` (CPU: float32). FP8 aux states go as their
+    stored bytes (viewed as uint8: stages/aux_storage.py) and only the step dequantizes them, with their scales."""
+    from stages.aux_storage import device_view
+
     out = {}
     for k, v in batch.items():
-        v = v.to(device, non_blocking=True)
-        cast = float_dtype is not None and v.is_floating_point() and v.dtype != torch.float8_e4m3fn
-        out[k] = v.to(float_dtype) if cast else v
+        v = device_view(v).to(device, non_blocking=True)
+        out[k] = v.to(float_dtype) if float_dtype is not None and v.is_floating_point() else v
     return out
 
 

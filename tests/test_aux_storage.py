@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from stages.aux_storage import FP8, dequantize_batch, dequantize_fp8, encode_aux, quantize_fp8
+from stages.aux_storage import FP8, dequantize_batch, dequantize_fp8, device_view, encode_aux, quantize_fp8
 
 H = 32  # hidden size per aux layer (3 layers per token)
 
@@ -122,3 +122,19 @@ def test_encode_aux_casts_or_quantizes_and_dequantize_batch_restores_float():
     assert torch.equal(out["aux_hidden_states"], dequantize_fp8(enc["aux_hidden_states"], enc["aux_scales"]).view(4, 12, -1))
     plain = {"aux_hidden_states": x}
     assert dequantize_batch(plain) is plain
+
+
+def test_compiled_bit_decoding_equals_torchs_conversion_for_every_byte():
+    """The compiled path decodes e4m3 from its bits (any GPU generation); it must equal torch's own cast."""
+    from stages.aux_storage import fp8_to_float32
+
+    from torch._inductor.utils import run_and_get_code
+
+    every = torch.arange(256, dtype=torch.uint8).view(FP8)
+    torch._dynamo.reset()
+    got, code = run_and_get_code(torch.compile(fp8_to_float32, fullgraph=True), device_view(every))
+    assert not any("float8" in c.lower() or "e4m3" in c.lower() for c in code)  # no fp8 type in the kernel
+    want = every.float()
+    assert torch.equal(torch.isnan(got), torch.isnan(want)) and torch.isnan(want).sum() == 2
+    finite = ~torch.isnan(want)
+    assert torch.equal(got[finite].view(torch.int32), want[finite].view(torch.int32))  # also the sign of zero

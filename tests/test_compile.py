@@ -115,11 +115,12 @@ def test_step_with_fp8_input_traces_as_one_graph_and_equals_the_dequantized_batc
     """The dequantization is part of the step's graph (no break, no host sync) and feeds the same loss as
     dequantizing the batch first."""
     from stages.aux_storage import dequantize_batch
-    from stages.train import make_step_fn
+    from stages.train import make_step_fn, to_device
 
     cfg = small_cfg()
     model = random_draft(cfg, seed=3)
     batch, normalizer = fp8_batch(cfg, 8), torch.full((STEPS,), 9.0)
+    batch = to_device(batch, torch.device("cpu"), torch.float32)  # as training hands it over: uint8 bits
     step_fn = make_step_fn(STEPS, "topk", 0.8, "dense", torch.device("cpu"), compile_=False)
     torch._dynamo.reset()
     explanation = torch._dynamo.explain(step_fn)(model, batch, normalizer)
@@ -131,12 +132,16 @@ def test_step_with_fp8_input_traces_as_one_graph_and_equals_the_dequantized_batc
 
 
 def test_compiled_dequantization_equals_eager():
+    """On what training hands the step (to_device: FP8 as uint8 bits), compiled equals eager bitwise."""
     from stages.aux_storage import dequantize_batch
+    from stages.train import to_device
 
     batch = fp8_batch(small_cfg(), 9)
+    on_device = to_device(batch, torch.device("cpu"), torch.float32)
+    assert on_device["aux_hidden_states"].dtype == torch.uint8
     torch._dynamo.reset()
     counter = CompileCounterWithBackend("inductor")
     compiled = torch.compile(dequantize_batch, backend=counter, fullgraph=True)
-    got, want = compiled(batch), dequantize_batch(batch)
+    got, want = compiled(on_device), dequantize_batch(batch)
     assert torch.equal(got["aux_hidden_states"], want["aux_hidden_states"]) and "aux_scales" not in got
     assert counter.frame_count == 1
