@@ -230,3 +230,28 @@ def test_loader_moves_the_stored_fp8_bytes_and_scales_position_by_position(tmp_p
                     assert torch.equal(full[key], b8[key]), key
             n += 1
     assert n >= 4
+
+
+@pytest.mark.parametrize("aux", ["model", "fp8"])
+def test_eagle_pipe_run_expects_the_settings_the_dump_recorded(full, fp8, aux):
+    """`eagle-pipe run` skips a finished dump only if it predicts its settings; aux_dtype is one of them."""
+    from stages.dump_teacher import command
+    from stages.run import expected_dump_settings
+
+    dump = fp8 if aux == "fp8" else full
+    manifest = shards.read_json(dump / "manifest.json")
+    args = ["--target", manifest["target"]["source"], "--data", manifest["data"]["sources"][0], "--out", str(dump),
+            "--loss-on", "all", "--top-k", "8", "--num-shards", "1", "--device", "cpu", "--aux-dtype", aux]
+    options = command.make_context("dump-teacher", args).params
+    assert expected_dump_settings(options, manifest["target"]["num_layers"]) == manifest["settings"]
+
+
+def test_unknown_aux_dtype_is_refused_in_one_line(tiny_llama, tmp_path):
+    from stages.dump_teacher import dump_teacher
+    from stages.errors import StageError
+
+    with pytest.raises(StageError, match="--aux-dtype 'fp4'"):
+        dump_teacher(target=str(tiny_llama), data=["x.jsonl"], out=str(tmp_path / "out"), aux_dtype="fp4")
+    result = CliRunner().invoke(main, ["dump-teacher", "--target", str(tiny_llama), "--data", "x.jsonl", "--out",
+                                       str(tmp_path / "out"), "--aux-dtype", "fp4"])
+    assert result.exit_code == 2 and "fp4" in result.output
