@@ -5,7 +5,8 @@ Layout of a dump directory OUT::
     OUT/manifest.json                 schema_version; target provenance (path/id, config_sha256,
                                       tokenizer_sha256, weights_sha256 (of OUT/target/weights.safetensors),
                                       architecture, num_layers, hidden_size, vocab_size, dtype);
-                                      aux_layer_ids; teacher {kind, k, logprob_dtype, probs_dtype};
+                                      aux_layer_ids; aux_dtype (schema 2: the stored aux dtype);
+                                      teacher {kind, k, logprob_dtype, probs_dtype};
                                       max_seq_len; loss_on; data {sources, fingerprint}; num_shards;
                                       part_tokens; settings {every option that changes the output}
                                       (the number of input records is in each done.json: it is only
@@ -21,7 +22,9 @@ Tensors in a part (N tokens, S sequences), safetensors metadata {"format": "eagl
     loss_mask             uint8  [N]      1 = token is supervised (assistant turn tokens incl. end-of-turn)
     cu_seqlens            int64  [S+1]    sequence s is tokens cu_seqlens[s]:cu_seqlens[s+1]
     sample_index          int64  [S]      index of the record in the input (global, over all sources)
-    aux_hidden_states     target dtype [N, 3*H]   layers in ascending order
+    aux_hidden_states     aux_dtype [N, 3*H]      layers in ascending order
+    aux_scales            float32 [N, 3]  (aux_dtype float8_e4m3fn only) one scale per token and aux layer:
+                                          aux ~= float32(q) * scale, scale = absmax / 448 (stages/aux_storage.py)
     teacher_topk_ids      int32  [N, k]   (topk) ids sorted by probability; column 0 is the argmax
     teacher_topk_logprobs float32 [N, k]  (topk) log-probabilities normalised over the full vocabulary
     teacher_argmax        int32  [N]      (argmax)
@@ -43,6 +46,9 @@ Writes are atomic: write to a temporary name in the same directory (`.NAME.tmp-H
 directory. Leftover temporary files never look complete and are removed by the next run of that shard.
 
 Both stages import this module: change the format here and bump SCHEMA_VERSION.
+Schema history: 1 = aux states always in the target dtype (no aux_dtype field: read it as target.dtype);
+2 = adds manifest aux_dtype (bfloat16, float16, float32 or float8_e4m3fn, from --aux-dtype) and, for
+float8_e4m3fn, the aux_scales tensor. Readers accept every version in READABLE_SCHEMA_VERSIONS.
 """
 from __future__ import annotations
 
@@ -52,7 +58,8 @@ import json
 import os
 from pathlib import Path
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+READABLE_SCHEMA_VERSIONS = (1, 2)
 TEACHER_KINDS = ("topk", "argmax", "softmax")
 
 
@@ -149,7 +156,8 @@ TEACHER_TENSORS = {
 
 
 SAFETENSORS_DTYPES = {"float64": "F64", "float32": "F32", "bfloat16": "BF16", "float16": "F16", "int64": "I64",
-                      "int32": "I32", "int16": "I16", "int8": "I8", "uint8": "U8", "bool": "BOOL"}
+                      "int32": "I32", "int16": "I16", "int8": "I8", "uint8": "U8", "bool": "BOOL",
+                      "float8_e4m3fn": "F8_E4M3"}
 
 
 WRITE_BLOCK = 16 << 20   # bytes per sha256 update and per disk write: few syscalls, and the hasher stays close behind
@@ -344,6 +352,11 @@ def iter_parts(out: Path):
 
 
 # ---- manifest ------------------------------------------------------------------------------------------------
+
+def aux_dtype_name(manifest: dict) -> str:
+    """The stored aux dtype of a dump of any readable schema (schema 1 stored the target dtype)."""
+    return manifest.get("aux_dtype") or manifest["target"]["dtype"]
+
 
 def canonical_json(obj) -> bytes:
     return (json.dumps(obj, indent=1, sort_keys=True) + "\n").encode()

@@ -36,6 +36,7 @@ import numpy as np
 import torch
 from safetensors import safe_open
 
+from stages.aux_storage import AUX_KEYS
 from stages.errors import StageError
 from stages.shards import TEACHER_KINDS, read_json, shard_dir
 
@@ -189,7 +190,7 @@ def epoch_rows(chunks: Chunks, seq_len: int, seed: int, epoch: int, shuffle: boo
 
 SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
                       "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
-                      "U8": torch.uint8, "BOOL": torch.bool}
+                      "U8": torch.uint8, "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn}
 
 
 class PartFile:
@@ -222,6 +223,12 @@ class PartFile:
         if len(data) != n:
             raise StageError(f"{self.path}: ends at byte {offset + len(data)}, inside its header (truncated part?)")
         return data
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._tensors
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._tensors
 
     def shape(self, name: str) -> list[int]:
         return list(self._tensors[name][1])
@@ -289,14 +296,17 @@ class PartReader:
 
 
 def empty_batch(batch_size: int, seq_len: int, aux_width: int, aux_dtype: torch.dtype, teacher_kind: str,
-                topk: int, vocab_size: int, pin: bool = False) -> dict[str, torch.Tensor]:
-    """Host tensors of the batch contract (values are filled by `fill_batch`)."""
+                topk: int, vocab_size: int, pin: bool = False, aux_scales: bool = False) -> dict[str, torch.Tensor]:
+    """Host tensors of the batch contract (values are filled by `fill_batch`). Aux states keep the stored dtype;
+    FP8 ones come with their `aux_scales` [B, T, 3] and are dequantized in the step (stages/aux_storage.py)."""
     B, T = batch_size, seq_len
     shapes = {
         "aux_hidden_states": ((B, T, aux_width), aux_dtype), "input_ids": ((B, T), torch.int64),
         "position_ids": ((B, T), torch.int64), "document_ids": ((B, T), torch.int64),
         "loss_mask": ((B, T), torch.bool),
     }
+    if aux_scales:
+        shapes["aux_scales"] = ((B, T, 3), torch.float32)
     if teacher_kind == "topk":
         shapes["teacher_topk_ids"] = ((B, T, topk), torch.int64)
         shapes["teacher_topk_logprobs"] = ((B, T, topk), torch.float32)
@@ -309,7 +319,7 @@ def empty_batch(batch_size: int, seq_len: int, aux_width: int, aux_dtype: torch.
 
 # where position t of a chunk reads its rows: stored token t + shift (features of token t; the token fed and the
 # teacher both belong to stored token t+1)
-ROW_SHIFT = {"aux_hidden_states": 0, "input_ids": 1, "teacher_topk_ids": 1, "teacher_topk_logprobs": 1,
+ROW_SHIFT = {"aux_hidden_states": 0, "aux_scales": 0, "input_ids": 1, "teacher_topk_ids": 1, "teacher_topk_logprobs": 1,
              "teacher_argmax": 1, "teacher_probs": 1}
 
 
@@ -321,6 +331,7 @@ def fill_batch(batch: dict, reader: PartReader, chunks: Chunks, rows: list[list[
     index, T = reader.index, batch["input_ids"].shape[1]
     kind = index.teacher_kind
     copied = [key for key in ROW_SHIFT if key in batch]
+    aux_keys = [key for key in AUX_KEYS if key in batch]
     arange = torch.arange(T)
     reads = []  # (part, first stored token, positions, end of the document's mask range, row, offset)
     for b in range(batch["input_ids"].shape[0]):
@@ -337,7 +348,8 @@ def fill_batch(batch: dict, reader: PartReader, chunks: Chunks, rows: list[list[
             o += n_pos
         if o < T:  # padding: one extra document, never supervised, with harmless finite teacher values
             pad = slice(o, T)
-            batch["aux_hidden_states"][b, pad] = 0
+            for key in aux_keys:
+                batch[key][b, pad] = 0
             batch["input_ids"][b, pad] = 0
             batch["position_ids"][b, pad] = arange[:T - o]
             batch["document_ids"][b, pad] = len(segments)
@@ -404,14 +416,14 @@ class PackedLoader:
         self.reader = PartReader(index)
         self.epoch, self.step = 0, 0      # position: next optimizer step `step` of epoch `epoch`
         self._rows_cache: tuple[int, list[list[int]]] | None = None
-        self.aux_width, self.aux_dtype = self._aux_layout()
+        self.aux_width, self.aux_dtype, self.aux_scales = self._aux_layout()
 
-    def _aux_layout(self) -> tuple[int, torch.dtype]:
+    def _aux_layout(self) -> tuple[int, torch.dtype, bool]:
         if not self.index.parts:
             raise StageError(f"{self.index.root}: the dump holds no parts")
         part = PartFile(self.index.parts[0])
         try:
-            return part.shape("aux_hidden_states")[1], part.dtype("aux_hidden_states")
+            return part.shape("aux_hidden_states")[1], part.dtype("aux_hidden_states"), "aux_scales" in part
         finally:
             part.close()
 
@@ -442,7 +454,8 @@ class PackedLoader:
         batch = self._buffers.get(slot) if slot is not None else None
         if batch is None:
             batch = empty_batch(self.batch_size, self.seq_len, self.aux_width, self.aux_dtype,
-                                self.index.teacher_kind, self.index.topk, int(self.t2d.numel()), pin=self.pin)
+                                self.index.teacher_kind, self.index.topk, int(self.t2d.numel()), pin=self.pin,
+                                aux_scales=self.aux_scales)
             if slot is not None:
                 self._buffers[slot] = batch
         fill_batch(batch, self.reader, self.chunks, rows)
