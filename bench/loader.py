@@ -4,6 +4,7 @@ for each `--workers` count, next to the machine's memory-copy speed measured in 
 
     python bench/loader.py --shape cpu                        # the CPU benchmark shapes (H 256, fp32)
     python bench/loader.py --shape 8b --tokens 131072         # Llama-3.1-8B feature sizes (H 4096, bf16)
+    python bench/loader.py --shape 8b --dtype float8_e4m3fn   # the same with --aux-dtype fp8 parts
     python bench/loader.py --teacher-dir DUMP --seq-len 2048 --batch 4
     ... [--workers 1,2,4] [--modes warm,cold] [--repeat 3] [--trainer-tokens-per-s 69000]
 
@@ -51,6 +52,7 @@ def write_synthetic_dump(root: Path, tokens: int, hidden: int, top_k: int, vocab
     sdir = shard_dir(root, 0, 1)
     sdir.mkdir(parents=True, exist_ok=True)
     aux = torch.randn(min(part_tokens, tokens), 3 * hidden, generator=g).to(dtype)
+    scales = torch.rand(len(aux), 3, generator=g) if dtype == torch.float8_e4m3fn else None  # FP8: + per-layer scales
     parts, sample, written = [], 0, 0
     while written < tokens:
         n = min(part_tokens, tokens - written)
@@ -61,7 +63,7 @@ def write_synthetic_dump(root: Path, tokens: int, hidden: int, top_k: int, vocab
              "loss_mask": torch.ones(n, dtype=torch.uint8),
              "cu_seqlens": torch.tensor([0] + np.cumsum(lens).tolist(), dtype=torch.int64),
              "sample_index": torch.arange(sample, sample + len(lens), dtype=torch.int64),
-             "aux_hidden_states": aux[:n],
+             "aux_hidden_states": aux[:n], **({"aux_scales": scales[:n]} if scales is not None else {}),
              "teacher_topk_ids": torch.randint(0, vocab, (n, top_k), generator=g, dtype=torch.int32),
              "teacher_topk_logprobs": -torch.rand(n, top_k, generator=g) * 10}
         path = sdir / part_name(len(parts))
@@ -162,7 +164,8 @@ def main(argv=None):
     p.add_argument("--teacher-dir", default=None, help="a real dump instead of a synthetic one")
     p.add_argument("--shape", default="cpu", choices=sorted(SHAPES))
     p.add_argument("--hidden", type=int, default=None)
-    p.add_argument("--dtype", default=None, choices=["bfloat16", "float16", "float32"])
+    p.add_argument("--dtype", default=None, choices=["bfloat16", "float16", "float32", "float8_e4m3fn"],
+                   help="stored aux dtype (float8_e4m3fn: the --aux-dtype fp8 layout, with aux_scales)")
     p.add_argument("--vocab", type=int, default=None)
     p.add_argument("--seq-len", type=int, default=None)
     p.add_argument("--batch", type=int, default=None)
