@@ -31,10 +31,10 @@ timeout 90 "$PY" bench/train_step.py "${SHAPES[@]}" --steps 5 --no-compile > "$O
     2> "$OUT/train_eager.err" || tail -n 20 "$OUT/train_eager.err"
 trainer_rate=$("$PY" -c "import json,sys; print(json.load(open(sys.argv[1]))['tokens_per_s'])" \
     "$OUT/train_compiled.json" 2>/dev/null || echo 0)
-echo "== loader, cold synthetic shards at hidden 2048"
+echo "== loader, warm and cold synthetic shards at hidden 2048, 1 and 4 workers"
 rate_flag=()
 if [[ "$trainer_rate" != "0" ]]; then rate_flag=(--trainer-tokens-per-s "$trainer_rate"); fi
-timeout 60 "$PY" bench/loader.py --synthetic-tokens 400000 --hidden 2048 --num-workers 4 "${rate_flag[@]}" \
+timeout 90 "$PY" bench/loader.py --shape 1b --tokens 262144 --workers 1,4 --repeat 2 "${rate_flag[@]}" \
     > "$OUT/loader.json" 2> "$OUT/loader.err" || tail -n 20 "$OUT/loader.err"
 
 "$PY" - "$OUT" "$tests_rc" <<'PY'
@@ -60,8 +60,9 @@ rows = [
     ("peak GPU memory GiB", f"{c.get('max_memory_gib', float('nan')):.1f}"),
     ("Model-Optimizer compiled, ms", f"{mo.get('median_ms', float('nan')):.1f}" if mo else "not run"),
     ("speedup vs Model-Optimizer", f"{c['speedup_vs_modelopt']:.2f}x" if "speedup_vs_modelopt" in c else "n/a"),
-    ("loader tokens/s (cold)", f"{l.get('tokens_per_s', 0):,.0f}"),
-    ("loader / trainer", f"{l.get('ratio_vs_trainer', float('nan')):.1f}x"),
+    *((f"loader tokens/s ({r['mode']}, {r['workers']} workers)", f"{r['tokens_per_s']:,.0f}")
+      for r in l.get("runs", [])),
+    ("loader workers needed (cold, wall)", f"{l.get('workers_needed_wall', {}).get('cold', float('nan')):.2f}"),
 ]
 width = max(len(k) for k, _ in rows)
 for k, v in rows:

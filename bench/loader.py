@@ -216,7 +216,7 @@ def main(argv=None):
             out["cores_needed_warm"] = out["trainer_MBps"] / one["warm"]["read_MBps_per_cpu_second"] \
                 if "warm" in one else None
             out["workers_needed_wall"] = {m: out["trainer_MBps"] / r["read_MBps"] for m, r in one.items()}
-    print(json.dumps(out, indent=1))
+    print(json.dumps(out))
 
 
 if __name__ == "__main__":
