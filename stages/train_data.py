@@ -207,9 +207,9 @@ class PartFile:
         self.fd = os.open(self.path, os.O_RDONLY)
         try:
             (n,) = struct.unpack("<Q", self._pread(8, 0))
-            header = json.loads(self._pread(n, 8))
+            header = json.loads(self._pread(min(n, os.fstat(self.fd).st_size), 8))
         except (struct.error, ValueError) as exc:
-            os.close(self.fd)
+            self.close()
             raise StageError(f"{self.path}: not a readable safetensors part ({exc})") from None
         header.pop("__metadata__", None)
         self._tensors = {}
@@ -259,7 +259,7 @@ class PartFile:
             out.copy_(dst)
 
     def close(self) -> None:
-        if self.fd >= 0:
+        if getattr(self, "fd", -1) >= 0:  # a failed os.open leaves no fd; never close a number twice
             os.close(self.fd)
             self.fd = -1
 
