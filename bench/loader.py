@@ -141,8 +141,9 @@ def make_loader(index, a, workers: int) -> PackedLoader:
                         pin=torch.cuda.is_available(), reuse_buffers=True)
 
 
-def time_epoch(loader: PackedLoader, cold: bool, max_batches: int | None) -> tuple[float, int]:
-    """Wall seconds, CPU seconds (all threads) and non-padding positions of the loader's next epoch (or its first max_batches micro-batches)."""
+def time_epoch(loader: PackedLoader, cold: bool, max_batches: int | None) -> tuple[float, float, int]:
+    """Wall seconds, CPU seconds (all threads) and non-padding positions of the loader's next epoch (or of its
+    first max_batches micro-batches)."""
     if cold:
         evict(loader.index.parts)
     else:
