@@ -35,7 +35,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from stages.shards import part_name, shard_dir, write_part  # noqa: E402
-from stages.train_data import DumpIndex, PackedLoader  # noqa: E402
+from stages.train_data import SAFETENSORS_DTYPES, DumpIndex, PackedLoader  # noqa: E402
 
 SHAPES = {  # hidden, stored aux dtype, vocab, seq_len, batch
     "cpu": (256, "float32", 8192, 512, 4),
@@ -107,7 +107,8 @@ def stored_bytes_per_position(index: DumpIndex) -> int:
                 continue
             sl = f.get_slice(name)
             shape = sl.get_shape()
-            total += int(np.prod(shape[1:], dtype=np.int64)) * f.get_tensor(name)[:1].element_size()
+            itemsize = SAFETENSORS_DTYPES[sl.get_dtype()].itemsize
+            total += int(np.prod(shape[1:], dtype=np.int64)) * itemsize
             assert shape[0] == n
     return total
 
