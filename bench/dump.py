@@ -14,8 +14,9 @@ With `--writer-only` no model runs: the part writer alone (`stages.dump_writer.P
 sha256 while writing, fsync, rename) is fed synthetic batch outputs of the given shape, first as fast as it takes
 them (`writer_MBps`: part bytes per second from the first submit to the last part on disk; `writer_MBps_per_cpu
 _second` per CPU second of the process), then paced like a GPU producing `--produce-MBps` (default 500, an H100
-dumping an 8B target), where `producer_blocked_fraction` is the share of the time the producer waited in
-submit(). `sha256_MBps` (one hashlib stream) and `write_fsync_MBps` (the same bytes written + fsynced without
+dumping an 8B target), where `producer_blocked_fraction` is the share of the producing time the producer waited
+in submit() (0: the GPU never waited for the disk) and `paced_drain_seconds` the wait in close() for the last
+parts. `sha256_MBps` (one hashlib stream) and `write_fsync_MBps` (the same bytes written + fsynced without
 hashing) are this machine's ceilings, measured in the same run.
 
     python bench/dump.py                       # CPU defaults, well under 2 minutes
@@ -121,6 +122,7 @@ def writer_only(a) -> dict:
     import torch
 
     from stages.dump_writer import PartWriter
+    from stages.shards import BUFFERED_ENV
 
     dtype = getattr(torch, a.dtype or "bfloat16")
     specs = {"aux_hidden_states": ((3 * a.hidden,), dtype), "teacher_topk_ids": ((a.top_k,), torch.int32),
@@ -133,7 +135,8 @@ def writer_only(a) -> dict:
                "teacher_topk_logprobs": -torch.rand(rows, a.top_k, generator=g) * 10}
     batch_bytes = sum(t.numel() * t.element_size() for t in outputs.values())
 
-    def run(directory: Path, pace_s: float) -> tuple[float, float, float, int]:
+    def run(directory: Path, pace_s: float) -> tuple[float, float, float, float, int]:
+        """(seconds, CPU seconds, seconds blocked in submit, seconds in close, part bytes) of one run."""
         directory.mkdir(parents=True)
         writer = PartWriter(directory, specs, rows, torch.device("cpu"), {"format_note": "bench"})
         blocked, t0, c0 = 0.0, time.perf_counter(), time.process_time()
@@ -147,9 +150,10 @@ def writer_only(a) -> dict:
                 writer.submit(part, offset, {k: v[:n] for k, v in outputs.items()}, last=b == len(part.batches) - 1)
                 blocked += time.perf_counter() - s0
                 offset += n
+        c_start = time.perf_counter()
         written = writer.close()
         seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
-        return seconds, cpu, blocked, sum(w.bytes for w in written)
+        return seconds, cpu, blocked, time.perf_counter() - c_start, sum(w.bytes for w in written)
 
     with tempfile.TemporaryDirectory(prefix="eagle-writer-bench-", dir=a.keep) as tmp:
         fast = [run(Path(tmp) / f"fast{i}", 0.0) for i in range(a.dump_runs)]
@@ -166,14 +170,17 @@ def writer_only(a) -> dict:
             os.fsync(f.fileno())
         write_s = time.perf_counter() - t0
     best = min(fast, key=lambda r: r[0])
+    nbytes = best[4]
     return {"mode": "writer-only", "dtype": str(dtype).removeprefix("torch."), "hidden": a.hidden,
             "top_k": a.top_k, "batch_tokens": rows, "part_tokens": parts[0].num_tokens, "parts": len(parts),
-            "part_bytes": best[3] // len(parts), "cpu_count": os.cpu_count(),
-            "writer_MBps": best[3] / best[0] / 1e6, "writer_MBps_runs": [r[3] / r[0] / 1e6 for r in fast],
-            "writer_MBps_per_cpu_second": best[3] / best[1] / 1e6,
+            "part_bytes": nbytes // len(parts), "cpu_count": os.cpu_count(),
+            "direct_io": os.environ.get(BUFFERED_ENV) != "1",
+            "writer_MBps": nbytes / best[0] / 1e6, "writer_MBps_runs": [r[4] / r[0] / 1e6 for r in fast],
+            "writer_MBps_per_cpu_second": nbytes / best[1] / 1e6,
+            "writer_MBps_per_cpu_second_runs": [r[4] / r[1] / 1e6 for r in fast],
             "sha256_MBps": len(data) / sha_s / 1e6, "write_fsync_MBps": len(data) / write_s / 1e6,
-            "produce_MBps": a.produce_mbps, "paced_seconds": paced[0],
-            "producer_blocked_fraction": paced[2] / paced[0]}
+            "produce_MBps": a.produce_mbps, "paced_seconds": paced[0], "paced_drain_seconds": paced[3],
+            "producer_blocked_fraction": paced[2] / (paced[0] - paced[3])}
 
 
 def main() -> None:
