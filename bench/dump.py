@@ -10,7 +10,17 @@ including the writer's sha256/fsync, excluding model load, tokenization and the 
 best of `--dump-runs` full dumps into fresh directories; the bare forward is the best of 2 passes after a
 one-sequence warm-up.
 
+With `--writer-only` no model runs: the part writer alone (`stages.dump_writer.PartWriter`: assembling, serialize,
+sha256 while writing, fsync, rename) is fed synthetic batch outputs of the given shape, first as fast as it takes
+them (`writer_MBps`: part bytes per second from the first submit to the last part on disk; `writer_MBps_per_cpu
+_second` per CPU second of the process), then paced like a GPU producing `--produce-MBps` (default 500, an H100
+dumping an 8B target), where `producer_blocked_fraction` is the share of the producing time the producer waited
+in submit() (0: the GPU never waited for the disk) and `paced_drain_seconds` the wait in close() for the last
+parts. `sha256_MBps` (one hashlib stream) and `write_fsync_MBps` (the same bytes written + fsynced without
+hashing) are this machine's ceilings, measured in the same run.
+
     python bench/dump.py                       # CPU defaults, well under 2 minutes
+    python bench/dump.py --writer-only --hidden 4096 --dtype bfloat16 --batch-tokens 16384 --part-tokens 32768
     python bench/dump.py --device cuda --dtype bfloat16 --hidden 2048 --layers 16 --vocab 128256 \
         --records 512 --batch-tokens 16384
 """
@@ -88,6 +98,91 @@ def bare_forward_seconds(model_dir: Path, out: Path, a, dtype, device: str) -> t
     return min(times["full"]), min(times["decoder"]), sum(len(s) for s in seqs)
 
 
+def synthetic_parts(a, n_parts: int):
+    """Planned parts of 1024-token sequences and one reusable set of batch outputs per batch size."""
+    import numpy as np
+
+    from stages.dump_plan import PartPlan, Sequence
+
+    rng = np.random.default_rng(0)
+    seq_len = min(1024, a.batch_tokens)
+    per_batch = max(1, a.batch_tokens // seq_len)
+    per_part = max(1, a.part_tokens // seq_len)
+    parts = []
+    for i in range(n_parts):
+        seqs = [Sequence(i * per_part + j, rng.integers(0, a.vocab, seq_len).astype(np.int32),
+                         np.ones(seq_len, dtype=np.uint8)) for j in range(per_part)]
+        parts.append(PartPlan(i, seqs, [(lo, min(lo + per_batch, per_part)) for lo in range(0, per_part, per_batch)]))
+    return parts, seq_len
+
+
+def writer_only(a) -> dict:
+    import hashlib
+
+    import torch
+
+    from stages.dump_writer import PartWriter
+    from stages.shards import BUFFERED_ENV
+
+    dtype = getattr(torch, a.dtype or "bfloat16")
+    specs = {"aux_hidden_states": ((3 * a.hidden,), dtype), "teacher_topk_ids": ((a.top_k,), torch.int32),
+             "teacher_topk_logprobs": ((a.top_k,), torch.float32)}
+    parts, seq_len = synthetic_parts(a, a.writer_parts)
+    rows = (parts[0].batches[0][1] - parts[0].batches[0][0]) * seq_len
+    g = torch.Generator().manual_seed(0)
+    outputs = {"aux_hidden_states": torch.randn(rows, 3 * a.hidden, generator=g).to(dtype),
+               "teacher_topk_ids": torch.randint(0, a.vocab, (rows, a.top_k), generator=g, dtype=torch.int32),
+               "teacher_topk_logprobs": -torch.rand(rows, a.top_k, generator=g) * 10}
+    batch_bytes = sum(t.numel() * t.element_size() for t in outputs.values())
+
+    def run(directory: Path, pace_s: float) -> tuple[float, float, float, float, int]:
+        """(seconds, CPU seconds, seconds blocked in submit, seconds in close, part bytes) of one run."""
+        directory.mkdir(parents=True)
+        writer = PartWriter(directory, specs, rows, torch.device("cpu"), {"format_note": "bench"})
+        blocked, t0, c0 = 0.0, time.perf_counter(), time.process_time()
+        for part in parts:
+            offset = 0
+            for b, (lo, hi) in enumerate(part.batches):
+                n = (hi - lo) * seq_len
+                if pace_s:
+                    time.sleep(pace_s * n / rows)  # the GPU's forward: no host CPU
+                s0 = time.perf_counter()
+                writer.submit(part, offset, {k: v[:n] for k, v in outputs.items()}, last=b == len(part.batches) - 1)
+                blocked += time.perf_counter() - s0
+                offset += n
+        c_start = time.perf_counter()
+        written = writer.close()
+        seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
+        return seconds, cpu, blocked, time.perf_counter() - c_start, sum(w.bytes for w in written)
+
+    with tempfile.TemporaryDirectory(prefix="eagle-writer-bench-", dir=a.keep) as tmp:
+        fast = [run(Path(tmp) / f"fast{i}", 0.0) for i in range(a.dump_runs)]
+        paced = run(Path(tmp) / "paced", batch_bytes / (a.produce_mbps * 1e6))
+        part0 = Path(tmp) / "fast0" / sorted(p.name for p in (Path(tmp) / "fast0").glob("part-*"))[0]
+        data = part0.read_bytes()
+        t0 = time.perf_counter()
+        hashlib.sha256(data).hexdigest()
+        sha_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        with open(Path(tmp) / "plain", "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        write_s = time.perf_counter() - t0
+    best = min(fast, key=lambda r: r[0])
+    nbytes = best[4]
+    return {"mode": "writer-only", "dtype": str(dtype).removeprefix("torch."), "hidden": a.hidden,
+            "top_k": a.top_k, "batch_tokens": rows, "part_tokens": parts[0].num_tokens, "parts": len(parts),
+            "part_bytes": nbytes // len(parts), "cpu_count": os.cpu_count(),
+            "direct_io": os.environ.get(BUFFERED_ENV) != "1",
+            "writer_MBps": nbytes / best[0] / 1e6, "writer_MBps_runs": [r[4] / r[0] / 1e6 for r in fast],
+            "writer_MBps_per_cpu_second": nbytes / best[1] / 1e6,
+            "writer_MBps_per_cpu_second_runs": [r[4] / r[1] / 1e6 for r in fast],
+            "sha256_MBps": len(data) / sha_s / 1e6, "write_fsync_MBps": len(data) / write_s / 1e6,
+            "produce_MBps": a.produce_mbps, "paced_seconds": paced[0], "paced_drain_seconds": paced[3],
+            "producer_blocked_fraction": paced[2] / (paced[0] - paced[3])}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--layers", type=int, default=4)
@@ -109,7 +204,14 @@ def main() -> None:
                    help="Full dumps to run (fresh OUT each); the fastest is reported, as the bare forward's best "
                         "pass is (default 2: both sides get one warm-up-like first pass).")
     p.add_argument("--keep", help="Directory to build in and keep (default: a temp dir, removed).")
+    p.add_argument("--writer-only", action="store_true", help="Time the part writer alone (no model).")
+    p.add_argument("--writer-parts", type=int, default=3, help="Parts per --writer-only run.")
+    p.add_argument("--produce-mbps", type=float, default=500.0,
+                   help="--writer-only: the paced producer's rate in MB/s of batch outputs (H100, 8B target).")
     a = p.parse_args()
+    if a.writer_only:
+        print(json.dumps(writer_only(a), indent=1))
+        return
 
     import torch
 

@@ -31,11 +31,14 @@ timeout 90 "$PY" bench/train_step.py "${SHAPES[@]}" --steps 5 --no-compile > "$O
     2> "$OUT/train_eager.err" || tail -n 20 "$OUT/train_eager.err"
 trainer_rate=$("$PY" -c "import json,sys; print(json.load(open(sys.argv[1]))['tokens_per_s'])" \
     "$OUT/train_compiled.json" 2>/dev/null || echo 0)
-echo "== loader, cold synthetic shards at hidden 2048"
+echo "== loader, warm and cold synthetic shards at hidden 2048, 1 and 4 workers"
 rate_flag=()
 if [[ "$trainer_rate" != "0" ]]; then rate_flag=(--trainer-tokens-per-s "$trainer_rate"); fi
-timeout 60 "$PY" bench/loader.py --synthetic-tokens 400000 --hidden 2048 --num-workers 4 "${rate_flag[@]}" \
+timeout 90 "$PY" bench/loader.py --shape 1b --tokens 262144 --workers 1,4 --repeat 2 "${rate_flag[@]}" \
     > "$OUT/loader.json" 2> "$OUT/loader.err" || tail -n 20 "$OUT/loader.err"
+echo "== dump part writer alone on 2 cores (8B feature sizes, 411 MB parts)"
+timeout 90 taskset -c 0,1 "$PY" bench/dump.py --writer-only --hidden 4096 --dtype bfloat16 --batch-tokens 8192 \
+    --part-tokens 16384 --writer-parts 4 > "$OUT/writer.json" 2> "$OUT/writer.err" || tail -n 20 "$OUT/writer.err"
 
 "$PY" - "$OUT" "$tests_rc" <<'PY'
 import json, sys
@@ -43,10 +46,12 @@ from pathlib import Path
 out, tests_rc = Path(sys.argv[1]), sys.argv[2]
 def load(name):
     try:
-        return json.loads((out / name).read_text().strip().splitlines()[-1])
+        text = (out / name).read_text().strip()
+        return json.loads(text if text.startswith("{\n") else text.splitlines()[-1])
     except Exception as e:  # noqa: BLE001
         return {"error": f"{name}: {e}"}
 c, e, l = load("train_compiled.json"), load("train_eager.json"), load("loader.json")
+w = load("writer.json")
 mo = c.get("modelopt", {})
 rows = [
     ("GPU", (out / "gpu.txt").read_text().strip()),
@@ -60,13 +65,17 @@ rows = [
     ("peak GPU memory GiB", f"{c.get('max_memory_gib', float('nan')):.1f}"),
     ("Model-Optimizer compiled, ms", f"{mo.get('median_ms', float('nan')):.1f}" if mo else "not run"),
     ("speedup vs Model-Optimizer", f"{c['speedup_vs_modelopt']:.2f}x" if "speedup_vs_modelopt" in c else "n/a"),
-    ("loader tokens/s (cold)", f"{l.get('tokens_per_s', 0):,.0f}"),
-    ("loader / trainer", f"{l.get('ratio_vs_trainer', float('nan')):.1f}x"),
+    *((f"loader tokens/s ({r['mode']}, {r['workers']} workers)", f"{r['tokens_per_s']:,.0f}")
+      for r in l.get("runs", [])),
+    ("loader workers needed (cold, wall)", f"{l.get('workers_needed_wall', {}).get('cold', float('nan')):.2f}"),
+    ("part writer MB/s (wall, per CPU s)", f"{w.get('writer_MBps', float('nan')):,.0f}, "
+                                          f"{w.get('writer_MBps_per_cpu_second', float('nan')):,.0f}"),
+    ("writer: producer blocked at 500 MB/s", f"{100 * w.get('producer_blocked_fraction', float('nan')):.2f}%"),
 ]
 width = max(len(k) for k, _ in rows)
 for k, v in rows:
     print(f"{k:<{width}}  {v}")
-for d in (c, e, l):
+for d in (c, e, l, w):
     if "error" in d:
         print(d["error"])
 PY

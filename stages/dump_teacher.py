@@ -1,17 +1,26 @@
 """Stage one, `eagle-pipe dump-teacher`: run the target once and write teacher shards (format: stages/shards.py).
 
-One invocation dumps one shard (`--shard-index/--num-shards`, or SLURM array / torchrun variables). Steps: load
-the target, stage OUT/target/ and claim OUT/manifest.json (refusing a dump made with another target, tokenizer
-or settings), tokenize the shard's records (stages/records.py), plan parts and batches (stages/dump_plan.py),
-run the target batch by batch with hooks and a chunked teacher (stages/dump_target.py), hand outputs to the
-background writer (stages/dump_writer.py), and write done.json last. Parts already on disk are kept, so a rerun
-after a crash only computes what is missing and yields the same bytes.
+One invocation dumps one shard (`--shard-index/--num-shards`, or SLURM array / torchrun variables), in named
+steps that `dump_teacher` calls in order, each reading the frozen `DumpSettings`:
+
+1. `plan_dump`: check and resolve the options (device, dtypes, shard) into `DumpSettings`;
+2. `load_checked_target`: load the target, resolve the aux layers;
+3. `claim_dump`: stage OUT/target/ and claim OUT/manifest.json (refusing a dump made with another target,
+   tokenizer or settings);
+4. `plan_shard`: tokenize the shard's records (stages/records.py), plan parts and batches (stages/dump_plan.py);
+5. `run_parts`: run the target batch by batch with hooks and a chunked teacher (stages/dump_target.py), encode
+   the aux states on the device (stages/aux_storage.py), hand outputs to the background writer
+   (stages/dump_writer.py);
+6. `finish_shard`: write done.json last.
+
+Parts already on disk are kept, so a rerun after a crash only computes what is missing and yields the same bytes.
 """
 from __future__ import annotations
 
 import os
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import click
@@ -126,17 +135,20 @@ def reusable_part(directory: Path, part) -> bool:
     return False
 
 
-def run_parts(tgt, aux_ids, parts, directory: Path, *, teacher: str, k: int, metadata: dict):
-    """Compute every part not already on disk; returns ({index: file entry}, tokens computed, seconds)."""
+def run_parts(tgt, aux_ids, parts, directory: Path, *, teacher: str, k: int, metadata: dict, aux_dtype=None):
+    """Compute every part not already on disk; returns ({index: file entry}, tokens computed, seconds).
+    `aux_dtype` is the stored aux dtype (default the target's); FP8 is quantized on the device."""
     import nvtx
     import torch
     from tqdm import tqdm
 
+    from stages.aux_storage import aux_specs, encode_aux
     from stages.dump_target import forward_batch, teacher_outputs
     from stages.dump_writer import PartWriter
 
     H, V = tgt.hidden_size, tgt.vocab_size
-    specs = {"aux_hidden_states": ((3 * H,), tgt.dtype)}
+    aux_dtype = aux_dtype or tgt.dtype
+    specs = aux_specs(H, aux_dtype)
     specs.update({"topk": {"teacher_topk_ids": ((k,), torch.int32), "teacher_topk_logprobs": ((k,), torch.float32)},
                   "argmax": {"teacher_argmax": ((), torch.int32)},
                   "softmax": {"teacher_probs": ((V,), tgt.dtype)}}[teacher])
@@ -166,7 +178,7 @@ def run_parts(tgt, aux_ids, parts, directory: Path, *, teacher: str, k: int, met
                         aux, final = forward_batch(tgt, aux_ids, ids, mask, real)
                     with nvtx.annotate("teacher", color="yellow"):
                         outputs = teacher_outputs(tgt, final, teacher, k)
-                    outputs["aux_hidden_states"] = aux
+                    outputs.update(encode_aux(aux, aux_dtype))
                     writer.submit(part, offset, outputs, last=b == len(part.batches) - 1)
                     offset += real.numel()
                     bar.update(real.numel())
@@ -180,13 +192,75 @@ def run_parts(tgt, aux_ids, parts, directory: Path, *, teacher: str, k: int, met
     return entries, total, time.perf_counter() - start
 
 
-def dump_teacher(*, target, data, out, dtype=None, device=None, device_map=None, trust_remote_code=False,
-                 aux_layers=None, teacher="topk", top_k=64, batch_tokens=16384, max_seq_len=2048,
-                 loss_on="assistant", shard_index=None, num_shards=None, part_tokens=32768, overwrite=False,
-                 strict=False, allow_large_softmax=False, limit=None) -> dict:
-    """Dump one shard; returns the summary dict (also printed)."""
-    from stages.dump_target import (dtype_name, install_target_dir, load_config, load_target, parse_aux_layers,
-                                    resolve_dtype, self_check, write_target_dir)
+@dataclass(frozen=True)
+class DumpSettings:
+    """dump-teacher's options after `plan_dump` checked and resolved them: what every later step reads."""
+
+    target: str                   # local directory or hub id, as given (messages name it so)
+    data: tuple[str, ...]         # as given (record reports name them so)
+    out: Path
+    device: str                   # resolved: cuda:LOCAL_RANK, cpu, or as given
+    dtype: torch.dtype            # the target's compute dtype
+    aux_dtype: torch.dtype        # the stored aux dtype (--aux-dtype; `model` resolved to `dtype`)
+    device_map: str | None
+    trust_remote_code: bool
+    aux_layers: str | None        # as given; the target's depth resolves the default
+    teacher: str
+    top_k: int
+    batch_tokens: int
+    max_seq_len: int
+    loss_on: str
+    shard_index: int
+    num_shards: int
+    part_tokens: int
+    overwrite: bool
+    strict: bool
+    allow_large_softmax: bool
+    limit: int | None
+
+    @property
+    def k(self) -> int | None:
+        return self.top_k if self.teacher == "topk" else None
+
+    @property
+    def sources(self) -> list[str]:
+        """The data sources as the manifest records them: local ones absolute, so jobs started elsewhere agree."""
+        return [local_or_name(x) for x in self.data]
+
+    @property
+    def target_source(self) -> str:
+        return local_or_name(self.target)
+
+    def record(self, aux_ids: list[int]) -> dict:
+        """manifest.json `settings`: every option that changes the output (resumed jobs must agree on them)."""
+        from stages.dump_target import dtype_name
+
+        return {"target": self.target_source, "data": self.sources, "dtype": dtype_name(self.dtype),
+                "aux_dtype": dtype_name(self.aux_dtype), "aux_layers": aux_ids, "teacher": self.teacher,
+                "top_k": self.k, "max_seq_len": self.max_seq_len, "loss_on": self.loss_on,
+                "num_shards": self.num_shards, "part_tokens": self.part_tokens, "batch_tokens": self.batch_tokens,
+                "limit": self.limit}
+
+
+@dataclass
+class ShardWork:
+    """This shard's tokenized records and the plan of its parts."""
+
+    sequences: list
+    skipped: list
+    truncated: int
+    num_records: int              # records in the whole input (all shards)
+    parts: list
+
+
+def plan_dump(*, target, data, out, dtype=None, device=None, device_map=None, trust_remote_code=False,
+              aux_layers=None, aux_dtype="model", teacher="topk", top_k=64, batch_tokens=16384, max_seq_len=2048,
+              loss_on="assistant", shard_index=None, num_shards=None, part_tokens=32768, overwrite=False,
+              strict=False, allow_large_softmax=False, limit=None) -> DumpSettings:
+    """Step 1: check the options (one line per mistake) and resolve device, dtypes and shard, before the target
+    is loaded or anything but a write probe touches --out."""
+    from stages.aux_storage import storage_dtype
+    from stages.dump_target import load_config, resolve_dtype
 
     if not target:
         raise StageError("--target is required (a model directory or hub id)")
@@ -200,6 +274,8 @@ def dump_teacher(*, target, data, out, dtype=None, device=None, device_map=None,
             raise StageError(f"{name} must be >= 1, got {value}")
     if limit is not None and limit < 0:
         raise StageError(f"--limit must be >= 0, got {limit}")
+    if aux_dtype not in AUX_DTYPE_CHOICES:
+        raise StageError(f"--aux-dtype {aux_dtype!r}: expected one of {', '.join(AUX_DTYPE_CHOICES)}")
     shard_index, num_shards = shard_from_env(shard_index, num_shards)
     out = Path(out)
     ensure_writable(out)
@@ -211,89 +287,126 @@ def dump_teacher(*, target, data, out, dtype=None, device=None, device_map=None,
     if teacher == "softmax" and not allow_large_softmax and part_tokens * vocab * bytes_per_prob > SOFTMAX_MAX_PART_BYTES:
         raise StageError(f"--teacher softmax: a part would hold {part_tokens * vocab * bytes_per_prob / 2**30:.1f} GiB "
                          f"(vocab {vocab}); lower --part-tokens, use --teacher topk, or pass --allow-large-softmax")
+    return DumpSettings(
+        target=target, data=tuple(data), out=out, device=device,
+        dtype=torch_dtype, aux_dtype=storage_dtype(aux_dtype, torch_dtype), device_map=device_map,
+        trust_remote_code=trust_remote_code, aux_layers=aux_layers, teacher=teacher, top_k=top_k,
+        batch_tokens=batch_tokens, max_seq_len=max_seq_len, loss_on=loss_on, shard_index=shard_index,
+        num_shards=num_shards, part_tokens=part_tokens, overwrite=overwrite, strict=strict,
+        allow_large_softmax=allow_large_softmax, limit=limit)
 
-    tgt = load_target(target, torch_dtype, device, device_map, trust_remote_code)
-    aux_ids = parse_aux_layers(aux_layers, tgt.num_layers)
-    if teacher == "topk" and top_k > tgt.vocab_size:
-        raise StageError(f"--top-k {top_k} exceeds the target's vocabulary ({tgt.vocab_size})")
-    k = top_k if teacher == "topk" else None
-    sources = [local_or_name(s) for s in data]
-    settings = {"target": local_or_name(target), "data": sources, "dtype": dtype_name(torch_dtype),
-                "aux_layers": aux_ids, "teacher": teacher, "top_k": k, "max_seq_len": max_seq_len,
-                "loss_on": loss_on, "num_shards": num_shards, "part_tokens": part_tokens,
-                "batch_tokens": batch_tokens, "limit": limit}
-    staged = out / f".target.tmp-{shards.temp_suffix()}"
+
+def load_checked_target(s: DumpSettings):
+    """Step 2: the target and its aux layer ids, refusing a --top-k beyond its vocabulary."""
+    from stages.dump_target import load_target, parse_aux_layers
+
+    tgt = load_target(s.target, s.dtype, s.device, s.device_map, s.trust_remote_code)
+    aux_ids = parse_aux_layers(s.aux_layers, tgt.num_layers)
+    if s.teacher == "topk" and s.top_k > tgt.vocab_size:
+        raise StageError(f"--top-k {s.top_k} exceeds the target's vocabulary ({tgt.vocab_size})")
+    return tgt, aux_ids
+
+
+def claim_dump(s: DumpSettings, tgt, aux_ids: list[int]) -> dict:
+    """Step 3: stage OUT/target, claim OUT/manifest.json (refusing another dump in OUT), install OUT/target;
+    returns the manifest."""
+    from stages.dump_target import dtype_name, install_target_dir, write_target_dir
+
+    settings = s.record(aux_ids)
+    staged = s.out / f".target.tmp-{shards.temp_suffix()}"
     try:
         provenance = write_target_dir(tgt, staged)
         manifest = {
             "format": DUMP_FORMAT, "schema_version": shards.SCHEMA_VERSION,
-            "target": {"source": settings["target"], "architecture": type(tgt.model).__name__,
+            "target": {"source": s.target_source, "architecture": type(tgt.model).__name__,
                        "model_type": tgt.config.model_type, **provenance, "num_layers": tgt.num_layers,
                        "hidden_size": tgt.hidden_size, "vocab_size": tgt.vocab_size, "dtype": settings["dtype"],
                        "tie_word_embeddings": bool(getattr(tgt.config, "tie_word_embeddings", False))},
-            "aux_layer_ids": aux_ids,
-            "teacher": {"kind": teacher, "k": k, "logprob_dtype": "float32" if teacher == "topk" else None,
-                        "probs_dtype": settings["dtype"] if teacher == "softmax" else None},
-            "max_seq_len": max_seq_len, "loss_on": loss_on,
-            "data": {"sources": sources, "fingerprint": data_fingerprint(sources)},
-            "num_shards": num_shards, "part_tokens": part_tokens, "settings": settings,
+            "aux_layer_ids": aux_ids, "aux_dtype": dtype_name(s.aux_dtype),
+            "teacher": {"kind": s.teacher, "k": s.k, "logprob_dtype": "float32" if s.teacher == "topk" else None,
+                        "probs_dtype": settings["dtype"] if s.teacher == "softmax" else None},
+            "max_seq_len": s.max_seq_len, "loss_on": s.loss_on,
+            "data": {"sources": s.sources, "fingerprint": data_fingerprint(s.sources)},
+            "num_shards": s.num_shards, "part_tokens": s.part_tokens, "settings": settings,
         }
-        claim_manifest(out, manifest, overwrite)
-        install_target_dir(staged, out / "target")
+        claim_manifest(s.out, manifest, s.overwrite)
+        install_target_dir(staged, s.out / "target")
     finally:
         shutil.rmtree(staged, ignore_errors=True)
-    msha = shards.manifest_sha256(manifest)
-    directory = shards.shard_dir(out, shard_index, num_shards)
-    directory.mkdir(parents=True, exist_ok=True)
-    shards.remove_stale_temporaries(directory)
-    done = shards.read_done(out, shard_index, num_shards)
-    if done is not None and done.get("manifest_sha256") == msha:
-        summary = summary_from_done(out, done, computed_tokens=0, seconds=0.0, padding=None)
-        click.echo(f"shard {shard_index}/{num_shards} is already complete in {directory}", err=True)
-        return summary
-    (directory / "done.json").unlink(missing_ok=True)
+    return manifest
 
-    selector = _ShardSelector(shard_index, num_shards, limit)
-    sequences, skipped, truncated = collect_shard(data, tgt.tokenizer, selector, max_seq_len=max_seq_len,
-                                                  loss_on=loss_on, strict=strict)
-    shard_tokens = sum(len(s) for s in sequences)
-    if teacher == "softmax" and not allow_large_softmax and \
-            shard_tokens * num_shards * tgt.vocab_size * bytes_per_prob > SOFTMAX_MAX_TOTAL_BYTES:
-        raise StageError(f"--teacher softmax: the dump would hold about "
-                         f"{shard_tokens * num_shards * tgt.vocab_size * bytes_per_prob / 2**40:.1f} TiB; "
+
+def plan_shard(s: DumpSettings, tgt, aux_ids: list[int]) -> ShardWork:
+    """Step 4: tokenize this shard's records, refuse an oversized softmax dump, plan parts and batches, and
+    self-check the hooked forward on the first sequence."""
+    selector = _ShardSelector(s.shard_index, s.num_shards, s.limit)
+    sequences, skipped, truncated = collect_shard(list(s.data), tgt.tokenizer, selector, max_seq_len=s.max_seq_len,
+                                                  loss_on=s.loss_on, strict=s.strict)
+    shard_tokens = sum(len(q) for q in sequences)
+    total_probs_bytes = shard_tokens * s.num_shards * tgt.vocab_size * s.dtype.itemsize
+    if s.teacher == "softmax" and not s.allow_large_softmax and total_probs_bytes > SOFTMAX_MAX_TOTAL_BYTES:
+        raise StageError(f"--teacher softmax: the dump would hold about {total_probs_bytes / 2**40:.1f} TiB; "
                          "use --teacher topk or pass --allow-large-softmax")
     if skipped:
         from stages.records import format_skip_report
         click.echo(format_skip_report(skipped), err=True)
-    parts = plan_parts(sequences, part_tokens, batch_tokens)
+    parts = plan_parts(sequences, s.part_tokens, s.batch_tokens)
     if sequences:
         import torch
 
+        from stages.dump_target import self_check
         self_check(tgt, aux_ids, torch.from_numpy(sequences[0].input_ids.astype(np.int64)))
-    metadata = {"shard_index": str(shard_index), "num_shards": str(num_shards), "teacher": teacher,
-                "manifest_sha256": msha}
-    entries, computed, seconds = run_parts(tgt, aux_ids, parts, directory, teacher=teacher, k=k or 0,
-                                           metadata=metadata)
+    return ShardWork(sequences, skipped, truncated, selector.num_records, parts)
+
+
+def finish_shard(s: DumpSettings, directory: Path, msha: str, work: ShardWork, entries: dict, computed: int,
+                 seconds: float) -> dict:
+    """Step 6: write done.json (last: it marks the shard complete), print and return the summary."""
     skipped_indices: dict[str, list[int]] = {}
-    for s in skipped:
-        skipped_indices.setdefault(s.reason, []).append(s.sample_index)
+    for q in work.skipped:
+        skipped_indices.setdefault(q.reason, []).append(q.sample_index)
+    shard_tokens = sum(len(q) for q in work.sequences)
     done = {
-        "shard_index": shard_index, "num_shards": num_shards, "manifest_sha256": msha,
-        "num_records": selector.num_records,
-        "parts": [entries[p.index] for p in parts],
-        "records": {"assigned": len(sequences) + len(skipped), "written": len(sequences), "truncated": truncated,
+        "shard_index": s.shard_index, "num_shards": s.num_shards, "manifest_sha256": msha,
+        "num_records": work.num_records,
+        "parts": [entries[p.index] for p in work.parts],
+        "records": {"assigned": len(work.sequences) + len(work.skipped), "written": len(work.sequences),
+                    "truncated": work.truncated,
                     "skipped": {r: len(v) for r, v in sorted(skipped_indices.items())}},
-        "written_sample_indices": sorted(s.sample_index for s in sequences),
+        "written_sample_indices": sorted(q.sample_index for q in work.sequences),
         "skipped_sample_indices": {r: sorted(v) for r, v in sorted(skipped_indices.items())},
-        "num_tokens": shard_tokens, "num_supervised_tokens": int(sum(int(s.loss_mask.sum()) for s in sequences)),
-        "token_counts": token_counts(sequences),
+        "num_tokens": shard_tokens,
+        "num_supervised_tokens": int(sum(int(q.loss_mask.sum()) for q in work.sequences)),
+        "token_counts": token_counts(work.sequences),
     }
     shards.atomic_write_json(directory / "done.json", done)
-    padded = sum(p.padded_tokens() for p in parts)
-    summary = summary_from_done(out, done, computed_tokens=computed, seconds=seconds,
+    padded = sum(p.padded_tokens() for p in work.parts)
+    summary = summary_from_done(s.out, done, computed_tokens=computed, seconds=seconds,
                                 padding=(1 - shard_tokens / padded) if padded else 0.0)
     print_summary(summary)
     return summary
+
+
+def dump_teacher(**options) -> dict:
+    """Dump one shard (options: those of `plan_dump`, i.e. the CLI's); returns the summary dict (also printed)."""
+    s = plan_dump(**options)
+    tgt, aux_ids = load_checked_target(s)
+    manifest = claim_dump(s, tgt, aux_ids)
+    msha = shards.manifest_sha256(manifest)
+    directory = shards.shard_dir(s.out, s.shard_index, s.num_shards)
+    directory.mkdir(parents=True, exist_ok=True)
+    shards.remove_stale_temporaries(directory)
+    done = shards.read_done(s.out, s.shard_index, s.num_shards)
+    if done is not None and done.get("manifest_sha256") == msha:
+        click.echo(f"shard {s.shard_index}/{s.num_shards} is already complete in {directory}", err=True)
+        return summary_from_done(s.out, done, computed_tokens=0, seconds=0.0, padding=None)
+    (directory / "done.json").unlink(missing_ok=True)
+    work = plan_shard(s, tgt, aux_ids)
+    metadata = {"shard_index": str(s.shard_index), "num_shards": str(s.num_shards), "teacher": s.teacher,
+                "manifest_sha256": msha}
+    entries, computed, seconds = run_parts(tgt, aux_ids, work.parts, directory, teacher=s.teacher, k=s.k or 0,
+                                           metadata=metadata, aux_dtype=s.aux_dtype)     # step 5
+    return finish_shard(s, directory, msha, work, entries, computed, seconds)
 
 
 def summary_from_done(out: Path, done: dict, *, computed_tokens: int, seconds: float, padding) -> dict:
@@ -326,6 +439,7 @@ def print_summary(s: dict) -> None:
 
 
 DTYPE_CHOICES = ["bfloat16", "float16", "float32", "bf16", "fp16", "fp32"]
+AUX_DTYPE_CHOICES = ["model", "bf16", "fp16", "fp32", "fp8"]
 
 
 @click.command("dump-teacher")
@@ -338,6 +452,9 @@ DTYPE_CHOICES = ["bfloat16", "float16", "float32", "bf16", "fp16", "fp32"]
 @click.option("--device-map", default=None, help="Hugging Face device_map (e.g. auto) to spread a large target over GPUs.")
 @click.option("--trust-remote-code", is_flag=True, help="Allow the target's own modelling code to run.")
 @click.option("--aux-layers", default=None, help="Three ascending layer ids whose input residual stream is stored (default 2,N//2,N-3).")
+@click.option("--aux-dtype", type=click.Choice(AUX_DTYPE_CHOICES, case_sensitive=False), default="model",
+              show_default=True, help="Stored aux hidden states: the target's dtype, a cast, or fp8 (e4m3 with one "
+              "float32 scale per token and aux layer: about half the disk of bf16).")
 @click.option("--teacher", type=click.Choice(["topk", "argmax", "softmax"]), default="topk", help="Teacher output kind.")
 @click.option("--top-k", type=int, default=64, help="k for --teacher topk.")
 @click.option("--batch-tokens", type=int, default=16384, help="Padded tokens per forward batch.")

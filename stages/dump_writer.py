@@ -1,11 +1,13 @@
 """Overlapping the target's forward with device-to-host copies and disk writes.
 
 The main thread runs the target batch after batch. Each batch's outputs ([n, 3H] aux states and teacher tensors)
-are copied into one of a few *pinned* host slots with non_blocking copies and a CUDA event, then handed to a
-writer thread. The writer waits for the event, copies the rows into the part being assembled (preallocated:
-the plan knows each part's size), returns the slot, and writes a part atomically once its last batch is in.
-The GPU therefore never waits for the disk, and at most `num_slots` batches plus two parts sit in host memory.
-On CPU there is nothing to copy: outputs go straight to the writer thread, which still writes in the background.
+are copied into one of a few *pinned* host slots with non_blocking copies and a CUDA event, then handed to the
+assembler thread. The assembler waits for the event, copies the rows into the part being assembled (a reused
+host buffer sized for the part: the plan knows each part's size), returns the slot at once, and hands a part to
+the disk thread once its last batch is in. The disk thread serializes it, hashes it while writing and fsyncs it
+(`shards.write_part`), then returns the buffer. Assembling never waits for the disk, so the GPU waits only when
+the disk's sustained rate is below the GPU's; at most `num_slots` batches plus `num_part_buffers` (2) parts sit
+in host memory. On CPU there is nothing to copy: outputs go straight to the assembler.
 """
 from __future__ import annotations
 
@@ -45,26 +47,32 @@ class _Slots:
 
 
 class PartWriter:
-    """Assembles planned parts from batch outputs and writes them on a background thread."""
+    """Assembles planned parts from batch outputs (assembler thread) and writes them (disk thread)."""
 
     def __init__(self, directory, specs: dict[str, tuple[tuple[int, ...], torch.dtype]], max_batch_rows: int,
-                 device: torch.device, metadata: dict[str, str], num_slots: int = 3):
+                 device: torch.device, metadata: dict[str, str], num_slots: int = 3, num_part_buffers: int = 2):
         self.directory, self.specs, self.metadata = directory, specs, metadata
         self.cuda = device.type == "cuda"
         self.slots = _Slots(specs, max_batch_rows, num_slots) if self.cuda else None
         self.inbox: queue.Queue = queue.Queue(maxsize=num_slots + 1)
+        self.assembled: queue.Queue = queue.Queue()  # (part, rows, buffer) or ("stop",); bounded by the buffers
+        self.part_buffers: queue.Queue = queue.Queue()
+        for _ in range(num_part_buffers):
+            self.part_buffers.put({})  # allocated on first use, grown for a larger part, then reused
         self.written: list[WrittenPart] = []
         self.error: BaseException | None = None
         self.pause = float(os.environ.get(PAUSE_ENV, "0") or 0)
-        self.thread = threading.Thread(target=self._run, name="eagle-pipe-part-writer", daemon=True)
-        self.thread.start()
+        self.threads = [threading.Thread(target=self._assemble, name="eagle-pipe-part-assembler", daemon=True),
+                        threading.Thread(target=self._write_parts, name="eagle-pipe-part-writer", daemon=True)]
+        for t in self.threads:
+            t.start()
 
     # ---- main thread -------------------------------------------------------------------------------------------
     def submit(self, part: PartPlan, row_offset: int, outputs: dict[str, torch.Tensor], last: bool) -> None:
         """Queue one batch's outputs (rows row_offset.. of `part`); `last` closes the part."""
         self._raise_if_failed()
         if self.cuda:
-            slot = self._free_slot()
+            slot = _get(self.slots.free, self._raise_if_failed)
             bufs = self.slots.buffers[slot]
             host = {}
             for name, t in outputs.items():
@@ -76,17 +84,11 @@ class PartWriter:
         else:
             self._put(("batch", part, row_offset, outputs, None, None, last))
 
-    def _free_slot(self) -> int:
-        while True:  # never wait forever on a writer that died
-            try:
-                return self.slots.free.get(timeout=1.0)
-            except queue.Empty:
-                self._raise_if_failed()
-
     def close(self) -> list[WrittenPart]:
         """Wait for every queued part to be on disk; re-raise a writer failure."""
         self._put(("stop",))
-        self.thread.join()
+        for t in self.threads:
+            t.join()
         self._raise_if_failed()
         return self.written
 
@@ -108,45 +110,70 @@ class PartWriter:
         if self.error is not None:
             raise self.error
 
-    # ---- writer thread -----------------------------------------------------------------------------------------
-    def _run(self) -> None:
-        assembling: dict[int, dict[str, torch.Tensor]] = {}
+    # ---- assembler thread --------------------------------------------------------------------------------------
+    def _assemble(self) -> None:
+        assembling: dict[int, tuple[dict[str, torch.Tensor], dict]] = {}
         while True:
             item = self.inbox.get()
             if item[0] == "stop":
+                self.assembled.put(("stop",))
                 return
-            if self.error is not None:
-                if item[5] is not None:
-                    self.slots.free.put(item[5])
-                continue
+            _, part, offset, host, event, slot, last = item
             try:
-                _, part, offset, host, event, slot, last = item
-                if event is not None:
-                    event.synchronize()
-                rows = assembling.get(part.index)
-                if rows is None:
-                    rows = assembling[part.index] = {
-                        name: torch.empty((part.num_tokens, *shape), dtype=dtype)
-                        for name, (shape, dtype) in self.specs.items()}
-                for name, t in host.items():
-                    rows[name][offset: offset + t.shape[0]].copy_(t)
-                if slot is not None:
-                    self.slots.free.put(slot)
-                if last:
-                    self._write(part, assembling.pop(part.index))
+                if self.error is None:
+                    if event is not None:
+                        event.synchronize()
+                    if part.index not in assembling:
+                        buffer = _get(self.part_buffers, self._raise_if_failed)
+                        assembling[part.index] = (self._part_rows(buffer, part.num_tokens), buffer)
+                    rows, buffer = assembling[part.index]
+                    for name, t in host.items():
+                        rows[name][offset: offset + t.shape[0]].copy_(t)
+                    if last:
+                        self.assembled.put((part, *assembling.pop(part.index)))
             except BaseException as exc:  # surfaced on the main thread at the next submit/close
                 self.error = exc
+            if slot is not None:
+                self.slots.free.put(slot)
 
-    def _write(self, part: PartPlan, rows: dict[str, torch.Tensor]) -> None:
+    def _part_rows(self, buffer: dict, num_tokens: int) -> dict[str, torch.Tensor]:
+        """Views of the first num_tokens rows of a reused buffer (reuse skips first-touch page faults)."""
+        for name, (shape, dtype) in self.specs.items():
+            if name not in buffer or buffer[name].shape[0] < num_tokens:
+                buffer[name] = torch.empty((num_tokens, *shape), dtype=dtype)
+        return {name: buffer[name][:num_tokens] for name in self.specs}
+
+    # ---- disk thread -------------------------------------------------------------------------------------------
+    def _write_parts(self) -> None:
         import nvtx
 
-        with nvtx.annotate("write", color="green"):
-            tensors = dict(sequence_tensors(part))
-            tensors.update(rows)
-            name = part_name(part.index)
-            meta = dict(self.metadata, part_index=str(part.index))
-            sha, size = write_part(self.directory / name, tensors, meta, pause_before_rename=self.pause)
-            self.written.append(WrittenPart(part.index, name, sha, size, part.num_tokens, len(part.sequences)))
+        while True:
+            item = self.assembled.get()
+            if item[0] == "stop":
+                return
+            part, rows, buffer = item
+            try:
+                if self.error is None:
+                    with nvtx.annotate("write", color="green"):
+                        tensors = dict(sequence_tensors(part))
+                        tensors.update(rows)
+                        name = part_name(part.index)
+                        meta = dict(self.metadata, part_index=str(part.index))
+                        sha, size = write_part(self.directory / name, tensors, meta, pause_before_rename=self.pause)
+                        self.written.append(WrittenPart(part.index, name, sha, size, part.num_tokens,
+                                                        len(part.sequences)))
+            except BaseException as exc:  # surfaced on the main thread at the next submit/close
+                self.error = exc
+            self.part_buffers.put(buffer)
+
+
+def _get(q: queue.Queue, raise_if_failed):
+    """q.get() that gives up with the other side's error instead of waiting forever on a thread that died."""
+    while True:
+        try:
+            return q.get(timeout=1.0)
+        except queue.Empty:
+            raise_if_failed()
 
 
 def sequence_tensors(part: PartPlan) -> dict[str, torch.Tensor]:

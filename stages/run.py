@@ -113,6 +113,7 @@ def _jsonable(value):
 
 def expected_dump_settings(options: dict, num_layers: int) -> dict:
     """The `settings` dump-teacher would write for these options (its own helpers, without loading the target)."""
+    from stages.aux_storage import storage_dtype
     from stages.dump_plan import shard_from_env
     from stages.dump_target import dtype_name, parse_aux_layers, resolve_dtype
     from stages.dump_teacher import resolve_device
@@ -121,9 +122,10 @@ def expected_dump_settings(options: dict, num_layers: int) -> dict:
     device = resolve_device(options.get("device"))
     _, num_shards = shard_from_env(options.get("shard_index"), options.get("num_shards"))
     topk = options["teacher"] == "topk"
+    dtype = resolve_dtype(options.get("dtype"), device)
     return {
         "target": local_or_name(options["target"]), "data": [local_or_name(s) for s in options["data"]],
-        "dtype": dtype_name(resolve_dtype(options.get("dtype"), device)),
+        "dtype": dtype_name(dtype), "aux_dtype": dtype_name(storage_dtype(options.get("aux_dtype") or "model", dtype)),
         "aux_layers": list(parse_aux_layers(options.get("aux_layers"), num_layers)),
         "teacher": options["teacher"], "top_k": options["top_k"] if topk else None,
         "max_seq_len": options["max_seq_len"], "loss_on": options["loss_on"], "num_shards": num_shards,

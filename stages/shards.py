@@ -5,7 +5,8 @@ Layout of a dump directory OUT::
     OUT/manifest.json                 schema_version; target provenance (path/id, config_sha256,
                                       tokenizer_sha256, weights_sha256 (of OUT/target/weights.safetensors),
                                       architecture, num_layers, hidden_size, vocab_size, dtype);
-                                      aux_layer_ids; teacher {kind, k, logprob_dtype, probs_dtype};
+                                      aux_layer_ids; aux_dtype (schema 2: the stored aux dtype);
+                                      teacher {kind, k, logprob_dtype, probs_dtype};
                                       max_seq_len; loss_on; data {sources, fingerprint}; num_shards;
                                       part_tokens; settings {every option that changes the output}
                                       (the number of input records is in each done.json: it is only
@@ -21,7 +22,9 @@ Tensors in a part (N tokens, S sequences), safetensors metadata {"format": "eagl
     loss_mask             uint8  [N]      1 = token is supervised (assistant turn tokens incl. end-of-turn)
     cu_seqlens            int64  [S+1]    sequence s is tokens cu_seqlens[s]:cu_seqlens[s+1]
     sample_index          int64  [S]      index of the record in the input (global, over all sources)
-    aux_hidden_states     target dtype [N, 3*H]   layers in ascending order
+    aux_hidden_states     aux_dtype [N, 3*H]      layers in ascending order
+    aux_scales            float32 [N, 3]  (aux_dtype float8_e4m3fn only) one scale per token and aux layer:
+                                          aux ~= float32(q) * scale, scale = absmax / 448 (stages/aux_storage.py)
     teacher_topk_ids      int32  [N, k]   (topk) ids sorted by probability; column 0 is the argmax
     teacher_topk_logprobs float32 [N, k]  (topk) log-probabilities normalised over the full vocabulary
     teacher_argmax        int32  [N]      (argmax)
@@ -43,15 +46,20 @@ Writes are atomic: write to a temporary name in the same directory (`.NAME.tmp-H
 directory. Leftover temporary files never look complete and are removed by the next run of that shard.
 
 Both stages import this module: change the format here and bump SCHEMA_VERSION.
+Schema history: 1 = aux states always in the target dtype (no aux_dtype field: read it as target.dtype);
+2 = adds manifest aux_dtype (bfloat16, float16, float32 or float8_e4m3fn, from --aux-dtype) and, for
+float8_e4m3fn, the aux_scales tensor. Readers accept every version in READABLE_SCHEMA_VERSIONS.
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
 from pathlib import Path
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+READABLE_SCHEMA_VERSIONS = (1, 2)
 TEACHER_KINDS = ("topk", "argmax", "softmax")
 
 
@@ -148,13 +156,25 @@ TEACHER_TENSORS = {
 
 
 SAFETENSORS_DTYPES = {"float64": "F64", "float32": "F32", "bfloat16": "BF16", "float16": "F16", "int64": "I64",
-                      "int32": "I32", "int16": "I16", "int8": "I8", "uint8": "U8", "bool": "BOOL"}
+                      "int32": "I32", "int16": "I16", "int8": "I8", "uint8": "U8", "bool": "BOOL",
+                      "float8_e4m3fn": "F8_E4M3"}
 
 
-def write_safetensors(path: Path, tensors: dict, metadata: dict[str, str]) -> None:
+WRITE_BLOCK = 16 << 20   # bytes per sha256 update and per disk write: few syscalls, and the hasher stays close behind
+DIRECT_ALIGN = 4096      # O_DIRECT offsets, lengths and buffer addresses are multiples of this
+BUFFERED_ENV = "EAGLE_PIPE_BUFFERED_WRITES"  # "1": never O_DIRECT (a file system where it is slow)
+
+
+def write_safetensors(path: Path, tensors: dict, metadata: dict[str, str]) -> tuple[str, int]:
     """A safetensors file with a *deterministic* header (sorted keys; safetensors' own writer orders metadata
     by hash, so equal content could give different bytes). Data is ordered by (itemsize descending, name), which
-    keeps every tensor aligned, and streamed from the tensors without an intermediate copy of the file."""
+    keeps every tensor aligned. Returns (sha256, bytes) of what was written.
+
+    The write costs the host one pass of sha256 and one memory copy per byte: the hash is computed from the
+    tensors' memory while they are written (the file is never read back), and the data goes to the disk with
+    O_DIRECT from two page-aligned bounce buffers (DMA, no page-cache copy and no dirty-page writeback, so a
+    dump does not fill the node's memory). Where the file system refuses O_DIRECT, plain buffered writes.
+    """
     import struct
 
     import torch
@@ -170,18 +190,102 @@ def write_safetensors(path: Path, tensors: dict, metadata: dict[str, str]) -> No
         offset += nbytes
     blob = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)
-    with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(blob)))
-        f.write(blob)
-        for name in order:
-            t = tensors[name].detach().to("cpu").contiguous()
-            if t.numel():
-                f.write(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
+    pieces = [torch.frombuffer(bytearray(struct.pack("<Q", len(blob)) + blob), dtype=torch.uint8)]
+    for name in order:
+        t = tensors[name].detach().to("cpu").contiguous()
+        if t.numel():
+            pieces.append(t.reshape(-1).view(torch.uint8))
+    if hasattr(os, "O_DIRECT") and os.environ.get(BUFFERED_ENV) != "1":
+        try:
+            return _write_pieces(path, pieces, direct=True)
+        except OSError as exc:
+            if exc.errno != errno.EINVAL:  # EINVAL: O_DIRECT unsupported here (or its alignment is larger)
+                raise
+    return _write_pieces(path, pieces, direct=False)
+
+
+def _write_pieces(path: Path, pieces: list, direct: bool) -> tuple[str, int]:
+    """Write 1-D uint8 tensors back to back (truncating `path`); sha256 on a helper thread as they go."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    digest, size = hashlib.sha256(), 0
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | (os.O_DIRECT if direct else 0), 0o644)
+    try:
+        # one worker each: hash updates run in submission order; leaving the block waits for all of them
+        with ThreadPoolExecutor(1, "eagle-pipe-sha256") as hasher, ThreadPoolExecutor(1, "eagle-pipe-disk") as disk:
+            sink = _DirectSink(fd, disk) if direct else None
+            for piece in pieces:
+                for lo in range(0, piece.numel(), WRITE_BLOCK):
+                    block = piece[lo:lo + WRITE_BLOCK]
+                    hasher.submit(digest.update, memoryview(block.numpy()))  # the view keeps `block` alive
+                    if sink is not None:
+                        sink.put(block)
+                    else:
+                        _pwrite_all(fd, memoryview(block.numpy()), size)
+                    size += block.numel()
+            if sink is not None:
+                sink.finish(size)
+    finally:
+        os.close(fd)
+    return digest.hexdigest(), size
+
+
+class _DirectSink:
+    """O_DIRECT writes through two page-aligned bounce buffers: one is filled (a torch copy, without the GIL)
+    while the disk thread writes the other; the last block is padded to DIRECT_ALIGN, then the file is cut back
+    to its true size."""
+
+    def __init__(self, fd: int, disk):
+        import mmap
+
+        import torch
+
+        self.fd, self.disk = fd, disk
+        self.size = -(-WRITE_BLOCK // DIRECT_ALIGN) * DIRECT_ALIGN
+        self.maps = [mmap.mmap(-1, self.size) for _ in range(2)]   # anonymous maps are page-aligned
+        self.bufs = [torch.frombuffer(m, dtype=torch.uint8) for m in self.maps]
+        self.pending: list = [None, None]
+        self.current, self.filled, self.offset = 0, 0, 0
+
+    def put(self, data) -> None:
+        pos = 0
+        while pos < data.numel():
+            n = min(data.numel() - pos, self.size - self.filled)
+            self.bufs[self.current][self.filled:self.filled + n].copy_(data[pos:pos + n])
+            self.filled, pos = self.filled + n, pos + n
+            if self.filled == self.size:
+                self._flush(self.size)
+
+    def _flush(self, nbytes: int) -> None:
+        view = memoryview(self.maps[self.current])[:nbytes]
+        self.pending[self.current] = self.disk.submit(_pwrite_all, self.fd, view, self.offset)
+        self.offset += nbytes
+        self.current, self.filled = 1 - self.current, 0
+        if self.pending[self.current] is not None:   # the other buffer's write must be done before refilling it
+            self.pending[self.current].result()
+            self.pending[self.current] = None
+
+    def finish(self, size: int) -> None:
+        if self.filled:
+            padded = -(-self.filled // DIRECT_ALIGN) * DIRECT_ALIGN
+            self.bufs[self.current][self.filled:padded] = 0
+            self._flush(padded)
+        for future in self.pending:
+            if future is not None:
+                future.result()
+        os.ftruncate(self.fd, size)
+
+
+def _pwrite_all(fd: int, view: memoryview, offset: int) -> None:
+    done = 0
+    while done < len(view):
+        done += os.pwrite(fd, view[done:], offset + done)
 
 
 def write_part(path: Path, tensors: dict, metadata: dict[str, str], *, pause_before_rename: float = 0.0
                ) -> tuple[str, int]:
-    """Write one part atomically; returns (sha256, bytes). Same tensors + metadata -> same bytes.
+    """Write one part atomically; returns (sha256, bytes), hashed while writing. Same tensors + metadata ->
+    same bytes.
 
     `pause_before_rename` (seconds) exists for the crash test: it widens the window in which a kill leaves a
     temporary file behind.
@@ -189,14 +293,15 @@ def write_part(path: Path, tensors: dict, metadata: dict[str, str], *, pause_bef
     import time
 
     meta = {"format": PART_FORMAT, "schema_version": str(SCHEMA_VERSION), **metadata}
+    written = []
 
     def write(tmp):
-        write_safetensors(tmp, tensors, meta)
+        written.append(write_safetensors(tmp, tensors, meta))
         if pause_before_rename:
             time.sleep(pause_before_rename)
 
     write_file_atomic(path, write)
-    return sha256_file(path), Path(path).stat().st_size
+    return written[0]
 
 
 def part_header(path: Path) -> dict:
@@ -247,6 +352,11 @@ def iter_parts(out: Path):
 
 
 # ---- manifest ------------------------------------------------------------------------------------------------
+
+def aux_dtype_name(manifest: dict) -> str:
+    """The stored aux dtype of a dump of any readable schema (schema 1 stored the target dtype)."""
+    return manifest.get("aux_dtype") or manifest["target"]["dtype"]
+
 
 def canonical_json(obj) -> bytes:
     return (json.dumps(obj, indent=1, sort_keys=True) + "\n").encode()

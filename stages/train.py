@@ -49,10 +49,14 @@ def ttt_loss(*args, **kwargs):
 
 
 def make_step_fn(steps: int, teacher_kind: str, decay: float, attention: str, device: torch.device, compile_: bool):
-    """The whole TTT forward + loss + metrics as one function of (model, batch, normalizer)."""
+    """The whole TTT forward + loss + metrics as one function of (model, batch, normalizer). FP8 aux states are
+    dequantized first, inside the same graph: the host only ever moves the stored bytes."""
+    from stages.aux_storage import dequantize_batch
+
     autocast = device.type == "cuda"
 
     def step_fn(model, batch, normalizer):
+        batch = dequantize_batch(batch)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
             return ttt_loss(model, batch, steps, normalizer, teacher_kind, decay=decay, attention=attention)
 
@@ -60,9 +64,13 @@ def make_step_fn(steps: int, teacher_kind: str, decay: float, attention: str, de
 
 
 def to_device(batch: dict, device: torch.device, float_dtype: torch.dtype | None) -> dict:
+    """The host batch on the device; floats cast to `float_dtype` (CPU: float32). FP8 aux states go as their
+    stored bytes (viewed as uint8: stages/aux_storage.py) and only the step dequantizes them, with their scales."""
+    from stages.aux_storage import device_view
+
     out = {}
     for k, v in batch.items():
-        v = v.to(device, non_blocking=True)
+        v = device_view(v).to(device, non_blocking=True)
         out[k] = v.to(float_dtype) if float_dtype is not None and v.is_floating_point() else v
     return out
 

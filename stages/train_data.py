@@ -14,16 +14,17 @@ batch — micro-batch m of rank r of optimizer step s holds rows s*G + (m*W + r)
 so W ranks x A micro-batches of B rows see exactly the rows one process with B*W*A rows would.
 
 The held-out split is by document (a hash of the record's sample_index and the seed), so no document is split
-between training and evaluation. Parts are memory-mapped (`MappedPart`: zero-copy views into the safetensors
-file, so a batch costs one copy that runs without the GIL); batches are built in background threads, into pinned
-memory when training on CUDA and into reused host buffers on CPU.
+between training and evaluation. Parts are read with positioned reads (`PartFile`: each chunk is one preadv per
+tensor from the file straight into the batch, so a batch costs one kernel copy per byte that runs without the GIL);
+batches are built in background threads, into pinned memory when training on CUDA and into reused host buffers
+on CPU.
 """
 from __future__ import annotations
 
 import bisect
 import json
 import math
-import mmap
+import os
 import queue
 import struct
 import threading
@@ -35,15 +36,12 @@ import numpy as np
 import torch
 from safetensors import safe_open
 
+from stages.aux_storage import AUX_KEYS
 from stages.errors import StageError
 from stages.shards import TEACHER_KINDS, read_json, shard_dir
 
-TEACHER_KEYS = {
-    "topk": ("teacher_topk_ids", "teacher_topk_logprobs"),
-    "argmax": ("teacher_argmax",),
-    "softmax": ("teacher_probs",),
-}
 PACK_WINDOW = 1024  # chunks packed together; bigger windows pack tighter but cost more planning time
+ADVISE_MIN_BYTES = 128 << 10  # smaller reads are one readahead window anyway: not worth a WILLNEED syscall
 
 
 class DumpIndex:
@@ -192,23 +190,45 @@ def epoch_rows(chunks: Chunks, seq_len: int, seed: int, epoch: int, shuffle: boo
 
 SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
                       "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
-                      "U8": torch.uint8, "BOOL": torch.bool}
+                      "U8": torch.uint8, "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn}
 
 
-class MappedPart:
-    """A safetensors file mapped into memory: `rows(name, lo, hi)` is a zero-copy view of rows lo:hi, so
-    building a batch costs one copy (mmap -> batch tensor) that runs without the GIL in several threads."""
+class PartFile:
+    """One part file opened for positioned reads: `read_rows(name, lo, hi, out)` copies the stored bytes of rows
+    lo:hi of a tensor straight into `out` with preadv (one syscall per range: the kernel copies from the page cache
+    at memory-copy speed without the GIL, and without the page faults of a mapping, so worker threads copy in
+    parallel). The bytes are copied as stored, whatever the element type; only a destination of another dtype
+    (int32 ids into int64, uint8 mask into bool) goes through a scratch buffer and one conversion.
+    `advise(name, lo, hi)` asks the kernel to start reading a range of at least ADVISE_MIN_BYTES
+    (POSIX_FADV_WILLNEED), so the large reads of a cold batch are in flight together."""
 
     def __init__(self, path: Path):
-        with open(path, "rb") as f:
-            (n,) = struct.unpack("<Q", f.read(8))
-            header = json.loads(f.read(n))
-            # a private (copy-on-write) map: writable for torch.frombuffer, never written, nothing copied
-            self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+        self.path = Path(path)
+        self.fd = os.open(self.path, os.O_RDONLY)
+        try:
+            (n,) = struct.unpack("<Q", self._pread(8, 0))
+            header = json.loads(self._pread(min(n, os.fstat(self.fd).st_size), 8))
+        except (struct.error, ValueError) as exc:
+            self.close()
+            raise StageError(f"{self.path}: not a readable safetensors part ({exc})") from None
         header.pop("__metadata__", None)
-        self._base = 8 + n
-        self._tensors = {name: (SAFETENSORS_DTYPES[t["dtype"]], t["shape"], t["data_offsets"][0])
-                         for name, t in header.items()}
+        self._tensors = {}
+        for name, t in header.items():
+            dtype, shape = SAFETENSORS_DTYPES[t["dtype"]], t["shape"]
+            row_bytes = math.prod(shape[1:]) * torch.empty((), dtype=dtype).element_size()
+            self._tensors[name] = (dtype, shape, 8 + n + t["data_offsets"][0], row_bytes)
+
+    def _pread(self, n: int, offset: int) -> bytes:
+        data = os.pread(self.fd, n, offset)
+        if len(data) != n:
+            raise StageError(f"{self.path}: ends at byte {offset + len(data)}, inside its header (truncated part?)")
+        return data
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._tensors
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._tensors
 
     def shape(self, name: str) -> list[int]:
         return list(self._tensors[name][1])
@@ -216,49 +236,77 @@ class MappedPart:
     def dtype(self, name: str) -> torch.dtype:
         return self._tensors[name][0]
 
-    def rows(self, name: str, lo: int, hi: int) -> torch.Tensor:
-        dtype, shape, start = self._tensors[name]
-        inner = math.prod(shape[1:])
+    def advise(self, name: str, lo: int, hi: int) -> None:
+        _, _, start, row_bytes = self._tensors[name]
+        if (hi - lo) * row_bytes >= ADVISE_MIN_BYTES:
+            os.posix_fadvise(self.fd, start + lo * row_bytes, (hi - lo) * row_bytes, os.POSIX_FADV_WILLNEED)
+
+    def read_rows(self, name: str, lo: int, hi: int, out: torch.Tensor, scratch) -> None:
+        """out[:] = rows lo:hi of `name`; `scratch(nbytes)` lends a reusable uint8 buffer for conversions."""
+        dtype, shape, start, row_bytes = self._tensors[name]
         if hi <= lo:
-            return torch.empty((0, *shape[1:]), dtype=dtype)
-        itemsize = torch.empty((), dtype=dtype).element_size()
-        flat = torch.frombuffer(self._map, dtype=dtype, count=(hi - lo) * inner,
-                                offset=self._base + start + lo * inner * itemsize)
-        return flat.view(hi - lo, *shape[1:])
+            return
+        direct = out.dtype == dtype and out.is_contiguous()
+        dst = out if direct else scratch((hi - lo) * row_bytes).view(dtype).view(hi - lo, *shape[1:])
+        view = memoryview(dst.reshape(-1).view(torch.uint8).numpy())
+        offset, done = start + lo * row_bytes, 0
+        while done < len(view):
+            got = os.preadv(self.fd, [view[done:]], offset + done)
+            if got == 0:
+                raise StageError(f"{self.path}: ends at byte {offset + done}, inside {name} (truncated part?)")
+            done += got
+        if not direct:
+            out.copy_(dst)
+
+    def close(self) -> None:
+        if getattr(self, "fd", -1) >= 0:  # a failed os.open leaves no fd; never close a number twice
+            os.close(self.fd)
+            self.fd = -1
+
+    __del__ = close
 
 
 class PartReader:
-    """Memory-mapped access to the parts of a dump (one LRU cache of open maps per thread)."""
+    """Open parts of a dump and a scratch buffer, per thread (an LRU cache of at most `max_open` files)."""
 
     def __init__(self, index: DumpIndex, max_open: int = 64):
         self.index = index
         self.max_open = max_open
         self._local = threading.local()
 
-    def open(self, part: int) -> MappedPart:
+    def open(self, part: int) -> PartFile:
         cache = getattr(self._local, "cache", None)
         if cache is None:
             cache = self._local.cache = OrderedDict()
         handle = cache.get(part)
         if handle is None:
-            handle = MappedPart(self.index.parts[part])
+            handle = PartFile(self.index.parts[part])
             cache[part] = handle
             if len(cache) > self.max_open:
-                cache.popitem(last=False)
+                cache.popitem(last=False)[1].close()
         else:
             cache.move_to_end(part)
         return handle
 
+    def scratch(self, nbytes: int) -> torch.Tensor:
+        buf = getattr(self._local, "scratch", None)
+        if buf is None or buf.numel() < nbytes:
+            buf = self._local.scratch = torch.empty(max(nbytes, 1 << 20), dtype=torch.uint8)
+        return buf[:nbytes]
+
 
 def empty_batch(batch_size: int, seq_len: int, aux_width: int, aux_dtype: torch.dtype, teacher_kind: str,
-                topk: int, vocab_size: int, pin: bool = False) -> dict[str, torch.Tensor]:
-    """Host tensors of the batch contract (values are filled by `fill_batch`)."""
+                topk: int, vocab_size: int, pin: bool = False, aux_scales: bool = False) -> dict[str, torch.Tensor]:
+    """Host tensors of the batch contract (values are filled by `fill_batch`). Aux states keep the stored dtype;
+    FP8 ones come with their `aux_scales` [B, T, 3] and are dequantized in the step (stages/aux_storage.py)."""
     B, T = batch_size, seq_len
     shapes = {
         "aux_hidden_states": ((B, T, aux_width), aux_dtype), "input_ids": ((B, T), torch.int64),
         "position_ids": ((B, T), torch.int64), "document_ids": ((B, T), torch.int64),
         "loss_mask": ((B, T), torch.bool),
     }
+    if aux_scales:
+        shapes["aux_scales"] = ((B, T, 3), torch.float32)
     if teacher_kind == "topk":
         shapes["teacher_topk_ids"] = ((B, T, topk), torch.int64)
         shapes["teacher_topk_logprobs"] = ((B, T, topk), torch.float32)
@@ -269,36 +317,41 @@ def empty_batch(batch_size: int, seq_len: int, aux_width: int, aux_dtype: torch.
     return {k: torch.empty(s, dtype=d, pin_memory=pin) for k, (s, d) in shapes.items()}
 
 
+# where position t of a chunk reads its rows: stored token t + shift (features of token t; the token fed and the
+# teacher both belong to stored token t+1)
+ROW_SHIFT = {"aux_hidden_states": 0, "aux_scales": 0, "input_ids": 1, "teacher_topk_ids": 1, "teacher_topk_logprobs": 1,
+             "teacher_argmax": 1, "teacher_probs": 1}
+
+
 def fill_batch(batch: dict, reader: PartReader, chunks: Chunks, rows: list[list[int]]) -> None:
-    """Write the given packed rows into `batch` (rows beyond len(rows) become all padding)."""
+    """Write the given packed rows into `batch` (rows beyond len(rows) become all padding).
+
+    Each chunk costs one contiguous read per tensor (n rows of the stored bytes). All reads of the batch are
+    first announced to the kernel (WILLNEED), then done in file order (part, offset), so a cold batch streams."""
     index, T = reader.index, batch["input_ids"].shape[1]
     kind = index.teacher_kind
+    copied = [key for key in ROW_SHIFT if key in batch]
+    aux_keys = [key for key in AUX_KEYS if key in batch]
+    arange = torch.arange(T)
+    reads = []  # (part, first stored token, positions, end of the document's mask range, row, offset)
     for b in range(batch["input_ids"].shape[0]):
         o = 0
         segments = rows[b] if b < len(rows) else []
         for j, c in enumerate(segments):
             d, a, n_pos = int(chunks.doc[c]), int(chunks.pos[c]), int(chunks.count[c])
-            f = reader.open(int(index.part_id[d]))
             s0, n = int(index.start[d]), int(index.length[d])
-            lo, hi = s0 + a, s0 + a + n_pos        # stored tokens t of this chunk
-            dst = slice(o, o + n_pos)
-            batch["aux_hidden_states"][b, dst] = f.rows("aux_hidden_states", lo, hi)
-            batch["input_ids"][b, dst] = f.rows("input_ids", lo + 1, hi + 1)
-            batch["position_ids"][b, dst] = torch.arange(n_pos)
-            batch["document_ids"][b, dst] = j
-            mask = batch["loss_mask"][b, dst]
-            mask.zero_()
-            m_hi = min(hi + 2, s0 + n)             # token t+2 exists only for t <= n-3
-            if m_hi > lo + 2:
-                mask[:m_hi - lo - 2] = f.rows("loss_mask", lo + 2, m_hi).to(torch.bool)
-            for key in TEACHER_KEYS[kind]:
-                batch[key][b, dst] = f.rows(key, lo + 1, hi + 1)
+            lo = s0 + a                              # stored tokens lo..lo+n_pos-1 of this chunk
+            m_hi = min(lo + n_pos + 2, s0 + n)       # token t+2 exists only for t <= n-3
+            reads.append((int(index.part_id[d]), lo, n_pos, m_hi, b, o))
+            batch["position_ids"][b, o:o + n_pos] = arange[:n_pos]
+            batch["document_ids"][b, o:o + n_pos] = j
             o += n_pos
         if o < T:  # padding: one extra document, never supervised, with harmless finite teacher values
             pad = slice(o, T)
-            batch["aux_hidden_states"][b, pad] = 0
+            for key in aux_keys:
+                batch[key][b, pad] = 0
             batch["input_ids"][b, pad] = 0
-            batch["position_ids"][b, pad] = torch.arange(T - o)
+            batch["position_ids"][b, pad] = arange[:T - o]
             batch["document_ids"][b, pad] = len(segments)
             batch["loss_mask"][b, pad] = False
             if kind == "topk":
@@ -309,6 +362,19 @@ def fill_batch(batch: dict, reader: PartReader, chunks: Chunks, rows: list[list[
                 batch["teacher_argmax"][b, pad] = 0
             else:
                 batch["teacher_probs"][b, pad] = 1.0 / batch["teacher_probs"].shape[2]
+    reads.sort()
+    for part, lo, n_pos, _, _, _ in reads:
+        f = reader.open(part)
+        for key in copied:
+            f.advise(key, lo + ROW_SHIFT[key], lo + ROW_SHIFT[key] + n_pos)
+    for part, lo, n_pos, m_hi, b, o in reads:
+        f = reader.open(part)
+        for key in copied:
+            f.read_rows(key, lo + ROW_SHIFT[key], lo + ROW_SHIFT[key] + n_pos, batch[key][b, o:o + n_pos],
+                        reader.scratch)
+        mask = batch["loss_mask"][b, o:o + n_pos]
+        mask.zero_()
+        f.read_rows("loss_mask", lo + 2, m_hi, mask[:max(m_hi - lo - 2, 0)], reader.scratch)
 
 
 def teacher_in_draft(batch: dict, t2d: torch.Tensor, teacher_kind: str) -> torch.Tensor:
@@ -350,13 +416,16 @@ class PackedLoader:
         self.reader = PartReader(index)
         self.epoch, self.step = 0, 0      # position: next optimizer step `step` of epoch `epoch`
         self._rows_cache: tuple[int, list[list[int]]] | None = None
-        self.aux_width, self.aux_dtype = self._aux_layout()
+        self.aux_width, self.aux_dtype, self.aux_scales = self._aux_layout()
 
-    def _aux_layout(self) -> tuple[int, torch.dtype]:
+    def _aux_layout(self) -> tuple[int, torch.dtype, bool]:
         if not self.index.parts:
             raise StageError(f"{self.index.root}: the dump holds no parts")
-        part = MappedPart(self.index.parts[0])
-        return part.shape("aux_hidden_states")[1], part.dtype("aux_hidden_states")
+        part = PartFile(self.index.parts[0])
+        try:
+            return part.shape("aux_hidden_states")[1], part.dtype("aux_hidden_states"), "aux_scales" in part
+        finally:
+            part.close()
 
     @property
     def rows_per_step(self) -> int:
@@ -385,7 +454,8 @@ class PackedLoader:
         batch = self._buffers.get(slot) if slot is not None else None
         if batch is None:
             batch = empty_batch(self.batch_size, self.seq_len, self.aux_width, self.aux_dtype,
-                                self.index.teacher_kind, self.index.topk, int(self.t2d.numel()), pin=self.pin)
+                                self.index.teacher_kind, self.index.topk, int(self.t2d.numel()), pin=self.pin,
+                                aux_scales=self.aux_scales)
             if slot is not None:
                 self._buffers[slot] = batch
         fill_batch(batch, self.reader, self.chunks, rows)

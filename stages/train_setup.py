@@ -21,10 +21,12 @@ import torch.distributed as dist
 from stages.errors import StageError
 from stages.shards import read_json
 
-# manifest fields that must agree between dumps trained together (same target, tokenizer, features, teacher)
+# manifest fields that must agree between dumps trained together (same target, tokenizer, features, teacher).
+# The schema version and the aux dtype may differ: each dump is read by its own layout, and the step
+# dequantizes each batch by its own scales (an FP8 --eval-teacher-dir for a bf16 --teacher-dir, or back).
 PROVENANCE = (("target", "config_sha256"), ("target", "tokenizer_sha256"), ("target", "weights_sha256"),
               ("target", "hidden_size"), ("target", "vocab_size"), ("target", "num_layers"),
-              ("aux_layer_ids",), ("teacher", "kind"), ("teacher", "k"), ("schema_version",))
+              ("aux_layer_ids",), ("teacher", "kind"), ("teacher", "k"))
 
 
 @dataclass

@@ -3,9 +3,10 @@
 Checks, each reported as one line naming the file: the manifest parses and has the known schema; OUT/target
 holds config.json, tokenizer files and a weights.safetensors whose sha256 matches the manifest; every shard
 directory exists with a done.json written under this manifest; every listed part exists with the recorded
-size and sha256 (streamed), has the tensors and shapes the manifest promises, and holds exactly the sample
-indices done.json says; no unlisted part files; the shards agree on the number of input records and, together,
-account for every record exactly once (written or skipped), each in the shard `index % num_shards` says.
+size and sha256 (streamed), has the tensors and shapes the manifest promises (for FP8 aux states also
+`aux_scales` float32 [N, 3]), and holds exactly the sample indices done.json says; no unlisted part files;
+the shards agree on the number of input records and, together, account for every record exactly once
+(written or skipped), each in the shard `index % num_shards` says.
 
 `verify_dump(out) -> list[str]` returns the problems (empty = good); the train stage calls it before training.
 """
@@ -18,7 +19,7 @@ import click
 from stages import shards
 from stages.errors import StageError
 
-SAFETENSORS_DTYPES = {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}
+SAFETENSORS_DTYPES = {"bfloat16": "BF16", "float16": "F16", "float32": "F32", "float8_e4m3fn": "F8_E4M3"}
 
 
 def _check_target(out: Path, manifest: dict) -> list[str]:
@@ -40,8 +41,12 @@ def _expected_tensors(manifest: dict) -> dict[str, tuple[list, str]]:
     t = manifest["target"]
     dtype = SAFETENSORS_DTYPES.get(t["dtype"], t["dtype"])
     teacher = manifest["teacher"]
+    aux = shards.aux_dtype_name(manifest)
     out = {"input_ids": ([None], "I32"), "loss_mask": ([None], "U8"), "cu_seqlens": ([None], "I64"),
-           "sample_index": ([None], "I64"), "aux_hidden_states": ([None, 3 * t["hidden_size"]], dtype)}
+           "sample_index": ([None], "I64"),
+           "aux_hidden_states": ([None, 3 * t["hidden_size"]], SAFETENSORS_DTYPES.get(aux, aux))}
+    if aux == "float8_e4m3fn":
+        out["aux_scales"] = ([None, 3], "F32")
     if teacher["kind"] == "topk":
         out["teacher_topk_ids"] = ([None, teacher["k"]], "I32")
         out["teacher_topk_logprobs"] = ([None, teacher["k"]], "F32")
@@ -97,8 +102,9 @@ def verify_dump(out, check_checksums: bool = True) -> list[str]:
         expected = _expected_tensors(manifest)
     except (ValueError, KeyError, TypeError) as exc:
         return [f"{mpath}: unreadable or incomplete ({type(exc).__name__}: {exc})"]
-    if manifest.get("schema_version") != shards.SCHEMA_VERSION:
-        return [f"{mpath}: schema_version {manifest.get('schema_version')}, this tool reads {shards.SCHEMA_VERSION}"]
+    if manifest.get("schema_version") not in shards.READABLE_SCHEMA_VERSIONS:
+        return [f"{mpath}: schema_version {manifest.get('schema_version')}, this tool reads "
+                f"{', '.join(map(str, shards.READABLE_SCHEMA_VERSIONS))}"]
     msha = shards.manifest_sha256(manifest)
     problems = _check_target(out, manifest)
     seen: dict[int, str] = {}       # sample index -> where it was accounted for

@@ -98,3 +98,50 @@ def test_compiled_flex_ttt_matches_eager_dense_on_cuda():
         for name in ref_grads:
             assert rel_err(grads[name], ref_grads[name]) <= 1e-3, name
     assert counter.frame_count == 1
+
+
+def fp8_batch(cfg, seed):
+    """A packed batch whose aux states are stored FP8 + per-token scales, as the loader hands them over."""
+    from stages.aux_storage import quantize_fp8
+
+    batch = packed_batch(cfg, [5, 7, 3], T=16, rows=2, seed=seed)
+    aux = batch["aux_hidden_states"]
+    q, scales = quantize_fp8(aux.flatten(0, 1))
+    batch["aux_hidden_states"], batch["aux_scales"] = q.view(aux.shape), scales.view(*aux.shape[:2], 3)
+    return batch
+
+
+def test_step_with_fp8_input_traces_as_one_graph_and_equals_the_dequantized_batch():
+    """The dequantization is part of the step's graph (no break, no host sync) and feeds the same loss as
+    dequantizing the batch first."""
+    from stages.aux_storage import dequantize_batch
+    from stages.train import make_step_fn, to_device
+
+    cfg = small_cfg()
+    model = random_draft(cfg, seed=3)
+    batch, normalizer = fp8_batch(cfg, 8), torch.full((STEPS,), 9.0)
+    batch = to_device(batch, torch.device("cpu"), torch.float32)  # as training hands it over: uint8 bits
+    step_fn = make_step_fn(STEPS, "topk", 0.8, "dense", torch.device("cpu"), compile_=False)
+    torch._dynamo.reset()
+    explanation = torch._dynamo.explain(step_fn)(model, batch, normalizer)
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+    assert explanation.graph_count == 1
+    loss, metrics = step_fn(model, batch, normalizer)
+    want_loss, want_metrics = train_step(model, dequantize_batch(batch), normalizer)
+    assert torch.equal(loss, want_loss) and torch.equal(metrics["ce_sum"], want_metrics["ce_sum"])
+
+
+def test_compiled_dequantization_equals_eager():
+    """On what training hands the step (to_device: FP8 as uint8 bits), compiled equals eager bitwise."""
+    from stages.aux_storage import dequantize_batch
+    from stages.train import to_device
+
+    batch = fp8_batch(small_cfg(), 9)
+    on_device = to_device(batch, torch.device("cpu"), torch.float32)
+    assert on_device["aux_hidden_states"].dtype == torch.uint8
+    torch._dynamo.reset()
+    counter = CompileCounterWithBackend("inductor")
+    compiled = torch.compile(dequantize_batch, backend=counter, fullgraph=True)
+    got, want = compiled(on_device), dequantize_batch(batch)
+    assert torch.equal(got["aux_hidden_states"], want["aux_hidden_states"]) and "aux_scales" not in got
+    assert counter.frame_count == 1

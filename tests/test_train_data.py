@@ -5,7 +5,9 @@ import numpy as np
 import pytest
 import torch
 
-from stages.train_data import DumpIndex, PackedLoader, _prefetched, epoch_rows, make_chunks, valid_counts
+from stages.errors import StageError
+from stages.train_data import (DumpIndex, PackedLoader, PartFile, PartReader, _prefetched, epoch_rows, make_chunks,
+                               valid_counts)
 from train_helpers import make_documents, write_dump
 
 V = 40
@@ -184,3 +186,47 @@ def test_reused_buffers_give_the_same_batches(tmp_path):
     assert len(pooled._buffers) > 1 and len(got) >= len(want) - 1
     for a, b in zip(got, want):
         assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("kind,aux_dtype", [("topk", torch.bfloat16), ("argmax", torch.float16),
+                                            ("softmax", torch.float32)])
+def test_workers_give_the_batches_of_one_worker_and_the_reference(tmp_path, kind, aux_dtype):
+    """Batches built by 1, 2 or 3 threads (reads in file order, stored bytes of any element size) are identical,
+    and equal the plain per-document reference."""
+    docs = make_documents(LENGTHS * 2, V, kind=kind)
+    for d in docs:
+        d["aux_hidden_states"] = d["aux_hidden_states"].to(aux_dtype)
+    root = write_dump(tmp_path / "dump", docs, V, kind=kind)
+    runs = []
+    for workers in (1, 2, 3):
+        _, loader, _ = make_loader(root, kind=kind, drop_last=False, num_workers=workers, batch_size=3)
+        runs.append([({k: v.clone() for k, v in b.items()}, c.clone()) for b, c in all_batches(loader)])
+    assert runs[0][0][0]["aux_hidden_states"].dtype == aux_dtype
+    for other in runs[1:]:
+        assert len(other) == len(runs[0])
+        for (a, ca), (b, cb) in zip(runs[0], other):
+            assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a) and torch.equal(ca, cb)
+    seen = check_against_reference(runs[2], docs, 8, kind)
+    assert sorted(seen) == sorted((d["sample_index"], t) for d in docs for t in range(len(d["input_ids"]) - 1))
+
+
+def test_truncated_part_is_reported_with_its_path(tmp_path):
+    root = write_dump(tmp_path / "dump", make_documents(LENGTHS, V), V)
+    index = DumpIndex(root)
+    path = index.parts[0]
+    f = PartFile(path)
+    n = index.length[0]
+    out = torch.empty(n, *f.shape("aux_hidden_states")[1:], dtype=f.dtype("aux_hidden_states"))
+    f.read_rows("aux_hidden_states", 0, n, out, PartReader(index).scratch)
+    assert torch.equal(out[:, 0], torch.zeros(n)) and torch.equal(out[:, 1], torch.arange(n, dtype=out.dtype))
+    f.close()
+    data = path.read_bytes()
+    path.write_bytes(data[:len(data) - 16])   # the last tensor loses its tail
+    f = PartFile(path)
+    last = max(f._tensors, key=lambda name: f._tensors[name][2])
+    rows = f.shape(last)[0]
+    with pytest.raises(StageError, match=f"{path.name}: ends at byte .* inside {last}"):
+        f.read_rows(last, 0, rows, torch.empty(f.shape(last), dtype=f.dtype(last)), PartReader(index).scratch)
+    path.write_bytes(data[:5])
+    with pytest.raises(StageError, match=path.name):
+        PartFile(path)
