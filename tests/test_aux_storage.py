@@ -88,10 +88,12 @@ def test_zero_rows_zeros_and_outliers_are_exact_where_they_must_be():
             alone[[i for i in range(3 * H) if i // H != layer]] = 0
             qa, sa = quantize_fp8(alone[None])
             sl = slice(layer * H, (layer + 1) * H)
-            assert torch.equal(qa[0, sl].view(torch.uint8), q[row, sl].view(torch.uint8)) and sa[0, layer] == scales[row, layer]
+            assert torch.equal(qa[0, sl].view(torch.uint8), q[row, sl].view(torch.uint8))
+            assert sa[0, layer] == scales[row, layer]
     for row in range(48):
         qa, sa = quantize_fp8(x[row:row + 1])
-        assert torch.equal(qa.view(torch.uint8), q[row:row + 1].view(torch.uint8)) and torch.equal(sa, scales[row:row + 1])
+        assert torch.equal(qa.view(torch.uint8), q[row:row + 1].view(torch.uint8))
+        assert torch.equal(sa, scales[row:row + 1])
     # a row that is e4m3 values times a power of two (absmax 448 * 2^k) is stored exactly
     grid = torch.arange(256, dtype=torch.uint8).view(FP8).float()
     grid = grid[torch.isfinite(grid)]
@@ -119,7 +121,8 @@ def test_encode_aux_casts_or_quantizes_and_dequantize_batch_restores_float():
              "aux_scales": enc["aux_scales"].view(4, 12, 3), "input_ids": torch.zeros(4, 12, dtype=torch.int64)}
     out = dequantize_batch(batch)
     assert out.keys() == {"aux_hidden_states", "input_ids"}
-    assert torch.equal(out["aux_hidden_states"], dequantize_fp8(enc["aux_hidden_states"], enc["aux_scales"]).view(4, 12, -1))
+    want = dequantize_fp8(enc["aux_hidden_states"], enc["aux_scales"]).view(4, 12, -1)
+    assert torch.equal(out["aux_hidden_states"], want)
     plain = {"aux_hidden_states": x}
     assert dequantize_batch(plain) is plain
 
