@@ -144,7 +144,6 @@ def throughput(a) -> dict:
         single.append(tok.decode(new[:-1] if stop else new, skip_special_tokens=False))
     single_s = time.perf_counter() - t0
     same = sum(batched[i].text == single[i] for i in range(len(prompts)))
-    params = sum(p.numel() for p in model.parameters())
     batched_rate, single_rate = batched_tokens / batched_s, single_tokens / single_s
     return {"bench": "regenerate-throughput", "target": a.target, "prompts": len(prompts),
             "max_new_tokens": a.max_new_tokens, "batch_size": a.batch_size, "torch_threads": a.threads,

@@ -22,6 +22,7 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 import numpy as np
@@ -30,6 +31,9 @@ from stages import shards
 from stages.dump_plan import Sequence, plan_parts, pad_batch, shard_from_env, token_counts
 from stages.errors import StageError
 from stages.paths import data_fingerprint, ensure_writable, local_or_name
+
+if TYPE_CHECKING:
+    import torch
 
 SOFTMAX_MAX_PART_BYTES = 8 << 30     # --teacher softmax: refuse parts above 8 GiB ...
 SOFTMAX_MAX_TOTAL_BYTES = 1 << 40    # ... or a dump estimated above 1 TiB, unless --allow-large-softmax

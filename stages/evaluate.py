@@ -190,7 +190,6 @@ def _group_summary(runs: list[dict]) -> dict:
 def evaluate(target: str, draft: str, data, *, num_prompts=32, max_new_tokens=128, draft_tokens=3, dtype=None,
              device=None, run_dir=None, trust_remote_code=False) -> dict:
     """Speculative vs plain greedy decoding over the questions' turns; returns the report dict (see `command`)."""
-    import torch
     from tqdm import tqdm
 
     from stages.prompt_sets import answer_text

@@ -227,9 +227,6 @@ class PartFile:
     def __contains__(self, name: str) -> bool:
         return name in self._tensors
 
-    def __contains__(self, name: str) -> bool:
-        return name in self._tensors
-
     def shape(self, name: str) -> list[int]:
         return list(self._tensors[name][1])
 

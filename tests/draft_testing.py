@@ -5,7 +5,6 @@ the test, and the engine-style chain-drafting reference built on eagle.inference
 """
 from __future__ import annotations
 
-import pytest
 import torch
 
 from eagle.config import DraftConfig

@@ -31,9 +31,9 @@ def write_chat_data(path: Path, n: int = 24, seed: int = 0, bad: bool = True) ->
     return path
 
 
-def dump_args(target, data, out, **options) -> list[str]:
-    """CLI arguments for `eagle-pipe dump-teacher` (options as python names -> --flag-names)."""
-    args = ["dump-teacher", "--target", str(target), "--data", str(data), "--out", str(out)]
+def stage_args(command: str, target, data, out, **options) -> list[str]:
+    """CLI arguments for a stage that reads --target/--data/--out (options as python names -> --flag-names)."""
+    args = [command, "--target", str(target), "--data", str(data), "--out", str(out)]
     for name, value in options.items():
         flag = "--" + name.replace("_", "-")
         if value is True:
@@ -41,3 +41,8 @@ def dump_args(target, data, out, **options) -> list[str]:
         elif value is not False and value is not None:
             args += [flag, str(value)]
     return args
+
+
+def dump_args(target, data, out, **options) -> list[str]:
+    """CLI arguments for `eagle-pipe dump-teacher`."""
+    return stage_args("dump-teacher", target, data, out, **options)

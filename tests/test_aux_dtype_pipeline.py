@@ -8,10 +8,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -19,12 +17,12 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from stages import checkpoint as ckpt
 from stages import shards
 from stages.aux_storage import FP8, dequantize_fp8, quantize_fp8
 from stages.cli import main
 from stages.verify import verify_dump
 from train_dumps import cached_dump
+from train_helpers import kill_at_first_checkpoint
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -125,13 +123,7 @@ def test_fp8_dump_trains_resumes_bitwise_after_kill_9_and_evaluates_losslessly(f
     losses = [r["loss"] for r in logs if "loss" in r]
     assert losses[-1] < 0.9 * losses[0], losses
     killed = tmp_path / "killed"
-    proc = subprocess.Popen(_train_cmd(fp8, killed), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while ckpt.latest_checkpoint(killed / "checkpoints") is None and time.time() < deadline:
-        time.sleep(0.02)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    at_kill = ckpt.latest_checkpoint(killed / "checkpoints")
+    at_kill = kill_at_first_checkpoint(_train_cmd(fp8, killed), killed, env)
     assert at_kill is not None and int(at_kill.name.split("-")[1]) < 24
     subprocess.run(_train_cmd(fp8, killed, ["--resume"]), check=True, env=env, capture_output=True)
     for name in ("model.safetensors", "optimizer.safetensors"):

@@ -17,7 +17,6 @@ from transformers import AutoTokenizer
 
 import stages.record_sources as record_sources
 from conftest import CHATML_GENERATION_TEMPLATE, CHATML_TEMPLATE, CONVERSATIONS
-from stages.chat_masks import ChatMasker
 from stages.errors import StageError
 from stages.records import (
     BadRecord, Example, Skipped, count_records, format_skip_report, read_records, summarize_skips,

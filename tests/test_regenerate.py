@@ -19,6 +19,8 @@ from stages.records import read_records
 from stages.regenerate import prompt_segments
 from stages.regenerated_format import shard_dir
 
+from dump_helpers import stage_args
+
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 REPO = Path(__file__).resolve().parents[1]
@@ -52,14 +54,7 @@ def invoke(args: list[str]):
 
 
 def regen_args(target, data, out, **options) -> list[str]:
-    args = ["regenerate", "--target", str(target), "--data", str(data), "--out", str(out)]
-    for name, value in options.items():
-        flag = "--" + name.replace("_", "-")
-        if value is True:
-            args.append(flag)
-        elif value is not False and value is not None:
-            args += [flag, str(value)]
-    return args
+    return stage_args("regenerate", target, data, out, **options)
 
 
 def write_jsonl(path: Path, records: list, extra_lines=()) -> Path:

@@ -5,10 +5,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +18,7 @@ from safetensors.torch import load_file
 from stages import checkpoint as ckpt
 from stages.cli import main
 from train_dumps import cached_dump
+from train_helpers import kill_at_first_checkpoint
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -105,14 +104,7 @@ def test_kill_9_then_resume_gives_bitwise_the_same_weights(dump, tmp_path):
     straight = tmp_path / "straight"
     subprocess.run(_train_cmd(dump, straight), check=True, env=env, capture_output=True)
     killed = tmp_path / "killed"
-    proc = subprocess.Popen(_train_cmd(dump, killed), env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while ckpt.latest_checkpoint(killed / "checkpoints") is None and time.time() < deadline:
-        time.sleep(0.02)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    at_kill = ckpt.latest_checkpoint(killed / "checkpoints")
+    at_kill = kill_at_first_checkpoint(_train_cmd(dump, killed), killed, env)
     assert at_kill is not None and not (killed / "train_summary.json").exists(), "killed before the end"
     assert int(at_kill.name.split("-")[1]) < 40
     subprocess.run(_train_cmd(dump, killed, ["--resume"]), check=True, env=env, capture_output=True)

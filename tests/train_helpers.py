@@ -6,6 +6,10 @@ document), so a test can check every batch position against a plain per-document
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import time
 from pathlib import Path
 
 import torch
@@ -73,3 +77,16 @@ def write_dump(root: Path, docs: list[dict], vocab: int, kind: str = "topk", k: 
                 "token_counts": {"ids": ids, "counts": [counts[t] for t in ids]}}
         (sdir / "done.json").write_text(json.dumps(done))
     return root
+
+
+def kill_at_first_checkpoint(cmd: list[str], run: Path, env: dict) -> Path | None:
+    """Start a training subprocess and SIGKILL it as soon as RUN has a checkpoint (a crash mid-run); that one."""
+    from stages import checkpoint as ckpt
+
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while ckpt.latest_checkpoint(run / "checkpoints") is None and time.time() < deadline:
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    return ckpt.latest_checkpoint(run / "checkpoints")
