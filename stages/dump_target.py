@@ -292,7 +292,7 @@ def write_target_dir(target: Target, directory: Path) -> dict:
     """config.json, tokenizer files and weights.safetensors {embed_tokens, lm_head (also when tied), norm as the
     scale a plain RMSNorm applies};
     returns provenance hashes {config_sha256, tokenizer_sha256, weights_sha256}."""
-    from stages.shards import sha256_file, write_safetensors
+    from stages.shards import write_safetensors
 
     if directory.exists():
         shutil.rmtree(directory)
@@ -304,11 +304,11 @@ def write_target_dir(target: Target, directory: Path) -> dict:
         "lm_head.weight": target.lm_head.weight.detach().to("cpu").clone(),
         "norm.weight": effective_norm_weight(target.norm).to("cpu").clone(),  # Gemma: 1 + weight
     }
-    write_safetensors(directory / "weights.safetensors", tensors, {"format": "pt"})
+    weights_sha256, _ = write_safetensors(directory / "weights.safetensors", tensors, {"format": "pt"})
     tok_files = [f for f in directory.rglob("*") if f.is_file() and f.name not in TARGET_NON_TOKENIZER_FILES]
     return {"config_sha256": config_sha256(target.config),
             "tokenizer_sha256": tree_sha256(tok_files, directory),
-            "weights_sha256": sha256_file(directory / "weights.safetensors")}
+            "weights_sha256": weights_sha256}  # hashed while written, not read back
 
 
 def install_target_dir(staged: Path, final: Path) -> None:

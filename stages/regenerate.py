@@ -17,6 +17,7 @@ with greedy decoding (and per-record seeds when sampling) the result equals an u
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import time
@@ -178,7 +179,7 @@ def write_part(directory: Path, index: int, jobs: list[_Job]) -> dict:
             time.sleep(pause)
 
     shards.write_file_atomic(path, write)
-    book = part_bookkeeping(index, jobs, shards.sha256_file(path), len(blob))
+    book = part_bookkeeping(index, jobs, hashlib.sha256(blob).hexdigest(), len(blob))  # the bytes written
     shards.atomic_write_json(directory / bookkeeping_name(index), book)
     return book
 
