@@ -23,11 +23,14 @@ pip=("$venv_dir/bin/python" -m pip install --disable-pip-version-check)
 torch_extra=()
 if [[ -n "${TORCH_EXTRA_INDEX:-}" ]]; then torch_extra=(--extra-index-url "$TORCH_EXTRA_INDEX"); fi
 "${pip[@]}" "$torch_pin" "${torch_extra[@]}"
-"${pip[@]}" "$torch_pin" "nvidia-modelopt==0.47.0" "transformers==5.14.*" requests
+# accelerate: transformers.Trainer (the loop of Model-Optimizer's examples/speculative_decoding/main.py, which
+# bench/modelopt_train.py drives) refuses to start without it; that example's requirements.txt pins >= 1.12.
+"${pip[@]}" "$torch_pin" "nvidia-modelopt==0.47.0" "transformers==5.14.*" "accelerate>=1.12.0" requests
 
 "$venv_dir/bin/python" - <<'PY'
 import torch, transformers, modelopt
 import modelopt.torch.speculative as mtsp  # the EAGLE-3 entry point bench/modelopt_step.py uses
+import accelerate  # transformers.Trainer, for bench/modelopt_train.py
 print(f"modelopt {modelopt.__version__}, torch {torch.__version__} (cuda {torch.version.cuda}), "
       f"transformers {transformers.__version__}")
 PY

@@ -1,0 +1,283 @@
+"""Draft quality at equal budget: eagle-pipe vs Model-Optimizer 0.47 vs speculators 0.9, one data set, one judge.
+
+    python bench/quality.py --target DIR --dump DUMP --work WORK --steps N --batch B --seq-len S --ttt-steps K \\
+        --draft-vocab-size V --lr LR --warmup-steps W --bench mt_bench.jsonl --bench2 gsm8k.jsonl \\
+        --num-prompts 80 --num-prompts2 80 --max-new-tokens 128 \\
+        --modelopt-python .venv-modelopt/bin/python --speculators-python .venv-speculators/bin/python
+
+Run it under the heavy-job lock: it trains three drafts and evaluates each on two benchmarks.
+
+1. Data. eagle-pipe trains from DUMP (made by `eagle-pipe dump-teacher` from the regenerated conversations).
+   bench/quality_data.py writes the peers' input from the same dump: its token ids and loss masks (shifted into
+   the peers' mask convention so that the three supervise the same positions), target states from a plain HF
+   forward of TARGET (the dump's aux layers; the last hidden state before/after the final norm), and eagle-pipe's
+   draft vocabulary (d2t from the dump's supervised-token counts), which both peers load instead of building
+   their own. Nothing is held out (`--eval-fraction 0`; speculators' mandatory validation row is a copy).
+2. Budget. The same optimizer steps N; positions per step: eagle-pipe B rows x S packed positions, speculators one
+   packed row of B*S tokens, Model-Optimizer round(B*S / mean conversation length) conversations per step,
+   each padded to the longest conversation (its collator pads; it does not pack). The same K (TTT steps), the
+   same draft vocabulary (the same d2t), the same draft shape (Model-Optimizer's default layer shape is
+   overridden with the target's, as speculators and eagle-pipe derive it), the same peak LR and the same
+   schedule: W linear warmup steps then cosine to 0 over N steps (eagle-pipe `--min-lr-ratio 0`, HF
+   `cosine`, speculators `cosine`). All fp32 on CPU, no compile (`--compile` compiles eagle-pipe's and
+   Model-Optimizer's steps; speculators compiles only on CUDA). What stays each trainer's own (its recipe):
+   loss (eagle-pipe: soft CE to the dump's top-k teacher, step weights 0.8^j; Model-Optimizer: soft CE to the
+   full teacher softmax over the draft vocab, 0.9^j; speculators: KL to the draft-vocab teacher, 1.0^j), the
+   optimizer (AdamW 0.9/0.95 clip 0.5; AdamW 0.9/0.999 clip 1.0; Muon + AdamW, clip 1.0), initialisation
+   (eagle-pipe and speculators start lm_head from the target's rows, speculators keeps it frozen), and their
+   export (Model-Optimizer writes a YaRN x32 rope_scaling at export by default; speculators saves bf16).
+   The JSON's `budget` and `not_equal` sections record all of it.
+3. Judge. `eagle-pipe eval` (real greedy chain speculative decoding against the target, lossless check) on both
+   benchmarks with the same settings for all three drafts, called on each trainer's own export directory. If
+   eval cannot read a peer's export yet (`--peer-export-fallback convert`, the default), the export is rewritten
+   by bench/quality_convert.py into eagle-pipe's layout with the forward vLLM runs for it, and the JSON says so.
+
+Prints one JSON object: per trainer, AL per benchmark (overall and per category), lossless, train wall time and
+seconds per step, training-time accuracies; plus the budget and what could not be made equal.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+BENCH_DIR = Path(__file__).resolve().parent
+REPO = BENCH_DIR.parent
+sys.path.insert(0, str(BENCH_DIR))
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--target", required=True, help="HF directory of the target (the one the dump was made with)")
+    p.add_argument("--dump", required=True, help="eagle-pipe dump-teacher output")
+    p.add_argument("--work", required=True, help="everything the bench writes (peer data, runs, exports)")
+    p.add_argument("--steps", type=int, required=True, help="optimizer steps, every trainer")
+    p.add_argument("--batch", type=int, default=4, help="eagle-pipe rows per step (positions/step = batch*seq-len)")
+    p.add_argument("--seq-len", type=int, default=1024)
+    p.add_argument("--ttt-steps", type=int, default=3)
+    p.add_argument("--draft-vocab-size", type=int, default=8192)
+    p.add_argument("--lr", type=float, default=3e-4)
+    p.add_argument("--warmup-steps", type=int, default=20)
+    p.add_argument("--bench", required=True, help="first benchmark file (MT-bench question.jsonl)")
+    p.add_argument("--bench2", default=None, help="second benchmark file (GSM8K test.jsonl, HumanEval, ...)")
+    p.add_argument("--num-prompts", type=int, default=80)
+    p.add_argument("--num-prompts2", type=int, default=None, help="default: --num-prompts")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--draft-tokens", type=int, default=None, help="eval K (default: --ttt-steps)")
+    p.add_argument("--trainers", default="eagle-pipe,modelopt,speculators")
+    p.add_argument("--modelopt-python", default=str(REPO / ".venv-modelopt/bin/python"))
+    p.add_argument("--speculators-python", default=str(REPO / ".venv-speculators/bin/python"))
+    p.add_argument("--speculators-arch", choices=["plain", "default"], default="plain",
+                   help="plain EAGLE-3 (what eval and SGLang run) or speculators' EAGLE-3.1 defaults")
+    p.add_argument("--speculators-optimizer", choices=["muon", "adamw"], default="muon")
+    p.add_argument("--modelopt-export-rope-scaling", choices=["recipe", "none"], default="recipe")
+    p.add_argument("--peer-export-fallback", choices=["convert", "none"], default="convert")
+    p.add_argument("--compile", action="store_true")
+    p.add_argument("--threads", type=int, default=0, help="torch threads per trainer (0: torch default)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--skip-eval", action="store_true")
+    p.add_argument("--out-json", default=None, help="also write the JSON here")
+    return p.parse_args(argv)
+
+
+def log(msg: str) -> None:
+    print(f"[quality {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def run_json(cmd: list[str], logfile: Path, env=None) -> tuple[int, dict | None]:
+    """Run `cmd`, stderr to `logfile`; the last stdout line that parses as a JSON object is the result."""
+    logfile.parent.mkdir(parents=True, exist_ok=True)
+    log(" ".join(cmd))
+    with open(logfile, "w") as err:
+        proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=err, text=True, cwd=REPO, env=env)
+    result = None
+    for line in reversed(proc.stdout.strip().splitlines()):
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(obj, dict):
+            result = obj
+            break
+    if proc.returncode and result is None:
+        log(f"exit {proc.returncode}; see {logfile}")
+    return proc.returncode, result
+
+
+def project_env(threads: int) -> dict:
+    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    if threads:
+        env["OMP_NUM_THREADS"] = str(threads)
+    return env
+
+
+def train_eagle_pipe(a, work: Path) -> dict:
+    run = work / "eagle-pipe"
+    summary_path = run / "train_summary.json"
+    if not summary_path.is_file():
+        cmd = [sys.executable, "-m", "stages.cli", "train", "--teacher-dir", a.dump, "--out", str(run),
+               "--seq-len", str(a.seq_len), "--batch-size", str(a.batch), "--max-steps", str(a.steps),
+               "--lr", repr(a.lr), "--warmup-steps", str(a.warmup_steps), "--min-lr-ratio", "0",
+               "--ttt-steps", str(a.ttt_steps), "--draft-vocab-size", str(a.draft_vocab_size),
+               "--eval-fraction", "0", "--eval-every", "0", "--save-every", str(a.steps),
+               "--log-every", str(max(1, a.steps // 20)), "--num-workers", "1", "--seed", str(a.seed),
+               "--compile" if a.compile else "--no-compile"]
+        rc, _ = run_json(cmd, work / "logs" / "eagle-pipe-train.log", project_env(a.threads))
+        if rc:
+            raise SystemExit(f"eagle-pipe train failed (exit {rc}); see {work / 'logs' / 'eagle-pipe-train.log'}")
+    summary = json.loads(summary_path.read_text())
+    final = summary.get("final_metrics") or {}
+    return {"trainer": "eagle-pipe", "export_dir": summary["export_dir"], "steps": summary["steps"],
+            "wall_s": round(summary["wall_time_s"], 2),
+            "train_acc_last": final.get("acc"), "train_loss_last": final.get("loss")}
+
+
+def modelopt_batch(meta: dict, a) -> tuple[int, int]:
+    """(conversations per step, train_len) giving Model-Optimizer about B*S real positions per step."""
+    mean_len = meta["tokens"] / meta["conversations"]
+    return max(1, round(a.batch * a.seq_len / mean_len)), int(meta["max_conversation_tokens"])
+
+
+def train_peer(name: str, a, work: Path, peer_data: Path, meta: dict) -> dict:
+    result_path = work / f"{name}.train.json"
+    if result_path.is_file():
+        return json.loads(result_path.read_text())
+    common = ["--peer-data", str(peer_data), "--target", a.target, "--work", str(work / name),
+              "--steps", str(a.steps), "--ttt-steps", str(a.ttt_steps), "--lr", repr(a.lr),
+              "--warmup-steps", str(a.warmup_steps), "--seed", str(a.seed), "--json"]
+    if a.threads:
+        common += ["--threads", str(a.threads)]
+    if name == "modelopt":
+        b, train_len = modelopt_batch(meta, a)
+        cmd = [a.modelopt_python, str(BENCH_DIR / "modelopt_train.py"), *common, "--batch", str(b),
+               "--train-len", str(train_len), "--schedule", "cosine",
+               "--export-rope-scaling", a.modelopt_export_rope_scaling] + (["--compile"] if a.compile else [])
+    else:
+        cmd = [a.speculators_python, str(BENCH_DIR / "speculators_train.py"), *common,
+               "--total-seq-len", str(a.batch * a.seq_len), "--schedule", "cosine",
+               "--arch", a.speculators_arch, "--optimizer", a.speculators_optimizer]
+    rc, result = run_json(cmd, work / "logs" / f"{name}-train.log")
+    if rc or result is None:
+        raise SystemExit(f"{name} training failed (exit {rc}); see {work / 'logs' / (name + '-train.log')}")
+    result_path.write_text(json.dumps(result, indent=1) + "\n")
+    return result
+
+
+def evaluate(a, work: Path, name: str, draft_dir: str, bench: str, num_prompts: int) -> dict:
+    k = a.draft_tokens or a.ttt_steps
+    tag = Path(bench).stem
+    cache = work / "eval" / f"{name}.{tag}.json"
+    if cache.is_file():
+        return json.loads(cache.read_text())
+    cmd = [sys.executable, "-m", "stages.cli", "eval", "--target", a.target, "--draft", draft_dir, "--data", bench,
+           "--num-prompts", str(num_prompts), "--max-new-tokens", str(a.max_new_tokens), "--draft-tokens", str(k),
+           "--dtype", "float32", "--json"]
+    rc, rep = run_json(cmd, work / "logs" / f"eval-{name}-{tag}.log", project_env(a.threads))
+    if rep is None:
+        return {"error": f"eval exit {rc}; see {work / 'logs' / f'eval-{name}-{tag}.log'}"}
+    out = {"acceptance_length": rep.get("acceptance_length"), "lossless": rep.get("lossless"),
+           "num_prompts": rep.get("num_prompts"), "num_turns": rep.get("num_turns"),
+           "per_position_conditional": rep.get("per_position_conditional"),
+           "per_category": {c: g.get("acceptance_length") for c, g in (rep.get("per_category") or {}).items()},
+           "speedup_cpu": rep.get("speedup"), "eval_exit": rc}
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    cache.write_text(json.dumps(out, indent=1) + "\n")
+    return out
+
+
+def judge(a, work: Path, name: str, export_dir: str, meta: dict) -> dict:
+    """Eval on the trainer's own export; for a peer eval cannot read yet, on the converted copy (recorded)."""
+    benches = [(a.bench, a.num_prompts)] + ([(a.bench2, a.num_prompts2 or a.num_prompts)] if a.bench2 else [])
+    draft, how = export_dir, "own export"
+    if name != "eagle-pipe":
+        probe = evaluate(a, work, name + ".probe", export_dir, a.bench, 1)
+        if "error" in probe and a.peer_export_fallback == "convert":
+            from quality_convert import convert_peer_export
+            draft = str(work / "converted" / name)
+            if not Path(draft).is_dir():
+                info = convert_peer_export(export_dir, Path(a.dump) / "target", draft, meta["aux_layer_ids"],
+                                           a.ttt_steps)
+                (work / "converted" / f"{name}.json").write_text(json.dumps(info) + "\n")
+            how = "converted by bench/quality_convert.py (eval could not read the peer export: " + \
+                  probe["error"] + ")"
+    results = {Path(b).stem: evaluate(a, work, name, draft, b, n) for b, n in benches}
+    return {"judged": how, "draft_dir": draft, **results}
+
+
+def main(argv=None) -> dict:
+    a = parse_args(argv)
+    work = Path(a.work)
+    work.mkdir(parents=True, exist_ok=True)
+    trainers = [t.strip() for t in a.trainers.split(",") if t.strip()]
+    from quality_data import write_peer_inputs
+
+    peer_data = work / "peer-data"
+    meta = {}
+    if set(trainers) - {"eagle-pipe"}:
+        log("writing the peers' input from the dump (plain HF forward of the target)")
+        meta = write_peer_inputs(a.target, Path(a.dump), peer_data, a.draft_vocab_size)
+    results = {}
+    for name in trainers:
+        log(f"training {name}")
+        results[name] = train_eagle_pipe(a, work) if name == "eagle-pipe" else \
+            train_peer(name, a, work, peer_data, meta)
+    if "eagle-pipe" in results and meta:   # one vocabulary: eagle-pipe's exported d2t is the peers' d2t
+        from safetensors.torch import load_file
+        ours = load_file(str(Path(results["eagle-pipe"]["export_dir"]) / "model.safetensors"))["d2t"]
+        theirs = load_file(str(peer_data / "vocab.safetensors"))["d2t"]
+        results["eagle-pipe"]["same_d2t_as_peers"] = bool(ours.shape == theirs.shape and (ours == theirs).all())
+    if not a.skip_eval:
+        for name, r in results.items():
+            log(f"judging {name}")
+            r["eval"] = judge(a, work, name, r["export_dir"], meta)
+    table = {}
+    for name, r in results.items():
+        ev = r.get("eval") or {}
+        table[name] = {b: {"AL": v.get("acceptance_length"), "lossless": v.get("lossless"),
+                           "per_category": v.get("per_category")}
+                       for b, v in ev.items() if isinstance(v, dict)}
+        table[name]["train_wall_s"] = r.get("wall_s")
+        table[name]["s_per_step"] = round(r["wall_s"] / r["steps"], 3) if r.get("wall_s") and r.get("steps") else None
+        table[name]["train_acc_last"] = r.get("train_acc_last") or r.get("train_acc_last10pct")
+    mb = modelopt_batch(meta, a) if meta else (None, None)
+    out = {
+        "table": table,
+        "budget": {"optimizer_steps": a.steps, "ttt_steps": a.ttt_steps, "draft_vocab_size": a.draft_vocab_size,
+                   "lr": a.lr, "schedule": f"linear warmup {a.warmup_steps} steps, cosine to 0 over {a.steps}",
+                   "positions_per_step": {"eagle-pipe": a.batch * a.seq_len, "speculators": a.batch * a.seq_len,
+                                          "modelopt": f"{mb[0]} conversations (mean "
+                                                      f"{meta.get('tokens', 0) / max(1, meta.get('conversations', 1)):.0f}"
+                                                      f" tokens) padded to {mb[1]}" if meta else None},
+                   "data": {k: meta.get(k) for k in ("conversations", "tokens", "supervised_positions",
+                                                      "aux_layer_ids", "aux_max_rel_error_vs_dump")},
+                   "eval": {"max_new_tokens": a.max_new_tokens, "draft_tokens": a.draft_tokens or a.ttt_steps,
+                            "num_prompts": a.num_prompts, "num_prompts2": a.num_prompts2 or a.num_prompts,
+                            "dtype": "float32"},
+                   "compile": a.compile},
+        "not_equal": {
+            "teacher": "eagle-pipe: the dump's top-k; Model-Optimizer and speculators: the full softmax over the "
+                       "draft vocab, recomputed from the last hidden state every step",
+            "loss": "eagle-pipe soft CE x 0.8^j; Model-Optimizer soft CE x 0.9^j; speculators KL x 1.0^j",
+            "optimizer": "eagle-pipe AdamW(0.9, 0.95) clip 0.5; Model-Optimizer HF AdamW(0.9, 0.999) clip 1.0; "
+                         f"speculators {a.speculators_optimizer} (+AdamW) wd 0.01 clip 1.0",
+            "init": "eagle-pipe: lm_head + norm from the target; speculators: lm_head from the target, frozen; "
+                    "Model-Optimizer: random lm_head",
+            "positions_per_step": "Model-Optimizer does not pack: whole conversations per step, padded",
+            "export": {"modelopt_rope_scaling": a.modelopt_export_rope_scaling,
+                       "speculators_arch": a.speculators_arch, "speculators_dtype": "bfloat16 (its save_pretrained)"},
+        },
+        "trainers": results,
+    }
+    text = json.dumps(out, indent=1)
+    if a.out_json:
+        Path(a.out_json).write_text(text + "\n")
+    print(text)
+    return out
+
+
+if __name__ == "__main__":
+    main()
