@@ -152,15 +152,12 @@ def main(argv=None) -> dict:
         dataloader_drop_last=True, bf16=False, tf32=False, remove_unused_columns=False, report_to=[],
         disable_tqdm=True, seed=args.seed, use_cpu=True,
     )
-    step_times: list[float] = []
+    stamps: list[float] = []
     accs: list = []
 
-    class Timer(transformers.TrainerCallback):
-        def on_step_begin(self, a, state, control, **kw):
-            self.t0 = time.perf_counter()
-
+    class Timer(transformers.TrainerCallback):   # step-end to step-end: the step plus fetching the next batch
         def on_step_end(self, a, state, control, **kw):
-            step_times.append(time.perf_counter() - self.t0)
+            stamps.append(time.perf_counter())
 
     class AccTrainer(transformers.Trainer):  # EagleTrainerWithAccLog's bookkeeping, kept in memory
         def compute_loss(self, *a, **kw):
@@ -184,7 +181,7 @@ def main(argv=None) -> dict:
     out = {
         "trainer": "modelopt", "version": __import__("modelopt").__version__, "export_dir": str(export_dir),
         "conversations": n_files, "steps": int(result.global_step), "wall_s": round(wall, 2),
-        "median_step_s": round(statistics.median(step_times[1:] or step_times), 4),
+        "median_step_s": round(statistics.median(steps_s), 4) if (steps_s := [b - a for a, b in zip(stamps, stamps[1:])]) else None,
         "train_loss": float(result.training_loss),
         "train_acc_last10pct": [round(sum(a[0][j] for a in tail) / len(tail), 4) for j in range(args.ttt_steps)],
         "settings": {"batch_conversations": args.batch, "train_len": args.train_len, "lr": args.lr,

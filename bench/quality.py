@@ -40,6 +40,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -131,8 +132,12 @@ def train_eagle_pipe(a, work: Path) -> dict:
             raise SystemExit(f"eagle-pipe train failed (exit {rc}); see {work / 'logs' / 'eagle-pipe-train.log'}")
     summary = json.loads(summary_path.read_text())
     final = summary.get("final_metrics") or {}
+    every = max(1, a.steps // 20)   # each metrics record: the mean step of its log interval (data included)
+    steps_s = [a.batch * a.seq_len / r["tokens_per_s"] for r in map(json.loads, (run / "metrics.jsonl").read_text()
+               .splitlines()) if r.get("tokens_per_s") and "eval_acceptance_length" not in r]
     return {"trainer": "eagle-pipe", "export_dir": summary["export_dir"], "steps": summary["steps"],
-            "wall_s": round(summary["wall_time_s"], 2),
+            "wall_s": round(summary["wall_time_s"], 2), "log_every": every,
+            "median_step_s": round(statistics.median(steps_s[1:] or steps_s), 4) if steps_s else None,
             "train_acc_last": final.get("acc"), "train_loss_last": final.get("loss")}
 
 
@@ -167,9 +172,16 @@ def train_peer(name: str, a, work: Path, peer_data: Path, meta: dict) -> dict:
     return result
 
 
+def bench_label(path: str) -> str:
+    """mt_bench_question.jsonl -> mt_bench_question; gsm8k/test.jsonl -> gsm8k."""
+    p = Path(path)
+    stem = p.name.split(".")[0]
+    return p.parent.name if stem in ("test", "question", "eval", "train") else stem
+
+
 def evaluate(a, work: Path, name: str, draft_dir: str, bench: str, num_prompts: int) -> dict:
     k = a.draft_tokens or a.ttt_steps
-    tag = Path(bench).stem
+    tag = bench_label(bench)
     cache = work / "eval" / f"{name}.{tag}.json"
     if cache.is_file():
         return json.loads(cache.read_text())
@@ -204,7 +216,7 @@ def judge(a, work: Path, name: str, export_dir: str, meta: dict) -> dict:
                 (work / "converted" / f"{name}.json").write_text(json.dumps(info) + "\n")
             how = "converted by bench/quality_convert.py (eval could not read the peer export: " + \
                   probe["error"] + ")"
-    results = {Path(b).stem: evaluate(a, work, name, draft, b, n) for b, n in benches}
+    results = {bench_label(b): evaluate(a, work, name, draft, b, n) for b, n in benches}
     return {"judged": how, "draft_dir": draft, **results}
 
 
@@ -241,8 +253,9 @@ def main(argv=None) -> dict:
                            "per_category": v.get("per_category")}
                        for b, v in ev.items() if isinstance(v, dict)}
         table[name]["train_wall_s"] = r.get("wall_s")
-        table[name]["s_per_step"] = round(r["wall_s"] / r["steps"], 3) if r.get("wall_s") and r.get("steps") else None
-        table[name]["train_acc_last"] = r.get("train_acc_last") or r.get("train_acc_last10pct")
+        table[name]["median_step_s"] = r.get("median_step_s")
+        table[name]["train_acc_last"] = r.get("train_acc_last") or r.get("train_acc_last10pct") or \
+            r.get("train_acc_last_log")
     mb = modelopt_batch(meta, a) if meta else (None, None)
     out = {
         "table": table,
