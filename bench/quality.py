@@ -81,6 +81,8 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=0, help="torch threads per trainer (0: torch default)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--skip-eval", action="store_true")
+    p.add_argument("--lock", default=None,
+                   help="run every heavy step (data, each training, each eval) under `flock LOCK`, one at a time")
     p.add_argument("--out-json", default=None, help="also write the JSON here")
     return p.parse_args(argv)
 
@@ -89,9 +91,15 @@ def log(msg: str) -> None:
     print(f"[quality {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
+LOCK: str | None = None
+
+
 def run_json(cmd: list[str], logfile: Path, env=None) -> tuple[int, dict | None]:
-    """Run `cmd`, stderr to `logfile`; the last stdout line that parses as a JSON object is the result."""
+    """Run `cmd` (under `flock LOCK` when --lock is given), stderr to `logfile`; the last stdout line that
+    parses as a JSON object is the result."""
     logfile.parent.mkdir(parents=True, exist_ok=True)
+    if LOCK:
+        cmd = ["flock", LOCK, *cmd]
     log(" ".join(cmd))
     with open(logfile, "w") as err:
         proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=err, text=True, cwd=REPO, env=env)
@@ -221,17 +229,21 @@ def judge(a, work: Path, name: str, export_dir: str, meta: dict) -> dict:
 
 
 def main(argv=None) -> dict:
+    global LOCK
     a = parse_args(argv)
+    LOCK = a.lock
     work = Path(a.work)
     work.mkdir(parents=True, exist_ok=True)
     trainers = [t.strip() for t in a.trainers.split(",") if t.strip()]
-    from quality_data import write_peer_inputs
-
     peer_data = work / "peer-data"
     meta = {}
     if set(trainers) - {"eagle-pipe"}:
         log("writing the peers' input from the dump (plain HF forward of the target)")
-        meta = write_peer_inputs(a.target, Path(a.dump), peer_data, a.draft_vocab_size)
+        rc, meta = run_json([sys.executable, str(BENCH_DIR / "quality_data.py"), "--target", a.target, "--dump",
+                             a.dump, "--out", str(peer_data), "--draft-vocab-size", str(a.draft_vocab_size)],
+                            work / "logs" / "peer-data.log", project_env(a.threads))
+        if rc or meta is None:
+            raise SystemExit(f"writing the peers' input failed (exit {rc}); see {work / 'logs' / 'peer-data.log'}")
     results = {}
     for name in trainers:
         log(f"training {name}")

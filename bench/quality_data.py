@@ -176,3 +176,15 @@ def write_peer_inputs(target_dir: str, dump: Path, out: Path, draft_vocab_size: 
     }
     summary_path.write_text(json.dumps(summary, indent=1, sort_keys=True) + "\n")
     return summary
+
+
+if __name__ == "__main__":
+    import argparse
+
+    p = argparse.ArgumentParser(description="Write the peers' training input from an eagle-pipe dump.")
+    p.add_argument("--target", required=True)
+    p.add_argument("--dump", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--draft-vocab-size", type=int, required=True)
+    a = p.parse_args()
+    print(json.dumps(write_peer_inputs(a.target, Path(a.dump), Path(a.out), a.draft_vocab_size)))
