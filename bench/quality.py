@@ -67,6 +67,9 @@ def parse_args(argv=None):
     p.add_argument("--bench2", default=None, help="second benchmark file (GSM8K test.jsonl, HumanEval, ...)")
     p.add_argument("--num-prompts", type=int, default=80)
     p.add_argument("--num-prompts2", type=int, default=None, help="default: --num-prompts")
+    p.add_argument("--per-category", type=int, default=None,
+                   help="judge on the first N questions of every category of --bench (MT-bench is ordered by "
+                        "category, so --num-prompts alone would keep only its first categories)")
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--draft-tokens", type=int, default=None, help="eval K (default: --ttt-steps)")
     p.add_argument("--trainers", default="eagle-pipe,modelopt,speculators")
@@ -209,6 +212,20 @@ def evaluate(a, work: Path, name: str, draft_dir: str, bench: str, num_prompts: 
     return out
 
 
+def per_category_subset(path: str, n: int, work: Path) -> tuple[str, int]:
+    """The first n records of each `category` of a question file, in file order; (new path, record count)."""
+    kept, seen = [], {}
+    for line in Path(path).read_text().splitlines():
+        if line.strip():
+            cat = json.loads(line).get("category", "uncategorized")
+            if seen.get(cat, 0) < n:
+                seen[cat] = seen.get(cat, 0) + 1
+                kept.append(line)
+    out = work / f"{bench_label(path)}.first{n}per-category.jsonl"
+    out.write_text("\n".join(kept) + "\n")
+    return str(out), len(kept)
+
+
 def judge(a, work: Path, name: str, export_dir: str, meta: dict) -> dict:
     """Eval on the trainer's own export; for a peer eval cannot read yet, on the converted copy (recorded)."""
     benches = [(a.bench, a.num_prompts)] + ([(a.bench2, a.num_prompts2 or a.num_prompts)] if a.bench2 else [])
@@ -234,6 +251,8 @@ def main(argv=None) -> dict:
     LOCK = a.lock
     work = Path(a.work)
     work.mkdir(parents=True, exist_ok=True)
+    if a.per_category:
+        a.bench, a.num_prompts = per_category_subset(a.bench, a.per_category, work)
     trainers = [t.strip() for t in a.trainers.split(",") if t.strip()]
     peer_data = work / "peer-data"
     meta = {}
@@ -279,7 +298,7 @@ def main(argv=None) -> dict:
                                                       f" tokens) padded to {mb[1]}" if meta else None},
                    "data": {k: meta.get(k) for k in ("conversations", "tokens", "supervised_positions",
                                                       "aux_layer_ids", "aux_max_rel_error_vs_dump")},
-                   "eval": {"max_new_tokens": a.max_new_tokens, "draft_tokens": a.draft_tokens or a.ttt_steps,
+                   "eval": {"bench": a.bench, "bench2": a.bench2, "max_new_tokens": a.max_new_tokens, "draft_tokens": a.draft_tokens or a.ttt_steps,
                             "num_prompts": a.num_prompts, "num_prompts2": a.num_prompts2 or a.num_prompts,
                             "dtype": "float32"},
                    "compile": a.compile},
