@@ -201,7 +201,9 @@ def evaluate(a, work: Path, name: str, draft_dir: str, bench: str, num_prompts: 
            "--dtype", "float32", "--json"]
     rc, rep = run_json(cmd, work / "logs" / f"eval-{name}-{tag}.log", project_env(a.threads))
     if rep is None:
-        return {"error": f"eval exit {rc}; see {work / 'logs' / f'eval-{name}-{tag}.log'}"}
+        logfile = work / "logs" / f"eval-{name}-{tag}.log"
+        errors = [ln for ln in logfile.read_text().splitlines() if ln.startswith("Error")]
+        return {"error": f"eval exit {rc}: {errors[-1] if errors else 'see ' + str(logfile)}"}
     out = {"acceptance_length": rep.get("acceptance_length"), "lossless": rep.get("lossless"),
            "num_prompts": rep.get("num_prompts"), "num_turns": rep.get("num_turns"),
            "per_position_conditional": rep.get("per_position_conditional"),
