@@ -141,3 +141,74 @@ def test_rewrite_is_skipped_when_nothing_changed(tiny_llama, chat_dump, peer_dat
     before = marker.stat().st_mtime_ns
     again = write_peer_inputs(str(tiny_llama), chat_dump, out, draft_vocab_size=64)
     assert again == summary and marker.stat().st_mtime_ns == before
+
+
+def _peer_exports(tmp_path):
+    """An eagle-pipe draft and the same weights in the two peers' export layouts (their documented keys)."""
+    from safetensors.torch import save_file
+
+    from draft_testing import random_draft, tiny_cfg
+    from eagle.export import export_draft
+
+    cfg = tiny_cfg(target_hidden_size=32, rope_theta=100000.0)
+    model = random_draft(cfg)
+    export_draft(model, tmp_path / "ours")
+    target = tmp_path / "target"
+    target.mkdir()
+    (target / "config.json").write_text(json.dumps({
+        "hidden_size": 32, "num_attention_heads": 4, "num_hidden_layers": 8, "vocab_size": 50,
+        "intermediate_size": 64, "rms_norm_eps": 1e-6, "max_position_embeddings": 256}))
+    emb = model.embed_tokens.weight.detach().clone()
+    save_file({"embed_tokens.weight": emb, "lm_head.weight": emb.clone(), "norm.weight": torch.ones(32)},
+              str(target / "weights.safetensors"))
+    ours = load_file(str(tmp_path / "ours" / "model.safetensors"))
+    peer = {k.replace("midlayer.", "layers.0."): v for k, v in ours.items() if k != "t2d"}
+    layer = {"hidden_size": 32, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 8,
+             "intermediate_size": 48, "rms_norm_eps": 1e-6, "max_position_embeddings": 256, "num_hidden_layers": 1}
+    mo = tmp_path / "modelopt"
+    mo.mkdir()
+    (mo / "config.json").write_text(json.dumps({
+        "architectures": ["LlamaForCausalLMEagle3"], **layer, "rope_theta": 100000.0, "vocab_size": 50,
+        "draft_vocab_size": 40, "rope_scaling": {"rope_type": "yarn", "factor": 32.0,
+                                                  "original_max_position_embeddings": 2048},
+        "eagle_config": {"eagle_aux_hidden_state_layer_ids": [1, 3, 4], "use_aux_hidden_state": True}}))
+    save_file(peer, str(mo / "model.safetensors"))
+    sp = tmp_path / "speculators"
+    sp.mkdir()
+    sp_cfg = {"speculators_model_type": "eagle3", "draft_vocab_size": 40, "norm_before_residual": False,
+              "norm_before_fc": False, "fc_norm": False, "norm_output": False,
+              "eagle_aux_hidden_state_layer_ids": [2, 4, 5],
+              "transformer_layer_config": {**layer, "rope_parameters": {"rope_theta": 100000.0,
+                                                                        "rope_type": "default"}}}
+    (sp / "config.json").write_text(json.dumps(sp_cfg))
+    save_file({**peer, "t2d": ours["t2d"], "embed_tokens.weight": emb}, str(sp / "model.safetensors"))
+    return cfg, model, target, mo, sp, sp_cfg
+
+
+def test_converted_peer_exports_load_as_the_same_draft(tmp_path):
+    from dataclasses import replace
+
+    from quality_convert import convert_peer_export
+
+    from eagle.export import load_draft
+
+    cfg, model, target, mo, sp, _ = _peer_exports(tmp_path)
+    for peer, rope_scaling in ((sp, None), (mo, {"rope_type": "yarn", "factor": 32.0,
+                                                 "original_max_position_embeddings": 2048})):
+        out = tmp_path / f"{peer.name}-converted"
+        info = convert_peer_export(peer, target, out, cfg.aux_layer_ids, cfg.ttt_steps)
+        loaded = load_draft(out, embed_weight=model.embed_tokens.weight)
+        assert loaded.cfg == replace(cfg, rope_scaling=rope_scaling), info
+        want = model.state_dict()
+        for name, t in loaded.state_dict().items():
+            assert torch.equal(t, want[name]), f"{peer.name}: {name}"
+
+
+def test_convert_refuses_switches_it_cannot_run(tmp_path):
+    from quality_convert import convert_peer_export
+
+    cfg, _, target, _, sp, sp_cfg = _peer_exports(tmp_path)
+    for key in ("norm_before_fc", "norm_output", "norm_before_residual", "fc_norm"):
+        (sp / "config.json").write_text(json.dumps({**sp_cfg, key: True}))
+        with pytest.raises(ValueError, match=key):
+            convert_peer_export(sp, target, tmp_path / f"out-{key}", cfg.aux_layer_ids, cfg.ttt_steps)
