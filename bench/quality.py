@@ -135,9 +135,11 @@ def train_eagle_pipe(a, work: Path) -> dict:
                "--seq-len", str(a.seq_len), "--batch-size", str(a.batch), "--max-steps", str(a.steps),
                "--lr", repr(a.lr), "--warmup-steps", str(a.warmup_steps), "--min-lr-ratio", "0",
                "--ttt-steps", str(a.ttt_steps), "--draft-vocab-size", str(a.draft_vocab_size),
-               "--eval-fraction", "0", "--eval-every", "0", "--save-every", str(a.steps),
+               "--eval-fraction", "0", "--eval-every", "0", "--save-every", str(max(1, a.steps // 4)),
                "--log-every", str(max(1, a.steps // 20)), "--num-workers", "1", "--seed", str(a.seed),
                "--compile" if a.compile else "--no-compile"]
+        if (run / "checkpoints").is_dir() and any((run / "checkpoints").iterdir()):
+            cmd.append("--resume")   # an interrupted bench run: continue from the newest checkpoint
         rc, _ = run_json(cmd, work / "logs" / "eagle-pipe-train.log", project_env(a.threads))
         if rc:
             raise SystemExit(f"eagle-pipe train failed (exit {rc}); see {work / 'logs' / 'eagle-pipe-train.log'}")

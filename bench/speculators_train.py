@@ -174,6 +174,9 @@ def main(argv=None) -> dict:
         argv_s += ["--ttt-step-loss-decay", repr(args.loss_decay)]
     if args.arch == "plain":
         argv_s += ["--no-norm-before-residual", "--no-norm-before-fc", "--no-norm-output"]
+    if (work / "run").is_dir():   # an interrupted earlier run: start clean (its epoch dirs would be reused)
+        import shutil
+        shutil.rmtree(work / "run")
     wall0 = time.perf_counter()
     speculators_main(TrainConfig.resolve(argv_s))
     wall = time.perf_counter() - wall0
