@@ -48,7 +48,7 @@ from pathlib import Path
 
 BENCH_DIR = Path(__file__).resolve().parent
 REPO = BENCH_DIR.parent
-sys.path.insert(0, str(BENCH_DIR))
+sys.path[:0] = [str(BENCH_DIR), str(REPO)]   # the quality_* helpers; this checkout's eagle/ and stages/
 
 
 def parse_args(argv=None):
