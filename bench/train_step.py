@@ -1,4 +1,4 @@
-"""Benchmark: milliseconds per optimizer step of `eagle-pipe train`'s own step (stages.train.optimizer_step:
+"""Benchmark: milliseconds per optimizer step of `eagle-pipe train`'s own step (stages.train.stage.optimizer_step:
 compiled TTT forward + loss + metrics, backward, clip, fused AdamW) on synthetic packed batches of a given shape.
 
     python bench/train_step.py --hidden 256 --heads 8 --kv-heads 4 --intermediate 688 --vocab 8192 \
@@ -30,8 +30,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from eagle.config import DraftConfig  # noqa: E402
 from eagle.model import Eagle3Draft  # noqa: E402
 from eagle.vocab import build_vocab_map  # noqa: E402
-from stages.train import make_step_fn, optimizer_step  # noqa: E402
-from stages.train_setup import DistInfo, GradSync, make_optimizer  # noqa: E402
+from stages.train.stage import make_step_fn, optimizer_step  # noqa: E402
+from stages.train.setup import DistInfo, GradSync, make_optimizer  # noqa: E402
 
 SHAPE_FLAGS = ("hidden", "heads", "kv_heads", "intermediate", "vocab", "draft_vocab", "seq_len", "batch",
                "ttt_steps")

@@ -1,6 +1,6 @@
 """Training-time test (TTT): K unrolled draft steps over packed rows, exactly imitating how engines draft.
 
-Batch contract (produced by stages/train_data.py; all [B, T] unless noted; rows are packed documents):
+Batch contract (produced by stages/train/loader.py; all [B, T] unless noted; rows are packed documents):
   aux_hidden_states  float [B, T, 3*Ht]  f_t, target features at position t (ascending layer order)
   input_ids          int64 [B, T]        x_{t+1}: the token fed at position t (the next token of the document)
   position_ids       int64 [B, T]        t within its document (RoPE position), restarting at 0 per document

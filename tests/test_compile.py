@@ -102,7 +102,7 @@ def test_compiled_flex_ttt_matches_eager_dense_on_cuda():
 
 def fp8_batch(cfg, seed):
     """A packed batch whose aux states are stored FP8 + per-token scales, as the loader hands them over."""
-    from stages.aux_storage import quantize_fp8
+    from stages.shards.aux import quantize_fp8
 
     batch = packed_batch(cfg, [5, 7, 3], T=16, rows=2, seed=seed)
     aux = batch["aux_hidden_states"]
@@ -114,8 +114,8 @@ def fp8_batch(cfg, seed):
 def test_step_with_fp8_input_traces_as_one_graph_and_equals_the_dequantized_batch():
     """The dequantization is part of the step's graph (no break, no host sync) and feeds the same loss as
     dequantizing the batch first."""
-    from stages.aux_storage import dequantize_batch
-    from stages.train import make_step_fn, to_device
+    from stages.shards.aux import dequantize_batch
+    from stages.train.stage import make_step_fn, to_device
 
     cfg = small_cfg()
     model = random_draft(cfg, seed=3)
@@ -133,8 +133,8 @@ def test_step_with_fp8_input_traces_as_one_graph_and_equals_the_dequantized_batc
 
 def test_compiled_dequantization_equals_eager():
     """On what training hands the step (to_device: FP8 as uint8 bits), compiled equals eager bitwise."""
-    from stages.aux_storage import dequantize_batch
-    from stages.train import to_device
+    from stages.shards.aux import dequantize_batch
+    from stages.train.stage import to_device
 
     batch = fp8_batch(small_cfg(), 9)
     on_device = to_device(batch, torch.device("cpu"), torch.float32)

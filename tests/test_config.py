@@ -153,7 +153,7 @@ def test_shallow_target_without_three_aux_layers():
 @pytest.mark.parametrize("n", [3, 4, 5, 6, 7, 8])
 def test_dump_default_aux_layers_for_shallow_targets(n):
     """dump-teacher's default is the draft's: distinct ascending layers of the target, for every N >= 3."""
-    from stages.dump_target import parse_aux_layers
+    from stages.dump.forward import parse_aux_layers
 
     ids = parse_aux_layers(None, n)
     assert ids == list(default_aux_layer_ids(n))
@@ -166,7 +166,7 @@ def test_dump_default_aux_layers_for_shallow_targets(n):
 
 @pytest.mark.parametrize("n", [1, 2])
 def test_dump_default_aux_layers_refuse_fewer_than_three_layers(n):
-    from stages.dump_target import parse_aux_layers
+    from stages.dump.forward import parse_aux_layers
     from stages.errors import StageError
 
     with pytest.raises(StageError, match=f"a target with {n} layer.s. has fewer than 3 distinct aux layers"):

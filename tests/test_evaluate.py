@@ -91,8 +91,8 @@ def run_eval(*args) -> tuple[int, str, dict | None]:
 
 # ----------------------------------------------------------------------------------------------- prompts
 def test_prompts_are_conversations_up_to_the_first_user_turn(target, prompts_file):
-    from stages.evaluate import load_prompts, render_prompt
-    from stages.records import summarize_skips
+    from stages.evaluate.stage import load_prompts, render_prompt
+    from stages.data.records import summarize_skips
 
     _, tokenizer = target
     questions, skipped = load_prompts([str(prompts_file)], tokenizer, None)
@@ -112,7 +112,7 @@ def test_prompts_are_conversations_up_to_the_first_user_turn(target, prompts_fil
 def test_aux_features_equal_hf_hidden_states_with_and_without_cache(target):
     from transformers import DynamicCache
 
-    from stages.speculative import TargetWithAux, crop_target_cache
+    from stages.evaluate.speculative import TargetWithAux, crop_target_cache
 
     model, _ = target
     ids = torch.randint(0, model.config.vocab_size, (1, 20), generator=torch.Generator().manual_seed(0))
@@ -136,7 +136,7 @@ def test_aux_features_equal_hf_hidden_states_with_and_without_cache(target):
 
 
 def test_verify_draft_accepts_the_agreeing_prefix_and_adds_the_bonus():
-    from stages.speculative import verify_draft
+    from stages.evaluate.speculative import verify_draft
 
     logits = torch.full((4, 10), -1.0)
     for row, tok in enumerate([7, 3, 5, 9]):  # the target's greedy token after each input
@@ -167,7 +167,7 @@ def _fresh_proposals(model, draft, seq: list[int], L: int, K: int, aux_ids) -> l
 
 
 def test_speculative_loop_drafts_what_a_from_scratch_recomputation_drafts(target, random_draft, monkeypatch):
-    import stages.speculative as spec
+    import stages.evaluate.speculative as spec
     from eagle.export import load_draft
 
     model, tokenizer = target
@@ -210,7 +210,7 @@ def test_random_draft_accepts_about_one_token_and_is_lossless(tiny_llama, random
 
 
 def test_broken_verifier_is_caught_by_the_lossless_check(tiny_llama, random_draft, prompts_file, monkeypatch):
-    import stages.speculative as spec
+    import stages.evaluate.speculative as spec
 
     def accept_everything(logits, draft_ids):  # wrong: never compares with the target
         return len(draft_ids), int(logits[-1].argmax())

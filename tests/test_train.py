@@ -15,7 +15,7 @@ import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file
 
-from stages import checkpoint as ckpt
+from stages.train import checkpoint as ckpt
 from stages.cli import main
 from train_dumps import cached_dump
 from train_helpers import kill_at_first_checkpoint
@@ -73,8 +73,8 @@ def test_loss_falls_and_held_out_accuracy_beats_chance(dump, tmp_path):
 
 
 def test_host_normalizer_equals_the_losss_valid_counts(dump):
-    from stages.train_data import DumpIndex, PackedLoader
-    from stages.train_setup import build_draft, token_counts
+    from stages.train.loader import DumpIndex, PackedLoader
+    from stages.train.setup import build_draft, token_counts
     from eagle.ttt import ttt_loss
 
     index = DumpIndex(dump)
@@ -119,7 +119,7 @@ def test_kill_9_then_resume_gives_bitwise_the_same_weights(dump, tmp_path):
 
 
 def _nan_at(monkeypatch, bad_calls):
-    import stages.train as train_mod
+    import stages.train.stage as train_mod
 
     real, calls = train_mod.ttt_loss, {"n": 0}
 
@@ -198,8 +198,8 @@ def test_train_settings_mirror_the_command_options():
     """TrainSettings is the typed form of the click options: same names, same defaults."""
     import dataclasses
 
-    from stages.train import command
-    from stages.train_settings import TrainSettings
+    from stages.train.stage import command
+    from stages.train.settings import TrainSettings
 
     fields = {f.name: f.default for f in dataclasses.fields(TrainSettings)}
     assert list(fields) == [p.name for p in command.params]

@@ -1,9 +1,9 @@
 """Stage `train`: train an EAGLE-3 draft from teacher shards, never loading the target.
 
     eagle-pipe train --teacher-dir DUMP --out RUN [--max-steps N] ...
-    torchrun --nproc_per_node G -m stages.cli train ...     (one process per GPU; see stages/train_setup.py)
+    torchrun --nproc_per_node G -m stages.cli train ...     (one process per GPU; see stages/train/setup.py)
 
-Per optimizer step: `grad_accum` packed micro-batches per rank (stages/train_data.py) -> the compiled step
+Per optimizer step: `grad_accum` packed micro-batches per rank (stages/train/loader.py) -> the compiled step
 (TTT forward + loss + metrics, `torch.compile(fullgraph=True)`, bf16 autocast on GPU, fp32 master weights) ->
 backward -> one gradient all-reduce -> clip -> fused AdamW. The loss is normalised by the number of supervised
 positions of the whole global batch (counted on the host, summed over ranks and micro-batches), so any split
@@ -12,9 +12,9 @@ update on the device (AdamW's `found_inf`, no host sync); metrics stay on the de
 `--log-every` steps, when too many skipped steps in a row stop the run.
 
 `train(settings)` reads as its phases: check_inputs -> build_model -> build_data -> build_optimization ->
-resume -> run_loop -> finish, each a function of the typed `TrainSettings` (stages/train_settings.py).
+resume -> run_loop -> finish, each a function of the typed `TrainSettings` (stages/train/settings.py).
 
-Writes RUN/checkpoints/ (stages/checkpoint.py), RUN/metrics.jsonl, RUN/tensorboard/ (when installed),
+Writes RUN/checkpoints/ (stages/train/checkpoint.py), RUN/metrics.jsonl, RUN/tensorboard/ (when installed),
 RUN/export/ (the serving layout) and, last, RUN/train_summary.json: `eagle-pipe run`'s completion marker.
 """
 from __future__ import annotations
@@ -29,12 +29,12 @@ import numpy as np
 import nvtx
 import torch
 
-from stages import checkpoint as ckpt
+from stages.train import checkpoint as ckpt
 from stages.errors import StageError
 from stages.shards import atomic_write_json, read_json
-from stages.train_data import DumpIndex, PackedLoader
-from stages.train_settings import TrainSettings
-from stages.train_setup import (DistInfo, GradSync, WarmupCosine, all_reduce_sum, barrier, broadcast_ok,
+from stages.train.loader import DumpIndex, PackedLoader
+from stages.train.settings import TrainSettings
+from stages.train.setup import (DistInfo, GradSync, WarmupCosine, all_reduce_sum, barrier, broadcast_ok,
                                 build_draft, check_dumps, init_distributed, make_optimizer, token_counts)
 
 # settings a resumed run must share with the checkpoint (they change the data order or the model)
@@ -51,7 +51,7 @@ def ttt_loss(*args, **kwargs):
 def make_step_fn(steps: int, teacher_kind: str, decay: float, attention: str, device: torch.device, compile_: bool):
     """The whole TTT forward + loss + metrics as one function of (model, batch, normalizer). FP8 aux states are
     dequantized first, inside the same graph: the host only ever moves the stored bytes."""
-    from stages.aux_storage import dequantize_batch
+    from stages.shards.aux import dequantize_batch
 
     autocast = device.type == "cuda"
 
@@ -65,8 +65,8 @@ def make_step_fn(steps: int, teacher_kind: str, decay: float, attention: str, de
 
 def to_device(batch: dict, device: torch.device, float_dtype: torch.dtype | None) -> dict:
     """The host batch on the device; floats cast to `float_dtype` (CPU: float32). FP8 aux states go as their
-    stored bytes (viewed as uint8: stages/aux_storage.py) and only the step dequantizes them, with their scales."""
-    from stages.aux_storage import device_view
+    stored bytes (viewed as uint8: stages/shards/aux.py) and only the step dequantizes them, with their scales."""
+    from stages.shards.aux import device_view
 
     out = {}
     for k, v in batch.items():

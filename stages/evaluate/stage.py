@@ -1,10 +1,10 @@
 """Stage `eval`: a draft's measured acceptance length with real speculative decoding, and a lossless check.
 
-For each turn of each question (stages/prompt_sets.py: a conversation up to its first user turn, or a benchmark
+For each turn of each question (stages/data/prompts.py: a conversation up to its first user turn, or a benchmark
 question of one or more turns, in file order; later turns follow the target's own earlier answers), rendered with
 the chat template and the generation prompt, the target generates greedily twice: with its own `generate()` (the
 reference output and the baseline speed) and with greedy chain speculative decoding driven by the exported
-draft (stages/speculative.py). The two outputs must be equal token for token; any difference is an error naming
+draft (stages/evaluate/speculative.py). The two outputs must be equal token for token; any difference is an error naming
 the prompt. Acceptance length = tokens produced per target forward in the decode phase, bonus token included
 (= 1 + the sum of the per-position acceptance rates), pooled over all, per category and per turn.
 """
@@ -34,11 +34,11 @@ def render_prompt(tokenizer, messages: list[dict], where: str) -> list[int]:
 
 
 def load_prompts(sources, tokenizer, num_prompts: int | None) -> tuple[list, list]:
-    """([Question], [Skipped]): the first `num_prompts` usable questions (stages/prompt_sets.py), the skips.
+    """([Question], [Skipped]): the first `num_prompts` usable questions (stages/data/prompts.py), the skips.
 
     Turn 1 of every question is rendered here, so a template that rejects one fails before any generation.
     """
-    from stages.prompt_sets import read_questions
+    from stages.data.prompts import read_questions
 
     questions, skips = read_questions(sources, num_prompts)
     for q in questions:
@@ -192,9 +192,9 @@ def evaluate(target: str, draft: str, data, *, num_prompts=32, max_new_tokens=12
     """Speculative vs plain greedy decoding over the questions' turns; returns the report dict (see `command`)."""
     from tqdm import tqdm
 
-    from stages.prompt_sets import answer_text
-    from stages.records import summarize_skips
-    from stages.speculative import TargetWithAux, greedy_generate, speculative_generate
+    from stages.data.prompts import answer_text
+    from stages.data.records import summarize_skips
+    from stages.evaluate.speculative import TargetWithAux, greedy_generate, speculative_generate
 
     if draft_tokens < 1:
         raise StageError(f"--draft-tokens {draft_tokens}: must be at least 1")

@@ -151,7 +151,7 @@ def _rows_of_batch(num_rows: int, to_rows, label: str, start: int, first_row: in
 
 def is_regenerated_dir(path: Path) -> bool:
     """The output of `eagle-pipe regenerate` (its manifest.json says so): read as its records, not as files."""
-    from stages.regenerated_format import is_regenerated_dir as check
+    from stages.data.regenerated import is_regenerated_dir as check
 
     return check(path)
 
@@ -236,7 +236,7 @@ def iter_source(kind: str, target, start: int, select: Select) -> Iterator:
     if kind == "parquet":
         return (yield from read_parquet(target, start, select))
     if kind == "regenerated":
-        from stages.regenerated_format import read_regenerated
+        from stages.data.regenerated import read_regenerated
 
         return (yield from read_regenerated(target, start, select))
     ds, label = load_saved_dataset(target) if kind == "saved" else load_hub_dataset(target)

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from stages.errors import StageError
-from stages.target_parts import decoder_parts, effective_norm_weight
+from stages.target import decoder_parts, effective_norm_weight
 
 DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16,
           "half": torch.float16, "float32": torch.float32, "fp32": torch.float32, "float": torch.float32}
@@ -66,7 +66,7 @@ class Target:
         return self.model.get_output_embeddings()
 
     def base_model(self) -> torch.nn.Module:
-        """The text decoder (see stages/target_parts.py): its last_hidden_state is the final-normed state."""
+        """The text decoder (see stages/target.py): its last_hidden_state is the final-normed state."""
         return decoder_parts(self.model).base
 
 

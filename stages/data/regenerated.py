@@ -16,7 +16,7 @@ Layout of OUT::
                                                turns, generated_tokens, finish_reasons; no timings
 
 Records go to shard `sample_index % num_shards`. `read_regenerated` is the record reader that
-stages/record_sources.py uses for such a directory: all shards merged by the original sample_index.
+stages/data/sources.py uses for such a directory: all shards merged by the original sample_index.
 """
 from __future__ import annotations
 
@@ -54,7 +54,7 @@ def is_regenerated_dir(path: Path) -> bool:
 
 
 def read_regenerated(out: Path, start: int, select) -> Iterator:
-    """A record reader (stages/record_sources.py) over a complete OUT: the written records of every shard,
+    """A record reader (stages/data/sources.py) over a complete OUT: the written records of every shard,
     merged by their original sample_index, so the order does not depend on the number of shards. `where` is
     `part.jsonl:LINE`; returns the number of records."""
     import heapq
@@ -81,7 +81,7 @@ def read_regenerated(out: Path, start: int, select) -> Iterator:
 
 
 def _part_lines(files: list[Path]):
-    from stages.record_sources import parse_json_line
+    from stages.data.sources import parse_json_line
 
     for path in files:
         with open(path, "rb") as f:

@@ -1,5 +1,5 @@
 """What `eagle-pipe train` does before its first step: check the dumps, build the draft, the optimizer, the
-schedule, and the process group. Kept apart from the loop in stages/train.py so each file reads in one sitting.
+schedule, and the process group. Kept apart from the loop in stages/train/stage.py so each file reads in one sitting.
 
 Multi-GPU choice: the compiled step (`torch.compile(fullgraph=True)`) runs on the plain, unwrapped module and
 gradients are summed across ranks with ONE coalesced all-reduce of a flat buffer after the last micro-batch of
@@ -86,7 +86,7 @@ def _field(manifest: dict, path: tuple) -> object:
 def check_dumps(teacher_dir: Path, eval_dir: Path | None) -> dict:
     """Verify every dump (manifest, shards, streaming checksums of every part) and that dumps trained together
     share a target, tokenizer and teacher. Raises StageError naming the first bad file; returns the manifest."""
-    from stages.verify import verify_dump
+    from stages.shards.verify import verify_dump
 
     manifests = {}
     for d in [teacher_dir] + ([eval_dir] if eval_dir else []):

@@ -29,8 +29,8 @@ import torch
 
 
 def decoder_layers(model) -> torch.nn.ModuleList:
-    """The decoder layers of a HF causal LM's text decoder (stages/target_parts.py finds it)."""
-    from stages.target_parts import decoder_parts
+    """The decoder layers of a HF causal LM's text decoder (stages/target.py finds it)."""
+    from stages.target import decoder_parts
 
     return decoder_parts(model).layers
 
