@@ -215,8 +215,8 @@ def main() -> None:
 
     import torch
 
-    from stages.dump.forward import resolve_dtype
-    from stages.dump.stage import dump_teacher, resolve_device
+    from stages.dump.stage import dump_teacher
+    from stages.target import resolve_device, resolve_dtype
 
     device = resolve_device(a.device)
     dtype = resolve_dtype(a.dtype, device)

@@ -5,6 +5,7 @@
     train/       teacher shards -> draft checkpoints, export (`train`, `export`, stage two)
     evaluate/    target + draft + questions -> report       (`eval`)
 Shared by the stages, imported downward only: data/ (reading records, chat masks, benchmark questions, the
-regenerate format), shards/ (the teacher-shard format, its aux encoding, `verify`), target.py (finding a
-target's decoder parts), paths.py, errors.py. At the top: cli.py, run.py (chains the stages), config.py.
+regenerate format), shards/ (the teacher-shard format, its aux encoding, `verify`), target.py (a target's
+device, dtype and decoder parts), sharding.py (which records a scheduler task owns), paths.py, errors.py.
+At the top: cli.py, run.py (chains the stages), config.py. tests/test_layout.py keeps every import pointing down.
 """

@@ -114,9 +114,9 @@ def _jsonable(value):
 def expected_dump_settings(options: dict, num_layers: int) -> dict:
     """The `settings` dump-teacher would write for these options (its own helpers, without loading the target)."""
     from stages.shards.aux import storage_dtype
-    from stages.dump.plan import shard_from_env
-    from stages.dump.forward import dtype_name, parse_aux_layers, resolve_dtype
-    from stages.dump.stage import resolve_device
+    from stages.sharding import shard_from_env
+    from stages.dump.forward import parse_aux_layers
+    from stages.target import dtype_name, resolve_device, resolve_dtype
     from stages.paths import local_or_name
 
     device = resolve_device(options.get("device"))

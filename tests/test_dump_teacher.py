@@ -13,11 +13,12 @@ import torch
 from click.testing import CliRunner
 from dump_helpers import dump_args, write_chat_data
 
-from stages.dump import forward as dump_target
-
 from stages import shards
 from stages.cli import main
-from stages.dump.plan import Sequence, plan_parts, shard_from_env
+from stages.dump import forward as dump_target
+from stages.dump.plan import Sequence, plan_parts
+from stages.sharding import shard_from_env
+from stages.target import DTYPES
 from stages.dump.stage import dump_teacher
 from stages.shards.verify import verify_dump
 
@@ -72,7 +73,7 @@ def check_dump_against_plain_forward(model_dir, chat_data, out, teacher, dtype, 
     assert summary["truncated"] > 0
     assert verify_dump(out) == []
 
-    torch_dtype = dump_target.DTYPES[dtype]
+    torch_dtype = DTYPES[dtype]
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch_dtype).eval()
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     examples = {e.sample_index: e for e in tokenize_records([str(chat_data)], tokenizer, max_seq_len=100)

@@ -13,9 +13,8 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from stages.dump import writer as dump_writer
-
 from stages import shards
+from stages.dump import writer as dump_writer
 from stages.dump.plan import PartPlan, Sequence
 
 SPECS = {"aux_hidden_states": ((12,), torch.bfloat16), "teacher_topk_ids": ((3,), torch.int32),

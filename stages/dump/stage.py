@@ -17,7 +17,6 @@ Parts already on disk are kept, so a rerun after a crash only computes what is m
 """
 from __future__ import annotations
 
-import os
 import shutil
 import time
 from dataclasses import dataclass
@@ -28,9 +27,10 @@ import click
 import numpy as np
 
 from stages import shards
-from stages.dump.plan import Sequence, plan_parts, pad_batch, shard_from_env, token_counts
+from stages.dump.plan import Sequence, plan_parts, pad_batch, token_counts
 from stages.errors import StageError
 from stages.paths import data_fingerprint, ensure_writable, local_or_name
+from stages.sharding import shard_from_env
 
 if TYPE_CHECKING:
     import torch
@@ -56,16 +56,6 @@ class _ShardSelector:
             raise _LimitReached
         self.num_records = max(self.num_records, sample_index + 1)
         return sample_index % self.num_shards == self.shard_index
-
-
-def resolve_device(device: str | None) -> str:
-    import torch
-
-    if device:
-        return device
-    if torch.cuda.is_available():
-        return f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
-    return "cpu"
 
 
 def claim_manifest(out: Path, manifest: dict, overwrite: bool) -> None:
@@ -237,7 +227,7 @@ class DumpSettings:
 
     def record(self, aux_ids: list[int]) -> dict:
         """manifest.json `settings`: every option that changes the output (resumed jobs must agree on them)."""
-        from stages.dump.forward import dtype_name
+        from stages.target import dtype_name
 
         return {"target": self.target_source, "data": self.sources, "dtype": dtype_name(self.dtype),
                 "aux_dtype": dtype_name(self.aux_dtype), "aux_layers": aux_ids, "teacher": self.teacher,
@@ -264,7 +254,8 @@ def plan_dump(*, target, data, out, dtype=None, device=None, device_map=None, tr
     """Step 1: check the options (one line per mistake) and resolve device, dtypes and shard, before the target
     is loaded or anything but a write probe touches --out."""
     from stages.shards.aux import storage_dtype
-    from stages.dump.forward import load_config, resolve_dtype
+    from stages.dump.forward import load_config
+    from stages.target import resolve_device, resolve_dtype
 
     if not target:
         raise StageError("--target is required (a model directory or hub id)")
@@ -314,7 +305,8 @@ def load_checked_target(s: DumpSettings):
 def claim_dump(s: DumpSettings, tgt, aux_ids: list[int]) -> dict:
     """Step 3: stage OUT/target, claim OUT/manifest.json (refusing another dump in OUT), install OUT/target;
     returns the manifest."""
-    from stages.dump.forward import dtype_name, install_target_dir, write_target_dir
+    from stages.dump.forward import install_target_dir, write_target_dir
+    from stages.target import dtype_name
 
     settings = s.record(aux_ids)
     staged = s.out / f".target.tmp-{shards.temp_suffix()}"

@@ -27,12 +27,12 @@ from pathlib import Path
 import click
 
 from stages import shards
-from stages.dump.plan import in_shard, shard_from_env
+from stages.data.regenerated import (FORMAT, SCHEMA_VERSION, bookkeeping_name, compared_manifest,
+                                     manifest_identity_sha256, part_name, shard_dir)
 from stages.errors import StageError
 from stages.paths import data_fingerprint, ensure_writable, local_or_name
 from stages.regenerate.engines import Decoding, Request, make_engine, request_seed
-from stages.data.regenerated import (FORMAT, SCHEMA_VERSION, bookkeeping_name, compared_manifest,
-                                       manifest_identity_sha256, part_name, shard_dir)
+from stages.sharding import in_shard, shard_from_env
 
 TURNS = ("all", "first")
 
@@ -359,7 +359,7 @@ def print_summary(s: dict, done: dict) -> None:
 def is_complete(options: dict) -> tuple[bool, str]:
     """(every shard of OUT is done under a manifest made with these options, why not), without loading the
     target: what `eagle-pipe run` checks before skipping the stage."""
-    from stages.dump.forward import dtype_name, resolve_dtype
+    from stages.target import dtype_name, resolve_dtype
 
     out = Path(options.get("out") or "")
     path = out / "manifest.json"
