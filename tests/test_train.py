@@ -269,3 +269,60 @@ def test_compiled_bf16_training_on_cuda_matches_eager_and_learns(dump, tmp_path)
     assert compiled[-1]["loss"] < 0.9 * compiled[0]["loss"]
     summary = json.loads((tmp_path / "compiled" / "train_summary.json").read_text())
     assert summary["final_eval"]["eval_acc"][0] > 10.0 / VD and summary["final_metrics"]["skipped_steps"] == 0
+
+
+def test_held_out_evaluation_reuses_the_compiled_training_graph(dump, tmp_path, monkeypatch):
+    """Evaluation runs the step that training compiled, in the same grad mode: one graph for the whole run.
+    (A `torch.no_grad()` evaluation made dynamo trace and compile a second, inference graph: one more
+    compilation per run, and on an H200 with torch 2.11 that graph's autotuning hit an illegal memory access.)"""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    import stages.train.stage as train_mod
+
+    counter = CompileCounterWithBackend("eager")
+    real_compile = torch.compile
+    monkeypatch.setattr(train_mod.torch, "compile",
+                        lambda fn, **kw: real_compile(fn, **(kw | {"backend": counter})))
+    torch._dynamo.reset()
+    run = tmp_path / "run"
+    args = [a for a in BASE if a != "--no-compile"]
+    result = CliRunner().invoke(main, ["train", *args, "--compile", "--teacher-dir", str(dump), "--out", str(run),
+                                       "--max-steps", "6", "--eval-every", "2", "--log-every", "2"])
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    evals = [r for r in records(run) if "eval_acc" in r]
+    assert len(evals) == 3 and all(e["eval_positions"] > 0 for e in evals)
+    assert counter.frame_count == 1, f"{counter.frame_count} graphs compiled; evaluation should reuse training's"
+
+
+@pytest.mark.parametrize("steps, warmup, positions, params, short", [
+    (5, 100, 82_000, 10_000_000, True),      # issue 14: SmolLM2 with the defaults (batch 8 x 2048, 1 epoch)
+    (54, 100, 221_000, 10_000_000, True),    # issue 14: --batch-size 4 --seq-len 1024 --epochs 3
+    (300, 20, 614_000, 328_000, False),      # the built-in demo (AL 3.8)
+    (199, 20, 10_000_000, 328_000, True),    # plenty of data, too few updates
+    (1000, 600, 10_000_000, 328_000, True),  # mostly warmup
+    (1000, 100, 100_000, 328_000, True),     # many steps over far too little data
+])
+def test_run_length_warning(steps, warmup, positions, params, short):
+    from stages.train.setup import run_length_warning
+
+    warning = run_length_warning(steps, warmup, positions, params)
+    assert (warning is not None) == short, warning
+    if short:
+        assert "\n" not in warning and "--batch-size" in warning and "--epochs" in warning
+
+
+def test_a_short_run_warns_in_one_line_with_its_own_numbers(dump, tmp_path):
+    """The CLI prints the warning once, computed from this run's steps, warmup, positions and parameters."""
+    from unittest import mock
+
+    import stages.train.stage as train_mod
+
+    run = tmp_path / "short"
+    with mock.patch.object(train_mod, "run_length_warning", wraps=train_mod.run_length_warning) as spy:
+        short = train(["--teacher-dir", str(dump), "--out", str(run), "--max-steps", "4"])
+    lines = [ln for ln in short.output.splitlines() if "too short" in ln]
+    assert len(lines) == 1 and "4 optimizer steps" in lines[0] and "--warmup-steps" in lines[0]
+    steps, warmup, positions, params = spy.call_args.args
+    assert (steps, warmup) == (4, 3) and 0 < positions <= 4 * 2 * 128  # at most 4 steps x 2 rows x 128
+    exported = load_file(run / "export" / "model.safetensors")
+    assert params == sum(t.numel() for name, t in exported.items() if name not in ("d2t", "t2d"))

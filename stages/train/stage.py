@@ -35,7 +35,8 @@ from stages.shards import atomic_write_json, read_json
 from stages.train.loader import DumpIndex, PackedLoader
 from stages.train.settings import TrainSettings
 from stages.train.setup import (DistInfo, GradSync, WarmupCosine, all_reduce_sum, barrier, broadcast_ok,
-                                build_draft, check_dumps, init_distributed, make_optimizer, token_counts)
+                                build_draft, check_dumps, init_distributed, make_optimizer, run_length_warning,
+                                token_counts)
 
 # settings a resumed run must share with the checkpoint (they change the data order or the model)
 RESUME_FIXED = ("seq_len", "batch_size", "grad_accum", "seed", "ttt_steps", "draft_vocab_size", "long_sequences",
@@ -143,9 +144,12 @@ def optimizer_step(model, opt, params, step_fn, batches, normalizer, sync, grad_
     return loss, bad
 
 
-@torch.no_grad()
 def evaluate(model, loader: PackedLoader, step_fn, info, float_dtype) -> dict:
-    """Held-out per-step accuracy and simulated acceptance length (all ranks; sums all-reduced)."""
+    """Held-out per-step accuracy and simulated acceptance length (all ranks; sums all-reduced).
+
+    It runs the training step's own compiled graph, grad mode on and no backward: under `torch.no_grad()` the
+    compiled step would be traced and compiled a second time (an inference graph), which costs a compilation
+    per run and, on an H200 with torch 2.11, crashed in that graph's autotuning (illegal memory access)."""
     from eagle.loss import simulated_acceptance_length
 
     sums = torch.zeros(3, loader.steps, device=info.device)
@@ -153,8 +157,9 @@ def evaluate(model, loader: PackedLoader, step_fn, info, float_dtype) -> dict:
     loader.load_state_dict({"epoch": 0, "step": 0})
     for micro in loader:
         for batch, _ in micro:
-            _, m = step_fn(model, to_device(batch, info.device, float_dtype), ones)
-            sums += torch.stack([m["ce_sum"], m["correct"], m["valid"]]).float()
+            m = step_fn(model, to_device(batch, info.device, float_dtype), ones)[1]
+            sums += torch.stack([m["ce_sum"], m["correct"], m["valid"]]).detach().float()
+            del m  # frees this batch's autograd graph before the next forward
     sums = all_reduce_sum(sums, info)
     acc = sums[1] / sums[2].clamp_min(1)
     al = simulated_acceptance_length(acc)
@@ -241,6 +246,7 @@ def train(s: TrainSettings) -> dict:
     model = build_model(s, index, info)
     data = build_data(s, index, model, info)
     optim = build_optimization(s, model, data, info)
+    warn_if_too_short(s, data, optim, info)
     state = resume(s, info, latest, model, optim, data)
     run_loop(s, info, model, optim, data, state)
     return finish(s, info, model, state, wall0)
@@ -308,6 +314,15 @@ def build_optimization(s: TrainSettings, model, data: TrainData, info: DistInfo)
     opt, params, names = make_optimizer(model, s.lr, s.weight_decay, info.device)
     schedule = WarmupCosine(s.lr, s.warmup_steps, data.total_steps, s.min_lr_ratio)
     return Optimization(opt, params, names, schedule, GradSync(params, info))
+
+
+def warn_if_too_short(s: TrainSettings, data: TrainData, optim: Optimization, info: DistInfo) -> None:
+    """Rank 0 says in one line when the run cannot give a useful draft (stages/train/setup.py says when)."""
+    positions = data.loader.chunks.report()["positions"] * data.total_steps / data.steps_per_epoch
+    warning = run_length_warning(data.total_steps, s.warmup_steps, int(positions),
+                                 sum(p.numel() for p in optim.params))
+    if warning and info.is_main:
+        click.echo(f"train: {warning}", err=True)
 
 
 def resume(s: TrainSettings, info: DistInfo, latest: Path | None, model, optim: Optimization,
@@ -379,9 +394,7 @@ def run_loop(s: TrainSettings, info: DistInfo, model, optim: Optimization, data:
                                      f"{ckpt_root / ckpt.step_name(step)} are the last finite ones; lower --lr "
                                      "or check the dump")
             if data.eval_loader is not None and _due(step, s.eval_every, total):
-                model.eval()
                 last_eval = evaluate(model, data.eval_loader, step_fn, info, float_dtype) | {"step": step}
-                model.train()
                 log.write(last_eval)
                 if state.best is None or last_eval["eval_acceptance_length"] > state.best:
                     state.best = last_eval["eval_acceptance_length"]
