@@ -121,7 +121,7 @@ def test_step_with_fp8_input_traces_as_one_graph_and_equals_the_dequantized_batc
     model = random_draft(cfg, seed=3)
     batch, normalizer = fp8_batch(cfg, 8), torch.full((STEPS,), 9.0)
     batch = to_device(batch, torch.device("cpu"), torch.float32)  # as training hands it over: uint8 bits
-    step_fn = make_step_fn(STEPS, "topk", 0.8, "dense", torch.device("cpu"), compile_=False)
+    step_fn = make_step_fn(STEPS, "topk", 0.8, "dense", torch.device("cpu"), compile_=False, precision="fp32")
     torch._dynamo.reset()
     explanation = torch._dynamo.explain(step_fn)(model, batch, normalizer)
     assert explanation.graph_break_count == 0, explanation.break_reasons
@@ -145,3 +145,40 @@ def test_compiled_dequantization_equals_eager():
     got, want = compiled(on_device), dequantize_batch(batch)
     assert torch.equal(got["aux_hidden_states"], want["aux_hidden_states"]) and "aux_scales" not in got
     assert counter.frame_count == 1
+
+
+def test_bf16_step_on_cpu_tracks_the_fp32_step():
+    """--precision bf16 (the default on CPUs with AMX): the same loss, metrics and gradients as the fp32 step up to
+    bf16 rounding; the fp32 step is the reference."""
+    from stages.train.stage import make_step_fn
+
+    cfg = small_cfg()
+    batch, normalizer = packed_batch(cfg, [5, 7, 3], T=16, rows=2, seed=4), torch.full((STEPS,), 9.0)
+    results = {}
+    for precision in ("fp32", "bf16"):
+        model = random_draft(cfg, seed=3)
+        step_fn = make_step_fn(STEPS, "topk", 0.8, "dense", torch.device("cpu"), compile_=False, precision=precision)
+        loss, metrics = step_fn(model, batch, normalizer)
+        loss.backward()
+        results[precision] = loss.detach(), metrics, {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+    (ref, ref_m, ref_g), (got, got_m, got_g) = results["fp32"], results["bf16"]
+    assert not torch.equal(got, ref)  # bf16 really ran
+    torch.testing.assert_close(got, ref, rtol=2e-2, atol=0)
+    assert torch.equal(got_m["valid"], ref_m["valid"])
+    for name in ref_g:
+        assert rel_err(got_g[name], ref_g[name]) < 5e-2, name
+
+
+def test_precision_auto_resolves_by_device(monkeypatch):
+    from stages.errors import StageError
+    from stages.train.setup import resolve_precision
+
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True)
+    assert resolve_precision("auto", cpu)[0] == "bf16"
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    assert resolve_precision("auto", cpu)[0] == "fp32"
+    assert resolve_precision("auto", torch.device("cuda"))[0] == "bf16"
+    assert resolve_precision("fp32", torch.device("cuda")) == ("fp32", "--precision")
+    with pytest.raises(StageError, match="--precision 'fp16'"):
+        resolve_precision("fp16", cpu)

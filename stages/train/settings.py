@@ -69,6 +69,9 @@ class TrainSettings:
     """A separate held-out dump of the same target; then nothing is held out of `teacher_dir`."""
     resume: bool = False
     """Continue from the newest complete checkpoint in `out` (weights, optimizer, schedule, RNG, data position)."""
+    precision: str = "auto"
+    """Matmuls of the step: "bf16" autocast (fp32 master weights, optimizer and loss) or "fp32"; "auto": bf16
+    on CUDA and on CPUs with AMX bf16 units, fp32 elsewhere."""
     compile: bool = True
     """torch.compile(fullgraph=True) the TTT forward + loss (False: eager)."""
     num_workers: int = 2

@@ -4,7 +4,7 @@
     torchrun --nproc_per_node G -m stages.cli train ...     (one process per GPU; see stages/train/setup.py)
 
 Per optimizer step: `grad_accum` packed micro-batches per rank (stages/train/loader.py) -> the compiled step
-(TTT forward + loss + metrics, `torch.compile(fullgraph=True)`, bf16 autocast on GPU, fp32 master weights) ->
+(TTT forward + loss + metrics, `torch.compile(fullgraph=True)`, bf16 autocast, fp32 master weights) ->
 backward -> one gradient all-reduce -> clip -> fused AdamW. The loss is normalised by the number of supervised
 positions of the whole global batch (counted on the host, summed over ranks and micro-batches), so any split
 over ranks and accumulation computes the same update as one big batch. A non-finite loss or gradient skips the
@@ -35,8 +35,8 @@ from stages.shards import atomic_write_json, read_json
 from stages.train.loader import DumpIndex, PackedLoader
 from stages.train.settings import TrainSettings
 from stages.train.setup import (DistInfo, GradSync, WarmupCosine, all_reduce_sum, barrier, broadcast_ok,
-                                build_draft, check_dumps, init_distributed, make_optimizer, run_length_warning,
-                                token_counts)
+                                build_draft, check_dumps, init_distributed, make_optimizer, resolve_precision,
+                                run_length_warning, token_counts)
 
 # settings a resumed run must share with the checkpoint (they change the data order or the model)
 RESUME_FIXED = ("seq_len", "batch_size", "grad_accum", "seed", "ttt_steps", "draft_vocab_size", "long_sequences",
@@ -49,12 +49,14 @@ def ttt_loss(*args, **kwargs):
     return _ttt_loss(*args, **kwargs)
 
 
-def make_step_fn(steps: int, teacher_kind: str, decay: float, attention: str, device: torch.device, compile_: bool):
+def make_step_fn(steps: int, teacher_kind: str, decay: float, attention: str, device: torch.device, compile_: bool,
+                 precision: str = "auto"):
     """The whole TTT forward + loss + metrics as one function of (model, batch, normalizer). FP8 aux states are
-    dequantized first, inside the same graph: the host only ever moves the stored bytes."""
+    dequantized first, inside the same graph: the host only ever moves the stored bytes. Matmuls run in bf16
+    autocast when `precision` resolves to bf16 (stages/train/setup.py: resolve_precision), weights stay fp32."""
     from stages.shards.aux import dequantize_batch
 
-    autocast = device.type == "cuda"
+    autocast = resolve_precision(precision, device)[0] == "bf16"
 
     def step_fn(model, batch, normalizer):
         batch = dequantize_batch(batch)
@@ -282,6 +284,9 @@ def build_model(s: TrainSettings, index: DumpIndex, info: DistInfo):
     if info.is_main:
         rope = choose_draft_rope(read_json(teacher_dir / "target" / "config.json"), s.draft_rope)
         click.echo(f"train: draft RoPE: {rope.reason}", err=True)
+        precision, why = resolve_precision(s.precision, info.device)
+        click.echo(f"train: precision {precision}{' autocast, fp32 weights' if precision == 'bf16' else ''} ({why})",
+                   err=True)
     return model
 
 
@@ -359,7 +364,8 @@ def run_loop(s: TrainSettings, info: DistInfo, model, optim: Optimization, data:
     barrier(info)
     log = RunLog(run, state.step, info.is_main)
     float_dtype = None if info.device.type == "cuda" else torch.float32
-    step_fn = make_step_fn(s.ttt_steps, data.index.teacher_kind, s.decay, s.attention, info.device, s.compile)
+    step_fn = make_step_fn(s.ttt_steps, data.index.teacher_kind, s.decay, s.attention, info.device, s.compile,
+                           s.precision)
     metrics = Metrics(s.ttt_steps, info.device)
     positions_per_step = data.loader.rows_per_step * s.seq_len
     save = _checkpoint_writer(s, info, model, optim, data, state)
@@ -496,6 +502,9 @@ def _progress(total: int, initial: int, enabled: bool):
 @click.option("--eval-teacher-dir", default=None, type=click.Path(file_okay=False),
               help="A separate held-out dump (same target); then nothing is held out of --teacher-dir.")
 @click.option("--resume", is_flag=True, help="Continue from the newest complete checkpoint in --out.")
+@click.option("--precision", type=click.Choice(["auto", "bf16", "fp32"]), default="auto", show_default=True,
+              help="Matmuls of the step: bf16 autocast (fp32 weights) or fp32; auto = bf16 on CUDA and on CPUs "
+                   "with AMX bf16 units, else fp32.")
 @click.option("--compile/--no-compile", default=True, show_default=True, help="torch.compile the step.")
 @click.option("--num-workers", default=2, show_default=True, help="Batch-building threads.")
 @click.option("--max-bad-steps", default=10, show_default=True, help="Stop after this many skipped steps in a row.")
