@@ -14,9 +14,11 @@ API:
 
     def export_draft(model, out_dir, dtype=None) -> Path   # config.json + model.safetensors (metadata {"format": "pt"})
         # dtype: cast the float weights (e.g. torch.bfloat16 for serving); default keeps the model's dtype
-    def load_draft(path, embed_weight: Tensor | None = None, device="cpu") -> Eagle3Draft
+    def load_draft(path, embed_weight: Tensor | None = None, device="cpu", target_config=None) -> Eagle3Draft
         # embed_weight: the target's embedding [V, H] (exports omit it; engines use the target's).
         # Without it the embedding is NaN, so a forward fails loudly instead of drafting garbage.
+        # Also reads Model-Optimizer / speculators / llama-eagle3 exports (eagle/draft_formats.py), given the
+        # target's config.json dict as target_config; model.draft_format names the format read.
 """
 from __future__ import annotations
 
@@ -139,19 +141,33 @@ def export_draft(model, out_dir, dtype: torch.dtype | None = None) -> Path:
     return out_dir
 
 
-def load_draft(path, embed_weight: torch.Tensor | None = None, device="cpu"):
-    """Rebuild the exported Eagle3Draft (weights in their stored dtype), in eval mode, on `device`."""
+def load_draft(path, embed_weight: torch.Tensor | None = None, device="cpu", target_config: dict | None = None):
+    """Rebuild the exported Eagle3Draft (weights in their stored dtype), in eval mode, on `device`.
+
+    Drafts other trainers export (eagle/draft_formats.py) are read too; they need `target_config`, the target's
+    config.json dict. `model.draft_format` names the format read.
+    """
+    from eagle.draft_formats import detect_format, read_peer_draft  # it imports this module
     from eagle.model import Eagle3Draft  # the model module imports the config, never this one
 
     path = Path(path)
     cfg_path, w_path = path / "config.json", path / "model.safetensors"
-    for p in (cfg_path, w_path):
-        if not p.is_file():
-            raise FileNotFoundError(f"draft dir {path} lacks {p.name} (expected {p})")
+    if not cfg_path.is_file():
+        raise FileNotFoundError(f"draft dir {path} lacks {cfg_path.name} (expected {cfg_path})")
     try:
         config = json.loads(cfg_path.read_text())
     except json.JSONDecodeError as e:
         raise ValueError(f"{cfg_path}: not valid JSON ({e})") from None
+    peer = isinstance(config, dict) and "eagle_pipe" not in config
+    fmt = detect_format(config, str(cfg_path)) if peer else "eagle-pipe"
+    if fmt != "eagle-pipe":
+        if target_config is None:
+            raise ValueError(f"{cfg_path}: no 'eagle_pipe.draft_config' (not exported by eagle-pipe): reading a "
+                             f"{fmt} draft needs the target's config (target_config)")
+        _, cfg, tensors = read_peer_draft(path, target_config)
+        return _build(Eagle3Draft(cfg), tensors, embed_weight, device, fmt)
+    if not w_path.is_file():
+        raise FileNotFoundError(f"draft dir {path} lacks {w_path.name} (expected {w_path})")
     meta = config.get("eagle_pipe") if isinstance(config, dict) else None
     if not isinstance(meta, dict) or not isinstance(meta.get("draft_config"), dict):
         raise ValueError(f"{cfg_path}: no 'eagle_pipe.draft_config' (not exported by eagle-pipe)")
@@ -182,9 +198,16 @@ def load_draft(path, embed_weight: torch.Tensor | None = None, device="cpu"):
         if tuple(t.shape) != shape or not ok_dtype:
             raise ValueError(f"{w_path}: '{name}' is {t.dtype} {list(t.shape)}, expected {kind} {list(shape)}")
 
-    model = Eagle3Draft(cfg)
+    return _build(Eagle3Draft(cfg), tensors, embed_weight, device, fmt)
+
+
+def _build(model, tensors: dict, embed_weight, device, fmt: str):
+    """Load `tensors` into `model`; the draft's own embed_tokens, else the target's `embed_weight`, else NaN."""
+    cfg = model.cfg
     float_dtype = tensors["fc.weight"].dtype
-    if embed_weight is None:
+    if "embed_tokens.weight" in tensors:  # a draft that ships its own embedding runs with it, as vLLM does
+        embed = tensors["embed_tokens.weight"]
+    elif embed_weight is None:
         embed = torch.full((cfg.vocab_size, cfg.hidden_size), float("nan"), dtype=float_dtype)
     else:
         if tuple(embed_weight.shape) != (cfg.vocab_size, cfg.hidden_size):
@@ -194,6 +217,7 @@ def load_draft(path, embed_weight: torch.Tensor | None = None, device="cpu"):
     tensors["embed_tokens.weight"] = embed
     model.load_state_dict(tensors, strict=True, assign=True)  # assign: keep the stored dtypes
     model.embed_tokens.weight.requires_grad_(False)
+    model.draft_format = fmt
     return model.to(device).eval()
 
 
