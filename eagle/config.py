@@ -173,6 +173,30 @@ class DraftConfig:
         return cls(**copy.deepcopy(d))
 
 
+def export_tensor_shapes(cfg: DraftConfig) -> dict[str, tuple[tuple[int, ...], str]]:
+    """Every tensor of the serving layout (eagle/export.py) -> (shape, kind), kind "float", "int64" or "bool" (the
+    reference table); eagle/draft_formats.py checks other trainers' files against the same table."""
+    H, I, hd = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
+    q, kv = cfg.num_attention_heads * hd, cfg.num_key_value_heads * hd
+    return {
+        "fc.weight": ((H, 3 * cfg.target_hidden_size), "float"),
+        "midlayer.self_attn.q_proj.weight": ((q, 2 * H), "float"),
+        "midlayer.self_attn.k_proj.weight": ((kv, 2 * H), "float"),
+        "midlayer.self_attn.v_proj.weight": ((kv, 2 * H), "float"),
+        "midlayer.self_attn.o_proj.weight": ((H, q), "float"),
+        "midlayer.mlp.gate_proj.weight": ((I, H), "float"),
+        "midlayer.mlp.up_proj.weight": ((I, H), "float"),
+        "midlayer.mlp.down_proj.weight": ((H, I), "float"),
+        "midlayer.input_layernorm.weight": ((H,), "float"),
+        "midlayer.hidden_norm.weight": ((H,), "float"),
+        "midlayer.post_attention_layernorm.weight": ((H,), "float"),
+        "norm.weight": ((H,), "float"),
+        "lm_head.weight": ((cfg.draft_vocab_size, H), "float"),
+        "d2t": ((cfg.draft_vocab_size,), "int64"),
+        "t2d": ((cfg.vocab_size,), "bool"),
+    }
+
+
 def default_aux_layer_ids(num_layers: int) -> tuple[int, int, int]:
     """EAGLE-3's low/mid/high features: (2, N//2, N-3) for N >= 7; evenly spread ids for 3 <= N < 7."""
     _require_positive_int(num_layers, "num_hidden_layers")

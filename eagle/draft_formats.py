@@ -49,8 +49,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from eagle.config import DraftConfig
-from eagle.export import export_tensor_shapes
+from eagle.config import DraftConfig, export_tensor_shapes
 from eagle.rope import engine_mismatch, normalise_rope_scaling
 
 FORMATS = ("eagle-pipe", "llama-eagle3", "modelopt", "speculators")

@@ -32,34 +32,11 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from eagle.config import DraftConfig
+from eagle.config import DraftConfig, export_tensor_shapes
 
 ARCHITECTURE = "LlamaForCausalLMEagle3"
 FORMAT_VERSION = 1
 EXPORT_FILES = ("config.json", "model.safetensors")
-
-
-def export_tensor_shapes(cfg: DraftConfig) -> dict[str, tuple[tuple[int, ...], str]]:
-    """Every exported tensor name -> (shape, kind), kind "float", "int64" or "bool" (the reference table)."""
-    H, I, hd = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
-    q, kv = cfg.num_attention_heads * hd, cfg.num_key_value_heads * hd
-    return {
-        "fc.weight": ((H, 3 * cfg.target_hidden_size), "float"),
-        "midlayer.self_attn.q_proj.weight": ((q, 2 * H), "float"),
-        "midlayer.self_attn.k_proj.weight": ((kv, 2 * H), "float"),
-        "midlayer.self_attn.v_proj.weight": ((kv, 2 * H), "float"),
-        "midlayer.self_attn.o_proj.weight": ((H, q), "float"),
-        "midlayer.mlp.gate_proj.weight": ((I, H), "float"),
-        "midlayer.mlp.up_proj.weight": ((I, H), "float"),
-        "midlayer.mlp.down_proj.weight": ((H, I), "float"),
-        "midlayer.input_layernorm.weight": ((H,), "float"),
-        "midlayer.hidden_norm.weight": ((H,), "float"),
-        "midlayer.post_attention_layernorm.weight": ((H,), "float"),
-        "norm.weight": ((H,), "float"),
-        "lm_head.weight": ((cfg.draft_vocab_size, H), "float"),
-        "d2t": ((cfg.draft_vocab_size,), "int64"),
-        "t2d": ((cfg.vocab_size,), "bool"),
-    }
 
 
 def serving_config(cfg: DraftConfig, dtype: torch.dtype) -> dict:
@@ -147,7 +124,7 @@ def load_draft(path, embed_weight: torch.Tensor | None = None, device="cpu", tar
     Drafts other trainers export (eagle/draft_formats.py) are read too; they need `target_config`, the target's
     config.json dict. `model.draft_format` names the format read.
     """
-    from eagle.draft_formats import detect_format, read_peer_draft  # it imports this module
+    from eagle.draft_formats import detect_format, read_peer_draft
     from eagle.model import Eagle3Draft  # the model module imports the config, never this one
 
     path = Path(path)

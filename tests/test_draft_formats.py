@@ -402,7 +402,7 @@ def test_pending_eagle31_switches_are_the_only_refusal_of_a_31_config(original):
 def test_eval_drafts_the_same_tokens_from_every_layout(tiny_llama, tmp_path, monkeypatch):
     """`eagle-pipe eval` on the tiny target: the same weights in eagle-pipe's, speculators' and
     Model-Optimizer's layout propose the same draft tokens every round, so acceptance and losslessness agree."""
-    import stages.speculative as spec
+    import stages.evaluate.speculative as spec
     from test_evaluate import PROMPT_RECORDS, make_random_draft, run_eval, write_jsonl
 
     own = make_random_draft(tiny_llama, tmp_path / "own", seed=5)
