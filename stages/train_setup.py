@@ -110,8 +110,8 @@ def check_dumps(teacher_dir: Path, eval_dir: Path | None) -> dict:
 def build_draft(teacher_dir: Path, manifest: dict, token_counts: torch.Tensor, *, draft_vocab_size: int,
                 ttt_steps: int, init_lm_head: bool, seed: int, draft_rope: str = "auto", draft_arch: str = "eagle3"):
     """The draft, from the dump alone: config from target/config.json + the manifest's aux ids (RoPE by
-    `draft_rope`, eagle.config.choose_draft_rope; EAGLE-3 or 3.1 by `draft_arch`), frozen embedding (and the lm_head/norm init) from
-    target/weights.safetensors, vocab map from token counts."""
+    `draft_rope`, eagle.config.choose_draft_rope; EAGLE-3 or 3.1 by `draft_arch`), frozen embedding (and the
+    lm_head/norm init) from target/weights.safetensors, vocab map from token counts."""
     from eagle.config import DraftConfig, load_target_dir
     from eagle.model import Eagle3Draft
     from eagle.vocab import build_vocab_map

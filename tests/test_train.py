@@ -203,6 +203,10 @@ def test_draft_arch_is_announced_exported_and_fixed_on_resume(dump, tmp_path):
     result = train(["--teacher-dir", str(dump), "--out", str(run), "--max-steps", "3", "--eval-every", "0",
                     "--lr", "3e-3", "--draft-arch", "eagle3.1"])
     assert "train: draft architecture: eagle3.1 (fc_norm:" in result.output
+    from eagle.config import DRAFT_ARCHS
+    from stages.train import command
+
+    assert list(next(p for p in command.params if p.name == "draft_arch").type.choices) == list(DRAFT_ARCHS)
     exported = json.loads((run / "export" / "config.json").read_text())
     assert exported["fc_norm"] is True and exported["norm_output"] is True
     assert json.loads((run / "train_summary.json").read_text())["settings"]["draft_arch"] == "eagle3.1"
