@@ -3,11 +3,15 @@
 Layout: ../shared/reference/eagle3-checkpoint.md. The directory holds
   config.json        a Llama config with architectures ["LlamaForCausalLMEagle3"], num_hidden_layers 1,
                      vocab_size V, draft_vocab_size Vd, an int target_hidden_size, explicit rope_theta and
-                     rope_scaling, no bias / norm-variant flags, aux layer ids in both engines' conventions
-                     (top level: vLLM, k = HF hidden_states[k]; eagle_config: SGLang, k - 1), and under
-                     "eagle_pipe" the exact DraftConfig so `load_draft` rebuilds the same model
-  model.safetensors  metadata {"format": "pt"}; fc, midlayer.*, norm, lm_head, d2t int64, t2d bool; no
-                     `model.` prefix and no embed_tokens (the engines use the target's embedding)
+                     rope_scaling, no bias flags, aux layer ids in both engines' conventions (top level: vLLM,
+                     k = HF hidden_states[k]; eagle_config: SGLang, k - 1), and under "eagle_pipe" the exact
+                     DraftConfig so `load_draft` rebuilds the same model. Norm variants: an EAGLE-3.1 draft
+                     writes `fc_norm: true` and `norm_output: true` (the switches both engines run alike);
+                     EAGLE-3 writes none; `norm_before_fc` / `norm_before_residual` (one engine only) never
+  model.safetensors  metadata {"format": "pt"}; fc, [fc_norm.{0,1,2}.weight,] midlayer.*, norm, lm_head, d2t
+                     int64, t2d bool; no `model.` prefix and no embed_tokens (the engines use the target's
+                     embedding). vLLM prefixes every name but lm_head with `model.`, SGLang looks both ways:
+                     `fc_norm.{i}.weight` is the name both map onto their `model.fc_norm[i]`
 The directory is written under a temporary name and renamed into place, so a crash never leaves a half export.
 
 API:
@@ -32,7 +36,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from eagle.config import DraftConfig, export_tensor_shapes
+from eagle.config import ARCH_SWITCHES, DraftConfig, export_tensor_shapes
 
 ARCHITECTURE = "LlamaForCausalLMEagle3"
 FORMAT_VERSION = 1
@@ -68,6 +72,7 @@ def serving_config(cfg: DraftConfig, dtype: torch.dtype) -> dict:
             "eagle_aux_hidden_state_layer_ids": [k - 1 for k in aux],  # SGLang adds +1
             "use_aux_hidden_state": True,
         },
+        **{name: True for name in ARCH_SWITCHES if getattr(cfg, name)},  # EAGLE-3.1: fc_norm, norm_output
         "eagle_pipe": {"format_version": FORMAT_VERSION, "draft_config": cfg.to_dict()},
     }
 
@@ -159,6 +164,10 @@ def load_draft(path, embed_weight: torch.Tensor | None = None, device="cpu", tar
     trained = {"rope_theta": float(cfg.rope_theta), "rope_scaling": cfg.rope_scaling}
     if served != trained:  # the engines read the top-level fields: they must be what the draft was trained with
         raise ValueError(f"{cfg_path}: the engines' rope fields {served} differ from the trained draft's {trained}")
+    for name in ARCH_SWITCHES:  # likewise the norm switches: the engines would run another architecture
+        if bool(config.get(name, False)) != getattr(cfg, name):
+            raise ValueError(f"{cfg_path}: the engines' {name}={config.get(name)!r} differs from the trained "
+                             f"draft's {name}={getattr(cfg, name)} ({cfg.draft_arch})")
 
     expected = export_tensor_shapes(cfg)
     with safe_open(str(w_path), framework="pt") as f:

@@ -194,6 +194,52 @@ def test_draft_rope_is_announced_taken_and_fixed_on_resume(dump, tmp_path):
     assert changed.exit_code == 2 and "was trained as a different draft (rope_scaling=" in changed.output
 
 
+def test_draft_arch_is_announced_exported_and_fixed_on_resume(dump, tmp_path):
+    """--draft-arch eagle3.1 trains the fc_norm weights and exports the two switches; resuming a run with
+    another --draft-arch is refused in one line, before any weight is loaded."""
+    from eagle.export import load_draft
+
+    run = tmp_path / "run"
+    result = train(["--teacher-dir", str(dump), "--out", str(run), "--max-steps", "3", "--eval-every", "0",
+                    "--lr", "3e-3", "--draft-arch", "eagle3.1"])
+    assert "train: draft architecture: eagle3.1 (fc_norm:" in result.output
+    from eagle.config import DRAFT_ARCHS
+    from stages.train.stage import command
+
+    assert list(next(p for p in command.params if p.name == "draft_arch").type.choices) == list(DRAFT_ARCHS)
+    exported = json.loads((run / "export" / "config.json").read_text())
+    assert exported["fc_norm"] is True and exported["norm_output"] is True
+    assert json.loads((run / "train_summary.json").read_text())["settings"]["draft_arch"] == "eagle3.1"
+    draft = load_draft(run / "export")
+    assert draft.cfg.draft_arch == "eagle3.1"
+    assert not torch.equal(draft.fc_norm[2].weight, torch.ones_like(draft.fc_norm[2].weight))  # trained
+    (run / "train_summary.json").unlink()  # an interrupted run
+    changed = train(["--teacher-dir", str(dump), "--out", str(run), "--max-steps", "4", "--resume",
+                     "--eval-every", "0"], expect_ok=False)
+    assert changed.exit_code == 2
+    assert changed.output.strip().splitlines()[-1] == (
+        f"Error: {run / 'checkpoints' / 'step-00000003'}: was trained with draft_arch='eagle3.1', now 'eagle3'; "
+        "resume with the same value or start a new --out")
+    assert "Traceback" not in changed.output
+    train(["--teacher-dir", str(dump), "--out", str(run), "--max-steps", "4", "--resume", "--eval-every", "0",
+           "--draft-arch", "eagle3.1"])
+
+
+def test_checkpoints_from_before_draft_arch_resume_as_eagle3(dump, tmp_path):
+    run = tmp_path / "run"
+    train(["--teacher-dir", str(dump), "--out", str(run), "--max-steps", "2", "--eval-every", "0"])
+    (run / "train_summary.json").unlink()
+    meta_path = ckpt.latest_checkpoint(run / "checkpoints") / "meta.json"
+    meta = json.loads(meta_path.read_text())
+    del meta["settings"]["draft_arch"]  # written before the option existed
+    assert "fc_norm" not in meta["draft_config"] and "norm_output" not in meta["draft_config"]
+    meta_path.write_text(json.dumps(meta))
+    refused = train(["--teacher-dir", str(dump), "--out", str(run), "--max-steps", "3", "--resume",
+                     "--eval-every", "0", "--draft-arch", "eagle3.1"], expect_ok=False)
+    assert refused.exit_code == 2 and "was trained with draft_arch='eagle3', now 'eagle3.1'" in refused.output
+    train(["--teacher-dir", str(dump), "--out", str(run), "--max-steps", "3", "--resume", "--eval-every", "0"])
+
+
 def test_train_settings_mirror_the_command_options():
     """TrainSettings is the typed form of the click options: same names, same defaults."""
     import dataclasses

@@ -51,6 +51,9 @@ class TrainSettings:
     draft_rope: str = "auto"
     """The draft's RoPE: "auto" (the target's when the engines compute it exactly as training does, else plain
     RoPE with the target's rope_theta), "target" (the target's or an error) or "default" (plain RoPE)."""
+    draft_arch: str = "eagle3"
+    """"eagle3", or "eagle3.1": per-aux-state fc_norm and post-norm feedback (norm_output), exported with the
+    switches vLLM and SGLang both run."""
     device: str = "auto"
     """auto, cpu, cuda or cuda:N (under torchrun: the local rank's GPU)."""
     seed: int = 0

@@ -108,10 +108,10 @@ def check_dumps(teacher_dir: Path, eval_dir: Path | None) -> dict:
 
 
 def build_draft(teacher_dir: Path, manifest: dict, token_counts: torch.Tensor, *, draft_vocab_size: int,
-                ttt_steps: int, init_lm_head: bool, seed: int, draft_rope: str = "auto"):
+                ttt_steps: int, init_lm_head: bool, seed: int, draft_rope: str = "auto", draft_arch: str = "eagle3"):
     """The draft, from the dump alone: config from target/config.json + the manifest's aux ids (RoPE by
-    `draft_rope`, eagle.config.choose_draft_rope), frozen embedding (and the lm_head/norm init) from
-    target/weights.safetensors, vocab map from token counts."""
+    `draft_rope`, eagle.config.choose_draft_rope; EAGLE-3 or 3.1 by `draft_arch`), frozen embedding (and the
+    lm_head/norm init) from target/weights.safetensors, vocab map from token counts."""
     from eagle.config import DraftConfig, load_target_dir
     from eagle.model import Eagle3Draft
     from eagle.vocab import build_vocab_map
@@ -119,7 +119,8 @@ def build_draft(teacher_dir: Path, manifest: dict, token_counts: torch.Tensor, *
     try:
         target_cfg, weights = load_target_dir(teacher_dir / "target")
         cfg = DraftConfig.from_target_config(target_cfg, draft_vocab_size=draft_vocab_size, ttt_steps=ttt_steps,
-                                             aux_layer_ids=tuple(manifest["aux_layer_ids"]), draft_rope=draft_rope)
+                                             aux_layer_ids=tuple(manifest["aux_layer_ids"]), draft_rope=draft_rope,
+                                             draft_arch=draft_arch)
     except (OSError, ValueError, KeyError) as e:
         raise StageError(f"{teacher_dir / 'target'}: {e}") from None
     if token_counts.numel() != cfg.vocab_size:

@@ -40,7 +40,13 @@ from stages.train.setup import (DistInfo, GradSync, WarmupCosine, all_reduce_sum
 
 # settings a resumed run must share with the checkpoint (they change the data order or the model)
 RESUME_FIXED = ("seq_len", "batch_size", "grad_accum", "seed", "ttt_steps", "draft_vocab_size", "long_sequences",
-                "eval_fraction", "world_size")
+                "eval_fraction", "world_size", "draft_arch")
+
+
+# what `train` says on rank 0 about the architecture it trains
+ARCH_NOTES = {"eagle3": "eagle3",
+              "eagle3.1": "eagle3.1 (fc_norm: an RMSNorm per aux hidden state before fc; norm_output: the next "
+                          "draft step receives norm(out))"}
 
 
 def ttt_loss(*args, **kwargs):
@@ -280,10 +286,11 @@ def build_model(s: TrainSettings, index: DumpIndex, info: DistInfo):
     teacher_dir = Path(s.teacher_dir)
     model = build_draft(teacher_dir, index.manifest, token_counts(index), draft_vocab_size=s.draft_vocab_size,
                         ttt_steps=s.ttt_steps, init_lm_head=s.init_lm_head, seed=s.seed,
-                        draft_rope=s.draft_rope).to(info.device)
+                        draft_rope=s.draft_rope, draft_arch=s.draft_arch).to(info.device)
     if info.is_main:
         rope = choose_draft_rope(read_json(teacher_dir / "target" / "config.json"), s.draft_rope)
         click.echo(f"train: draft RoPE: {rope.reason}", err=True)
+        click.echo(f"train: draft architecture: {ARCH_NOTES.get(model.cfg.draft_arch, model.cfg.draft_arch)}", err=True)
         precision, why = resolve_precision(s.precision, info.device)
         click.echo(f"train: precision {precision}{' autocast, fp32 weights' if precision == 'bf16' else ''} ({why})",
                    err=True)
@@ -338,14 +345,16 @@ def resume(s: TrainSettings, info: DistInfo, latest: Path | None, model, optim: 
     if not (s.resume and latest is not None):
         optim.sync.broadcast_params()
         return state
-    meta = ckpt.load_checkpoint(latest, model=model, optimizer=optim.opt, param_names=optim.names)
     settings = s.record(info.world_size)
-    for key in RESUME_FIXED:
-        if meta["settings"].get(key) != settings.get(key):
-            raise StageError(f"{latest}: was trained with {key}={meta['settings'].get(key)!r}, now "
+    recorded = ckpt.read_meta(latest)["settings"]
+    recorded = {"draft_arch": "eagle3"} | recorded  # checkpoints from before --draft-arch are EAGLE-3
+    for key in RESUME_FIXED:  # checked before loading: another draft_arch has other parameters
+        if recorded.get(key) != settings.get(key):
+            raise StageError(f"{latest}: was trained with {key}={recorded.get(key)!r}, now "
                              f"{settings.get(key)!r}; resume with the same value or start a new --out")
+    meta = ckpt.load_checkpoint(latest, model=model, optimizer=optim.opt, param_names=optim.names)
     trained, now = meta.get("draft_config") or {}, model.cfg.to_dict()
-    changed = sorted(k for k in now if trained.get(k) != now[k])
+    changed = sorted(k for k in now.keys() | trained.keys() if trained.get(k) != now.get(k))
     if changed:  # e.g. another --draft-rope: the same weights would be rotated differently
         was, is_ = (", ".join(f"{k}={d.get(k)!r}" for k in changed) for d in (trained, now))
         raise StageError(f"{latest}: was trained as a different draft ({was}), now {is_}; resume with the same "
@@ -492,6 +501,9 @@ def _progress(total: int, initial: int, enabled: bool):
 @click.option("--draft-rope", type=click.Choice(["auto", "target", "default"]), default="auto", show_default=True,
               help="The draft's RoPE: auto = the target's when vLLM/SGLang reproduce it exactly, else plain RoPE "
                    "with the target's rope_theta; target = the target's or an error; default = plain RoPE.")
+@click.option("--draft-arch", type=click.Choice(["eagle3", "eagle3.1"]), default="eagle3", show_default=True,
+              help="eagle3.1: one RMSNorm per aux hidden state before fc (fc_norm) and the next draft step fed "
+                   "norm(out) (norm_output), exported as the config.json switches vLLM and SGLang both run.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N.")
 @click.option("--seed", default=0, show_default=True)
 @click.option("--save-every", default=1000, show_default=True)
