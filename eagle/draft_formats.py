@@ -30,8 +30,9 @@ Refused, in one line naming the key and its value: what the draft layer cannot r
 biases, another activation, sliding-window attention, norm_before_residual, norm_before_fc, Model-Optimizer's
 parallel draft heads / no final norm / MTP norm, quantized weights, a LoRA-adapted target), what the engines read
 ambiguously (tie_word_embeddings, a null target_hidden_size, speculators configs without norm_before_residual or
-draft_vocab_size, top-level and eagle_config ids that disagree), missing or unexpected tensors, wrong shapes,
-and EAGLE-3.1's fc_norm / norm_output until DraftConfig holds them (`PENDING_SWITCHES`).
+draft_vocab_size, top-level and eagle_config ids that disagree), missing or unexpected tensors and wrong shapes.
+EAGLE-3.1's `fc_norm` (SGLang: `use_aux_norm`) and `norm_output` are read into the DraftConfig switches of the
+same names.
 
 API:
     class DraftFormatError(ValueError)
@@ -61,10 +62,8 @@ MODELOPT_EAGLE_CONFIG_KEYS = ("use_input_layernorm_in_first_layer", "use_last_la
 LLAMA_DEFAULTS = {"num_hidden_layers": 32, "hidden_act": "silu", "max_position_embeddings": 2048,
                   "rms_norm_eps": 1e-6, "rope_theta": 10000.0}
 LAYER_PREFIXES = ("midlayer.", "layers.0.")  # vLLM's llama_eagle3.py renames midlayer. to layers.0.
-# EAGLE-3.1 switches that DraftConfig does not hold yet (branch eagle31 adds them). Accepting them is one line:
-# drop their names from this tuple; a true value then sets the DraftConfig field of the same name, and their
-# tensors (fc_norm.{i}.weight) are expected through export_tensor_shapes(cfg).
-PENDING_SWITCHES = ("fc_norm", "norm_output")
+# EAGLE-3.1 switches: a true value sets the DraftConfig field of the same name (fc_norm.{i}.weight tensors are
+# then expected through export_tensor_shapes(cfg))
 EAGLE31_SWITCHES = {"fc_norm": "per-aux RMSNorm before fc", "norm_output": "post-norm feedback to the next step"}
 OPTIONAL_TENSORS = ("t2d", "embed_tokens.weight")  # d2t too when the draft vocab is the whole vocab
 
@@ -276,7 +275,7 @@ def _layer_rope(c: dict, where: str, prefix: str) -> tuple[float, dict | None]:
 
 
 def _eagle31_switches(config: dict, where: str) -> dict:
-    """DraftConfig overrides for EAGLE-3.1's switches; refused while pending (see PENDING_SWITCHES)."""
+    """DraftConfig overrides for EAGLE-3.1's switches (a non-boolean value is refused)."""
     values = {key: config.get(key) for key in EAGLE31_SWITCHES}
     if config.get("use_aux_norm") not in (None, False):  # SGLang's alias of fc_norm
         values["fc_norm"] = config["use_aux_norm"]
@@ -286,9 +285,6 @@ def _eagle31_switches(config: dict, where: str) -> dict:
             continue
         if value is not True:
             raise _refusal(where, key, value, "must be a boolean")
-        if key in PENDING_SWITCHES:
-            raise _refusal(where, key, value, f"EAGLE-3.1 {EAGLE31_SWITCHES[key]}, which eagle-pipe's draft "
-                                              "does not run yet")
         overrides[key] = True
     return overrides
 

@@ -61,7 +61,7 @@ def write_speculators(model, out: Path, dtype=None, **config_changes) -> Path:
         "architectures": ["Eagle3Speculator"], "auto_map": {"": "eagle3.Eagle3SpeculatorConfig"},
         "speculators_model_type": "eagle3", "speculators_version": "0.9.0", "transformers_version": "5.25.0",
         "draft_vocab_size": cfg.draft_vocab_size, "norm_before_residual": False, "norm_before_fc": False,
-        "fc_norm": False, "norm_output": False, "embed_requires_grad": False, "tie_word_embeddings": False,
+        "fc_norm": cfg.fc_norm, "norm_output": cfg.norm_output, "embed_requires_grad": False, "tie_word_embeddings": False,
         "target_hidden_size": None if cfg.target_hidden_size == cfg.hidden_size else cfg.target_hidden_size,
         "eagle_aux_hidden_state_layer_ids": list(cfg.aux_layer_ids),  # HF hidden_states numbering
         "transformer_layer_config": layer.to_diff_dict(),
@@ -292,8 +292,6 @@ CONFIG_REFUSALS = [  # (writer, config key path, bad value, what the message mus
     ("speculators", "norm_before_residual", True, "norm_before_residual=true"),
     ("speculators", "norm_before_residual", DELETE, "no norm_before_residual"),
     ("speculators", "norm_before_fc", True, "norm_before_fc=true"),
-    ("speculators", "fc_norm", True, "fc_norm=true: EAGLE-3.1"),
-    ("speculators", "norm_output", True, "norm_output=true: EAGLE-3.1"),
     ("speculators", "speculators_model_type", "dflash", 'speculators_model_type="dflash"'),
     ("speculators", "draft_vocab_size", DELETE, "draft_vocab_size=null"),
     ("speculators", "eagle_aux_hidden_state_layer_ids", [1, 2, 4, 5], "eagle_aux_hidden_state_layer_ids=[1, 2, 4, 5]"),
@@ -318,7 +316,6 @@ CONFIG_REFUSALS = [  # (writer, config key path, bad value, what the message mus
     ("llama-eagle3", "tie_word_embeddings", True, "tie_word_embeddings=true"),
     ("llama-eagle3", "target_hidden_size", None, "target_hidden_size=null"),
     ("llama-eagle3", "norm_before_residual", True, "norm_before_residual=true"),
-    ("llama-eagle3", "use_aux_norm", True, "fc_norm=true"),
     ("llama-eagle3", "model_type", "qwen2", 'model_type="qwen2"'),
     ("llama-eagle3", "architectures", ["MistralForCausalLM"], 'architectures=["MistralForCausalLM"]'),
     ("llama-eagle3", "target_vocab_size", 60, "target_vocab_size=60"),
@@ -373,29 +370,27 @@ def test_lora_co_trained_drafts_and_a_missing_target_config_are_refused(original
         read_peer_draft(out, {"num_hidden_layers": 5})
 
 
-def test_pending_eagle31_switches_are_the_only_refusal_of_a_31_config(original):
-    """fc_norm / norm_output are refused only through PENDING_SWITCHES: emptying it (the one-line change once
-    DraftConfig holds them) moves the refusal to DraftConfig's missing field, nothing else in this module."""
-    import eagle.draft_formats as formats
+@pytest.mark.parametrize("fmt", ["speculators", "llama-eagle3"])
+def test_eagle31_drafts_load_exactly(fmt, tmp_path):
+    """An EAGLE-3.1 draft (fc_norm + norm_output) in speculators' and the plain layout loads back to the same
+    draft, fc_norm.{i} tensors and post-norm feedback included (TTT and chain-drafting logits equal)."""
+    model = random_draft(tiny_cfg(target_hidden_size=32, fc_norm=True, norm_output=True), seed=13).eval()
+    with torch.no_grad():
+        for i in range(3):  # not the ones they start from, so a dropped fc_norm tensor would show
+            model.fc_norm[i].weight.uniform_(0.5, 1.5)
+    out = WRITERS[fmt](model, tmp_path / fmt)
+    loaded = load_draft(out, embed_weight=model.embed_tokens.weight.detach(), target_config=TARGET)
+    assert loaded.cfg.draft_arch == "eagle3.1"
+    assert_same_draft(loaded, model)
 
-    spec_cfg = dict(
-        speculators_model_type="eagle3", norm_before_residual=False, draft_vocab_size=40, fc_norm=True,
-        eagle_aux_hidden_state_layer_ids=[2, 4, 5],
-        transformer_layer_config={"model_type": "llama", "num_hidden_layers": 1, "hidden_size": 32,
-                                  "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 8,
-                                  "intermediate_size": 48, "vocab_size": 50})
-    with pytest.raises(DraftFormatError, match="fc_norm=true: EAGLE-3.1"):
-        peer_draft_config(spec_cfg, TARGET)
-    pending = formats.PENDING_SWITCHES
-    try:
-        formats.PENDING_SWITCHES = ()
-        if "fc_norm" in {f.name for f in dataclasses.fields(formats.DraftConfig)}:
-            assert peer_draft_config(spec_cfg, TARGET)[1].fc_norm is True
-        else:
-            with pytest.raises(TypeError, match="fc_norm"):
-                peer_draft_config(spec_cfg, TARGET)
-    finally:
-        formats.PENDING_SWITCHES = pending
+
+def test_sglang_use_aux_norm_reads_as_fc_norm(tmp_path):
+    """SGLang's alias for fc_norm (`use_aux_norm`) means the same switch."""
+    model = random_draft(tiny_cfg(target_hidden_size=32, fc_norm=True), seed=14).eval()
+    out = edit(write_llama_eagle3(model, tmp_path / "alias"), lambda c: c.update(use_aux_norm=c.pop("fc_norm")))
+    loaded = load_draft(out, embed_weight=model.embed_tokens.weight.detach(), target_config=TARGET)
+    assert loaded.cfg.fc_norm and not loaded.cfg.norm_output
+    assert_same_draft(loaded, model)
 
 
 # ------------------------------------------------------------------------------------------------ eagle-pipe eval
@@ -455,7 +450,7 @@ REAL_OUTCOMES = {  # file -> None (parses) or the key the refusal names
     "specforge/llama3-70B-ealge3.json": None,
     "specforge/gpt-oss-20B-eagle3.json": None,
     "specforge/qwen3-235B-A22B-eagle3.json": None,
-    "specforge/qwen3-30B-A3B-eagle3.1.json": "fc_norm=true",
+    "specforge/qwen3-30B-A3B-eagle3.1.json": None,  # EAGLE-3.1: fc_norm + norm_output
     "specforge/deepseek-v2-lite-eagle3.json": "rope_scaling=",
     "specforge/qwen2-5-vl-7b-eagle3.json": "rope_scaling=",
     "specforge/phi4-eagle3.json": 'model_type="phi3"',
