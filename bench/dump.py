@@ -10,7 +10,7 @@ including the writer's sha256/fsync, excluding model load, tokenization and the 
 best of `--dump-runs` full dumps into fresh directories; the bare forward is the best of 2 passes after a
 one-sequence warm-up.
 
-With `--writer-only` no model runs: the part writer alone (`stages.dump_writer.PartWriter`: assembling, serialize,
+With `--writer-only` no model runs: the part writer alone (`stages.dump.writer.PartWriter`: assembling, serialize,
 sha256 while writing, fsync, rename) is fed synthetic batch outputs of the given shape, first as fast as it takes
 them (`writer_MBps`: part bytes per second from the first submit to the last part on disk; `writer_MBps_per_cpu
 _second` per CPU second of the process), then paced like a GPU producing `--produce-MBps` (default 500, an H100
@@ -72,7 +72,7 @@ def bare_forward_seconds(model_dir: Path, out: Path, a, dtype, device: str) -> t
     from transformers import AutoModelForCausalLM
 
     from stages import shards
-    from stages.dump_plan import Sequence, pad_batch, plan_parts
+    from stages.dump.plan import Sequence, pad_batch, plan_parts
 
     seqs = []
     for path in shards.iter_parts(out):
@@ -102,7 +102,7 @@ def synthetic_parts(a, n_parts: int):
     """Planned parts of 1024-token sequences and one reusable set of batch outputs per batch size."""
     import numpy as np
 
-    from stages.dump_plan import PartPlan, Sequence
+    from stages.dump.plan import PartPlan, Sequence
 
     rng = np.random.default_rng(0)
     seq_len = min(1024, a.batch_tokens)
@@ -121,7 +121,7 @@ def writer_only(a) -> dict:
 
     import torch
 
-    from stages.dump_writer import PartWriter
+    from stages.dump.writer import PartWriter
     from stages.shards import BUFFERED_ENV
 
     dtype = getattr(torch, a.dtype or "bfloat16")
@@ -215,8 +215,8 @@ def main() -> None:
 
     import torch
 
-    from stages.dump_target import resolve_dtype
-    from stages.dump_teacher import dump_teacher, resolve_device
+    from stages.dump.stage import dump_teacher
+    from stages.target import resolve_device, resolve_dtype
 
     device = resolve_device(a.device)
     dtype = resolve_dtype(a.dtype, device)

@@ -1,4 +1,4 @@
-"""Benchmark: MB/s and tokens/s per worker thread of the training data path (stages.train_data.PackedLoader:
+"""Benchmark: MB/s and tokens/s per worker thread of the training data path (stages.train.loader.PackedLoader:
 part files -> packed fixed-shape host batches + host valid counts), from warm page cache and from cold files,
 for each `--workers` count, next to the machine's memory-copy speed measured in the same run.
 
@@ -35,7 +35,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from stages.shards import part_name, shard_dir, write_part  # noqa: E402
-from stages.train_data import SAFETENSORS_DTYPES, DumpIndex, PackedLoader  # noqa: E402
+from stages.train.loader import SAFETENSORS_DTYPES, DumpIndex, PackedLoader  # noqa: E402
 
 SHAPES = {  # hidden, stored aux dtype, vocab, seq_len, batch
     "cpu": (256, "float32", 8192, 512, 4),

@@ -36,7 +36,7 @@ def cli(args: list) -> dict:
 
 
 def load_chats(path: str) -> list[list[dict]]:
-    from stages.records import parse_record, read_records
+    from stages.data.records import parse_record, read_records
 
     chats = []
     for _, _, record in read_records([path]):
@@ -110,7 +110,7 @@ def acceptance(a) -> dict:
 def throughput(a) -> dict:
     import torch
 
-    from stages.regenerate_engines import Decoding, HFEngine, Request
+    from stages.regenerate.engines import Decoding, HFEngine, Request
 
     torch.set_num_threads(a.threads)
     seen, prompts = set(), []

@@ -62,7 +62,7 @@ draft tokens. ``torch.compile``: speculators compiles ``forward`` only when CUDA
 (``models/utils.py:71 conditional_torch_compile``, applied at import), so on CPU its step is always eager;
 ``--no-compile`` disables dynamo for it on CUDA.
 
-Differences in what it computes vs eagle-pipe (``stages.train.optimizer_step``) at the same shapes:
+Differences in what it computes vs eagle-pipe (``stages.train.stage.optimizer_step``) at the same shapes:
 - Attention: a dense eager score matrix over the whole packed row, ``L x L*(k+1)`` at TTT step k with
   ``L = B*T`` (the earlier steps' keys are appended as full ``L x L`` blocks of which only the diagonal is
   unmasked), every masked entry computed and then discarded: ``6 (B*T)^2`` score entries over 3 steps. Ours

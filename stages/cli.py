@@ -13,12 +13,12 @@ from stages.errors import StageError
 
 # command name -> (module, one-line help)
 COMMANDS = {
-    "regenerate": ("stages.regenerate", "Replace the data's assistant turns with the target's own answers (on-policy data)."),
-    "dump-teacher": ("stages.dump_teacher", "Run the target once and write teacher shards (stage one)."),
-    "verify": ("stages.verify", "Check a teacher dump: shards complete, checksums, every record accounted for."),
-    "train": ("stages.train", "Train an EAGLE-3 draft from teacher shards, without the target (stage two)."),
-    "export": ("stages.export", "Export a training checkpoint in the layout vLLM and SGLang serve."),
-    "eval": ("stages.evaluate", "Measure acceptance length with real speculative decoding (lossless check)."),
+    "regenerate": ("stages.regenerate.stage", "Replace the data's assistant turns with the target's own answers (on-policy data)."),
+    "dump-teacher": ("stages.dump.stage", "Run the target once and write teacher shards (stage one)."),
+    "verify": ("stages.shards.verify", "Check a teacher dump: shards complete, checksums, every record accounted for."),
+    "train": ("stages.train.stage", "Train an EAGLE-3 draft from teacher shards, without the target (stage two)."),
+    "export": ("stages.train.export", "Export a training checkpoint in the layout vLLM and SGLang serve."),
+    "eval": ("stages.evaluate.stage", "Measure acceptance length with real speculative decoding (lossless check)."),
     "run": ("stages.run", "Run (regenerate ->) dump-teacher -> train -> export -> eval as configured in pipeline.yaml."),
 }
 

@@ -29,14 +29,14 @@ import click
 
 from stages.config import check_section, load_pipeline_file
 from stages.errors import StageError
-from stages.train_settings import TrainSettings
+from stages.train.settings import TrainSettings
 
 STAGES = {  # section -> module, in pipeline order
-    "regenerate": "stages.regenerate",
-    "dump-teacher": "stages.dump_teacher",
-    "train": "stages.train",
-    "export": "stages.export",
-    "eval": "stages.evaluate",
+    "regenerate": "stages.regenerate.stage",
+    "dump-teacher": "stages.dump.stage",
+    "train": "stages.train.stage",
+    "export": "stages.train.export",
+    "eval": "stages.evaluate.stage",
 }
 REQUIRED = ("dump-teacher", "train", "eval")
 
@@ -113,10 +113,10 @@ def _jsonable(value):
 
 def expected_dump_settings(options: dict, num_layers: int) -> dict:
     """The `settings` dump-teacher would write for these options (its own helpers, without loading the target)."""
-    from stages.aux_storage import storage_dtype
-    from stages.dump_plan import shard_from_env
-    from stages.dump_target import dtype_name, parse_aux_layers, resolve_dtype
-    from stages.dump_teacher import resolve_device
+    from stages.shards.aux import storage_dtype
+    from stages.sharding import shard_from_env
+    from stages.dump.forward import parse_aux_layers
+    from stages.target import dtype_name, resolve_device, resolve_dtype
     from stages.paths import local_or_name
 
     device = resolve_device(options.get("device"))
@@ -136,7 +136,7 @@ def expected_dump_settings(options: dict, num_layers: int) -> dict:
 def dump_is_complete(options: dict) -> tuple[bool, str]:
     """(complete for these settings, why not)."""
     from stages import shards
-    from stages.verify import verify_dump
+    from stages.shards.verify import verify_dump
 
     if not options.get("out") or not options.get("target"):
         return False, "no --out/--target"
@@ -235,7 +235,7 @@ def run_pipeline(ctx: click.Context, path: str, force: bool = False) -> dict:
         status[name] = f"ran in {time.perf_counter() - t0:.1f} s"
 
     if "regenerate" in options:
-        from stages.regenerate import is_complete as regenerate_is_complete
+        from stages.regenerate.stage import is_complete as regenerate_is_complete
 
         stage("regenerate", *regenerate_is_complete(options["regenerate"]))
     stage("dump-teacher", *dump_is_complete(options["dump-teacher"]))
@@ -269,7 +269,7 @@ def run_pipeline(ctx: click.Context, path: str, force: bool = False) -> dict:
 
 def has_partial_run(run_dir: str) -> bool:
     """A train run directory with a complete checkpoint but no train_summary.json (interrupted)."""
-    from stages.checkpoint import latest_checkpoint
+    from stages.train.checkpoint import latest_checkpoint
 
     run = Path(run_dir)
     return not (run / "train_summary.json").exists() and latest_checkpoint(run / "checkpoints") is not None

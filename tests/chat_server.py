@@ -3,7 +3,7 @@
 Request and response shapes are the ones vLLM's server uses (`GET /v1/models`, `POST /v1/chat/completions`
 with `model`, `messages`, `max_tokens`, `temperature`, `chat_template_kwargs`; a `chat.completion` object with
 `choices[0].message.content`, `finish_reason` "stop"/"length" and `usage`). The server renders and generates
-on its own (plain transformers `generate()` one request at a time), independent of stages/regenerate_engines.py.
+on its own (plain transformers `generate()` one request at a time), independent of stages/regenerate/engines.py.
 `fault(body)` may return "500", "hang" or "malformed" to misbehave for that request.
 """
 from __future__ import annotations

@@ -18,9 +18,9 @@ import torch
 from click.testing import CliRunner
 
 from stages import shards
-from stages.aux_storage import FP8, dequantize_fp8, quantize_fp8
+from stages.shards.aux import FP8, dequantize_fp8, quantize_fp8
 from stages.cli import main
-from stages.verify import verify_dump
+from stages.shards.verify import verify_dump
 from train_dumps import cached_dump
 from train_helpers import kill_at_first_checkpoint
 
@@ -195,7 +195,7 @@ def test_schema_1_dumps_still_verify_and_train_to_the_same_weights(full, tmp_pat
 def test_loader_moves_the_stored_fp8_bytes_and_scales_position_by_position(tmp_path):
     """Second code path: the same documents as a float32 dump and as an FP8 dump give the same plan, and every
     position of every FP8 batch (padding included) holds exactly quantize_fp8 of the float32 batch's row."""
-    from stages.train_data import DumpIndex, PackedLoader
+    from stages.train.loader import DumpIndex, PackedLoader
     from train_helpers import make_documents, write_dump
 
     docs = make_documents([5, 17, 2, 9, 30, 1, 12, 8, 3, 21], vocab=40, aux_width=3 * 8)
@@ -227,7 +227,7 @@ def test_loader_moves_the_stored_fp8_bytes_and_scales_position_by_position(tmp_p
 @pytest.mark.parametrize("aux", ["model", "fp8"])
 def test_eagle_pipe_run_expects_the_settings_the_dump_recorded(full, fp8, aux):
     """`eagle-pipe run` skips a finished dump only if it predicts its settings; aux_dtype is one of them."""
-    from stages.dump_teacher import command
+    from stages.dump.stage import command
     from stages.run import expected_dump_settings
 
     dump = fp8 if aux == "fp8" else full
@@ -239,7 +239,7 @@ def test_eagle_pipe_run_expects_the_settings_the_dump_recorded(full, fp8, aux):
 
 
 def test_unknown_aux_dtype_is_refused_in_one_line(tiny_llama, tmp_path):
-    from stages.dump_teacher import dump_teacher
+    from stages.dump.stage import dump_teacher
     from stages.errors import StageError
 
     with pytest.raises(StageError, match="--aux-dtype 'fp4'"):

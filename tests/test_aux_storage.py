@@ -1,4 +1,4 @@
-"""FP8 aux storage (stages/aux_storage.py) against a float64 reference quantizer written here: stored values and
+"""FP8 aux storage (stages/shards/aux.py) against a float64 reference quantizer written here: stored values and
 scales are bitwise the reference's, dequantized values stay within the e4m3 error bound, and zero rows, zeros,
 outliers and exactly representable rows come back exact where the format says they must."""
 from __future__ import annotations
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from stages.aux_storage import FP8, dequantize_batch, dequantize_fp8, device_view, encode_aux, quantize_fp8
+from stages.shards.aux import FP8, dequantize_batch, dequantize_fp8, device_view, encode_aux, quantize_fp8
 
 H = 32  # hidden size per aux layer (3 layers per token)
 
@@ -129,7 +129,7 @@ def test_encode_aux_casts_or_quantizes_and_dequantize_batch_restores_float():
 
 def test_compiled_bit_decoding_equals_torchs_conversion_for_every_byte():
     """The compiled path decodes e4m3 from its bits (any GPU generation); it must equal torch's own cast."""
-    from stages.aux_storage import fp8_to_float32
+    from stages.shards.aux import fp8_to_float32
 
     from torch._inductor.utils import run_and_get_code
 

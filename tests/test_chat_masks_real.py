@@ -35,7 +35,7 @@ from tokenizers import AddedToken, Tokenizer
 from transformers import PreTrainedTokenizerFast
 
 from real_assets import real_path, real_root
-from stages.chat_masks import ChatMasker, TemplateError
+from stages.data.chat_masks import ChatMasker, TemplateError
 
 # ---------------------------------------------------------------------------------------------- conversations
 SYSTEM = "Sysnote alpha: reply in plain English."
@@ -474,7 +474,7 @@ def test_sharegpt_records_with_three_turns_are_masked_not_skipped(name):
     """FastChat's ShareGPT sample (1-3 assistant turns per record) through tokenize_records: no record is
     skipped, and each mask is the rule's (records whose texts repeat inside the record are checked for their
     answers being supervised only, as the reference finds texts by search)."""
-    from stages.records import Example, parse_record, tokenize_records
+    from stages.data.records import Example, parse_record, tokenize_records
 
     source = real_path("data/fastchat/dummy_conversation.json")
     (template,) = [t for t in TEMPLATES if t.name == name]

@@ -9,9 +9,9 @@ import torch
 
 from eagle.config import DraftConfig
 from eagle.model import Eagle3Draft
-from stages import checkpoint as ckpt
+from stages.train import checkpoint as ckpt
 from stages.errors import StageError
-from stages.train_setup import make_optimizer
+from stages.train.setup import make_optimizer
 
 TARGET = {"hidden_size": 32, "num_attention_heads": 4, "num_key_value_heads": 2, "intermediate_size": 48,
           "num_hidden_layers": 6, "vocab_size": 64, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,

@@ -13,11 +13,14 @@ import torch
 from click.testing import CliRunner
 from dump_helpers import dump_args, write_chat_data
 
-from stages import dump_target, shards
+from stages import shards
 from stages.cli import main
-from stages.dump_plan import Sequence, plan_parts, shard_from_env
-from stages.dump_teacher import dump_teacher
-from stages.verify import verify_dump
+from stages.dump import forward as dump_target
+from stages.dump.plan import Sequence, plan_parts
+from stages.sharding import shard_from_env
+from stages.target import DTYPES
+from stages.dump.stage import dump_teacher
+from stages.shards.verify import verify_dump
 
 REPO = Path(__file__).resolve().parents[1]
 AUX = [1, 3, 5]  # 8-layer fixtures; the default (2, 4, 5) is checked in test_default_aux_layers
@@ -60,7 +63,7 @@ def test_cuda_dump_equals_plain_hf_forward(dtype, tiny_qwen3, chat_data, tmp_pat
 def check_dump_against_plain_forward(model_dir, chat_data, out, teacher, dtype, device):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from stages.records import Example, tokenize_records
+    from stages.data.records import Example, tokenize_records
 
     summary = dump_teacher(target=str(model_dir), data=[str(chat_data)], out=str(out), dtype=dtype,
                            device=device, aux_layers="1,3,5", teacher=teacher, top_k=8, batch_tokens=400,
@@ -70,7 +73,7 @@ def check_dump_against_plain_forward(model_dir, chat_data, out, teacher, dtype, 
     assert summary["truncated"] > 0
     assert verify_dump(out) == []
 
-    torch_dtype = dump_target.DTYPES[dtype]
+    torch_dtype = DTYPES[dtype]
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch_dtype).eval()
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     examples = {e.sample_index: e for e in tokenize_records([str(chat_data)], tokenizer, max_seq_len=100)

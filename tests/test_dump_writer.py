@@ -13,8 +13,9 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from stages import dump_writer, shards
-from stages.dump_plan import PartPlan, Sequence
+from stages import shards
+from stages.dump import writer as dump_writer
+from stages.dump.plan import PartPlan, Sequence
 
 SPECS = {"aux_hidden_states": ((12,), torch.bfloat16), "teacher_topk_ids": ((3,), torch.int32),
          "teacher_topk_logprobs": ((3,), torch.float32)}

@@ -34,7 +34,7 @@ def read_published(path: Path) -> list[dict]:
 
 
 def read(path: Path, limit=None):
-    from stages.prompt_sets import read_questions
+    from stages.data.prompts import read_questions
 
     return read_questions([str(path)], limit)
 
@@ -190,7 +190,7 @@ def test_published_gsm8k_and_humaneval_give_eagles_prompts():
 
 # ----------------------------------------------------------------------------------------------- the run
 def test_group_stats_pool_the_target_forwards_of_each_group():
-    from stages.evaluate import group_stats
+    from stages.evaluate.stage import group_stats
 
     def run(question, category, turn, accepted):
         return {"question": question, "category": category, "turn": turn, "accepted": accepted,
@@ -209,7 +209,7 @@ def test_group_stats_pool_the_target_forwards_of_each_group():
 
 
 def test_answer_text_is_the_answer_before_the_end_of_turn(target):
-    from stages.prompt_sets import answer_text
+    from stages.data.prompts import answer_text
 
     _, tokenizer = target
     eot = tokenizer.convert_tokens_to_ids("<|eot_id|>")
@@ -237,8 +237,8 @@ def render(tokenizer, messages) -> list[int]:
 
 
 def test_multi_turn_questions_follow_the_targets_own_answers(tiny_llama, target, tmp_path, monkeypatch):
-    import stages.speculative as spec
-    from stages.evaluate import format_report
+    import stages.evaluate.speculative as spec
+    from stages.evaluate.stage import format_report
 
     model, tokenizer = target
     new_tokens = 20
@@ -315,7 +315,7 @@ def test_multi_turn_questions_follow_the_targets_own_answers(tiny_llama, target,
 
 
 def test_num_prompts_counts_questions_and_mismatches_name_the_turn(tiny_llama, tmp_path, monkeypatch):
-    import stages.speculative as spec
+    import stages.evaluate.speculative as spec
 
     def accept_everything(logits, draft_ids):  # wrong: never compares with the target
         return len(draft_ids), int(logits[-1].argmax())

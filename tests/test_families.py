@@ -97,7 +97,7 @@ def _tokenizer(target: Path):
 
 def template_raises(target: Path, record: dict) -> bool:
     """Whether the family's own template refuses this conversation (then dump must skip it as template_error)."""
-    from stages.records import parse_record
+    from stages.data.records import parse_record
 
     _, messages = parse_record(record)
     try:
@@ -184,7 +184,7 @@ def test_target_cache_cropped_past_the_window_equals_a_full_forward(name, target
     give the logits and aux features of one plain forward over the whole sequence (no cache)."""
     from transformers import AutoModelForCausalLM
 
-    from stages.speculative import TargetWithAux, crop_target_cache, full_history_cache
+    from stages.evaluate.speculative import TargetWithAux, crop_target_cache, full_history_cache
 
     model = AutoModelForCausalLM.from_pretrained(targets(name), dtype=torch.float32).eval()
     V = model.config.get_text_config().vocab_size

@@ -1,4 +1,4 @@
-"""Tests for stages/records.py (+ chat_masks.py, record_sources.py): sources, formats, loss masks, bad input.
+"""Tests for stages/data/records.py (+ chat_masks.py, record_sources.py): sources, formats, loss masks, bad input.
 
 The reference loss masks are built without the chat template: the test writes each template's text by hand as
 segments (header, content + end-of-turn token, trailer), tokenizes every segment on its own and marks the
@@ -15,10 +15,10 @@ import pytest
 from click.testing import CliRunner
 from transformers import AutoTokenizer
 
-import stages.record_sources as record_sources
+import stages.data.sources as record_sources
 from conftest import CHATML_GENERATION_TEMPLATE, CHATML_TEMPLATE, CONVERSATIONS
 from stages.errors import StageError
-from stages.records import (
+from stages.data.records import (
     BadRecord, Example, Skipped, count_records, format_skip_report, read_records, summarize_skips,
     tokenize_records,
 )

@@ -15,9 +15,9 @@ import torch
 from click.testing import CliRunner
 
 from stages.cli import main
-from stages.records import read_records
-from stages.regenerate import prompt_segments
-from stages.regenerated_format import shard_dir
+from stages.data.records import read_records
+from stages.regenerate.stage import prompt_segments
+from stages.data.regenerated import shard_dir
 
 from dump_helpers import stage_args
 
@@ -84,7 +84,7 @@ def check_against_own_generate(target_dir, records: list[dict], source_records: 
     source's, in order."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from stages.records import parse_record
+    from stages.data.records import parse_record
 
     tok = AutoTokenizer.from_pretrained(target_dir)
     model = AutoModelForCausalLM.from_pretrained(target_dir, dtype=torch.float32).eval()
@@ -140,7 +140,7 @@ def test_hf_answers_equal_the_targets_own_greedy_generate(tmp_path):
 
 
 def _first_exchange(record):
-    from stages.records import parse_record
+    from stages.data.records import parse_record
 
     _, messages = parse_record(record)
     first_answer = next(i for i, m in enumerate(messages) if m["role"] == "assistant")
@@ -349,7 +349,7 @@ def test_pipeline_regenerates_then_dumps_trains_and_evaluates(tiny_llama, tmp_pa
     again = json.loads(result.stdout.strip().splitlines()[-1])
     assert again["stages"]["regenerate"] == "skipped" and again["stages"]["dump-teacher"] == "skipped"
 
-    from stages.regenerate import is_complete
+    from stages.regenerate.stage import is_complete
     from stages.run import load_sections, resolve_options
 
     options = resolve_options("pipeline.yaml", "regenerate", load_sections("pipeline.yaml")["regenerate"])
@@ -365,7 +365,7 @@ def test_stop_ids_include_the_real_templates_end_of_turn(name, end_of_turn):
     from transformers import AutoTokenizer
 
     from real_assets import real_path
-    from stages.regenerate_engines import stop_token_ids
+    from stages.regenerate.engines import stop_token_ids
 
     tok = AutoTokenizer.from_pretrained(real_path("tokenizers", name))
     no_eos = SimpleNamespace(generation_config=None, config=SimpleNamespace(eos_token_id=None))

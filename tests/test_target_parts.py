@@ -1,11 +1,11 @@
-"""Finding the text decoder of HF causal LMs (stages/target_parts.py), the refusal of those without one, and the
+"""Finding the text decoder of HF causal LMs (stages/target.py), the refusal of those without one, and the
 norm weight a plain RMSNorm needs to reproduce the target's final norm."""
 from __future__ import annotations
 
 import pytest
 import torch
 
-from stages.target_parts import decoder_parts, effective_norm_weight
+from stages.target import decoder_parts, effective_norm_weight
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from stages.errors import StageError
-from stages.train_data import (DumpIndex, PackedLoader, PartFile, PartReader, _prefetched, epoch_rows, make_chunks,
+from stages.train.loader import (DumpIndex, PackedLoader, PartFile, PartReader, _prefetched, epoch_rows, make_chunks,
                                valid_counts)
 from train_helpers import make_documents, write_dump
 

@@ -12,8 +12,8 @@ from dump_helpers import write_chat_data
 
 from stages import shards
 from stages.cli import main
-from stages.dump_teacher import dump_teacher
-from stages.verify import verify_dump
+from stages.dump.stage import dump_teacher
+from stages.shards.verify import verify_dump
 
 NUM_SHARDS = 3
 

@@ -81,7 +81,7 @@ def write_dump(root: Path, docs: list[dict], vocab: int, kind: str = "topk", k: 
 
 def kill_at_first_checkpoint(cmd: list[str], run: Path, env: dict) -> Path | None:
     """Start a training subprocess and SIGKILL it as soon as RUN has a checkpoint (a crash mid-run); that one."""
-    from stages import checkpoint as ckpt
+    from stages.train import checkpoint as ckpt
 
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120

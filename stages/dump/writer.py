@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from stages.dump_plan import PartPlan
+from stages.dump.plan import PartPlan
 from stages.shards import part_name, write_part
 
 PAUSE_ENV = "EAGLE_PIPE_TEST_PART_PAUSE"  # seconds between writing a part's temp file and renaming it (tests)

@@ -29,8 +29,8 @@ import torch
 
 
 def decoder_layers(model) -> torch.nn.ModuleList:
-    """The decoder layers of a HF causal LM's text decoder (stages/target_parts.py finds it)."""
-    from stages.target_parts import decoder_parts
+    """The decoder layers of a HF causal LM's text decoder (stages/target.py finds it)."""
+    from stages.target import decoder_parts
 
     return decoder_parts(model).layers
 
@@ -174,7 +174,7 @@ def speculative_generate(target: TargetWithAux, draft, prompt_ids: list[int], *,
         d_logits, h = inference.draft_step(draft, dcache, ids, feats.to(draft_dtype), pos, fused=False)
         proposal = [int(draft.draft_to_target(d_logits[0, -1].argmax()))]
         h = h[:, -1:]                                                                    # (1, 1, H)
-        for j in range(1, K):  # later steps from the draft's own pre-norm output
+        for j in range(1, K):  # later steps from the draft's own hidden state (eagle/inference.py)
             ids = torch.tensor([[proposal[-1]]], dtype=torch.long, device=device)
             pos = torch.tensor([[L - 1 + j]], device=device)
             d_logits, h = inference.draft_step(draft, dcache, ids, h, pos, fused=True)

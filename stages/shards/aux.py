@@ -3,7 +3,7 @@ aux layer. The aux states are most of a dump's bytes (3·H per token against k·
 a bf16 dump; the loader and the host->device copy move the stored bytes only, and the training step
 dequantizes on the device (`dequantize_batch`, inside the compiled step).
 
-FP8 rule (the format's definition; stages/shards.py points here): for token n and aux layer l, with x the
+FP8 rule (the format's definition; stages/shards/__init__.py points here): for token n and aux layer l, with x the
 layer's H values upcast to float32,
 
     scale[n, l] = float32(absmax(x) / 448)                 448 = the largest finite float8_e4m3fn

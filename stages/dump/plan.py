@@ -1,6 +1,6 @@
 """The deterministic work plan of one dump shard: which records, which parts, which batches.
 
-Records are partitioned across shards by `sample_index % num_shards`. A shard's sequences are sorted by
+Records are partitioned across shards by stages/sharding.py. A shard's sequences are sorted by
 (length, sample_index) and cut into parts of about `part_tokens` tokens; each part is cut into batches whose
 *padded* size (sequences x longest length) stays within `batch_tokens`. Batches never cross parts, so a part's
 bytes depend only on its own sequences and batches: a rerun after a crash recomputes exactly the missing
@@ -8,12 +8,9 @@ parts and produces the same bytes as an uninterrupted run (same hardware and sof
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 
 import numpy as np
-
-from stages.errors import StageError
 
 
 @dataclass
@@ -41,33 +38,6 @@ class PartPlan:
 
     def sample_indices(self) -> list[int]:
         return [s.sample_index for s in self.sequences]
-
-
-def shard_from_env(shard_index: int | None, num_shards: int | None, env=os.environ) -> tuple[int, int]:
-    """Explicit options win; else a SLURM array task; else torchrun's RANK/WORLD_SIZE; else shard 0 of 1."""
-    if num_shards is None:
-        if "SLURM_ARRAY_TASK_COUNT" in env:
-            num_shards = int(env["SLURM_ARRAY_TASK_COUNT"])
-        elif "WORLD_SIZE" in env:
-            num_shards = int(env["WORLD_SIZE"])
-        else:
-            num_shards = 1
-    if shard_index is None:
-        if "SLURM_ARRAY_TASK_ID" in env:
-            shard_index = int(env["SLURM_ARRAY_TASK_ID"]) - int(env.get("SLURM_ARRAY_TASK_MIN", 0))
-        elif "RANK" in env:
-            shard_index = int(env["RANK"])
-        else:
-            shard_index = 0
-    if num_shards < 1:
-        raise StageError(f"--num-shards must be >= 1, got {num_shards}")
-    if not 0 <= shard_index < num_shards:
-        raise StageError(f"--shard-index {shard_index} is outside 0..{num_shards - 1} (--num-shards {num_shards})")
-    return shard_index, num_shards
-
-
-def in_shard(sample_index: int, shard_index: int, num_shards: int) -> bool:
-    return sample_index % num_shards == shard_index
 
 
 def plan_parts(sequences: list[Sequence], part_tokens: int, batch_tokens: int) -> list[PartPlan]:

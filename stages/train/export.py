@@ -19,7 +19,7 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path) -> Path:
     from eagle.config import DraftConfig
     from eagle.export import export_draft
     from eagle.model import Eagle3Draft
-    from stages.checkpoint import latest_checkpoint, load_model_tensors, read_meta
+    from stages.train.checkpoint import latest_checkpoint, load_model_tensors, read_meta
 
     checkpoint = Path(checkpoint)
     if checkpoint.is_dir() and not (checkpoint / "meta.json").exists():

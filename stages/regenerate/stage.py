@@ -1,14 +1,14 @@
 """`eagle-pipe regenerate`: on-policy training data, the target answering its own prompts.
 
 A draft learns to predict the target, so it should train on the target's answers rather than on whatever model
-wrote the dataset. This stage reads the same inputs as dump-teacher (stages/records.py: same `sample_index`,
+wrote the dataset. This stage reads the same inputs as dump-teacher (stages/data/records.py: same `sample_index`,
 skip reasons and `--strict`), keeps each conversation's system and user turns, and replaces every assistant
 turn with the target's own answer to the conversation so far (earlier answers already regenerated), turn by
 turn. The engine is the target in-process (`hf`) or an OpenAI-compatible server (`openai`):
-stages/regenerate_engines.py.
+stages/regenerate/engines.py.
 
 The output layout (read as is by `dump-teacher --data OUT`, in sample_index order) is specified in
-stages/regenerated_format.py.
+stages/data/regenerated.py.
 
 Records go to shards by `sample_index % num_shards` (like the dump); a shard's records, in sample_index order,
 are cut into parts of `--part-records`. Every file is written atomically. A rerun keeps the parts whose
@@ -27,12 +27,12 @@ from pathlib import Path
 import click
 
 from stages import shards
-from stages.dump_plan import in_shard, shard_from_env
+from stages.data.regenerated import (FORMAT, SCHEMA_VERSION, bookkeeping_name, compared_manifest,
+                                     manifest_identity_sha256, part_name, shard_dir)
 from stages.errors import StageError
 from stages.paths import data_fingerprint, ensure_writable, local_or_name
-from stages.regenerate_engines import Decoding, Request, make_engine, request_seed
-from stages.regenerated_format import (FORMAT, SCHEMA_VERSION, bookkeeping_name, compared_manifest,
-                                       manifest_identity_sha256, part_name, shard_dir)
+from stages.regenerate.engines import Decoding, Request, make_engine, request_seed
+from stages.sharding import in_shard, shard_from_env
 
 TURNS = ("all", "first")
 
@@ -80,7 +80,7 @@ class _Job:
 def collect_jobs(data, *, shard_index: int, num_shards: int, turns: str, strict: bool, limit: int | None):
     """This shard's records as jobs, in sample_index order: (jobs, skips [(index, reason, where, message)],
     records in the input)."""
-    from stages.records import BadRecord, RecordError, parse_record, read_records
+    from stages.data.records import BadRecord, RecordError, parse_record, read_records
 
     seen = [0]
 
@@ -359,7 +359,7 @@ def print_summary(s: dict, done: dict) -> None:
 def is_complete(options: dict) -> tuple[bool, str]:
     """(every shard of OUT is done under a manifest made with these options, why not), without loading the
     target: what `eagle-pipe run` checks before skipping the stage."""
-    from stages.dump_target import dtype_name, resolve_dtype
+    from stages.target import dtype_name, resolve_dtype
 
     out = Path(options.get("out") or "")
     path = out / "manifest.json"

@@ -12,11 +12,14 @@ the output directory of `eagle-pipe regenerate` by the original sample_index (ev
 from __future__ import annotations
 
 import gzip
+import heapq
 import json
 import os
 from pathlib import Path
 from typing import Callable, Iterator
 
+from stages import shards
+from stages.data import regenerated
 from stages.errors import StageError
 
 DATA_SUFFIXES = (".jsonl", ".jsonl.gz", ".json", ".json.gz", ".parquet")
@@ -149,11 +152,47 @@ def _rows_of_batch(num_rows: int, to_rows, label: str, start: int, first_row: in
         yield index, f"{label}[{first_row + r}]", rows[r]
 
 
+def read_regenerated(out: Path, start: int, select) -> Iterator:
+    """A complete output of `eagle-pipe regenerate` (layout: stages/data/regenerated.py): the written records of
+    every shard, merged by their original sample_index, so the order does not depend on the number of shards.
+    `where` is `part.jsonl:LINE`; returns the number of records."""
+    out = Path(out)
+    try:
+        num_shards = int(shards.read_json(out / "manifest.json")["num_shards"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise StageError(f"{out}/manifest.json: unreadable ({exc})") from None
+    streams = []
+    for i in range(num_shards):
+        directory = regenerated.shard_dir(out, i, num_shards)
+        if not (directory / "done.json").is_file():
+            raise StageError(f"{directory}: not complete (no done.json); finish `eagle-pipe regenerate` for "
+                             f"shard {i} of {num_shards} first")
+        files = [directory / p["file"] for p in shards.read_json(directory / "done.json")["parts"]]
+        streams.append(_part_lines(files))
+    n = 0
+    for _, where, record in heapq.merge(*streams, key=lambda item: item[0]):
+        if select is None or select(start + n):
+            yield start + n, where, record
+        n += 1
+    return n
+
+
+def _part_lines(files: list[Path]):
+    for path in files:
+        with open(path, "rb") as f:
+            for line_no, raw in enumerate(f, 1):
+                record = parse_json_line(raw)
+                try:
+                    index = int(record["source"]["sample_index"])
+                except (KeyError, TypeError, ValueError):
+                    raise StageError(f"{path}:{line_no}: not a regenerated record (no source.sample_index)") \
+                        from None
+                yield index, f"{path}:{line_no}", record
+
+
 def is_regenerated_dir(path: Path) -> bool:
     """The output of `eagle-pipe regenerate` (its manifest.json says so): read as its records, not as files."""
-    from stages.regenerated_format import is_regenerated_dir as check
-
-    return check(path)
+    return regenerated.is_regenerated_dir(path)
 
 
 def is_saved_dataset(path: Path) -> bool:
@@ -236,8 +275,6 @@ def iter_source(kind: str, target, start: int, select: Select) -> Iterator:
     if kind == "parquet":
         return (yield from read_parquet(target, start, select))
     if kind == "regenerated":
-        from stages.regenerated_format import read_regenerated
-
         return (yield from read_regenerated(target, start, select))
     ds, label = load_saved_dataset(target) if kind == "saved" else load_hub_dataset(target)
     return (yield from read_dataset(ds, label, start, select))

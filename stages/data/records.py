@@ -32,7 +32,7 @@ decoded), `count_records(sources)`, `summarize_skips(skips)`, `format_skip_repor
 
 Record formats, detected per record in this order: OpenAI `messages` [{role, content}] (roles system, user,
 assistant), ShareGPT `conversations` [{from, value}] (from: human|gpt|system, or user|assistant), pre-tokenized
-`input_ids` (+ optional `loss_mask`), plain `text`. How the loss mask is found: see `stages/chat_masks.py`.
+`input_ids` (+ optional `loss_mask`), plain `text`. How the loss mask is found: see `stages/data/chat_masks.py`.
 
 Skip reasons: bad_encoding, malformed_json, missing_field, unknown_role, empty_content, non_string_content,
 bad_input_ids, bad_loss_mask, template_error (all bad input: `strict=True` raises BadRecord on the first) and
@@ -45,9 +45,9 @@ from dataclasses import dataclass
 from numbers import Integral
 from typing import Callable, Iterable, Iterator
 
-from stages.chat_masks import ChatMasker, TemplateError
+from stages.data.chat_masks import ChatMasker, TemplateError
 from stages.errors import StageError
-from stages.record_sources import RecordError, expand_source, iter_source
+from stages.data.sources import RecordError, expand_source, iter_source
 
 __all__ = [
     "Example", "Skipped", "BadRecord", "RecordError", "read_records", "count_records", "tokenize_records",

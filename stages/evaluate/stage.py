@@ -1,10 +1,10 @@
 """Stage `eval`: a draft's measured acceptance length with real speculative decoding, and a lossless check.
 
-For each turn of each question (stages/prompt_sets.py: a conversation up to its first user turn, or a benchmark
+For each turn of each question (stages/data/prompts.py: a conversation up to its first user turn, or a benchmark
 question of one or more turns, in file order; later turns follow the target's own earlier answers), rendered with
 the chat template and the generation prompt, the target generates greedily twice: with its own `generate()` (the
 reference output and the baseline speed) and with greedy chain speculative decoding driven by the exported
-draft (stages/speculative.py). The two outputs must be equal token for token; any difference is an error naming
+draft (stages/evaluate/speculative.py). The two outputs must be equal token for token; any difference is an error naming
 the prompt. Acceptance length = tokens produced per target forward in the decode phase, bonus token included
 (= 1 + the sum of the per-position acceptance rates), pooled over all, per category and per turn.
 """
@@ -34,11 +34,11 @@ def render_prompt(tokenizer, messages: list[dict], where: str) -> list[int]:
 
 
 def load_prompts(sources, tokenizer, num_prompts: int | None) -> tuple[list, list]:
-    """([Question], [Skipped]): the first `num_prompts` usable questions (stages/prompt_sets.py), the skips.
+    """([Question], [Skipped]): the first `num_prompts` usable questions (stages/data/prompts.py), the skips.
 
     Turn 1 of every question is rendered here, so a template that rejects one fails before any generation.
     """
-    from stages.prompt_sets import read_questions
+    from stages.data.prompts import read_questions
 
     questions, skips = read_questions(sources, num_prompts)
     for q in questions:
@@ -95,8 +95,9 @@ def load_draft_for(target_model, draft_dir: str, device: str):
     if not (Path(draft_dir) / "config.json").is_file():
         raise StageError(f"{draft_dir}: not an exported draft (no config.json)")
     embed = target_model.get_input_embeddings().weight.detach()
-    try:
-        draft = load_draft(draft_dir, embed_weight=embed, device=device)
+    try:  # an eagle-pipe, llama-eagle3, Model-Optimizer or speculators export (eagle/draft_formats.py)
+        draft = load_draft(draft_dir, embed_weight=embed, device=device,
+                           target_config=target_model.config.get_text_config().to_dict())
     except (OSError, ValueError, KeyError) as e:
         raise StageError(f"{draft_dir}: cannot load the draft: {e}") from None
     draft = draft.float()  # the draft is small: run it in float32 whatever the export dtype
@@ -192,9 +193,9 @@ def evaluate(target: str, draft: str, data, *, num_prompts=32, max_new_tokens=12
     """Speculative vs plain greedy decoding over the questions' turns; returns the report dict (see `command`)."""
     from tqdm import tqdm
 
-    from stages.prompt_sets import answer_text
-    from stages.records import summarize_skips
-    from stages.speculative import TargetWithAux, greedy_generate, speculative_generate
+    from stages.data.prompts import answer_text
+    from stages.data.records import summarize_skips
+    from stages.evaluate.speculative import TargetWithAux, greedy_generate, speculative_generate
 
     if draft_tokens < 1:
         raise StageError(f"--draft-tokens {draft_tokens}: must be at least 1")
@@ -257,7 +258,8 @@ def evaluate(target: str, draft: str, data, *, num_prompts=32, max_new_tokens=12
     spec_tokens, spec_seconds = sum(r["new_tokens"] for r in runs), sum(r["seconds"] for r in runs)
     base_tokens, base_seconds = sum(r["baseline_new_tokens"] for r in runs), sum(r["baseline_seconds"] for r in runs)
     report = {
-        "target": str(target), "draft": str(draft), "data": [str(d) for d in data],
+        "target": str(target), "draft": str(draft), "draft_format": drafter.draft_format,
+        "data": [str(d) for d in data],
         "num_prompts": len(questions), "num_turns": len(runs), "skipped_records": skipped,
         "skipped_examples": _skip_examples(skips), "draft_tokens": draft_tokens,
         "max_new_tokens": max_new_tokens, "device": device, "dtype": str(torch_dtype).replace("torch.", ""),
@@ -300,6 +302,7 @@ def format_report(r: dict) -> str:
     k = r["draft_tokens"]
     prompts = f"{r['num_prompts']}" + (f" ({r['num_turns']} turns)" if r["num_turns"] != r["num_prompts"] else "")
     rows = [
+        ("draft format", r["draft_format"]),
         ("prompts", prompts + (f" (skipped: {r['skipped_records']})" if r["skipped_records"] else "")),
         ("draft tokens K", str(k)),
         ("target forwards (decode)", str(r["target_forwards"])),
@@ -336,7 +339,8 @@ def _group_table(title: str, groups: dict[str, dict]) -> list[str]:
 @click.command("eval")
 @click.option("--target", required=True, help="Target model: a local Hugging Face directory or hub id.")
 @click.option("--draft", required=True, type=click.Path(file_okay=False),
-              help="Exported draft directory (config.json + model.safetensors), e.g. RUN/export.")
+              help="Draft directory (config.json + model.safetensors), e.g. RUN/export, or a Model-Optimizer, "
+                   "speculators or LlamaForCausalLMEagle3 export.")
 @click.option("--data", multiple=True, required=True,
               help="Conversations (prompt: up to the first user turn) or benchmark questions: MT-bench / Spec-Bench / "
                    "EAGLE question.jsonl (every turn), GSM8K, HumanEval (JSONL/JSON/Parquet/datasets).")

@@ -36,7 +36,7 @@ import numpy as np
 import torch
 from safetensors import safe_open
 
-from stages.aux_storage import AUX_KEYS
+from stages.shards.aux import AUX_KEYS
 from stages.errors import StageError
 from stages.shards import TEACHER_KINDS, read_json, shard_dir
 
@@ -295,7 +295,7 @@ class PartReader:
 def empty_batch(batch_size: int, seq_len: int, aux_width: int, aux_dtype: torch.dtype, teacher_kind: str,
                 topk: int, vocab_size: int, pin: bool = False, aux_scales: bool = False) -> dict[str, torch.Tensor]:
     """Host tensors of the batch contract (values are filled by `fill_batch`). Aux states keep the stored dtype;
-    FP8 ones come with their `aux_scales` [B, T, 3] and are dequantized in the step (stages/aux_storage.py)."""
+    FP8 ones come with their `aux_scales` [B, T, 3] and are dequantized in the step (stages/shards/aux.py)."""
     B, T = batch_size, seq_len
     shapes = {
         "aux_hidden_states": ((B, T, aux_width), aux_dtype), "input_ids": ((B, T), torch.int64),

@@ -15,13 +15,12 @@ Layout of OUT::
                                                skipped}, written/skipped sample indices, skipped_examples,
                                                turns, generated_tokens, finish_reasons; no timings
 
-Records go to shard `sample_index % num_shards`. `read_regenerated` is the record reader that
-stages/record_sources.py uses for such a directory: all shards merged by the original sample_index.
+Records go to shard `sample_index % num_shards`. stages/data/sources.py reads a complete OUT as a data source
+(`read_regenerated`): all shards merged by the original sample_index.
 """
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Iterator
 
 from stages import shards
 from stages.errors import StageError
@@ -51,48 +50,6 @@ def is_regenerated_dir(path: Path) -> bool:
         return shards.read_json(manifest).get("format") == FORMAT
     except (ValueError, AttributeError):
         return False
-
-
-def read_regenerated(out: Path, start: int, select) -> Iterator:
-    """A record reader (stages/record_sources.py) over a complete OUT: the written records of every shard,
-    merged by their original sample_index, so the order does not depend on the number of shards. `where` is
-    `part.jsonl:LINE`; returns the number of records."""
-    import heapq
-
-    out = Path(out)
-    try:
-        num_shards = int(shards.read_json(out / "manifest.json")["num_shards"])
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise StageError(f"{out}/manifest.json: unreadable ({exc})") from None
-    streams = []
-    for i in range(num_shards):
-        directory = shard_dir(out, i, num_shards)
-        if not (directory / "done.json").is_file():
-            raise StageError(f"{directory}: not complete (no done.json); finish `eagle-pipe regenerate` for "
-                             f"shard {i} of {num_shards} first")
-        files = [directory / p["file"] for p in shards.read_json(directory / "done.json")["parts"]]
-        streams.append(_part_lines(files))
-    n = 0
-    for _, where, record in heapq.merge(*streams, key=lambda item: item[0]):
-        if select is None or select(start + n):
-            yield start + n, where, record
-        n += 1
-    return n
-
-
-def _part_lines(files: list[Path]):
-    from stages.record_sources import parse_json_line
-
-    for path in files:
-        with open(path, "rb") as f:
-            for line_no, raw in enumerate(f, 1):
-                record = parse_json_line(raw)
-                try:
-                    index = int(record["source"]["sample_index"])
-                except (KeyError, TypeError, ValueError):
-                    raise StageError(f"{path}:{line_no}: not a regenerated record (no source.sample_index)") \
-                        from None
-                yield index, f"{path}:{line_no}", record
 
 
 def compared_manifest(manifest: dict) -> dict:

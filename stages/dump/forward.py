@@ -16,26 +16,12 @@ from pathlib import Path
 import torch
 
 from stages.errors import StageError
-from stages.target_parts import decoder_parts, effective_norm_weight
+from stages.target import decoder_parts, effective_norm_weight
 
-DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16,
-          "half": torch.float16, "float32": torch.float32, "fp32": torch.float32, "float": torch.float32}
 TEACHER_CHUNK_BYTES = 256 << 20      # float32 logits per teacher chunk, at most
 TEACHER_CPU_CHUNK_BYTES = 16 << 20   # on CPU: about this much (see teacher_chunk_rows)
 CONFIG_VOLATILE_KEYS = ("_name_or_path", "transformers_version", "_commit_hash", "_attn_implementation",
                         "_attn_implementation_autoset", "dtype", "torch_dtype")
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
-
-
-def resolve_dtype(name: str | None, device: str) -> torch.dtype:
-    if name is None:
-        return torch.bfloat16 if device.startswith("cuda") else torch.float32
-    if name.lower() not in DTYPES:
-        raise StageError(f"--dtype {name!r}: expected bfloat16, float16 or float32 (or bf16/fp16/fp32)")
-    return DTYPES[name.lower()]
 
 
 @dataclass
@@ -66,7 +52,7 @@ class Target:
         return self.model.get_output_embeddings()
 
     def base_model(self) -> torch.nn.Module:
-        """The text decoder (see stages/target_parts.py): its last_hidden_state is the final-normed state."""
+        """The text decoder (see stages/target.py): its last_hidden_state is the final-normed state."""
         return decoder_parts(self.model).base
 
 

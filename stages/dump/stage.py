@@ -1,4 +1,4 @@
-"""Stage one, `eagle-pipe dump-teacher`: run the target once and write teacher shards (format: stages/shards.py).
+"""Stage one, `eagle-pipe dump-teacher`: run the target once and write teacher shards (format: stages/shards).
 
 One invocation dumps one shard (`--shard-index/--num-shards`, or SLURM array / torchrun variables), in named
 steps that `dump_teacher` calls in order, each reading the frozen `DumpSettings`:
@@ -7,17 +7,16 @@ steps that `dump_teacher` calls in order, each reading the frozen `DumpSettings`
 2. `load_checked_target`: load the target, resolve the aux layers;
 3. `claim_dump`: stage OUT/target/ and claim OUT/manifest.json (refusing a dump made with another target,
    tokenizer or settings);
-4. `plan_shard`: tokenize the shard's records (stages/records.py), plan parts and batches (stages/dump_plan.py);
-5. `run_parts`: run the target batch by batch with hooks and a chunked teacher (stages/dump_target.py), encode
-   the aux states on the device (stages/aux_storage.py), hand outputs to the background writer
-   (stages/dump_writer.py);
+4. `plan_shard`: tokenize the shard's records (stages/data/records.py), plan parts and batches (stages/dump/plan.py);
+5. `run_parts`: run the target batch by batch with hooks and a chunked teacher (stages/dump/forward.py), encode
+   the aux states on the device (stages/shards/aux.py), hand outputs to the background writer
+   (stages/dump/writer.py);
 6. `finish_shard`: write done.json last.
 
 Parts already on disk are kept, so a rerun after a crash only computes what is missing and yields the same bytes.
 """
 from __future__ import annotations
 
-import os
 import shutil
 import time
 from dataclasses import dataclass
@@ -28,9 +27,10 @@ import click
 import numpy as np
 
 from stages import shards
-from stages.dump_plan import Sequence, plan_parts, pad_batch, shard_from_env, token_counts
+from stages.dump.plan import Sequence, plan_parts, pad_batch, token_counts
 from stages.errors import StageError
 from stages.paths import data_fingerprint, ensure_writable, local_or_name
+from stages.sharding import shard_from_env
 
 if TYPE_CHECKING:
     import torch
@@ -56,16 +56,6 @@ class _ShardSelector:
             raise _LimitReached
         self.num_records = max(self.num_records, sample_index + 1)
         return sample_index % self.num_shards == self.shard_index
-
-
-def resolve_device(device: str | None) -> str:
-    import torch
-
-    if device:
-        return device
-    if torch.cuda.is_available():
-        return f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
-    return "cpu"
 
 
 def claim_manifest(out: Path, manifest: dict, overwrite: bool) -> None:
@@ -101,7 +91,7 @@ def collect_shard(data, tokenizer, selector: _ShardSelector, *, max_seq_len, los
     import nvtx
     from tqdm import tqdm
 
-    from stages.records import Example, tokenize_records
+    from stages.data.records import Example, tokenize_records
 
     sequences, skipped, truncated = [], [], 0
     items = tokenize_records(list(data), tokenizer, max_seq_len=max_seq_len, loss_on=loss_on, strict=strict,
@@ -146,9 +136,9 @@ def run_parts(tgt, aux_ids, parts, directory: Path, *, teacher: str, k: int, met
     import torch
     from tqdm import tqdm
 
-    from stages.aux_storage import aux_specs, encode_aux
-    from stages.dump_target import forward_batch, teacher_outputs
-    from stages.dump_writer import PartWriter
+    from stages.shards.aux import aux_specs, encode_aux
+    from stages.dump.forward import forward_batch, teacher_outputs
+    from stages.dump.writer import PartWriter
 
     H, V = tgt.hidden_size, tgt.vocab_size
     aux_dtype = aux_dtype or tgt.dtype
@@ -237,7 +227,7 @@ class DumpSettings:
 
     def record(self, aux_ids: list[int]) -> dict:
         """manifest.json `settings`: every option that changes the output (resumed jobs must agree on them)."""
-        from stages.dump_target import dtype_name
+        from stages.target import dtype_name
 
         return {"target": self.target_source, "data": self.sources, "dtype": dtype_name(self.dtype),
                 "aux_dtype": dtype_name(self.aux_dtype), "aux_layers": aux_ids, "teacher": self.teacher,
@@ -263,8 +253,9 @@ def plan_dump(*, target, data, out, dtype=None, device=None, device_map=None, tr
               strict=False, allow_large_softmax=False, limit=None) -> DumpSettings:
     """Step 1: check the options (one line per mistake) and resolve device, dtypes and shard, before the target
     is loaded or anything but a write probe touches --out."""
-    from stages.aux_storage import storage_dtype
-    from stages.dump_target import load_config, resolve_dtype
+    from stages.shards.aux import storage_dtype
+    from stages.dump.forward import load_config
+    from stages.target import resolve_device, resolve_dtype
 
     if not target:
         raise StageError("--target is required (a model directory or hub id)")
@@ -302,7 +293,7 @@ def plan_dump(*, target, data, out, dtype=None, device=None, device_map=None, tr
 
 def load_checked_target(s: DumpSettings):
     """Step 2: the target and its aux layer ids, refusing a --top-k beyond its vocabulary."""
-    from stages.dump_target import load_target, parse_aux_layers
+    from stages.dump.forward import load_target, parse_aux_layers
 
     tgt = load_target(s.target, s.dtype, s.device, s.device_map, s.trust_remote_code)
     aux_ids = parse_aux_layers(s.aux_layers, tgt.num_layers)
@@ -314,7 +305,8 @@ def load_checked_target(s: DumpSettings):
 def claim_dump(s: DumpSettings, tgt, aux_ids: list[int]) -> dict:
     """Step 3: stage OUT/target, claim OUT/manifest.json (refusing another dump in OUT), install OUT/target;
     returns the manifest."""
-    from stages.dump_target import dtype_name, install_target_dir, write_target_dir
+    from stages.dump.forward import install_target_dir, write_target_dir
+    from stages.target import dtype_name
 
     settings = s.record(aux_ids)
     staged = s.out / f".target.tmp-{shards.temp_suffix()}"
@@ -352,13 +344,13 @@ def plan_shard(s: DumpSettings, tgt, aux_ids: list[int]) -> ShardWork:
         raise StageError(f"--teacher softmax: the dump would hold about {total_probs_bytes / 2**40:.1f} TiB; "
                          "use --teacher topk or pass --allow-large-softmax")
     if skipped:
-        from stages.records import format_skip_report
+        from stages.data.records import format_skip_report
         click.echo(format_skip_report(skipped), err=True)
     parts = plan_parts(sequences, s.part_tokens, s.batch_tokens)
     if sequences:
         import torch
 
-        from stages.dump_target import self_check
+        from stages.dump.forward import self_check
         self_check(tgt, aux_ids, torch.from_numpy(sequences[0].input_ids.astype(np.int64)))
     return ShardWork(sequences, skipped, truncated, selector.num_records, parts)
 

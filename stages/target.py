@@ -1,4 +1,5 @@
-"""Where a Hugging Face causal LM keeps its text decoder (decoder layers, final norm); used by dump-teacher and eval.
+"""A target as every stage sees it: the device and dtype it runs in, and where a Hugging Face causal LM keeps
+its text decoder (decoder layers, final norm). Used by regenerate, dump-teacher, eval and run.
 
 Most causal LMs keep it at `model.model` with `.layers` and `.norm`, which `get_decoder()` returns. Not all:
 `Llama4ForCausalLM.get_decoder()` returns the model itself, and multimodal `*ForConditionalGeneration`
@@ -8,9 +9,36 @@ Refused (one line): models without such a text decoder, e.g. encoder-decoder mod
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
+
+from stages.errors import StageError
+
+DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16,
+          "half": torch.float16, "float32": torch.float32, "fp32": torch.float32, "float": torch.float32}
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def resolve_dtype(name: str | None, device: str) -> torch.dtype:
+    if name is None:
+        return torch.bfloat16 if device.startswith("cuda") else torch.float32
+    if name.lower() not in DTYPES:
+        raise StageError(f"--dtype {name!r}: expected bfloat16, float16 or float32 (or bf16/fp16/fp32)")
+    return DTYPES[name.lower()]
+
+
+def resolve_device(device: str | None) -> str:
+    if device:
+        return device
+    if torch.cuda.is_available():
+        return f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+    return "cpu"
+
 
 CHILD_NAMES = ("model", "language_model", "text_model", "decoder", "transformer")
 LAYER_NAMES = ("layers", "h")

@@ -24,7 +24,7 @@ Tensors in a part (N tokens, S sequences), safetensors metadata {"format": "eagl
     sample_index          int64  [S]      index of the record in the input (global, over all sources)
     aux_hidden_states     aux_dtype [N, 3*H]      layers in ascending order
     aux_scales            float32 [N, 3]  (aux_dtype float8_e4m3fn only) one scale per token and aux layer:
-                                          aux ~= float32(q) * scale, scale = absmax / 448 (stages/aux_storage.py)
+                                          aux ~= float32(q) * scale, scale = absmax / 448 (stages/shards/aux.py)
     teacher_topk_ids      int32  [N, k]   (topk) ids sorted by probability; column 0 is the argmax
     teacher_topk_logprobs float32 [N, k]  (topk) log-probabilities normalised over the full vocabulary
     teacher_argmax        int32  [N]      (argmax)

@@ -1,6 +1,6 @@
 """Eval prompts: conversations and published benchmark question files, read as questions of one or more turns.
 
-Records come from `stages.records.read_records` (JSONL, `.jsonl.gz`, JSON, Parquet, datasets), and each is
+Records come from `stages.data.records.read_records` (JSONL, `.jsonl.gz`, JSON, Parquet, datasets), and each is
 recognised by its fields, in this order:
 
 - `messages` / `conversations` (OpenAI / ShareGPT chat data): the first user turn, earlier system turns kept;
@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from stages.records import RecordError, Skipped, parse_record, read_records
+from stages.data.records import RecordError, Skipped, parse_record, read_records
 
 RECOGNISED_FIELDS = ("messages", "conversations", "turns", "question", "prompt", "text", "input_ids")
 HUMANEVAL_INSTRUCTION = "Complete the code I provided."  # EAGLE's humaneval_question.jsonl = this + prompt

@@ -138,7 +138,7 @@ class HFEngine:
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        from stages.dump_target import dtype_name, resolve_dtype
+        from stages.target import dtype_name, resolve_dtype
 
         self.device = device or ("cuda:" + os.environ.get("LOCAL_RANK", "0") if torch.cuda.is_available() else "cpu")
         self.dtype = resolve_dtype(dtype, self.device)
