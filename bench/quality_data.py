@@ -88,7 +88,7 @@ def dump_aux_of(dump: Path, sample_index: int) -> torch.Tensor:
             full = load_part(part, names)
             aux = full["aux_hidden_states"][lo:hi]
             if "aux_scales" in full:
-                from stages.aux_storage import dequantize_fp8
+                from stages.shards.aux import dequantize_fp8
                 return dequantize_fp8(aux, full["aux_scales"][lo:hi])
             return aux.float()
     raise KeyError(f"{dump}: no sequence with sample_index {sample_index}")

@@ -28,6 +28,8 @@ speculators.train`` (file:line below are speculators 0.9.0 as installed), on the
    matrices + AdamW, weight decay 0.01 / 0.1) unless ``--optimizer``. Norm flags: ``--arch plain`` trains plain
    EAGLE-3 (``--no-norm-before-residual --no-norm-before-fc --no-norm-output``: the form every engine and
    ``eagle-pipe eval`` run); ``--arch default`` keeps speculators' EAGLE-3.1 defaults (all three on; vLLM-only).
+   ``--full-attention-indices 0``: its one layer is otherwise a 2048-token sliding-window layer, which never binds
+   on these conversations (so training is unchanged) but which eval refuses to run as full attention.
    CPU: ``--draft-attn-impl sdpa`` (its default flex attention needs a compile, which it does only on CUDA) and
    ``--loss-implementation eager`` (the fused loss is Triton); fp32 hidden states (``--hidden-states-dtype``).
 3. Two patches, for CPU only: the trainer moves the model and every batch to ``get_local_rank()`` (the integer 0,
@@ -174,6 +176,9 @@ def main(argv=None) -> dict:
         argv_s += ["--ttt-step-loss-decay", repr(args.loss_decay)]
     if args.arch == "plain":
         argv_s += ["--no-norm-before-residual", "--no-norm-before-fc", "--no-norm-output"]
+    # full attention for the one layer: its default sliding window (2048) never binds on these conversations, so
+    # training is the same, and the export then says what eval (and every engine) runs
+    argv_s += ["--full-attention-indices", "0"]
     if (work / "run").is_dir():   # an interrupted earlier run: start clean (its epoch dirs would be reused)
         import shutil
         shutil.rmtree(work / "run")

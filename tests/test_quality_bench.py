@@ -108,7 +108,7 @@ def test_peers_supervise_what_eagle_pipes_loader_supervises(chat_dump, peer_data
     loss_mask is set; the peers train position t where their loss_mask[t + 1] is set. Same positions."""
     from eagle.vocab import build_vocab_map, count_tokens_from_shards
     from stages.shards import read_done
-    from stages.train_data import DumpIndex, PackedLoader
+    from stages.train.loader import DumpIndex, PackedLoader
 
     out, summary = peer_data
     index = DumpIndex(chat_dump)
