@@ -10,8 +10,8 @@ left-padded into one batch; one warm-up generate (8 new tokens), then `--repeats
 to `--max-new-tokens`. A row stops counting at its end-of-sequence token, but generate keeps stepping the whole
 batch until every row is done, so three rates are reported: `tokens_per_s` (the rows' own tokens up to and
 including their EOS, what regenerate keeps), `row_steps_per_s` (B x decode steps / s, the work done) and
-`steps_per_s`. `prefill_s` is one forward over the padded prompts, timed on its own (included in the generate
-time). `cpu_s` is the process's CPU time for the generate (it tracks the work where wall time tracks the
+`steps_per_s`. `prefill_s` is one forward over the padded prompts (last-position logits only, as generate's
+prefill), timed on its own (included in the generate time). `cpu_s` is the process's CPU time for the generate (it tracks the work where wall time tracks the
 neighbours' load on a shared machine).
 """
 from __future__ import annotations
@@ -50,7 +50,7 @@ def measure(model, tokenizer, conversations, max_new_tokens: int, repeats: int) 
     with torch.inference_mode():
         model.generate(**batch, max_new_tokens=8, **greedy)  # warm-up
         t0 = time.perf_counter()
-        model(**batch)
+        model(**batch, logits_to_keep=1)  # as generate's prefill: the last position's logits only
         prefill_s = time.perf_counter() - t0
         runs = []
         for _ in range(repeats):
