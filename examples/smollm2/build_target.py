@@ -157,7 +157,10 @@ def existing_build(out: Path, gguf_sha256: str) -> dict | None:
     if not info_path.is_file():
         raise BuildError(f"{out} exists but is not a finished build (no {BUILD_INFO}); remove it or choose "
                          "another OUT_DIR")
-    info = json.loads(info_path.read_text())
+    try:
+        info = json.loads(info_path.read_text())
+    except ValueError as exc:
+        raise BuildError(f"{info_path}: not valid JSON ({exc}); remove {out} and build again") from None
     missing = [f for f in TARGET_FILES if not (out / f).is_file()]
     if missing:
         raise BuildError(f"{out} is incomplete (no {', '.join(missing)}); remove it and build again")
