@@ -9,14 +9,14 @@ from stages.cli import COMMANDS, main
 from stages.config import check_section, load_pipeline_file
 
 ROOT = Path(__file__).resolve().parents[1]
-SHIPPED = [ROOT / "pipeline.yaml", *sorted((ROOT / "examples").glob("*.yaml"))]
+SHIPPED = [ROOT / "pipeline.yaml", *sorted((ROOT / "examples").rglob("*.yaml"))]
 
 
 def test_the_demo_config_ships():
     assert (ROOT / "pipeline.yaml").is_file()
 
 
-@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.name)
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: str(p.relative_to(ROOT)))
 def test_shipped_config_names_only_real_options(path):
     sections = load_pipeline_file(path)
     assert sections, f"{path} is empty"

@@ -113,6 +113,15 @@ def test_conversations_still_give_their_first_user_turn(tmp_path):
     assert q.conversation([]) == [{"role": "system", "content": "Be terse."}, {"role": "user", "content": "Hi?"}]
 
 
+def test_alpaca_records_give_their_instruction(tmp_path):
+    path = write_jsonl(tmp_path / "alpaca.jsonl", [
+        {"instruction": "Translate.", "input": "Bonjour", "output": "Hello", "system": "Be terse."},
+        {"instruction": "Name a prime.", "input": "", "output": ""}])
+    (q1, q2), skips = read(path)
+    assert skips == [] and (q1.category, q1.user_turns) == ("chat", ["Translate.\nBonjour"])
+    assert q1.context == [{"role": "system", "content": "Be terse."}] and q2.user_turns == ["Name a prime."]
+
+
 def test_unusable_records_are_skipped_with_their_location(tmp_path):
     path = tmp_path / "mixed.jsonl"
     path.write_text("\n".join([

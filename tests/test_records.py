@@ -292,6 +292,57 @@ def test_loss_on_all_and_sharegpt_and_text(llama_tok, tmp_path):
         list(tokenize_records(src, llama_tok, max_seq_len=16, loss_on="assistants"))
 
 
+def test_alpaca_records_read_as_the_chat_they_stand_for(llama_tok, tmp_path):
+    """Alpaca fields become the conversation LLaMA-Factory builds from them; its ids and mask are those of that
+    conversation written as `messages` by hand."""
+    alpaca = [
+        {"instruction": "Sort the list.", "input": "3, 1, 2", "output": "1, 2, 3"},
+        {"instruction": "Name a colour.", "input": "", "output": "Red."},
+        {"instruction": "And a fruit?", "output": "Apple.", "system": "You are terse.",
+         "history": [["Name a colour.", "Red."]]},
+    ]
+    by_hand = [
+        {"messages": [{"role": "user", "content": "Sort the list.\n3, 1, 2"}, {"role": "assistant", "content": "1, 2, 3"}]},
+        {"messages": [{"role": "user", "content": "Name a colour."}, {"role": "assistant", "content": "Red."}]},
+        {"messages": [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Name a colour."},
+                      {"role": "assistant", "content": "Red."}, {"role": "user", "content": "And a fruit?"},
+                      {"role": "assistant", "content": "Apple."}]},
+    ]
+    got = list(tokenize_records(write_jsonl(tmp_path / "a.jsonl", alpaca), llama_tok, max_seq_len=4096))
+    want = list(tokenize_records(write_jsonl(tmp_path / "m.jsonl", by_hand), llama_tok, max_seq_len=4096))
+    assert all(isinstance(e, Example) for e in got)
+    assert [(e.input_ids, e.loss_mask) for e in got] == [(e.input_ids, e.loss_mask) for e in want]
+
+
+def test_alpaca_prompt_only_and_bad_records(llama_tok, tmp_path):
+    from stages.data.records import parse_record
+    from stages.regenerate.stage import prompt_segments
+
+    prompt_only = {"instruction": "Write a haiku.", "input": "", "output": ""}
+    kind, turns = parse_record(prompt_only)
+    assert (kind, turns) == ("chat", [{"role": "user", "content": "Write a haiku."}])
+    assert prompt_segments(turns) == [turns]          # regenerate answers it
+    bad = [prompt_only, {"instruction": 7, "output": "x"}, {"instruction": "Hi.", "history": [["only one"]]},
+           {"instruction": "  ", "output": "x"}, {"instruction": "Hi.", "output": ["a"]}]
+    out = list(tokenize_records(write_jsonl(tmp_path / "b.jsonl", bad), llama_tok, max_seq_len=256))
+    assert [(o.reason, o.where.rsplit(":", 1)[1]) for o in out] == [
+        ("no_supervised_tokens", "1"), ("non_string_content", "2"), ("missing_field", "3"), ("empty_content", "4"),
+        ("non_string_content", "5")]
+    assert "history[0]" in out[2].message and "instruction" in out[1].message and "output" in out[4].message
+
+
+def test_real_alpaca_file_reads_every_record(llama_tok):
+    from real_assets import real_path
+
+    path = real_path("data", "llamafactory", "alpaca_en_demo.json")
+    records = json.loads(path.read_text())
+    examples = list(tokenize_records(str(path), llama_tok, max_seq_len=1 << 16))
+    assert len(examples) == len(records) and all(isinstance(e, Example) for e in examples)
+    first = next(r for r in records if r["input"])
+    turn = llama_tok.decode(examples[records.index(first)].input_ids)
+    assert first["instruction"] + "\n" + first["input"] in turn and first["output"] in turn
+
+
 def test_pretokenized_records(llama_tok, tmp_path):
     v = len(llama_tok)
     recs = [{"input_ids": [1, 2, 3, v - 1]}, {"input_ids": [5, 6, 7], "loss_mask": [0, 1, True]},

@@ -3,8 +3,8 @@
 Records come from `stages.data.records.read_records` (JSONL, `.jsonl.gz`, JSON, Parquet, datasets), and each is
 recognised by its fields, in this order:
 
-- `messages` / `conversations` (OpenAI / ShareGPT chat data): the first user turn, earlier system turns kept;
-  category `chat`.
+- `messages` / `conversations` / `instruction` (OpenAI / ShareGPT / Alpaca chat data): the first user turn,
+  earlier system turns kept; category `chat`.
 - `turns` (+ `question_id`, `category`): MT-bench, Spec-Bench, EAGLE and Vicuna-bench `question.jsonl`; every
   turn, in order; category from the record (`uncategorized` when empty).
 - `question`: GSM8K `test.jsonl`; category `gsm8k`.
@@ -23,7 +23,8 @@ from dataclasses import dataclass, field
 
 from stages.data.records import RecordError, Skipped, parse_record, read_records
 
-RECOGNISED_FIELDS = ("messages", "conversations", "turns", "question", "prompt", "text", "input_ids")
+RECOGNISED_FIELDS = ("messages", "conversations", "instruction", "turns", "question", "prompt", "text",
+                     "input_ids")
 HUMANEVAL_INSTRUCTION = "Complete the code I provided."  # EAGLE's humaneval_question.jsonl = this + prompt
 
 
@@ -46,7 +47,7 @@ class Question:
 
 def parse_question(record, where: str) -> Question:
     """One record as a Question; RecordError (reason, message) when it has no usable user turn."""
-    if isinstance(record, dict) and record.get("messages") is None and record.get("conversations") is None:
+    if isinstance(record, dict) and all(record.get(k) is None for k in ("messages", "conversations", "instruction")):
         if record.get("turns") is not None:
             turns = record["turns"]
             if not isinstance(turns, list) or not turns:

@@ -31,7 +31,8 @@ decoded), `count_records(sources)`, `summarize_skips(skips)`, `format_skip_repor
 `StageError` (one line, exit code 2).
 
 Record formats, detected per record in this order: OpenAI `messages` [{role, content}] (roles system, user,
-assistant), ShareGPT `conversations` [{from, value}] (from: human|gpt|system, or user|assistant), pre-tokenized
+assistant), ShareGPT `conversations` [{from, value}] (from: human|gpt|system, or user|assistant), Alpaca
+`instruction` (+ optional `input`, `output`, `system`, `history`; read as LLaMA-Factory reads it), pre-tokenized
 `input_ids` (+ optional `loss_mask`), plain `text`. How the loss mask is found: see `stages/data/chat_masks.py`.
 
 Skip reasons: bad_encoding, malformed_json, missing_field, unknown_role, empty_content, non_string_content,
@@ -126,13 +127,15 @@ def parse_record(record) -> tuple[str, object]:
         return "chat", _chat_turns(record["messages"], "messages", "role", "content", None)
     if record.get("conversations") is not None:
         return "chat", _chat_turns(record["conversations"], "conversations", "from", "value", SHAREGPT_ROLES)
+    if record.get("instruction") is not None:
+        return "chat", _alpaca_turns(record)
     if record.get("input_ids") is not None:
         return "tokens", (record["input_ids"], record.get("loss_mask"))
     if record.get("text") is not None:
         return "text", _content(record["text"], "text")
     keys = ", ".join(sorted(record)) or "none"
     raise RecordError("missing_field",
-                      f"no 'messages', 'conversations', 'input_ids' or 'text' field (keys: {keys})")
+                      f"no 'messages', 'conversations', 'instruction', 'input_ids' or 'text' field (keys: {keys})")
 
 
 def _chat_turns(turns, field: str, role_key: str, content_key: str, role_map: dict | None) -> list[dict]:
@@ -151,6 +154,31 @@ def _chat_turns(turns, field: str, role_key: str, content_key: str, role_map: di
             raise RecordError("missing_field", f"{field}[{i}] has no '{content_key}'")
         out.append({"role": mapped, "content": _content(turn[content_key], f"{field}[{i}].{content_key}")})
     return out
+
+
+def _alpaca_turns(record: dict) -> list[dict]:
+    """Alpaca (`instruction`, optional `input`, `output`, `system`, `history` [[user, assistant], ...]) as chat
+    turns, the way LLaMA-Factory reads it: the user turn is instruction and input joined by a newline; an
+    empty or missing `output` leaves a prompt-only conversation (regenerate answers it)."""
+    turns = []
+    if record.get("system") is not None and (not isinstance(record["system"], str) or record["system"].strip()):
+        turns.append({"role": "system", "content": _content(record["system"], "system")})
+    history = record.get("history") or []
+    if not isinstance(history, list):
+        raise RecordError("missing_field", "'history' must be a list of [user, assistant] pairs")
+    for i, pair in enumerate(history):
+        if not isinstance(pair, list) or len(pair) != 2:
+            raise RecordError("missing_field", f"history[{i}] is not a [user, assistant] pair")
+        turns.append({"role": "user", "content": _content(pair[0], f"history[{i}][0]")})
+        turns.append({"role": "assistant", "content": _content(pair[1], f"history[{i}][1]")})
+    query = [_content(record["instruction"], "instruction")]
+    if record.get("input") is not None and (not isinstance(record["input"], str) or record["input"].strip()):
+        query.append(_content(record["input"], "input"))
+    turns.append({"role": "user", "content": "\n".join(query)})
+    output = record.get("output")
+    if output is not None and (not isinstance(output, str) or output.strip()):
+        turns.append({"role": "assistant", "content": _content(output, "output")})
+    return turns
 
 
 def _content(value, name: str) -> str:
