@@ -61,6 +61,14 @@ class TargetWithAux:
 
     _capturing = False
 
+    def new_cache(self, length: int):
+        """An empty cache for a prompt that will reach `length` positions (dynamic: grows as needed)."""
+        return full_history_cache(self.model.config)
+
+    def crop(self, cache, length: int) -> None:
+        """Drop every cached position >= length (rejected drafts)."""
+        crop_target_cache(cache, length)
+
     def remove(self) -> None:
         for h in self._hooks:
             h.remove()
@@ -153,7 +161,7 @@ def speculative_generate(target: TargetWithAux, draft, prompt_ids: list[int], *,
     start = time.perf_counter()
 
     prompt = torch.tensor([prompt_ids], dtype=torch.long, device=device)  # (1, P)
-    cache = full_history_cache(target.model.config)
+    cache = target.new_cache(len(prompt_ids) + max_new_tokens + K + 1)
     logits, feats = target.forward(prompt, cache, logits_to_keep=1)
     seq = list(prompt_ids) + [int(logits[0, -1].argmax())]  # x_0..x_L; x_L (the bonus) not yet in the target
     new, done = _finish(seq[len(prompt_ids):], eos_ids, max_new_tokens)
@@ -184,7 +192,7 @@ def speculative_generate(target: TargetWithAux, draft, prompt_ids: list[int], *,
         t_logits, t_feats = target.forward(verify_in, cache)
         accepted, bonus = verify(t_logits[0], proposal)
         result.accepted.append(accepted)
-        crop_target_cache(cache, L + 1 + accepted)  # keep x_L and the accepted drafts
+        target.crop(cache, L + 1 + accepted)  # keep x_L and the accepted drafts
         dcache.crop(L)                      # drop the speculative steps 1..K-1 entries
         feats = t_feats[:, : accepted + 1]  # features of the newly verified positions L..L+accepted
         drafted_from = L
@@ -200,12 +208,15 @@ def speculative_generate(target: TargetWithAux, draft, prompt_ids: list[int], *,
 
 @torch.inference_mode()
 def greedy_generate(model, prompt_ids: list[int], *, max_new_tokens: int, eos_ids, pad_id,
-                    device="cpu") -> tuple[list[int], float]:
-    """The target's own greedy `generate()` (the lossless reference and the baseline speed)."""
+                    device="cpu", generation_options=None) -> tuple[list[int], float]:
+    """The target's own greedy `generate()` (the lossless reference and the baseline speed).
+
+    `generation_options`: more GenerationConfig fields, e.g. transformers' static cache and compiled decode step
+    (stages/static_cache.py): still transformers' own generation loop, independent of speculative_generate."""
     from transformers import GenerationConfig
 
     config = GenerationConfig(do_sample=False, max_new_tokens=max_new_tokens, eos_token_id=list(eos_ids),
-                              pad_token_id=pad_id)
+                              pad_token_id=pad_id, **(generation_options or {}))
     prompt = torch.tensor([prompt_ids], dtype=torch.long, device=device)
     _sync(device)
     start = time.perf_counter()
