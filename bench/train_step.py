@@ -31,7 +31,7 @@ from eagle.config import DraftConfig  # noqa: E402
 from eagle.model import Eagle3Draft  # noqa: E402
 from eagle.vocab import build_vocab_map  # noqa: E402
 from stages.train.stage import make_step_fn, optimizer_step  # noqa: E402
-from stages.train.setup import DistInfo, GradSync, make_optimizer  # noqa: E402
+from stages.train.setup import DistInfo, GradSync, make_optimizer, resolve_precision  # noqa: E402
 
 SHAPE_FLAGS = ("hidden", "heads", "kv_heads", "intermediate", "vocab", "draft_vocab", "seq_len", "batch",
                "ttt_steps")
@@ -54,6 +54,9 @@ def parse_args(argv=None):
     p.add_argument("--no-compile", action="store_true")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--attention", default="auto", choices=["auto", "dense", "flex"])
+    p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"],
+                   help="the step's matmuls, as `train --precision` (auto: bf16 on CUDA and AMX CPUs); the peers "
+                        "get bf16 autocast exactly when ours resolves to bf16")
     p.add_argument("--peak-tflops", type=float, default=989.0, help="bf16 dense peak for the MFU figure (H100 SXM)")
     p.add_argument("--modelopt-python", default=None, help="interpreter of the Model-Optimizer benchmark venv")
     p.add_argument("--speculators-python", default=None, help="interpreter of the speculators benchmark venv")
@@ -109,7 +112,7 @@ def run_ours(a) -> dict:
                             "lm_head.weight": torch.randn(a.vocab, a.hidden) * 0.02}, d2t, t2d)
     model.to(device).train()
     opt, params, _ = make_optimizer(model, 1e-4, 0.0, device)
-    step_fn = make_step_fn(a.ttt_steps, "topk", 0.8, a.attention, device, not a.no_compile)
+    step_fn = make_step_fn(a.ttt_steps, "topk", 0.8, a.attention, device, not a.no_compile, a.precision)
     aux_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     batch = synthetic_batch(a, device, aux_dtype)
     valid = batch["loss_mask"] & (batch["position_ids"] >= 0)
@@ -137,7 +140,7 @@ def run_ours(a) -> dict:
     times = [w for w, _ in timed]
     med = statistics.median(times)
     out = {"impl": "eagle-pipe", "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-           "compile": not a.no_compile, "shapes": {k: getattr(a, k) for k in SHAPE_FLAGS},
+           "compile": not a.no_compile, "precision": resolve_precision(a.precision, device)[0], "shapes": {k: getattr(a, k) for k in SHAPE_FLAGS},
            "median_ms": med * 1e3, "min_ms": min(times) * 1e3, "max_ms": max(times) * 1e3,
            "median_cpu_ms": statistics.median(c for _, c in timed) * 1e3,
            "tokens_per_s": a.batch * a.seq_len / med, "first_step_s": first, "warmup_s": warm_s,
@@ -161,7 +164,8 @@ def run_peer(a, name: str, python: str) -> dict:
         flags += [f"--{k.replace('_', '-')}", str(getattr(a, k))]
     flags += ["--steps", str(a.steps), "--warmup", str(a.warmup), "--json", "--device", a.device,
               "--threads", str(torch.get_num_threads())]
-    flags += (["--no-compile"] if a.no_compile else []) + (["--bf16-autocast"] if a.device.startswith("cuda") else [])
+    bf16 = resolve_precision(a.precision, torch.device(a.device))[0] == "bf16"
+    flags += (["--no-compile"] if a.no_compile else []) + (["--bf16-autocast"] if bf16 else [])
     res = subprocess.run([python, str(script), *flags], capture_output=True, text=True)
     if res.returncode != 0:
         return {"error": (res.stderr or res.stdout)[-2000:]}

@@ -9,9 +9,17 @@ keys), else plain RoPE with the target's rope_theta. Both the transformers-5 lay
 are read; rope_type "default" is normalised to `rope_scaling=None`. Every setting is validated when the config
 is built, so a bad value fails with one clear ValueError before any tensor is allocated.
 
+The architecture is EAGLE-3 or EAGLE-3.1, as two switches both engines read from config.json under the same
+names (../shared/reference/eagle3-checkpoint.md, "EAGLE-3.1 switches"): `fc_norm` (one RMSNorm per aux state
+before fc) and `norm_output` (the next draft step receives norm(out), not out). `DRAFT_ARCHS` names the
+combinations a user picks ("eagle3": both off; "eagle3.1": both on, the one 3.1 form vLLM and SGLang serve
+alike). The switches are written by `to_dict` only when on, so an EAGLE-3 draft's dict, checkpoints and
+exports are exactly what they were before the switches existed, and older ones read back as EAGLE-3.
+
 API: `DraftConfig` (fields documented on the class), `DraftConfig.from_target_config(target_dict,
-draft_vocab_size=32000, ttt_steps=7, aux_layer_ids=None, draft_rope="auto", **overrides)` (default aux ids
-(2, N//2, N-3), evenly spread for N < 7; draft vocab capped at V), `choose_draft_rope(target_dict, mode)`,
+draft_vocab_size=32000, ttt_steps=7, aux_layer_ids=None, draft_rope="auto", draft_arch="eagle3", **overrides)`
+(default aux ids (2, N//2, N-3), evenly spread for N < 7; draft vocab capped at V), `DraftConfig.draft_arch`
+(the name of its switches), `choose_draft_rope(target_dict, mode)`,
 `to_dict` / `from_dict`, `default_aux_layer_ids(n)`, and `load_target_dir(path)` which reads
 OUT/target/config.json and weights.safetensors (embed_tokens, lm_head, norm), naming a missing file or field.
 """
@@ -29,6 +37,10 @@ from safetensors import safe_open
 from eagle.rope import engine_mismatch, normalise_rope_scaling, rope_type_of
 
 DRAFT_ROPE_MODES = ("auto", "target", "default")
+# user-facing architecture name -> the DraftConfig switches it sets (the engines' config.json keys)
+DRAFT_ARCHS = {"eagle3": {"fc_norm": False, "norm_output": False},
+               "eagle3.1": {"fc_norm": True, "norm_output": True}}
+ARCH_SWITCHES = ("fc_norm", "norm_output")
 TARGET_WEIGHTS = ("embed_tokens.weight", "lm_head.weight", "norm.weight")
 
 
@@ -67,6 +79,19 @@ class DraftConfig:
     """Three strictly ascending ids in [0, N-1]; k = residual stream entering layer k (HF hidden_states[k])."""
     ttt_steps: int = 7
     """K: draft steps unrolled by training-time test (>= 1)."""
+    fc_norm: bool = False
+    """EAGLE-3.1: one RMSNorm(target_hidden_size) per aux state (weights `fc_norm.{i}.weight`) before fc."""
+    norm_output: bool = False
+    """EAGLE-3.1: the next draft step receives norm(out) instead of the pre-norm out (logits always norm(out))."""
+
+    @property
+    def draft_arch(self) -> str:
+        """The architecture's name: "eagle3", "eagle3.1", or "eagle3+<switches on>" for another combination."""
+        switches = {k: getattr(self, k) for k in ARCH_SWITCHES}
+        for name, arch in DRAFT_ARCHS.items():
+            if arch == switches:
+                return name
+        return "eagle3+" + "+".join(k for k, on in switches.items() if on)
 
     def __post_init__(self):
         # Normalise containers so equality and to_dict round-trips are exact (JSON gives lists).
@@ -78,6 +103,9 @@ class DraftConfig:
         for name in ("hidden_size", "num_attention_heads", "num_key_value_heads", "head_dim", "intermediate_size",
                      "max_position_embeddings", "vocab_size", "target_hidden_size", "num_target_layers"):
             _require_positive_int(getattr(self, name), name)
+        for name in ARCH_SWITCHES:
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
         if not isinstance(self.ttt_steps, int) or isinstance(self.ttt_steps, bool) or self.ttt_steps < 1:
             raise ValueError(f"ttt_steps must be an integer >= 1, got {self.ttt_steps!r}")
         if (not isinstance(self.draft_vocab_size, int) or isinstance(self.draft_vocab_size, bool)
@@ -100,10 +128,12 @@ class DraftConfig:
 
     @classmethod
     def from_target_config(cls, target: dict, *, draft_vocab_size: int = 32000, ttt_steps: int = 7,
-                           aux_layer_ids=None, draft_rope: str = "auto", **overrides) -> "DraftConfig":
+                           aux_layer_ids=None, draft_rope: str = "auto", draft_arch: str = "eagle3",
+                           **overrides) -> "DraftConfig":
         """Derive the draft config from the target's config.json dict.
 
-        draft_vocab_size is capped at the target vocab V; draft_rope picks the RoPE (`choose_draft_rope`).
+        draft_vocab_size is capped at the target vocab V; draft_rope picks the RoPE (`choose_draft_rope`);
+        draft_arch ("eagle3" or "eagle3.1", DRAFT_ARCHS) sets fc_norm and norm_output.
         `overrides` replace any derived field by name (e.g. intermediate_size=...); unknown names raise ValueError.
         """
         if not isinstance(target, dict):
@@ -125,6 +155,8 @@ class DraftConfig:
                                  f"num_attention_heads {heads}")
             head_dim = hidden // heads
         rope = choose_draft_rope(target, draft_rope)
+        if draft_arch not in DRAFT_ARCHS:
+            raise ValueError(f"draft_arch must be one of {', '.join(DRAFT_ARCHS)}, got {draft_arch!r}")
         if not isinstance(draft_vocab_size, int) or isinstance(draft_vocab_size, bool) or draft_vocab_size < 1:
             raise ValueError(f"draft_vocab_size must be an integer >= 1, got {draft_vocab_size!r}")
         fields = dict(
@@ -143,6 +175,7 @@ class DraftConfig:
             num_target_layers=num_layers,
             aux_layer_ids=default_aux_layer_ids(num_layers) if aux_layer_ids is None else aux_layer_ids,
             ttt_steps=ttt_steps,
+            **DRAFT_ARCHS[draft_arch],
         )
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(overrides) - known)
@@ -152,10 +185,13 @@ class DraftConfig:
         return cls(**fields)
 
     def to_dict(self) -> dict:
-        """JSON-ready dict (aux ids as a list, rope_scaling copied)."""
+        """JSON-ready dict (aux ids as a list, rope_scaling copied; the EAGLE-3.1 switches only when on)."""
         d = dataclasses.asdict(self)
         d["aux_layer_ids"] = list(self.aux_layer_ids)
         d["rope_scaling"] = copy.deepcopy(self.rope_scaling)
+        for name in ARCH_SWITCHES:
+            if not d[name]:
+                del d[name]
         return d
 
     @classmethod
@@ -171,6 +207,31 @@ class DraftConfig:
         if missing:
             raise ValueError(f"DraftConfig dict is missing field(s) {missing}")
         return cls(**copy.deepcopy(d))
+
+
+def export_tensor_shapes(cfg: DraftConfig) -> dict[str, tuple[tuple[int, ...], str]]:
+    """Every tensor of the serving layout (eagle/export.py) -> (shape, kind), kind "float", "int64" or "bool" (the
+    reference table); eagle/draft_formats.py checks other trainers' files against the same table."""
+    H, I, hd = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
+    q, kv = cfg.num_attention_heads * hd, cfg.num_key_value_heads * hd
+    return {
+        "fc.weight": ((H, 3 * cfg.target_hidden_size), "float"),
+        **({f"fc_norm.{i}.weight": ((cfg.target_hidden_size,), "float") for i in range(3)} if cfg.fc_norm else {}),
+        "midlayer.self_attn.q_proj.weight": ((q, 2 * H), "float"),
+        "midlayer.self_attn.k_proj.weight": ((kv, 2 * H), "float"),
+        "midlayer.self_attn.v_proj.weight": ((kv, 2 * H), "float"),
+        "midlayer.self_attn.o_proj.weight": ((H, q), "float"),
+        "midlayer.mlp.gate_proj.weight": ((I, H), "float"),
+        "midlayer.mlp.up_proj.weight": ((I, H), "float"),
+        "midlayer.mlp.down_proj.weight": ((H, I), "float"),
+        "midlayer.input_layernorm.weight": ((H,), "float"),
+        "midlayer.hidden_norm.weight": ((H,), "float"),
+        "midlayer.post_attention_layernorm.weight": ((H,), "float"),
+        "norm.weight": ((H,), "float"),
+        "lm_head.weight": ((cfg.draft_vocab_size, H), "float"),
+        "d2t": ((cfg.draft_vocab_size,), "int64"),
+        "t2d": ((cfg.vocab_size,), "bool"),
+    }
 
 
 def default_aux_layer_ids(num_layers: int) -> tuple[int, int, int]:

@@ -3,20 +3,26 @@
 Layout: ../shared/reference/eagle3-checkpoint.md. The directory holds
   config.json        a Llama config with architectures ["LlamaForCausalLMEagle3"], num_hidden_layers 1,
                      vocab_size V, draft_vocab_size Vd, an int target_hidden_size, explicit rope_theta and
-                     rope_scaling, no bias / norm-variant flags, aux layer ids in both engines' conventions
-                     (top level: vLLM, k = HF hidden_states[k]; eagle_config: SGLang, k - 1), and under
-                     "eagle_pipe" the exact DraftConfig so `load_draft` rebuilds the same model
-  model.safetensors  metadata {"format": "pt"}; fc, midlayer.*, norm, lm_head, d2t int64, t2d bool; no
-                     `model.` prefix and no embed_tokens (the engines use the target's embedding)
+                     rope_scaling, no bias flags, aux layer ids in both engines' conventions (top level: vLLM,
+                     k = HF hidden_states[k]; eagle_config: SGLang, k - 1), and under "eagle_pipe" the exact
+                     DraftConfig so `load_draft` rebuilds the same model. Norm variants: an EAGLE-3.1 draft
+                     writes `fc_norm: true` and `norm_output: true` (the switches both engines run alike);
+                     EAGLE-3 writes none; `norm_before_fc` / `norm_before_residual` (one engine only) never
+  model.safetensors  metadata {"format": "pt"}; fc, [fc_norm.{0,1,2}.weight,] midlayer.*, norm, lm_head, d2t
+                     int64, t2d bool; no `model.` prefix and no embed_tokens (the engines use the target's
+                     embedding). vLLM prefixes every name but lm_head with `model.`, SGLang looks both ways:
+                     `fc_norm.{i}.weight` is the name both map onto their `model.fc_norm[i]`
 The directory is written under a temporary name and renamed into place, so a crash never leaves a half export.
 
 API:
 
     def export_draft(model, out_dir, dtype=None) -> Path   # config.json + model.safetensors (metadata {"format": "pt"})
         # dtype: cast the float weights (e.g. torch.bfloat16 for serving); default keeps the model's dtype
-    def load_draft(path, embed_weight: Tensor | None = None, device="cpu") -> Eagle3Draft
+    def load_draft(path, embed_weight: Tensor | None = None, device="cpu", target_config=None) -> Eagle3Draft
         # embed_weight: the target's embedding [V, H] (exports omit it; engines use the target's).
         # Without it the embedding is NaN, so a forward fails loudly instead of drafting garbage.
+        # Also reads Model-Optimizer / speculators / llama-eagle3 exports (eagle/draft_formats.py), given the
+        # target's config.json dict as target_config; model.draft_format names the format read.
 """
 from __future__ import annotations
 
@@ -30,34 +36,11 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from eagle.config import DraftConfig
+from eagle.config import ARCH_SWITCHES, DraftConfig, export_tensor_shapes
 
 ARCHITECTURE = "LlamaForCausalLMEagle3"
 FORMAT_VERSION = 1
 EXPORT_FILES = ("config.json", "model.safetensors")
-
-
-def export_tensor_shapes(cfg: DraftConfig) -> dict[str, tuple[tuple[int, ...], str]]:
-    """Every exported tensor name -> (shape, kind), kind "float", "int64" or "bool" (the reference table)."""
-    H, I, hd = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
-    q, kv = cfg.num_attention_heads * hd, cfg.num_key_value_heads * hd
-    return {
-        "fc.weight": ((H, 3 * cfg.target_hidden_size), "float"),
-        "midlayer.self_attn.q_proj.weight": ((q, 2 * H), "float"),
-        "midlayer.self_attn.k_proj.weight": ((kv, 2 * H), "float"),
-        "midlayer.self_attn.v_proj.weight": ((kv, 2 * H), "float"),
-        "midlayer.self_attn.o_proj.weight": ((H, q), "float"),
-        "midlayer.mlp.gate_proj.weight": ((I, H), "float"),
-        "midlayer.mlp.up_proj.weight": ((I, H), "float"),
-        "midlayer.mlp.down_proj.weight": ((H, I), "float"),
-        "midlayer.input_layernorm.weight": ((H,), "float"),
-        "midlayer.hidden_norm.weight": ((H,), "float"),
-        "midlayer.post_attention_layernorm.weight": ((H,), "float"),
-        "norm.weight": ((H,), "float"),
-        "lm_head.weight": ((cfg.draft_vocab_size, H), "float"),
-        "d2t": ((cfg.draft_vocab_size,), "int64"),
-        "t2d": ((cfg.vocab_size,), "bool"),
-    }
 
 
 def serving_config(cfg: DraftConfig, dtype: torch.dtype) -> dict:
@@ -89,6 +72,7 @@ def serving_config(cfg: DraftConfig, dtype: torch.dtype) -> dict:
             "eagle_aux_hidden_state_layer_ids": [k - 1 for k in aux],  # SGLang adds +1
             "use_aux_hidden_state": True,
         },
+        **{name: True for name in ARCH_SWITCHES if getattr(cfg, name)},  # EAGLE-3.1: fc_norm, norm_output
         "eagle_pipe": {"format_version": FORMAT_VERSION, "draft_config": cfg.to_dict()},
     }
 
@@ -139,19 +123,33 @@ def export_draft(model, out_dir, dtype: torch.dtype | None = None) -> Path:
     return out_dir
 
 
-def load_draft(path, embed_weight: torch.Tensor | None = None, device="cpu"):
-    """Rebuild the exported Eagle3Draft (weights in their stored dtype), in eval mode, on `device`."""
+def load_draft(path, embed_weight: torch.Tensor | None = None, device="cpu", target_config: dict | None = None):
+    """Rebuild the exported Eagle3Draft (weights in their stored dtype), in eval mode, on `device`.
+
+    Drafts other trainers export (eagle/draft_formats.py) are read too; they need `target_config`, the target's
+    config.json dict. `model.draft_format` names the format read.
+    """
+    from eagle.draft_formats import detect_format, read_peer_draft
     from eagle.model import Eagle3Draft  # the model module imports the config, never this one
 
     path = Path(path)
     cfg_path, w_path = path / "config.json", path / "model.safetensors"
-    for p in (cfg_path, w_path):
-        if not p.is_file():
-            raise FileNotFoundError(f"draft dir {path} lacks {p.name} (expected {p})")
+    if not cfg_path.is_file():
+        raise FileNotFoundError(f"draft dir {path} lacks {cfg_path.name} (expected {cfg_path})")
     try:
         config = json.loads(cfg_path.read_text())
     except json.JSONDecodeError as e:
         raise ValueError(f"{cfg_path}: not valid JSON ({e})") from None
+    peer = isinstance(config, dict) and "eagle_pipe" not in config
+    fmt = detect_format(config, str(cfg_path)) if peer else "eagle-pipe"
+    if fmt != "eagle-pipe":
+        if target_config is None:
+            raise ValueError(f"{cfg_path}: no 'eagle_pipe.draft_config' (not exported by eagle-pipe): reading a "
+                             f"{fmt} draft needs the target's config (target_config)")
+        _, cfg, tensors = read_peer_draft(path, target_config)
+        return _build(Eagle3Draft(cfg), tensors, embed_weight, device, fmt)
+    if not w_path.is_file():
+        raise FileNotFoundError(f"draft dir {path} lacks {w_path.name} (expected {w_path})")
     meta = config.get("eagle_pipe") if isinstance(config, dict) else None
     if not isinstance(meta, dict) or not isinstance(meta.get("draft_config"), dict):
         raise ValueError(f"{cfg_path}: no 'eagle_pipe.draft_config' (not exported by eagle-pipe)")
@@ -166,6 +164,10 @@ def load_draft(path, embed_weight: torch.Tensor | None = None, device="cpu"):
     trained = {"rope_theta": float(cfg.rope_theta), "rope_scaling": cfg.rope_scaling}
     if served != trained:  # the engines read the top-level fields: they must be what the draft was trained with
         raise ValueError(f"{cfg_path}: the engines' rope fields {served} differ from the trained draft's {trained}")
+    for name in ARCH_SWITCHES:  # likewise the norm switches: the engines would run another architecture
+        if bool(config.get(name, False)) != getattr(cfg, name):
+            raise ValueError(f"{cfg_path}: the engines' {name}={config.get(name)!r} differs from the trained "
+                             f"draft's {name}={getattr(cfg, name)} ({cfg.draft_arch})")
 
     expected = export_tensor_shapes(cfg)
     with safe_open(str(w_path), framework="pt") as f:
@@ -182,9 +184,16 @@ def load_draft(path, embed_weight: torch.Tensor | None = None, device="cpu"):
         if tuple(t.shape) != shape or not ok_dtype:
             raise ValueError(f"{w_path}: '{name}' is {t.dtype} {list(t.shape)}, expected {kind} {list(shape)}")
 
-    model = Eagle3Draft(cfg)
+    return _build(Eagle3Draft(cfg), tensors, embed_weight, device, fmt)
+
+
+def _build(model, tensors: dict, embed_weight, device, fmt: str):
+    """Load `tensors` into `model`; the draft's own embed_tokens, else the target's `embed_weight`, else NaN."""
+    cfg = model.cfg
     float_dtype = tensors["fc.weight"].dtype
-    if embed_weight is None:
+    if "embed_tokens.weight" in tensors:  # a draft that ships its own embedding runs with it, as vLLM does
+        embed = tensors["embed_tokens.weight"]
+    elif embed_weight is None:
         embed = torch.full((cfg.vocab_size, cfg.hidden_size), float("nan"), dtype=float_dtype)
     else:
         if tuple(embed_weight.shape) != (cfg.vocab_size, cfg.hidden_size):
@@ -194,6 +203,7 @@ def load_draft(path, embed_weight: torch.Tensor | None = None, device="cpu"):
     tensors["embed_tokens.weight"] = embed
     model.load_state_dict(tensors, strict=True, assign=True)  # assign: keep the stored dtypes
     model.embed_tokens.weight.requires_grad_(False)
+    model.draft_format = fmt
     return model.to(device).eval()
 
 

@@ -1,5 +1,6 @@
 """The draft run exactly as vLLM/SGLang run it: a KV cache, step 0 from target features, later steps from the
-draft's own pre-norm hidden state. Used by `eagle-pipe eval` and by the train/serve equality tests.
+draft's own hidden state (pre-norm out; norm(out) for EAGLE-3.1's norm_output). Used by `eagle-pipe eval` and by
+the train/serve equality tests.
 
 Chain drafting with verified tokens x_1..x_n and bonus x_{n+1} (reference, "How the engines draft"):
     cache = DraftCache(cfg, 1, max_len)
@@ -20,7 +21,8 @@ API:
         # input_ids int64 [B, T] tokens at cache positions cache.length..+T (the positions given in `positions`)
         # hidden: [B, T, 3*Ht] target aux features if fused is False (fc is applied), else [B, T, H] draft state
         # writes K/V at those positions, attends causally to everything cached; returns
-        # (logits [B, T, Vd] over the draft vocab, out [B, T, H] pre-norm output = next step's hidden)
+        # (logits [B, T, Vd] over the draft vocab, h [B, T, H] = the next step's hidden: the pre-norm out,
+        #  or norm(out) when cfg.norm_output)
 """
 from __future__ import annotations
 
@@ -59,7 +61,7 @@ class DraftCache:
 @torch.no_grad()
 def draft_step(model, cache: DraftCache, input_ids: torch.Tensor, hidden: torch.Tensor, positions: torch.Tensor,
                fused: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """One draft forward over T new tokens; returns (logits [B, T, Vd], pre-norm out [B, T, H])."""
+    """One draft forward over T new tokens; returns (logits [B, T, Vd], next step's hidden [B, T, H])."""
     g = hidden if fused else model.fuse(hidden)  # (B, T, H)
-    out = model.layer(model.embed(input_ids), g, positions, cache.attend)  # (B, T, H)
-    return model.logits(out), out
+    out = model.layer(model.embed(input_ids), g, positions, cache.attend)  # (B, T, H) pre-norm
+    return model.head(out)

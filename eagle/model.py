@@ -2,15 +2,17 @@
 
 Parameter names are the export layout of ../shared/reference/eagle3-checkpoint.md (no `model.` prefix): fc,
 midlayer.{self_attn.{q,k,v,o}_proj, mlp.{gate,up,down}_proj, input_layernorm, hidden_norm,
-post_attention_layernorm}, norm, lm_head; buffers d2t [Vd] int64, t2d [V] bool; the frozen embedding
-`embed_tokens.weight` [V, H] (requires_grad=False, never exported).
+post_attention_layernorm}, norm, lm_head; with cfg.fc_norm also fc_norm.{0,1,2}.weight [Ht]; buffers d2t [Vd]
+int64, t2d [V] bool; the frozen embedding `embed_tokens.weight` [V, H] (requires_grad=False, never exported).
 
-The forward is the one vLLM and SGLang run (reference, "The forward both engines run"):
-    g   = fc(cat(h_a, h_b, h_c))                              step 0 only; later steps feed the previous `out`
+The forward is the one vLLM and SGLang run (reference, "The forward both engines run" and "EAGLE-3.1 switches"):
+    g   = fc(cat(h_a, h_b, h_c))                              step 0 only; later steps feed the previous step's
+          fc(cat(n_0(h_a), n_1(h_b), n_2(h_c)))               state; with fc_norm, one RMSNorm(Ht) per aux state
     x   = cat(input_layernorm(embed(token)), hidden_norm(g))  # (B, T, 2H)
     out = g + o_proj(attention(x))                            residual from the hidden stream, not from x
     out = out + mlp(post_attention_layernorm(out))
-    logits = lm_head(norm(out))                               `out` (pre-norm) is the next step's g
+    logits = lm_head(norm(out))
+    next step's g = out (pre-norm), or norm(out) with norm_output (EAGLE-3.1)
 There is deliberately no second norm on the hidden stream. Attention is supplied by the caller (`attend`), so
 the same layer serves the training-time test (eagle/ttt.py) and the cached inference step (eagle/inference.py).
 
@@ -20,10 +22,11 @@ API:
         cfg: DraftConfig
         def init_from_target(self, weights: dict[str, Tensor], d2t: Tensor, t2d: Tensor, init_lm_head=True)
             # copies embed_tokens (frozen), sets d2t/t2d, optionally lm_head = target lm_head rows of the draft vocab
-        def fuse(self, aux_hidden_states)  -> Tensor   # fc: (.., 3*Ht) -> (.., H)
+        def fuse(self, aux_hidden_states)  -> Tensor   # [fc_norm +] fc: (.., 3*Ht) -> (.., H)
         def embed(self, input_ids) -> Tensor
-        def layer(self, embeds, hidden, positions, attend) -> Tensor  # pre-norm output `out` (next step's g)
+        def layer(self, embeds, hidden, positions, attend) -> Tensor  # pre-norm output `out`
         def logits(self, out) -> Tensor                # lm_head(norm(out)) over the draft vocab (.., Vd)
+        def head(self, out) -> (Tensor, Tensor)        # (logits(out), the next step's hidden: out or norm(out))
         def draft_to_target(self, draft_ids) -> Tensor # draft_ids + d2t[draft_ids]
 """
 from __future__ import annotations
@@ -121,6 +124,9 @@ class Eagle3Draft(nn.Module):
         h, vd = cfg.hidden_size, cfg.draft_vocab_size
         self.embed_tokens = nn.Embedding(cfg.vocab_size, h)
         self.embed_tokens.weight.requires_grad_(False)
+        # EAGLE-3.1: each aux state normalised on its own before fc (vLLM/SGLang `fc_norm`, eps rms_norm_eps)
+        self.fc_norm = nn.ModuleList(RMSNorm(cfg.target_hidden_size, cfg.rms_norm_eps) for _ in range(3)) \
+            if cfg.fc_norm else None
         self.fc = nn.Linear(3 * cfg.target_hidden_size, h, bias=False)
         self.midlayer = DraftLayer(cfg)
         self.norm = RMSNorm(h, cfg.rms_norm_eps)
@@ -157,6 +163,9 @@ class Eagle3Draft(nn.Module):
                 self.norm.weight.copy_(weights["norm.weight"])
 
     def fuse(self, aux_hidden_states: torch.Tensor) -> torch.Tensor:
+        if self.fc_norm is not None:  # the engines chunk the concatenation into the 3 aux states of width Ht
+            chunks = aux_hidden_states.chunk(3, dim=-1)  # 3 x (.., Ht)
+            aux_hidden_states = torch.cat([n(c) for n, c in zip(self.fc_norm, chunks)], dim=-1)
         return self.fc(aux_hidden_states)  # (.., 3*Ht) -> (.., H)
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -170,6 +179,11 @@ class Eagle3Draft(nn.Module):
 
     def logits(self, out: torch.Tensor) -> torch.Tensor:
         return self.lm_head(self.norm(out))  # (.., H) -> (.., Vd)
+
+    def head(self, out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(logits (.., Vd), the hidden state the next draft step receives (.., H)) from the pre-norm out."""
+        normed = self.norm(out)
+        return self.lm_head(normed), (normed if self.cfg.norm_output else out)
 
     def draft_to_target(self, draft_ids: torch.Tensor) -> torch.Tensor:
         return draft_ids + self.d2t[draft_ids]

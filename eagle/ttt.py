@@ -13,7 +13,8 @@ Batch contract (produced by stages/train/loader.py; all [B, T] unless noted; row
 A document of n stored tokens gives n-1 positions (t = 0..n-2).
 
 Step j at position t is the engine's draft step j with n = t - j verified tokens (see the reference):
-step 0 input (fuse(f_t), x_{t+1}); step j>=1 input (out^{j-1}_{t-1}, x_{t+1}); queries at step j attend to
+step 0 input (fuse(f_t), x_{t+1}); step j>=1 input (h^{j-1}_{t-1}, x_{t+1}), h the state the engine feeds back
+(pre-norm out, or norm(out) for EAGLE-3.1's norm_output: model.head); queries at step j attend to
 step-0 keys at positions <= t-j of the same document and to step-i keys (1 <= i <= j) at position t-j+i.
 Valid (counted in the loss) only where loss_mask[t] and position_ids[t] >= j.
 Nothing of size T*T*K is materialised: a dense [T, T] block for step-0 keys plus j diagonals (CPU path, which
@@ -37,20 +38,21 @@ from eagle.vocab import target_to_draft_index
 
 
 def iter_ttt_steps(model, batch: dict, steps: int, attention: str = "auto"):
-    """Yield (j, out_j, logits_j) for j = 0..steps-1; out/logits (B, T, H) / (B, T, Vd)."""
+    """Yield (j, h_j, logits_j) for j = 0..steps-1: the state step j+1 reads (B, T, H), logits (B, T, Vd)."""
     if not isinstance(steps, int) or steps < 1:
         raise ValueError(f"TTT steps must be an integer >= 1, got {steps!r}")
     ids, pos, doc = batch["input_ids"], batch["position_ids"], batch["document_ids"]  # (B, T) each
     attend = make_ttt_attention(attention, doc)
     embeds = model.embed(ids)  # (B, T, H): x_{t+1}, the same ground-truth token at every step
-    # step j >= 1 reads out^{j-1} one row back; a document's first row has no predecessor in its document
+    # step j >= 1 reads h^{j-1} one row back; a document's first row has no predecessor in its document
     starts = torch.ones_like(doc, dtype=torch.bool)
     starts[:, 1:] = doc[:, 1:] != doc[:, :-1]
     hidden = model.fuse(batch["aux_hidden_states"])  # (B, T, H)
     for j in range(steps):
         out = model.layer(embeds, hidden, pos, attend)  # (B, T, H) pre-norm
-        yield j, out, model.logits(out)
-        prev = torch.nn.functional.pad(out, (0, 0, 1, 0))[:, :-1]  # (B, T, H): row t holds out[t-1]
+        logits, h = model.head(out)  # (B, T, Vd), (B, T, H): h = out, or norm(out) with norm_output
+        yield j, h, logits
+        prev = torch.nn.functional.pad(h, (0, 0, 1, 0))[:, :-1]  # (B, T, H): row t holds h[t-1]
         hidden = prev.masked_fill(starts[..., None], 0.0)
 
 

@@ -7,6 +7,7 @@ import torch
 from torch._dynamo.testing import CompileCounterWithBackend
 
 from draft_testing import packed_batch, random_draft, rel_err, tiny_cfg
+from eagle.config import DRAFT_ARCHS
 from eagle.ttt import ttt_loss
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -14,9 +15,9 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 STEPS = 3
 
 
-def small_cfg():
+def small_cfg(arch="eagle3"):
     return tiny_cfg(hidden_size=16, num_attention_heads=2, num_key_value_heads=1, head_dim=8, intermediate_size=24,
-                    vocab_size=40, draft_vocab_size=30, target_hidden_size=8)
+                    vocab_size=40, draft_vocab_size=30, target_hidden_size=8, **DRAFT_ARCHS[arch])
 
 
 def with_teachers(batch, cfg, seed):
@@ -30,9 +31,10 @@ def train_step(model, batch, normalizer, teacher_kind="topk"):
     return ttt_loss(model, batch, STEPS, normalizer, teacher_kind, decay=0.8, attention="dense")
 
 
-@pytest.mark.parametrize("teacher_kind", ["topk", "argmax", "softmax"])
-def test_ttt_loss_traces_as_one_graph(teacher_kind):
-    cfg = small_cfg()
+@pytest.mark.parametrize("teacher_kind, arch", [("topk", "eagle3"), ("argmax", "eagle3"), ("softmax", "eagle3"),
+                                                ("topk", "eagle3.1")])
+def test_ttt_loss_traces_as_one_graph(teacher_kind, arch):
+    cfg = small_cfg(arch)
     model = random_draft(cfg)
     batch = with_teachers(packed_batch(cfg, [5, 7, 3], T=16, seed=1), cfg, 1)
     torch._dynamo.reset()
@@ -42,8 +44,9 @@ def test_ttt_loss_traces_as_one_graph(teacher_kind):
 
 
 @pytest.mark.slow  # inductor compiles forward + backward: ~1.5 min of CPU on 2 cores
-def test_compiled_ttt_matches_eager_without_recompiling():
-    cfg = small_cfg()
+@pytest.mark.parametrize("arch", list(DRAFT_ARCHS))
+def test_compiled_ttt_matches_eager_without_recompiling(arch):
+    cfg = small_cfg(arch)
     model = random_draft(cfg, seed=2)
     normalizer = torch.full((STEPS,), 9.0)
     batches = [packed_batch(cfg, [5, 7, 3], T=16, rows=2, seed=3), packed_batch(cfg, [9, 6], T=16, rows=2, seed=4)]
@@ -64,7 +67,8 @@ def test_compiled_ttt_matches_eager_without_recompiling():
         torch.testing.assert_close(loss, eager_loss, rtol=1e-5, atol=1e-6)
         for key in ("ce_sum", "correct", "valid"):
             torch.testing.assert_close(metrics[key], eager_metrics[key], rtol=1e-5, atol=1e-5)
-        assert grads.keys() == eager_grads.keys() and len(grads) == 13  # every trainable tensor got a gradient
+        # every trainable tensor got a gradient (EAGLE-3.1: also the three fc_norm weights)
+        assert grads.keys() == eager_grads.keys() and len(grads) == 13 + 3 * cfg.fc_norm
         for name, grad in grads.items():
             assert rel_err(grad, eager_grads[name]) <= 1e-4, name
     assert counter.frame_count == 1  # the second batch of the same shape reused the first compilation
@@ -73,9 +77,10 @@ def test_compiled_ttt_matches_eager_without_recompiling():
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_compiled_flex_ttt_matches_eager_dense_on_cuda():
+@pytest.mark.parametrize("arch", list(DRAFT_ARCHS))
+def test_compiled_flex_ttt_matches_eager_dense_on_cuda(arch):
     """The GPU training path (FlexAttention inside one fullgraph compile) equals the eager dense path."""
-    cfg = tiny_cfg(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=16)
+    cfg = tiny_cfg(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=16, **DRAFT_ARCHS[arch])
     model = random_draft(cfg, seed=5).cuda()
     normalizer = torch.full((STEPS,), 50.0, device="cuda")
     batches = [{k: v.cuda() for k, v in packed_batch(cfg, lengths, T=192, rows=2, seed=seed).items()}
@@ -121,7 +126,7 @@ def test_step_with_fp8_input_traces_as_one_graph_and_equals_the_dequantized_batc
     model = random_draft(cfg, seed=3)
     batch, normalizer = fp8_batch(cfg, 8), torch.full((STEPS,), 9.0)
     batch = to_device(batch, torch.device("cpu"), torch.float32)  # as training hands it over: uint8 bits
-    step_fn = make_step_fn(STEPS, "topk", 0.8, "dense", torch.device("cpu"), compile_=False)
+    step_fn = make_step_fn(STEPS, "topk", 0.8, "dense", torch.device("cpu"), compile_=False, precision="fp32")
     torch._dynamo.reset()
     explanation = torch._dynamo.explain(step_fn)(model, batch, normalizer)
     assert explanation.graph_break_count == 0, explanation.break_reasons
@@ -145,3 +150,40 @@ def test_compiled_dequantization_equals_eager():
     got, want = compiled(on_device), dequantize_batch(batch)
     assert torch.equal(got["aux_hidden_states"], want["aux_hidden_states"]) and "aux_scales" not in got
     assert counter.frame_count == 1
+
+
+def test_bf16_step_on_cpu_tracks_the_fp32_step():
+    """--precision bf16 (the default on CPUs with AMX): the same loss, metrics and gradients as the fp32 step up to
+    bf16 rounding; the fp32 step is the reference."""
+    from stages.train.stage import make_step_fn
+
+    cfg = small_cfg()
+    batch, normalizer = packed_batch(cfg, [5, 7, 3], T=16, rows=2, seed=4), torch.full((STEPS,), 9.0)
+    results = {}
+    for precision in ("fp32", "bf16"):
+        model = random_draft(cfg, seed=3)
+        step_fn = make_step_fn(STEPS, "topk", 0.8, "dense", torch.device("cpu"), compile_=False, precision=precision)
+        loss, metrics = step_fn(model, batch, normalizer)
+        loss.backward()
+        results[precision] = loss.detach(), metrics, {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+    (ref, ref_m, ref_g), (got, got_m, got_g) = results["fp32"], results["bf16"]
+    assert not torch.equal(got, ref)  # bf16 really ran
+    torch.testing.assert_close(got, ref, rtol=2e-2, atol=0)
+    assert torch.equal(got_m["valid"], ref_m["valid"])
+    for name in ref_g:
+        assert rel_err(got_g[name], ref_g[name]) < 5e-2, name
+
+
+def test_precision_auto_resolves_by_device(monkeypatch):
+    from stages.errors import StageError
+    from stages.train.setup import resolve_precision
+
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True)
+    assert resolve_precision("auto", cpu)[0] == "bf16"
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    assert resolve_precision("auto", cpu)[0] == "fp32"
+    assert resolve_precision("auto", torch.device("cuda"))[0] == "bf16"
+    assert resolve_precision("fp32", torch.device("cuda")) == ("fp32", "--precision")
+    with pytest.raises(StageError, match="--precision 'fp16'"):
+        resolve_precision("fp16", cpu)

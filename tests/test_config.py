@@ -4,6 +4,7 @@ written the way stage one writes it."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import re
 
@@ -11,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from eagle.config import DraftConfig, choose_draft_rope, default_aux_layer_ids, load_target_dir
+from eagle.config import DRAFT_ARCHS, DraftConfig, choose_draft_rope, default_aux_layer_ids, load_target_dir
 from real_assets import real_path
 
 LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
@@ -391,3 +392,26 @@ def test_load_target_dir_errors_name_what_is_missing(tiny_llama, tmp_path):
     save_file({**written, "norm.weight": torch.ones(3)}, str(root / "weights.safetensors"))
     with pytest.raises(ValueError, match=r"'norm.weight' has shape \[3\], config.json implies \[64\]"):
         load_target_dir(root)
+
+
+def test_draft_arch_sets_the_two_switches_and_round_trips():
+    plain = DraftConfig.from_target_config(llama_dict())
+    v31 = DraftConfig.from_target_config(llama_dict(), draft_arch="eagle3.1")
+    assert (plain.fc_norm, plain.norm_output, plain.draft_arch) == (False, False, "eagle3")
+    assert (v31.fc_norm, v31.norm_output, v31.draft_arch) == (True, True, "eagle3.1")
+    assert dataclasses.replace(v31, fc_norm=True, norm_output=False) != v31  # the switches are part of equality
+    assert dataclasses.replace(plain, norm_output=True).draft_arch == "eagle3+norm_output"
+    # EAGLE-3's dict is what it was before the switches existed; EAGLE-3.1's names them
+    assert "fc_norm" not in plain.to_dict() and "norm_output" not in plain.to_dict()
+    assert v31.to_dict() == plain.to_dict() | {"fc_norm": True, "norm_output": True}
+    for cfg in (plain, v31, dataclasses.replace(plain, fc_norm=True)):
+        assert DraftConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+    assert set(DRAFT_ARCHS) == {"eagle3", "eagle3.1"}
+
+
+def test_bad_draft_arch_or_switch_is_refused():
+    with pytest.raises(ValueError, match=r"draft_arch must be one of eagle3, eagle3.1, got 'eagle3.2'"):
+        DraftConfig.from_target_config(llama_dict(), draft_arch="eagle3.2")
+    fields = DraftConfig.from_target_config(llama_dict()).to_dict()
+    with pytest.raises(ValueError, match="fc_norm must be true or false, got 'yes'"):
+        DraftConfig.from_dict(fields | {"fc_norm": "yes"})

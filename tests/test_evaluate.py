@@ -238,12 +238,12 @@ def test_table_output_and_bad_inputs(tiny_llama, random_draft, prompts_file, tmp
 
 # ----------------------------------------------------------------------------------------------- trained draft
 @pytest.fixture(scope="module")
-def trained_draft(tiny_llama, target, tmp_path_factory):
-    """A real Eagle3Draft trained by the train stage on a dump of the target's own greedy generations.
+def own_generations_dump(tiny_llama, target, tmp_path_factory):
+    """A dump of the target's own greedy generations, and their prompts.
 
     The records are pre-tokenized (prompt + greedy continuation, loss on the continuation), so the dump holds
-    exactly the trajectories the target produces. The draft is then evaluated on those same prompts: this
-    tests that `eval` measures a good draft as good (in-sample), not how well a draft generalises.
+    exactly the trajectories the target produces. Drafts trained on it are then evaluated on those same
+    prompts: this tests that `eval` measures a good draft as good (in-sample), not how well a draft generalises.
     """
     from conftest import corpus_text
 
@@ -266,13 +266,24 @@ def trained_draft(tiny_llama, target, tmp_path_factory):
     result = runner.invoke(main, ["dump-teacher", "--target", str(tiny_llama), "--data", str(root / "train.jsonl"),
                                   "--out", str(root / "dump"), "--top-k", "8", "--device", "cpu"])
     assert result.exit_code == 0, result.output
-    result = runner.invoke(main, ["train", "--teacher-dir", str(root / "dump"), "--out", str(root / "run"),
-                                  "--seq-len", "256", "--batch-size", "4", "--max-steps", "400", "--lr", "2e-2",
-                                  "--warmup-steps", "10", "--ttt-steps", "3", "--eval-fraction", "0",
-                                  "--eval-every", "0", "--save-every", "0", "--num-workers", "1", "--no-compile",
-                                  "--device", "cpu"])
+    return root / "dump", root / "prompts.jsonl"
+
+
+def train_on(dump: Path, run: Path, steps: int, *extra: str) -> Path:
+    result = CliRunner().invoke(main, ["train", "--teacher-dir", str(dump), "--out", str(run), "--seq-len", "256",
+                                       "--batch-size", "4", "--max-steps", str(steps), "--lr", "2e-2",
+                                       "--warmup-steps", "10", "--ttt-steps", "3", "--eval-fraction", "0",
+                                       "--eval-every", "0", "--save-every", "0", "--num-workers", "1",
+                                       "--no-compile", "--device", "cpu", *extra])
     assert result.exit_code == 0, result.output
-    return root / "run", root / "prompts.jsonl"
+    return run
+
+
+@pytest.fixture(scope="module")
+def trained_draft(own_generations_dump):
+    """A real Eagle3Draft trained by the train stage on the target's own generations."""
+    dump, prompts = own_generations_dump
+    return train_on(dump, dump.parent / "run", 400), prompts
 
 
 def test_trained_draft_accepts_well_above_one_and_is_lossless(tiny_llama, trained_draft, random_draft):
@@ -290,3 +301,20 @@ def test_trained_draft_accepts_well_above_one_and_is_lossless(tiny_llama, traine
     acc = summary["final_metrics"]["acc"]
     assert trained["simulated_acceptance_length"] == pytest.approx(1 + acc[0] + acc[0] * acc[1]
                                                                    + acc[0] * acc[1] * acc[2])
+
+
+def test_trained_eagle31_draft_exports_the_switches_and_evaluates_lossless(tiny_llama, own_generations_dump,
+                                                                          random_draft):
+    """`train --draft-arch eagle3.1` -> export -> `eval`: the 3.1 draft (fc_norm, post-norm feedback) drafts by
+    the exported switches, stays lossless and accepts clearly more than a random draft after a short run."""
+    dump, prompts = own_generations_dump
+    run = train_on(dump, dump.parent / "run31", 150, "--draft-arch", "eagle3.1")
+    exported = json.loads((run / "export" / "config.json").read_text())
+    assert exported["fc_norm"] is True and exported["norm_output"] is True
+    common = ["--target", tiny_llama, "--data", prompts, "--num-prompts", 6, "--max-new-tokens", 32, "--json"]
+    code, output, v31 = run_eval("--draft", run / "export", "--run-dir", run, *common)
+    assert code == 0, output
+    code, output, random = run_eval("--draft", random_draft, *common)
+    assert code == 0, output
+    assert v31["lossless"] and v31["mismatches"] == []
+    assert v31["acceptance_length"] > 1.4 > 1.15 > random["acceptance_length"], (v31, random)

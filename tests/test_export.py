@@ -10,7 +10,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from eagle.config import DraftConfig
+from eagle.config import DRAFT_ARCHS, DraftConfig
 from eagle.export import export_draft, load_draft
 from eagle.inference import DraftCache, draft_step
 from eagle.model import Eagle3Draft
@@ -41,14 +41,14 @@ EXPECTED_TENSORS = {  # name -> shape builder from (H, Ht, nH*hd, nKV*hd, I)
 }
 
 
-def make_model(rope_scaling=None, seed=0):
+def make_model(rope_scaling=None, seed=0, draft_arch="eagle3"):
     from transformers import LlamaConfig
 
     rope = {"rope_theta": 5000.0, **(rope_scaling or {"rope_type": "default"})}
     target = LlamaConfig(hidden_size=48, num_hidden_layers=N_LAYERS, num_attention_heads=4, num_key_value_heads=2,
                          intermediate_size=80, vocab_size=V, max_position_embeddings=256, rms_norm_eps=1e-5,
                          rope_parameters=rope).to_dict()
-    cfg = DraftConfig.from_target_config(target, draft_vocab_size=VD, ttt_steps=3)
+    cfg = DraftConfig.from_target_config(target, draft_vocab_size=VD, ttt_steps=3, draft_arch=draft_arch)
     g = torch.Generator().manual_seed(seed)
     model = Eagle3Draft(cfg)
     with torch.no_grad():
@@ -218,20 +218,28 @@ def rotate(x, pos, theta):
     return out
 
 
-def engine_forward_from_files(out, embed, tokens, feats):
-    """Step 0 as the engines run it (reference, "The forward both engines run"), from the files alone."""
-    c = json.loads((out / "config.json").read_text())
-    w = {k: v.double() for k, v in load_file(str(out / "model.safetensors")).items()}
+def engine_fuse_from_files(c, w, feats):
+    """fc input as the engines build it: with config.json's fc_norm, `fc_norm.{i}.weight` normalises aux state i
+    (the chunk of width target_hidden_size) on its own."""
+    x, Ht = feats.double(), c["target_hidden_size"]
+    if c.get("fc_norm"):
+        x = torch.cat([rms(x[..., i * Ht:(i + 1) * Ht], w[f"fc_norm.{i}.weight"], c["rms_norm_eps"])
+                       for i in range(3)], -1)
+    return x @ w["fc.weight"].T
+
+
+def engine_layer_from_files(c, w, embed, tokens, g, positions):
+    """The draft layer over rows (token, hidden g, RoPE position), each attending causally to the rows before it
+    (what the engines' KV cache holds). Returns the pre-norm out (T, H)."""
     H, nH, nKV, hd, eps = c["hidden_size"], c["num_attention_heads"], c["num_key_value_heads"], c["head_dim"], \
         c["rms_norm_eps"]
     T = tokens.shape[0]
-    g = feats.double() @ w["fc.weight"].T                                              # (T, H)
     x = torch.cat([rms(embed.double()[tokens], w["midlayer.input_layernorm.weight"], eps),
                    rms(g, w["midlayer.hidden_norm.weight"], eps)], dim=-1)           # (T, 2H)
     q = (x @ w["midlayer.self_attn.q_proj.weight"].T).view(T, nH, hd)
     k = (x @ w["midlayer.self_attn.k_proj.weight"].T).view(T, nKV, hd)
     v = (x @ w["midlayer.self_attn.v_proj.weight"].T).view(T, nKV, hd)
-    q, k = rotate(q, list(range(T)), c["rope_theta"]), rotate(k, list(range(T)), c["rope_theta"])
+    q, k = rotate(q, positions, c["rope_theta"]), rotate(k, positions, c["rope_theta"])
     attn = torch.zeros(T, nH, hd, dtype=torch.float64)
     for h in range(nH):
         kv = h // (nH // nKV)
@@ -243,10 +251,37 @@ def engine_forward_from_files(out, embed, tokens, feats):
     m = rms(h1, w["midlayer.post_attention_layernorm.weight"], eps)
     mlp = (torch.nn.functional.silu(m @ w["midlayer.mlp.gate_proj.weight"].T) * (m @ w["midlayer.mlp.up_proj.weight"].T)) \
         @ w["midlayer.mlp.down_proj.weight"].T
-    out_ = h1 + mlp
-    logits = rms(out_, w["norm.weight"], eps) @ w["lm_head.weight"].T                # (T, Vd)
+    return h1 + mlp
+
+
+def engine_forward_from_files(out, embed, tokens, feats):
+    """Step 0 as the engines run it (reference, "The forward both engines run"), from the files alone."""
+    c = json.loads((out / "config.json").read_text())
+    w = {k: v.double() for k, v in load_file(str(out / "model.safetensors")).items()}
+    out_ = engine_layer_from_files(c, w, embed, tokens, engine_fuse_from_files(c, w, feats),
+                                   list(range(tokens.shape[0])))
+    logits = rms(out_, w["norm.weight"], c["rms_norm_eps"]) @ w["lm_head.weight"].T  # (T, Vd)
     target_ids = logits.argmax(-1) + w["d2t"].long()[logits.argmax(-1)]
     return logits, target_ids
+
+
+def engine_chain_from_files(out, embed, tokens, feats, steps):
+    """Chain drafting from the files alone: step 0 over the T verified positions, then steps 1.. at positions T..,
+    each fed its own proposal and the previous step's state, pre-norm out or, with config.json's norm_output,
+    norm(out) (reference, "EAGLE-3.1 switches"). Returns the last row's logits (Vd,) of every step."""
+    c = json.loads((out / "config.json").read_text())
+    w = {k: v.double() for k, v in load_file(str(out / "model.safetensors")).items()}
+    g, positions, result = engine_fuse_from_files(c, w, feats), list(range(tokens.shape[0])), []
+    for _ in range(steps):
+        out_ = engine_layer_from_files(c, w, embed, tokens, g, positions)
+        normed = rms(out_[-1], w["norm.weight"], c["rms_norm_eps"])
+        logits = normed @ w["lm_head.weight"].T
+        result.append(logits)
+        d = logits.argmax()
+        tokens = torch.cat([tokens, (d + w["d2t"].long()[d]).reshape(1)])
+        g = torch.cat([g, (normed if c.get("norm_output") else out_[-1])[None]])
+        positions.append(positions[-1] + 1)
+    return result
 
 
 def test_exported_files_implement_the_engine_forward(tmp_path):
@@ -301,4 +336,78 @@ def test_load_errors_name_the_problem(tmp_path):
         load_draft(out)
     (out / "config.json").unlink()
     with pytest.raises(FileNotFoundError, match="lacks config.json"):
+        load_draft(out)
+
+
+# ----------------------------------------------------------------------------------------------- EAGLE-3.1
+def test_eagle31_config_json_adds_exactly_the_two_switches_both_engines_run(tmp_path):
+    plain, _ = make_model(seed=2)
+    v31, _ = make_model(seed=2, draft_arch="eagle3.1")
+    c3 = json.loads((export_draft(plain, tmp_path / "e3") / "config.json").read_text())
+    c31 = json.loads((export_draft(v31, tmp_path / "e31") / "config.json").read_text())
+    assert c31.pop("fc_norm") is True and c31.pop("norm_output") is True
+    assert "norm_before_fc" not in c31 and "norm_before_residual" not in c31  # one engine only: never written
+    assert c31.pop("eagle_pipe")["draft_config"] == c3.pop("eagle_pipe")["draft_config"] | {
+        "fc_norm": True, "norm_output": True}
+    assert c31 == c3  # nothing else differs from the EAGLE-3 export
+
+
+def test_eagle31_switches_are_what_a_published_eagle31_draft_adds(tmp_path):
+    """SpecForge's published Qwen3-30B-A3B drafts: its EAGLE-3.1 config.json differs from its EAGLE-3 one by
+    exactly the keys (and values) ours does."""
+    from real_assets import real_path
+
+    def added(new: dict, old: dict) -> dict:
+        return {k: v for k, v in new.items() if old.get(k) != v}
+
+    root = ("configs", "drafts", "specforge")
+    real31 = json.loads(real_path(*root, "qwen3-30B-A3B-eagle3.1.json").read_text())
+    real3 = json.loads(real_path(*root, "qwen3-30B-A3B-eagle3.json").read_text())
+    ours = [json.loads((export_draft(make_model(seed=2, draft_arch=arch)[0], tmp_path / arch) / "config.json")
+                       .read_text()) for arch in ("eagle3", "eagle3.1")]
+    ours = [{k: v for k, v in c.items() if k != "eagle_pipe"} for c in ours]
+    assert added(ours[1], ours[0]) == added(real31, real3) == {"fc_norm": True, "norm_output": True}
+
+
+def test_eagle31_tensors_are_named_as_both_engines_load_them(tmp_path):
+    model, _ = make_model(seed=2, draft_arch="eagle3.1")
+    with torch.no_grad():
+        for i, n in enumerate(model.fc_norm):
+            n.weight.copy_(torch.linspace(0.5, 2.0, 48) * (i + 1))
+    tensors = load_file(str(export_draft(model, tmp_path / "draft") / "model.safetensors"))
+    fc_norms = {f"fc_norm.{i}.weight" for i in range(3)}  # vLLM: "model." + name; SGLang: name or "model." + name
+    assert set(tensors) == set(EXPECTED_TENSORS) | fc_norms
+    for i in range(3):
+        t = tensors[f"fc_norm.{i}.weight"]
+        assert t.shape == (48,) and t.dtype == torch.float32  # RMSNorm(target_hidden_size)
+        assert torch.equal(t, torch.linspace(0.5, 2.0, 48) * (i + 1))
+
+
+@pytest.mark.parametrize("arch", list(DRAFT_ARCHS))
+def test_export_load_chain_drafting_equals_the_engine_forward_from_files(tmp_path, arch):
+    """Export -> load_draft gives bit-identical chain-drafted logits, and both equal a float64 engine run that
+    reads only the exported files (fc_norm and the feedback state taken from config.json's switches)."""
+    model, embed = make_model(None, seed=4, draft_arch=arch)
+    out = export_draft(model, tmp_path / "draft")
+    loaded = load_draft(out, embed_weight=embed)
+    assert loaded.cfg == model.cfg and loaded.cfg.draft_arch == arch
+    g = torch.Generator().manual_seed(8)
+    tokens, feats = torch.randint(0, V, (6,), generator=g), torch.randn(6, 3 * 48, generator=g)
+    feats[:, 96:] *= 500.0  # a top aux state far larger than the others, as in real targets
+    with torch.no_grad():
+        a, b = run_draft(model.eval(), tokens[None], feats[None], 4), run_draft(loaded, tokens[None], feats[None], 4)
+    assert torch.equal(a, b)
+    reference = engine_chain_from_files(out, embed, tokens, feats, 4)
+    ours = [a[0, 5]] + [a[0, 5 + j] for j in range(1, 4)]  # step 0's last row, then one row per step
+    for j, (x, y) in enumerate(zip(ours, reference)):
+        torch.testing.assert_close(x.double(), y, rtol=1e-5, atol=1e-4, msg=f"step {j}")
+
+
+def test_load_refuses_switches_edited_away_from_the_trained_draft(tmp_path):
+    model, _ = make_model(draft_arch="eagle3.1")
+    out = export_draft(model, tmp_path / "draft")
+    config = json.loads((out / "config.json").read_text())
+    (out / "config.json").write_text(json.dumps({k: v for k, v in config.items() if k != "norm_output"}))
+    with pytest.raises(ValueError, match=r"the engines' norm_output=None differs from the trained draft's "
+                                         r"norm_output=True \(eagle3.1\)"):
         load_draft(out)

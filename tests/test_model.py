@@ -10,6 +10,7 @@ from transformers import LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding, apply_rotary_pos_emb
 
 from draft_testing import random_draft, rel_err, tiny_cfg
+from eagle.config import DRAFT_ARCHS
 from eagle.inference import DraftCache, draft_step
 from eagle.model import Eagle3Draft
 from eagle.rope import RotaryEmbedding, rope_inv_freq
@@ -49,15 +50,36 @@ def test_parameter_names_shapes_and_dtypes_follow_the_serving_layout():
     assert int(model.t2d.sum()) == Vd
 
 
+def test_eagle31_adds_one_trainable_norm_per_aux_state_and_nothing_else():
+    cfg = tiny_cfg(fc_norm=True, norm_output=True)
+    plain = {k: tuple(v.shape) for k, v in Eagle3Draft(tiny_cfg()).state_dict().items()}
+    model = Eagle3Draft(cfg)
+    state = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    assert state == plain | {f"fc_norm.{i}.weight": (24,) for i in range(3)}  # RMSNorm(Ht), Ht = 24 != H = 32
+    assert all(torch.equal(model.state_dict()[f"fc_norm.{i}.weight"], torch.ones(24)) for i in range(3))
+    assert all(model.get_parameter(f"fc_norm.{i}.weight").requires_grad for i in range(3))
+    assert model.fc_norm[0].eps == cfg.rms_norm_eps
+
+
 def rms(x, w, eps):
     return w * x / torch.sqrt((x * x).mean(-1, keepdim=True) + eps)
 
 
+def reference_fuse(p, cfg, aux):
+    """Float64 fc input: with fc_norm, each aux state (chunk of width Ht) RMS-normalised by its own weight."""
+    aux, Ht = aux.double(), cfg.target_hidden_size
+    if cfg.fc_norm:
+        aux = torch.cat([rms(aux[..., i * Ht:(i + 1) * Ht], p[f"fc_norm.{i}.weight"], cfg.rms_norm_eps)
+                         for i in range(3)], -1)
+    return aux @ p["fc.weight"].T
+
+
 def reference_prefill(model, cfg, aux, ids, positions):
-    """Float64 step-0 forward over one sequence with causal attention, written from the reference text."""
+    """Float64 step-0 forward over one sequence with causal attention, written from the reference text.
+    Returns (logits, the state the next step receives: out, or norm(out) with norm_output)."""
     p = {k: v.double() for k, v in model.state_dict().items() if v.is_floating_point()}
     eps = cfg.rms_norm_eps
-    g = aux.double() @ p["fc.weight"].T  # (1, T, H)
+    g = reference_fuse(p, cfg, aux)  # (1, T, H)
     e = p["embed_tokens.weight"][ids]
     x = torch.cat([rms(e, p["midlayer.input_layernorm.weight"], eps), rms(g, p["midlayer.hidden_norm.weight"], eps)],
                   -1)
@@ -77,12 +99,14 @@ def reference_prefill(model, cfg, aux, ids, positions):
     h = rms(out, p["midlayer.post_attention_layernorm.weight"], eps)
     mlp = (torch.nn.functional.silu(h @ p["midlayer.mlp.gate_proj.weight"].T) * (h @ p["midlayer.mlp.up_proj.weight"].T))
     out = out + mlp @ p["midlayer.mlp.down_proj.weight"].T
-    return rms(out, p["norm.weight"], eps) @ p["lm_head.weight"].T, out
+    normed = rms(out, p["norm.weight"], eps)
+    return normed @ p["lm_head.weight"].T, (normed if cfg.norm_output else out)
 
 
-@pytest.mark.parametrize("kv_heads", [1, 2, 4])
-def test_forward_matches_float64_reference(kv_heads):
-    cfg = tiny_cfg(num_key_value_heads=kv_heads)
+@pytest.mark.parametrize("kv_heads, arch", [(1, "eagle3"), (2, "eagle3"), (4, "eagle3"), (2, "eagle3.1"),
+                                            (4, "eagle3.1")])
+def test_forward_matches_float64_reference(kv_heads, arch):
+    cfg = tiny_cfg(num_key_value_heads=kv_heads, **DRAFT_ARCHS[arch])
     model = random_draft(cfg, seed=3)
     T = 11
     aux = torch.randn(1, T, 3 * cfg.target_hidden_size)
@@ -92,6 +116,27 @@ def test_forward_matches_float64_reference(kv_heads):
     logits, out = draft_step(model, DraftCache(cfg, 1, T), ids, aux, positions, fused=False)
     assert rel_err(logits.double(), ref_logits) <= 1e-5
     assert rel_err(out.double(), ref_out) <= 1e-5
+
+
+def test_fc_norm_matches_float64_on_massive_activations():
+    """fc_norm on aux states of very different scales (a real target's: |x| from ~1 to ~2.5e4): each state is
+    normalised on its own, so the fused state matches float64 and ignores each state's scale."""
+    cfg = tiny_cfg(fc_norm=True, norm_output=True)
+    model = random_draft(cfg, seed=5)
+    p = {k: v.double() for k, v in model.state_dict().items() if v.is_floating_point()}
+    g = torch.Generator().manual_seed(6)
+    aux = torch.randn(2, 7, 3 * 24, generator=g)
+    scales = torch.tensor([1.0] * 24 + [300.0] * 24 + [25000.0] * 24)
+    aux[0, 3, 50] = 60.0  # one massive entry in the top state
+    with torch.no_grad():
+        fused = model.fuse(aux * scales)
+        rescaled = model.fuse(aux * scales.flip(0))
+    assert rel_err(fused.double(), reference_fuse(p, cfg, aux * scales)) <= 1e-6
+    assert rel_err(rescaled, fused) <= 1e-5  # per-state scales do not reach fc
+    plain = Eagle3Draft(tiny_cfg())
+    plain.load_state_dict({k: v for k, v in model.state_dict().items() if not k.startswith("fc_norm")})
+    with torch.no_grad():
+        assert rel_err(plain.fuse(aux * scales.flip(0)), plain.fuse(aux * scales)) > 0.5  # eagle3 feels them
 
 
 LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,

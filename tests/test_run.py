@@ -86,10 +86,11 @@ def test_changed_settings_are_not_skipped(demo):
     assert train_is_complete(train | {"num_workers": 2})[0]  # does not change the draft
     summary_path = Path("work/run/train_summary.json")  # a run recorded before an option existed
     recorded = json.loads(summary_path.read_text())
-    del recorded["settings"]["draft_rope"]
+    del recorded["settings"]["draft_rope"], recorded["settings"]["draft_arch"]
     summary_path.write_text(json.dumps(recorded))
     assert train_is_complete(train) == (True, "complete")  # the missing option counts as its default
     assert train_is_complete(train | {"draft_rope": "default"}) == (False, "settings changed: draft_rope")
+    assert train_is_complete(train | {"draft_arch": "eagle3.1"}) == (False, "settings changed: draft_arch")
     part = next(Path("work/teacher/shards").rglob("part-*.safetensors"))
     part.write_bytes(part.read_bytes()[:-8])  # a truncated part: verify must catch it
     complete, why = dump_is_complete(dump)

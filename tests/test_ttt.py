@@ -1,11 +1,15 @@
 """Training-time test: TTT logits equal the engines' chain drafting; packing isolation; attention paths agree."""
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
 from draft_testing import (documents, engine_chain_logits, packed_batch, random_draft, rel_err,
                            tiny_cfg)
+from eagle.config import DRAFT_ARCHS
+from eagle.model import Eagle3Draft
 from eagle.ttt import ttt_forward, ttt_loss
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -13,17 +17,19 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 
-def compare_with_engine(model, cfg, batch, steps, position_shift=0) -> float:
-    """Worst relative error between TTT logits at (j, t) and the engine's step j with n = t - j."""
+def compare_with_engine(model, cfg, batch, steps, position_shift=0, engine_model=None) -> float:
+    """Worst relative error between TTT logits at (j, t) and the engine's step j with n = t - j (the engine runs
+    `engine_model`, default `model`)."""
     with torch.no_grad():
         ttt = ttt_forward(model, batch, steps, attention="dense")  # steps x (B, T, Vd)
+    engine_model = engine_model or model
     worst, compared = 0.0, 0
     for row in range(batch["input_ids"].shape[0]):
         for start, length in documents(batch, row):
             aux = batch["aux_hidden_states"][row:row + 1, start:start + length]
             ids = batch["input_ids"][row:row + 1, start:start + length]
             for n in range(length):  # one engine run per n covers (j, t = n + j) for every j
-                engine = engine_chain_logits(model, cfg, aux, ids, n, steps, position_shift)
+                engine = engine_chain_logits(engine_model, engine_model.cfg, aux, ids, n, steps, position_shift)
                 for j, logits in enumerate(engine):
                     worst = max(worst, rel_err(ttt[j][row, start + n + j], logits))
                     compared += 1
@@ -55,14 +61,27 @@ def test_every_rope_type_has_a_train_serve_case():
             assert (plain[0] - scaled[0]).abs().max() > 0.1, kind
 
 
+@pytest.mark.parametrize("arch", list(DRAFT_ARCHS))
 @pytest.mark.parametrize("kv_heads, rope", [(2, "default"), (4, "default"), (2, "linear"), (2, "llama3"),
                                             (4, "yarn")])
-def test_ttt_logits_equal_engine_chain_drafting(kv_heads, rope):
+def test_ttt_logits_equal_engine_chain_drafting(kv_heads, rope, arch):
     theta, scaling = ROPES[rope]
-    cfg = tiny_cfg(num_key_value_heads=kv_heads, rope_theta=theta, rope_scaling=scaling)
+    cfg = tiny_cfg(num_key_value_heads=kv_heads, rope_theta=theta, rope_scaling=scaling, **DRAFT_ARCHS[arch])
     model = random_draft(cfg, seed=1)
     batch = packed_batch(cfg, [9, 5, 12, 3], T=34, rows=2, seed=2)  # 29 positions + padding per row
     assert compare_with_engine(model, cfg, batch, steps=4) <= 1e-5
+
+
+def test_engine_comparison_detects_the_wrong_feedback_state():
+    """EAGLE-3.1 trained with post-norm feedback but drafted with the pre-norm state (the train/serve mismatch one
+    public trainer shipped) fails the equality check, at every step after the first and only there."""
+    cfg = tiny_cfg(**DRAFT_ARCHS["eagle3.1"])
+    model = random_draft(cfg, seed=1)
+    pre_norm = Eagle3Draft(dataclasses.replace(cfg, norm_output=False))
+    pre_norm.load_state_dict(model.state_dict())
+    batch = packed_batch(cfg, [9, 7], T=16, seed=3)
+    assert compare_with_engine(model, cfg, batch, steps=1, engine_model=pre_norm) <= 1e-5
+    assert compare_with_engine(model, cfg, batch, steps=3, engine_model=pre_norm) > 1e-3
 
 
 def test_engine_comparison_detects_a_position_off_by_one():
@@ -95,8 +114,9 @@ def alone(batch: dict, row: int, start: int, length: int, T: int) -> dict:
     return out
 
 
-def test_packing_does_not_change_a_documents_outputs_or_loss():
-    cfg = tiny_cfg()
+@pytest.mark.parametrize("arch", list(DRAFT_ARCHS))
+def test_packing_does_not_change_a_documents_outputs_or_loss(arch):
+    cfg = tiny_cfg(**DRAFT_ARCHS[arch])
     model = random_draft(cfg, seed=4)
     steps, T = 4, 30
     batch = packed_batch(cfg, [6, 11, 8], T=T, seed=5)

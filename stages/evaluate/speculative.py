@@ -182,7 +182,7 @@ def speculative_generate(target: TargetWithAux, draft, prompt_ids: list[int], *,
         d_logits, h = inference.draft_step(draft, dcache, ids, feats.to(draft_dtype), pos, fused=False)
         proposal = [int(draft.draft_to_target(d_logits[0, -1].argmax()))]
         h = h[:, -1:]                                                                    # (1, 1, H)
-        for j in range(1, K):  # later steps from the draft's own pre-norm output
+        for j in range(1, K):  # later steps from the draft's own hidden state (eagle/inference.py)
             ids = torch.tensor([[proposal[-1]]], dtype=torch.long, device=device)
             pos = torch.tensor([[L - 1 + j]], device=device)
             d_logits, h = inference.draft_step(draft, dcache, ids, h, pos, fused=True)

@@ -95,8 +95,9 @@ def load_draft_for(target_model, draft_dir: str, device: str):
     if not (Path(draft_dir) / "config.json").is_file():
         raise StageError(f"{draft_dir}: not an exported draft (no config.json)")
     embed = target_model.get_input_embeddings().weight.detach()
-    try:
-        draft = load_draft(draft_dir, embed_weight=embed, device=device)
+    try:  # an eagle-pipe, llama-eagle3, Model-Optimizer or speculators export (eagle/draft_formats.py)
+        draft = load_draft(draft_dir, embed_weight=embed, device=device,
+                           target_config=target_model.config.get_text_config().to_dict())
     except (OSError, ValueError, KeyError) as e:
         raise StageError(f"{draft_dir}: cannot load the draft: {e}") from None
     draft = draft.float()  # the draft is small: run it in float32 whatever the export dtype
@@ -327,7 +328,8 @@ def evaluate(target: str, draft: str, data, *, num_prompts=32, max_new_tokens=12
     finally:
         target_aux.remove()
 
-    common = {"target": str(target), "draft": str(draft), "data": [str(d) for d in data],
+    common = {"target": str(target), "draft": str(draft), "draft_format": drafter.draft_format,
+              "data": [str(d) for d in data],
               "num_prompts": len(questions), "skipped_records": skipped, "skipped_examples": _skip_examples(skips),
               "max_new_tokens": max_new_tokens, "device": device, "dtype": str(torch_dtype).replace("torch.", ""),
               "engine": engine, "warmup_seconds": warmup_seconds}
@@ -344,7 +346,8 @@ def _report(common: dict, runs: list[dict], mismatches: list[dict], k: int, simu
     spec_tokens, spec_seconds = sum(r["new_tokens"] for r in runs), sum(r["seconds"] for r in runs)
     base_tokens, base_seconds = sum(r["baseline_new_tokens"] for r in runs), sum(r["baseline_seconds"] for r in runs)
     report = {
-        **{key: common[key] for key in ("target", "draft", "data", "num_prompts")}, "num_turns": len(runs),
+        **{key: common[key] for key in ("target", "draft", "draft_format", "data", "num_prompts")},
+        "num_turns": len(runs),
         **{key: common[key] for key in ("skipped_records", "skipped_examples")}, "draft_tokens": k,
         **{key: common[key] for key in ("max_new_tokens", "device", "dtype")},
         **acceptance_stats([a for r in runs for a in r["accepted"]], k),
@@ -403,6 +406,7 @@ def _format_one(r: dict) -> str:
     t = r["timing"]
     prompts = f"{r['num_prompts']}" + (f" ({r['num_turns']} turns)" if r["num_turns"] != r["num_prompts"] else "")
     rows = [
+        ("draft format", r["draft_format"]),
         ("prompts", prompts + (f" (skipped: {r['skipped_records']})" if r["skipped_records"] else "")),
         ("draft tokens K", str(k)),
         ("target forwards (decode)", str(r["target_forwards"])),
@@ -444,7 +448,8 @@ def _group_table(title: str, groups: dict[str, dict]) -> list[str]:
 @click.command("eval")
 @click.option("--target", required=True, help="Target model: a local Hugging Face directory or hub id.")
 @click.option("--draft", required=True, type=click.Path(file_okay=False),
-              help="Exported draft directory (config.json + model.safetensors), e.g. RUN/export.")
+              help="Draft directory (config.json + model.safetensors), e.g. RUN/export, or a Model-Optimizer, "
+                   "speculators or LlamaForCausalLMEagle3 export.")
 @click.option("--data", multiple=True, required=True,
               help="Conversations (prompt: up to the first user turn) or benchmark questions: MT-bench / Spec-Bench / "
                    "EAGLE question.jsonl (every turn), GSM8K, HumanEval (JSONL/JSON/Parquet/datasets).")

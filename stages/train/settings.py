@@ -51,6 +51,9 @@ class TrainSettings:
     draft_rope: str = "auto"
     """The draft's RoPE: "auto" (the target's when the engines compute it exactly as training does, else plain
     RoPE with the target's rope_theta), "target" (the target's or an error) or "default" (plain RoPE)."""
+    draft_arch: str = "eagle3"
+    """"eagle3", or "eagle3.1": per-aux-state fc_norm and post-norm feedback (norm_output), exported with the
+    switches vLLM and SGLang both run."""
     device: str = "auto"
     """auto, cpu, cuda or cuda:N (under torchrun: the local rank's GPU)."""
     seed: int = 0
@@ -69,6 +72,9 @@ class TrainSettings:
     """A separate held-out dump of the same target; then nothing is held out of `teacher_dir`."""
     resume: bool = False
     """Continue from the newest complete checkpoint in `out` (weights, optimizer, schedule, RNG, data position)."""
+    precision: str = "auto"
+    """Matmuls of the step: "bf16" autocast (fp32 master weights, optimizer and loss) or "fp32"; "auto": bf16
+    on CUDA and on CPUs with AMX bf16 units, fp32 elsewhere."""
     compile: bool = True
     """torch.compile(fullgraph=True) the TTT forward + loss (False: eager)."""
     num_workers: int = 2

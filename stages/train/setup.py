@@ -108,10 +108,10 @@ def check_dumps(teacher_dir: Path, eval_dir: Path | None) -> dict:
 
 
 def build_draft(teacher_dir: Path, manifest: dict, token_counts: torch.Tensor, *, draft_vocab_size: int,
-                ttt_steps: int, init_lm_head: bool, seed: int, draft_rope: str = "auto"):
+                ttt_steps: int, init_lm_head: bool, seed: int, draft_rope: str = "auto", draft_arch: str = "eagle3"):
     """The draft, from the dump alone: config from target/config.json + the manifest's aux ids (RoPE by
-    `draft_rope`, eagle.config.choose_draft_rope), frozen embedding (and the lm_head/norm init) from
-    target/weights.safetensors, vocab map from token counts."""
+    `draft_rope`, eagle.config.choose_draft_rope; EAGLE-3 or 3.1 by `draft_arch`), frozen embedding (and the
+    lm_head/norm init) from target/weights.safetensors, vocab map from token counts."""
     from eagle.config import DraftConfig, load_target_dir
     from eagle.model import Eagle3Draft
     from eagle.vocab import build_vocab_map
@@ -119,7 +119,8 @@ def build_draft(teacher_dir: Path, manifest: dict, token_counts: torch.Tensor, *
     try:
         target_cfg, weights = load_target_dir(teacher_dir / "target")
         cfg = DraftConfig.from_target_config(target_cfg, draft_vocab_size=draft_vocab_size, ttt_steps=ttt_steps,
-                                             aux_layer_ids=tuple(manifest["aux_layer_ids"]), draft_rope=draft_rope)
+                                             aux_layer_ids=tuple(manifest["aux_layer_ids"]), draft_rope=draft_rope,
+                                             draft_arch=draft_arch)
     except (OSError, ValueError, KeyError) as e:
         raise StageError(f"{teacher_dir / 'target'}: {e}") from None
     if token_counts.numel() != cfg.vocab_size:
@@ -152,6 +153,50 @@ def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float, devic
     order = decay + no_decay
     names_by_id = {id(p): n for n, p in named}
     return opt, order, {i: names_by_id[id(p)] for i, p in enumerate(order)}
+
+
+PRECISIONS = ("auto", "bf16", "fp32")
+
+
+def resolve_precision(precision: str, device: torch.device) -> tuple[str, str]:
+    """(bf16 | fp32, why) for the step's matmuls. auto: bf16 on CUDA and on CPUs with AMX bf16 matrix units
+    (on this project's Xeon a bf16 matmul of the step's shapes runs ~6x faster than fp32), fp32 elsewhere (CPUs
+    without them emulate bf16, slower than fp32). Master weights, optimizer state and the loss stay fp32."""
+    if precision not in PRECISIONS:
+        raise StageError(f"--precision {precision!r}: expected one of {', '.join(PRECISIONS)}")
+    if precision != "auto":
+        return precision, "--precision"
+    if device.type == "cuda":
+        return "bf16", "CUDA"
+    if device.type == "cpu" and getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)():
+        return "bf16", "the CPU has AMX bf16 matrix units"
+    return "fp32", f"no bf16 matrix units on {device.type}"
+
+
+# A run shorter than this cannot give a useful draft. Measured: a SmolLM2-135M draft after 54 optimizer steps
+# (0.05 trained positions per draft parameter) accepted 1.16 tokens per step; the demo's 300 steps (1.9
+# positions per parameter) accept 3.8. The README's "Recipe" section has the curve between the two.
+MIN_USEFUL_STEPS = 200
+MIN_POSITIONS_PER_PARAMETER = 0.5
+
+
+def run_length_warning(total_steps: int, warmup_steps: int, positions: int, trainable_params: int) -> str | None:
+    """One line when a run is too short to train a useful draft, naming the flags that lengthen it; else None.
+    `positions` is what the whole run trains on (supervised positions per epoch x epochs)."""
+    problems = []
+    if total_steps < MIN_USEFUL_STEPS:
+        problems.append(f"{total_steps} optimizer steps (a useful draft needs a few hundred at least)")
+    if total_steps < 2 * warmup_steps:
+        problems.append(f"the learning rate warms up for {warmup_steps} of them (--warmup-steps)")
+    per_param = positions / max(trainable_params, 1)
+    if per_param < MIN_POSITIONS_PER_PARAMETER:
+        problems.append(f"{per_param:.2g} trained positions per draft parameter (useful drafts saw "
+                        f">= {MIN_POSITIONS_PER_PARAMETER})")
+    if not problems:
+        return None
+    return ("warning: this run is too short to train a useful draft: " + "; ".join(problems) + ". More steps on "
+            "the same data: lower --batch-size or --seq-len, raise --epochs or --max-steps; more data: "
+            "regenerate or dump more records")
 
 
 class WarmupCosine:

@@ -4,7 +4,7 @@
     torchrun --nproc_per_node G -m stages.cli train ...     (one process per GPU; see stages/train/setup.py)
 
 Per optimizer step: `grad_accum` packed micro-batches per rank (stages/train/loader.py) -> the compiled step
-(TTT forward + loss + metrics, `torch.compile(fullgraph=True)`, bf16 autocast on GPU, fp32 master weights) ->
+(TTT forward + loss + metrics, `torch.compile(fullgraph=True)`, bf16 autocast, fp32 master weights) ->
 backward -> one gradient all-reduce -> clip -> fused AdamW. The loss is normalised by the number of supervised
 positions of the whole global batch (counted on the host, summed over ranks and micro-batches), so any split
 over ranks and accumulation computes the same update as one big batch. A non-finite loss or gradient skips the
@@ -35,11 +35,18 @@ from stages.shards import atomic_write_json, read_json
 from stages.train.loader import DumpIndex, PackedLoader
 from stages.train.settings import TrainSettings
 from stages.train.setup import (DistInfo, GradSync, WarmupCosine, all_reduce_sum, barrier, broadcast_ok,
-                                build_draft, check_dumps, init_distributed, make_optimizer, token_counts)
+                                build_draft, check_dumps, init_distributed, make_optimizer, resolve_precision,
+                                run_length_warning, token_counts)
 
 # settings a resumed run must share with the checkpoint (they change the data order or the model)
 RESUME_FIXED = ("seq_len", "batch_size", "grad_accum", "seed", "ttt_steps", "draft_vocab_size", "long_sequences",
-                "eval_fraction", "world_size")
+                "eval_fraction", "world_size", "draft_arch")
+
+
+# what `train` says on rank 0 about the architecture it trains
+ARCH_NOTES = {"eagle3": "eagle3",
+              "eagle3.1": "eagle3.1 (fc_norm: an RMSNorm per aux hidden state before fc; norm_output: the next "
+                          "draft step receives norm(out))"}
 
 
 def ttt_loss(*args, **kwargs):
@@ -48,12 +55,14 @@ def ttt_loss(*args, **kwargs):
     return _ttt_loss(*args, **kwargs)
 
 
-def make_step_fn(steps: int, teacher_kind: str, decay: float, attention: str, device: torch.device, compile_: bool):
+def make_step_fn(steps: int, teacher_kind: str, decay: float, attention: str, device: torch.device, compile_: bool,
+                 precision: str = "auto"):
     """The whole TTT forward + loss + metrics as one function of (model, batch, normalizer). FP8 aux states are
-    dequantized first, inside the same graph: the host only ever moves the stored bytes."""
+    dequantized first, inside the same graph: the host only ever moves the stored bytes. Matmuls run in bf16
+    autocast when `precision` resolves to bf16 (stages/train/setup.py: resolve_precision), weights stay fp32."""
     from stages.shards.aux import dequantize_batch
 
-    autocast = device.type == "cuda"
+    autocast = resolve_precision(precision, device)[0] == "bf16"
 
     def step_fn(model, batch, normalizer):
         batch = dequantize_batch(batch)
@@ -143,9 +152,12 @@ def optimizer_step(model, opt, params, step_fn, batches, normalizer, sync, grad_
     return loss, bad
 
 
-@torch.no_grad()
 def evaluate(model, loader: PackedLoader, step_fn, info, float_dtype) -> dict:
-    """Held-out per-step accuracy and simulated acceptance length (all ranks; sums all-reduced)."""
+    """Held-out per-step accuracy and simulated acceptance length (all ranks; sums all-reduced).
+
+    It runs the training step's own compiled graph, grad mode on and no backward: under `torch.no_grad()` the
+    compiled step would be traced and compiled a second time (an inference graph), which costs a compilation
+    per run and, on an H200 with torch 2.11, crashed in that graph's autotuning (illegal memory access)."""
     from eagle.loss import simulated_acceptance_length
 
     sums = torch.zeros(3, loader.steps, device=info.device)
@@ -153,8 +165,9 @@ def evaluate(model, loader: PackedLoader, step_fn, info, float_dtype) -> dict:
     loader.load_state_dict({"epoch": 0, "step": 0})
     for micro in loader:
         for batch, _ in micro:
-            _, m = step_fn(model, to_device(batch, info.device, float_dtype), ones)
-            sums += torch.stack([m["ce_sum"], m["correct"], m["valid"]]).float()
+            m = step_fn(model, to_device(batch, info.device, float_dtype), ones)[1]
+            sums += torch.stack([m["ce_sum"], m["correct"], m["valid"]]).detach().float()
+            del m  # frees this batch's autograd graph before the next forward
     sums = all_reduce_sum(sums, info)
     acc = sums[1] / sums[2].clamp_min(1)
     al = simulated_acceptance_length(acc)
@@ -241,6 +254,7 @@ def train(s: TrainSettings) -> dict:
     model = build_model(s, index, info)
     data = build_data(s, index, model, info)
     optim = build_optimization(s, model, data, info)
+    warn_if_too_short(s, data, optim, info)
     state = resume(s, info, latest, model, optim, data)
     run_loop(s, info, model, optim, data, state)
     return finish(s, info, model, state, wall0)
@@ -272,10 +286,14 @@ def build_model(s: TrainSettings, index: DumpIndex, info: DistInfo):
     teacher_dir = Path(s.teacher_dir)
     model = build_draft(teacher_dir, index.manifest, token_counts(index), draft_vocab_size=s.draft_vocab_size,
                         ttt_steps=s.ttt_steps, init_lm_head=s.init_lm_head, seed=s.seed,
-                        draft_rope=s.draft_rope).to(info.device)
+                        draft_rope=s.draft_rope, draft_arch=s.draft_arch).to(info.device)
     if info.is_main:
         rope = choose_draft_rope(read_json(teacher_dir / "target" / "config.json"), s.draft_rope)
         click.echo(f"train: draft RoPE: {rope.reason}", err=True)
+        click.echo(f"train: draft architecture: {ARCH_NOTES.get(model.cfg.draft_arch, model.cfg.draft_arch)}", err=True)
+        precision, why = resolve_precision(s.precision, info.device)
+        click.echo(f"train: precision {precision}{' autocast, fp32 weights' if precision == 'bf16' else ''} ({why})",
+                   err=True)
     return model
 
 
@@ -310,6 +328,15 @@ def build_optimization(s: TrainSettings, model, data: TrainData, info: DistInfo)
     return Optimization(opt, params, names, schedule, GradSync(params, info))
 
 
+def warn_if_too_short(s: TrainSettings, data: TrainData, optim: Optimization, info: DistInfo) -> None:
+    """Rank 0 says in one line when the run cannot give a useful draft (stages/train/setup.py says when)."""
+    positions = data.loader.chunks.report()["positions"] * data.total_steps / data.steps_per_epoch
+    warning = run_length_warning(data.total_steps, s.warmup_steps, int(positions),
+                                 sum(p.numel() for p in optim.params))
+    if warning and info.is_main:
+        click.echo(f"train: {warning}", err=True)
+
+
 def resume(s: TrainSettings, info: DistInfo, latest: Path | None, model, optim: Optimization,
            data: TrainData) -> TrainState:
     """With --resume and a checkpoint: restore weights, optimizer, RNG and data position, refusing settings
@@ -318,14 +345,16 @@ def resume(s: TrainSettings, info: DistInfo, latest: Path | None, model, optim: 
     if not (s.resume and latest is not None):
         optim.sync.broadcast_params()
         return state
-    meta = ckpt.load_checkpoint(latest, model=model, optimizer=optim.opt, param_names=optim.names)
     settings = s.record(info.world_size)
-    for key in RESUME_FIXED:
-        if meta["settings"].get(key) != settings.get(key):
-            raise StageError(f"{latest}: was trained with {key}={meta['settings'].get(key)!r}, now "
+    recorded = ckpt.read_meta(latest)["settings"]
+    recorded = {"draft_arch": "eagle3"} | recorded  # checkpoints from before --draft-arch are EAGLE-3
+    for key in RESUME_FIXED:  # checked before loading: another draft_arch has other parameters
+        if recorded.get(key) != settings.get(key):
+            raise StageError(f"{latest}: was trained with {key}={recorded.get(key)!r}, now "
                              f"{settings.get(key)!r}; resume with the same value or start a new --out")
+    meta = ckpt.load_checkpoint(latest, model=model, optimizer=optim.opt, param_names=optim.names)
     trained, now = meta.get("draft_config") or {}, model.cfg.to_dict()
-    changed = sorted(k for k in now if trained.get(k) != now[k])
+    changed = sorted(k for k in now.keys() | trained.keys() if trained.get(k) != now.get(k))
     if changed:  # e.g. another --draft-rope: the same weights would be rotated differently
         was, is_ = (", ".join(f"{k}={d.get(k)!r}" for k in changed) for d in (trained, now))
         raise StageError(f"{latest}: was trained as a different draft ({was}), now {is_}; resume with the same "
@@ -344,7 +373,8 @@ def run_loop(s: TrainSettings, info: DistInfo, model, optim: Optimization, data:
     barrier(info)
     log = RunLog(run, state.step, info.is_main)
     float_dtype = None if info.device.type == "cuda" else torch.float32
-    step_fn = make_step_fn(s.ttt_steps, data.index.teacher_kind, s.decay, s.attention, info.device, s.compile)
+    step_fn = make_step_fn(s.ttt_steps, data.index.teacher_kind, s.decay, s.attention, info.device, s.compile,
+                           s.precision)
     metrics = Metrics(s.ttt_steps, info.device)
     positions_per_step = data.loader.rows_per_step * s.seq_len
     save = _checkpoint_writer(s, info, model, optim, data, state)
@@ -379,9 +409,7 @@ def run_loop(s: TrainSettings, info: DistInfo, model, optim: Optimization, data:
                                      f"{ckpt_root / ckpt.step_name(step)} are the last finite ones; lower --lr "
                                      "or check the dump")
             if data.eval_loader is not None and _due(step, s.eval_every, total):
-                model.eval()
                 last_eval = evaluate(model, data.eval_loader, step_fn, info, float_dtype) | {"step": step}
-                model.train()
                 log.write(last_eval)
                 if state.best is None or last_eval["eval_acceptance_length"] > state.best:
                     state.best = last_eval["eval_acceptance_length"]
@@ -473,6 +501,9 @@ def _progress(total: int, initial: int, enabled: bool):
 @click.option("--draft-rope", type=click.Choice(["auto", "target", "default"]), default="auto", show_default=True,
               help="The draft's RoPE: auto = the target's when vLLM/SGLang reproduce it exactly, else plain RoPE "
                    "with the target's rope_theta; target = the target's or an error; default = plain RoPE.")
+@click.option("--draft-arch", type=click.Choice(["eagle3", "eagle3.1"]), default="eagle3", show_default=True,
+              help="eagle3.1: one RMSNorm per aux hidden state before fc (fc_norm) and the next draft step fed "
+                   "norm(out) (norm_output), exported as the config.json switches vLLM and SGLang both run.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N.")
 @click.option("--seed", default=0, show_default=True)
 @click.option("--save-every", default=1000, show_default=True)
@@ -483,6 +514,9 @@ def _progress(total: int, initial: int, enabled: bool):
 @click.option("--eval-teacher-dir", default=None, type=click.Path(file_okay=False),
               help="A separate held-out dump (same target); then nothing is held out of --teacher-dir.")
 @click.option("--resume", is_flag=True, help="Continue from the newest complete checkpoint in --out.")
+@click.option("--precision", type=click.Choice(["auto", "bf16", "fp32"]), default="auto", show_default=True,
+              help="Matmuls of the step: bf16 autocast (fp32 weights) or fp32; auto = bf16 on CUDA and on CPUs "
+                   "with AMX bf16 units, else fp32.")
 @click.option("--compile/--no-compile", default=True, show_default=True, help="torch.compile the step.")
 @click.option("--num-workers", default=2, show_default=True, help="Batch-building threads.")
 @click.option("--max-bad-steps", default=10, show_default=True, help="Stop after this many skipped steps in a row.")
