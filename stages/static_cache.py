@@ -19,8 +19,9 @@ from __future__ import annotations
 CACHE_BUCKET = 256
 
 
-def bucket(length: int, step: int = CACHE_BUCKET) -> int:
-    """The smallest multiple of `step` that is >= length (and >= step)."""
+def bucket(length: int, step: int | None = None) -> int:
+    """The smallest multiple of `step` (default CACHE_BUCKET) that is >= length (and >= step)."""
+    step = step or CACHE_BUCKET
     return max(step, -(-length // step) * step)
 
 

@@ -281,10 +281,22 @@ def evaluate(target: str, draft: str, data, *, num_prompts=32, max_new_tokens=12
     greedy_options = static_generation_options(cache_len, compile) if static else {}
     engine = {"static_cache": isinstance(target_aux, StaticTarget), "compile": bool(compile and static),
               "cache_length": cache_len if static else None}
+
+    def fit(ids: list[int]) -> None:
+        """A larger static cache (and new compiles) for a turn longer than the bound (re-tokenized answers)."""
+        nonlocal target_aux, greedy_options
+        needed = len(ids) + max_new_tokens + max(ks) + 1
+        if isinstance(target_aux, StaticTarget) and needed > target_aux.max_len:
+            target_aux.remove()
+            engine["cache_length"] = bucket(needed)
+            target_aux = make_target(engine["cache_length"])
+            greedy_options = static_generation_options(engine["cache_length"], compile)
+
     try:
         # warm-up outside the timings (first-call allocations, lazy inits, and the compiles)
         started = time.perf_counter()
         warm = render_prompt(tokenizer, questions[0].conversation([]), questions[0].where)
+        fit(warm)
         greedy_generate(model, warm, max_new_tokens=2, eos_ids=eos_ids, pad_id=pad_id, device=device,
                         generation_options=greedy_options)
         for k in ks:
@@ -299,13 +311,7 @@ def evaluate(target: str, draft: str, data, *, num_prompts=32, max_new_tokens=12
             answers = []  # the target's own answers to the turns so far
             for turn in range(1, len(q.user_turns) + 1):
                 ids = render_prompt(tokenizer, q.conversation(answers), q.where)
-                needed = len(ids) + max_new_tokens + max(ks) + 1
-                if isinstance(target_aux, StaticTarget) and needed > target_aux.max_len:
-                    target_aux.remove()  # longer than the bound (re-tokenized answers): a larger cache
-                    cache_len = bucket(needed)
-                    target_aux = make_target(cache_len)
-                    greedy_options = static_generation_options(cache_len, compile)
-                    engine["cache_length"] = cache_len
+                fit(ids)
                 reference, seconds = greedy_generate(model, ids, max_new_tokens=max_new_tokens, eos_ids=eos_ids,
                                                      pad_id=pad_id, device=device, generation_options=greedy_options)
                 for k in ks:
