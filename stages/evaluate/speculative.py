@@ -180,15 +180,15 @@ def speculative_generate(target: TargetWithAux, draft, prompt_ids: list[int], *,
         pos = torch.arange(drafted_from, L, device=device)[None]                       # (1, T)
         ids = torch.tensor([seq[drafted_from + 1: L + 1]], dtype=torch.long, device=device)  # (1, T)
         d_logits, h = inference.draft_step(draft, dcache, ids, feats.to(draft_dtype), pos, fused=False)
-        proposal = [int(draft.draft_to_target(d_logits[0, -1].argmax()))]
+        drafted = [draft.draft_to_target(d_logits[:, -1].argmax(-1, keepdim=True))]     # (1, 1) target ids
         h = h[:, -1:]                                                                    # (1, 1, H)
         for j in range(1, K):  # later steps from the draft's own hidden state (eagle/inference.py)
-            ids = torch.tensor([[proposal[-1]]], dtype=torch.long, device=device)
             pos = torch.tensor([[L - 1 + j]], device=device)
-            d_logits, h = inference.draft_step(draft, dcache, ids, h, pos, fused=True)
-            proposal.append(int(draft.draft_to_target(d_logits[0, -1].argmax())))
-
-        verify_in = torch.tensor([[seq[L]] + proposal], dtype=torch.long, device=device)  # (1, K+1)
+            d_logits, h = inference.draft_step(draft, dcache, drafted[-1], h, pos, fused=True)
+            drafted.append(draft.draft_to_target(d_logits[:, -1].argmax(-1, keepdim=True)))
+        # the proposals stay on the device until here: one host sync for all K, not one per draft step
+        verify_in = torch.cat([torch.tensor([[seq[L]]], dtype=torch.long, device=device)] + drafted, dim=1)
+        proposal = verify_in[0, 1:].tolist()                                              # (K+1,) -> K ids
         t_logits, t_feats = target.forward(verify_in, cache)
         accepted, bonus = verify(t_logits[0], proposal)
         result.accepted.append(accepted)
