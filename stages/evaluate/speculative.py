@@ -223,3 +223,32 @@ def greedy_generate(model, prompt_ids: list[int], *, max_new_tokens: int, eos_id
     out = model.generate(prompt, attention_mask=torch.ones_like(prompt), generation_config=config)
     _sync(device)
     return out[0, len(prompt_ids):].tolist(), time.perf_counter() - start
+
+
+@torch.inference_mode()
+def greedy_generate_batch(model, prompts: list[list[int]], *, max_new_tokens: int, eos_ids, pad_id,
+                          device="cpu", generation_options=None) -> tuple[list[list[int]], float]:
+    """The target's own greedy `generate()` over several prompts at once (left-padded, one batch): per prompt the
+    new tokens up to and including its first end-of-sequence token, as `greedy_generate` returns them, and the
+    seconds of the whole call. Decode on a CPU reads the weights once per step for every row, so a batch of 16
+    costs little more than one prompt."""
+    from transformers import GenerationConfig
+
+    config = GenerationConfig(do_sample=False, max_new_tokens=max_new_tokens, eos_token_id=list(eos_ids),
+                              pad_token_id=pad_id, **(generation_options or {}))
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for r, p in enumerate(prompts):  # left padding: every prompt ends where generation starts
+        ids[r, width - len(p):] = torch.tensor(p, dtype=torch.long)
+        mask[r, width - len(p):] = 1
+    _sync(device)
+    start = time.perf_counter()
+    out = model.generate(ids.to(device), attention_mask=mask.to(device), generation_config=config)
+    _sync(device)
+    seconds = time.perf_counter() - start
+    eos, rows = set(eos_ids), []
+    for row in out[:, width:].tolist():  # a finished row goes on with padding: cut after its first EOS
+        end = next((i + 1 for i, t in enumerate(row) if t in eos), len(row))
+        rows.append(row[:end])
+    return rows, seconds
