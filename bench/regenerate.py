@@ -8,9 +8,14 @@ answers and one on the target's regenerated answers, both measured by `eagle-pip
 decoding, lossless check) on held-out prompts: user turns that no training record contains. Use a corpus the
 target did not write (FastChat's dummy_conversation.json: answers by Vicuna) to see the on-policy gain.
 
-`throughput`: `--engine hf` tokens/s (batched, length-sorted, KV cache) against the target's own generate() one
-prompt at a time on the same prompts, both in this process; also checks that greedy texts agree, and projects a
-GPU rate from the weight bytes (decode is memory-bound: one read of the weights per step serves the batch).
+`throughput`: `--engine hf` tokens/s over the first user turns of `--data` (any file eval reads, e.g. MT-bench's
+question.jsonl), in three modes: `dynamic` (transformers' generate() on a dynamic cache: the engine before the
+static cache), `static` (a static KV cache, eager) and `compiled` (static cache + compiled decode step, the
+default; its first pass compiles and is reported apart), against the bare batched-decode bound: a compiled
+static-cache decode step of the engine's first batch (same rows, same cache-length bucket) with no generation
+bookkeeping. Also checks that the greedy texts agree across modes (and with one-at-a-time generate() under
+`--single`). `--dtype bfloat16` times the target in bf16 (on CPUs with AMX, about 2.5x fp32 here: decode reads the
+weights once per step for the whole batch, in half the bytes).
 """
 from __future__ import annotations
 
@@ -107,60 +112,132 @@ def acceptance(a) -> dict:
             "gain": results["regenerated"]["acceptance_length"] / results["original"]["acceptance_length"]}
 
 
+def bench_prompts(data: str, count: int) -> list[list[dict]]:
+    """The first user turn (with any system turn before it) of the first `count` distinct questions."""
+    from stages.data.prompts import read_questions
+
+    seen, prompts = set(), []
+    for q in read_questions([data])[0]:
+        turns = q.conversation([])
+        key = json.dumps(turns)
+        if key not in seen:
+            seen.add(key)
+            prompts.append(turns)
+        if len(prompts) >= count:
+            break
+    return prompts
+
+
+def engine_run(engine, requests, label: str) -> dict:
+    """One timed pass of the engine over all requests: tokens/s, and the batches' row utilization."""
+    t0 = time.perf_counter()
+    out = dict(engine.generate(requests))
+    seconds = time.perf_counter() - t0
+    tokens = sum(r.num_tokens for r in out.values())
+    print(f"{label}: {tokens} tokens in {seconds:.1f} s ({tokens / seconds:.1f} tokens/s)", file=sys.stderr)
+    return {"seconds": seconds, "generated_tokens": tokens, "tokens_per_s": tokens / seconds,
+            "finish_reasons": {k: sum(r.finish_reason == k for r in out.values()) for k in ("stop", "length")},
+            "texts": [out[i].text for i in range(len(requests))]}
+
+
+def decode_bound(model, prompts: list[list[int]], pad_id: int, max_new_tokens: int, steps: int) -> dict:
+    """The bare batched-decode bound: the same rows, left-padded and prefilled into a static cache of the engine's
+    length bucket, then `steps` one-token steps of a compiled forward (fullgraph, fixed shapes) with the argmax fed
+    back: no logits processors, stopping checks, input_ids bookkeeping or early-finished rows."""
+    import torch
+    from transformers import StaticCache
+
+    from stages.static_cache import bucket
+
+    rows, width = len(prompts), max(len(p) for p in prompts)
+    length = bucket(width + max_new_tokens)
+    ids = torch.full((rows, width), pad_id, dtype=torch.long)
+    mask = torch.zeros((rows, length), dtype=torch.long)
+    for r, p in enumerate(prompts):
+        ids[r, width - len(p):] = torch.tensor(p)
+        mask[r, width - len(p):] = 1  # the prompt and every position after it
+    positions = (mask[:, :width].cumsum(-1) - 1).clamp(min=0)
+    cache = StaticCache(config=model.config, max_cache_len=length)
+
+    def step(token, position):
+        out = model(input_ids=token, position_ids=position, attention_mask=mask, cache=cache, use_cache=True)
+        return out.logits[:, -1].argmax(-1, keepdim=True)
+
+    compiled = torch.compile(step, fullgraph=True, dynamic=False)
+    with torch.inference_mode():
+        out = model(input_ids=ids, position_ids=positions, attention_mask=mask, cache=cache, use_cache=True,
+                    logits_to_keep=1)
+        token, position = out.logits[:, -1].argmax(-1, keepdim=True), positions[:, -1:] + 1
+        t0 = time.perf_counter()
+        token = compiled(token, position)  # compiles
+        compile_seconds = time.perf_counter() - t0
+        steps = min(steps, length - width - 1)
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            position = position + 1
+            token = compiled(token, position)
+        seconds = time.perf_counter() - t0
+    return {"rows": rows, "cache_length": length, "steps": steps, "step_ms": 1e3 * seconds / steps,
+            "tokens_per_s": rows * steps / seconds, "compile_seconds": compile_seconds}
+
+
 def throughput(a) -> dict:
+    """`--engine hf` tokens/s before (dynamic cache), with a static cache (eager) and compiled, against the bare
+    batched-decode bound at the same batch; greedy texts compared across the three (and one prompt at a time)."""
     import torch
 
     from stages.regenerate.engines import Decoding, HFEngine, Request
+    from stages.static_cache import bucket
 
-    torch.set_num_threads(a.threads)
-    seen, prompts = set(), []
-    for chat in load_chats(a.data):
-        first = next(i for i, m in enumerate(chat + [{"role": "user"}]) if m["role"] == "user")
-        turns = chat[: first + 1]
-        key = json.dumps(turns)
-        if first < len(chat) and key not in seen:
-            seen.add(key)
-            prompts.append(turns)
-    prompts = prompts[: a.prompts]
-    engine = HFEngine(a.target, Decoding(max_new_tokens=a.max_new_tokens), device="cpu", dtype="float32",
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    prompts = bench_prompts(a.data, a.prompts)
+    engine = HFEngine(a.target, Decoding(max_new_tokens=a.max_new_tokens), device="cpu", dtype=a.dtype,
                       batch_size=a.batch_size)
     requests = [Request(p, 0) for p in prompts]
-    list(engine.generate(requests[:2]))  # warm-up
-    t0 = time.perf_counter()
-    batched = dict(engine.generate(requests))
-    batched_s = time.perf_counter() - t0
-    batched_tokens = sum(r.num_tokens for r in batched.values())
+    ids = [engine.render(p) for p in prompts]
+    result = {"bench": "regenerate-throughput", "target": a.target, "data": a.data, "prompts": len(prompts),
+              "prompt_tokens": sum(map(len, ids)), "dtype": a.dtype, "max_new_tokens": a.max_new_tokens, "batch_size": a.batch_size,
+              "torch_threads": torch.get_num_threads(), "load_before": open("/proc/loadavg").read().split()[:3],
+              "engine": {}}
+    modes = {"dynamic": (False, False), "static": (True, False), "compiled": (True, True)}
+    texts = {}
+    for name in a.modes.split(","):
+        engine.static_cache, engine.compile = modes[name]
+        if name == "compiled":  # first pass compiles (once per rows x cache bucket); the second is timed
+            first = engine_run(engine, requests, "compiled, first pass")
+        else:
+            list(engine.generate(requests[:2]))  # warm-up
+            first = None
+        run = engine_run(engine, requests, name)
+        texts[name] = run.pop("texts")
+        if first is not None:
+            run["first_pass_seconds"] = first["seconds"]
+            run["compile_seconds_estimate"] = first["seconds"] - run["seconds"]
+        result["engine"][name] = run
 
-    model, tok = engine.model, engine.tokenizer
-    t0 = time.perf_counter()
-    single, single_tokens = [], 0
-    for p in prompts:
-        ids = engine.render(p)
-        with torch.inference_mode():
-            new = model.generate(torch.tensor([ids]), max_new_tokens=a.max_new_tokens, do_sample=False,
-                                 eos_token_id=engine.stop_ids, pad_token_id=engine.pad_id)[0, len(ids):].tolist()
-        single_tokens += len(new)
-        stop = bool(new) and new[-1] in engine.stop_ids
-        single.append(tok.decode(new[:-1] if stop else new, skip_special_tokens=False))
-    single_s = time.perf_counter() - t0
-    same = sum(batched[i].text == single[i] for i in range(len(prompts)))
-    batched_rate, single_rate = batched_tokens / batched_s, single_tokens / single_s
-    return {"bench": "regenerate-throughput", "target": a.target, "prompts": len(prompts),
-            "max_new_tokens": a.max_new_tokens, "batch_size": a.batch_size, "torch_threads": a.threads,
-            "batched_tokens_per_s": batched_rate, "one_at_a_time_tokens_per_s": single_rate,
-            "speedup": batched_rate / single_rate, "greedy_texts_identical": f"{same}/{len(prompts)}",
-            "generated_tokens": {"batched": batched_tokens, "one_at_a_time": single_tokens},
-            "gpu_projection": gpu_projection(a.project_params_b, a.batch_size)}
-
-
-def gpu_projection(params_b: float, batch: int, bandwidth_tb_s: float = 3.35, efficiency: float = 0.4) -> dict:
-    """Decode on a GPU is bound by reading the weights once per step (bf16: 2 bytes per parameter) for the whole
-    batch: tokens/s ~ batch * efficiency * bandwidth / weight bytes. H100 SXM: 3.35 TB/s; HF generate() with a
-    dynamic cache reaches roughly 30-50% of that bound at these batch sizes (our assumption: 40%)."""
-    steps = efficiency * bandwidth_tb_s * 1e12 / (2 * params_b * 1e9)
-    return {"model_params_billion": params_b, "batch_size": batch, "bandwidth_tb_s": bandwidth_tb_s,
-            "assumed_efficiency": efficiency, "decode_steps_per_s": steps, "tokens_per_s": steps * batch,
-            "how": "batch x efficiency x HBM bandwidth / bf16 weight bytes (memory-bound decode, short contexts)"}
+    model = engine.model
+    batch = sorted(ids, key=len)[: a.batch_size]  # the engine's first batch: the shortest prompts
+    result["bound"] = decode_bound(model, batch, engine.pad_id, a.max_new_tokens, a.bound_steps)
+    for name, run in result["engine"].items():
+        run["fraction_of_bound"] = run["tokens_per_s"] / result["bound"]["tokens_per_s"]
+    names = list(texts)
+    result["greedy_texts_identical"] = {f"{x}=={y}": f"{sum(p == q for p, q in zip(texts[x], texts[y]))}/{len(prompts)}"
+                                        for x, y in zip(names, names[1:])}
+    if a.single:
+        t0, single = time.perf_counter(), []
+        for p in ids:
+            with torch.inference_mode():
+                new = model.generate(torch.tensor([p]), max_new_tokens=a.max_new_tokens, do_sample=False,
+                                     eos_token_id=engine.stop_ids, pad_token_id=engine.pad_id)[0, len(p):].tolist()
+            stop = bool(new) and new[-1] in engine.stop_ids
+            single.append(engine.tokenizer.decode(new[:-1] if stop else new, skip_special_tokens=False))
+        result["one_at_a_time_seconds"] = time.perf_counter() - t0
+        result["greedy_texts_identical"].update({f"{x}==one_at_a_time": f"{sum(p == q for p, q in zip(texts[x], single))}/{len(prompts)}"
+                                                 for x in names})
+    result["cache_length_buckets"] = sorted({bucket(len(p) + a.max_new_tokens) for p in ids})
+    result["load_after"] = open("/proc/loadavg").read().split()[:3]
+    return result
 
 
 def main() -> None:
@@ -183,10 +260,14 @@ def main() -> None:
     thr.add_argument("--data", required=True)
     thr.add_argument("--target", default=str(REPO / "examples" / "demo" / "target"))
     thr.add_argument("--prompts", type=int, default=32)
+    thr.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="the target's dtype")
     thr.add_argument("--max-new-tokens", type=int, default=64)
     thr.add_argument("--batch-size", type=int, default=32)
-    thr.add_argument("--threads", type=int, default=1)
-    thr.add_argument("--project-params-b", type=float, default=8.0, help="model size for the GPU projection")
+    thr.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default, the cores)")
+    thr.add_argument("--modes", default="dynamic,static,compiled",
+                     help="engine modes to time: dynamic (before: HF generate on a dynamic cache), static, compiled")
+    thr.add_argument("--bound-steps", type=int, default=64, help="decode steps timed for the bound")
+    thr.add_argument("--single", action="store_true", help="also generate one prompt at a time (slow) and compare")
     a = p.parse_args()
     print(json.dumps(acceptance(a) if a.what == "acceptance" else throughput(a), indent=1))
 

@@ -61,6 +61,14 @@ class TargetWithAux:
 
     _capturing = False
 
+    def new_cache(self, length: int):
+        """An empty cache for a prompt that will reach `length` positions (dynamic: grows as needed)."""
+        return full_history_cache(self.model.config)
+
+    def crop(self, cache, length: int) -> None:
+        """Drop every cached position >= length (rejected drafts)."""
+        crop_target_cache(cache, length)
+
     def remove(self) -> None:
         for h in self._hooks:
             h.remove()
@@ -153,7 +161,7 @@ def speculative_generate(target: TargetWithAux, draft, prompt_ids: list[int], *,
     start = time.perf_counter()
 
     prompt = torch.tensor([prompt_ids], dtype=torch.long, device=device)  # (1, P)
-    cache = full_history_cache(target.model.config)
+    cache = target.new_cache(len(prompt_ids) + max_new_tokens + K + 1)
     logits, feats = target.forward(prompt, cache, logits_to_keep=1)
     seq = list(prompt_ids) + [int(logits[0, -1].argmax())]  # x_0..x_L; x_L (the bonus) not yet in the target
     new, done = _finish(seq[len(prompt_ids):], eos_ids, max_new_tokens)
@@ -172,19 +180,19 @@ def speculative_generate(target: TargetWithAux, draft, prompt_ids: list[int], *,
         pos = torch.arange(drafted_from, L, device=device)[None]                       # (1, T)
         ids = torch.tensor([seq[drafted_from + 1: L + 1]], dtype=torch.long, device=device)  # (1, T)
         d_logits, h = inference.draft_step(draft, dcache, ids, feats.to(draft_dtype), pos, fused=False)
-        proposal = [int(draft.draft_to_target(d_logits[0, -1].argmax()))]
+        drafted = [draft.draft_to_target(d_logits[:, -1].argmax(-1, keepdim=True))]     # (1, 1) target ids
         h = h[:, -1:]                                                                    # (1, 1, H)
         for j in range(1, K):  # later steps from the draft's own hidden state (eagle/inference.py)
-            ids = torch.tensor([[proposal[-1]]], dtype=torch.long, device=device)
             pos = torch.tensor([[L - 1 + j]], device=device)
-            d_logits, h = inference.draft_step(draft, dcache, ids, h, pos, fused=True)
-            proposal.append(int(draft.draft_to_target(d_logits[0, -1].argmax())))
-
-        verify_in = torch.tensor([[seq[L]] + proposal], dtype=torch.long, device=device)  # (1, K+1)
+            d_logits, h = inference.draft_step(draft, dcache, drafted[-1], h, pos, fused=True)
+            drafted.append(draft.draft_to_target(d_logits[:, -1].argmax(-1, keepdim=True)))
+        # the proposals stay on the device until here: one host sync for all K, not one per draft step
+        verify_in = torch.cat([torch.tensor([[seq[L]]], dtype=torch.long, device=device)] + drafted, dim=1)
+        proposal = verify_in[0, 1:].tolist()                                              # (K+1,) -> K ids
         t_logits, t_feats = target.forward(verify_in, cache)
         accepted, bonus = verify(t_logits[0], proposal)
         result.accepted.append(accepted)
-        crop_target_cache(cache, L + 1 + accepted)  # keep x_L and the accepted drafts
+        target.crop(cache, L + 1 + accepted)  # keep x_L and the accepted drafts
         dcache.crop(L)                      # drop the speculative steps 1..K-1 entries
         feats = t_feats[:, : accepted + 1]  # features of the newly verified positions L..L+accepted
         drafted_from = L
@@ -200,15 +208,47 @@ def speculative_generate(target: TargetWithAux, draft, prompt_ids: list[int], *,
 
 @torch.inference_mode()
 def greedy_generate(model, prompt_ids: list[int], *, max_new_tokens: int, eos_ids, pad_id,
-                    device="cpu") -> tuple[list[int], float]:
-    """The target's own greedy `generate()` (the lossless reference and the baseline speed)."""
+                    device="cpu", generation_options=None) -> tuple[list[int], float]:
+    """The target's own greedy `generate()` (the lossless reference and the baseline speed).
+
+    `generation_options`: more GenerationConfig fields, e.g. transformers' static cache and compiled decode step
+    (stages/static_cache.py): still transformers' own generation loop, independent of speculative_generate."""
     from transformers import GenerationConfig
 
     config = GenerationConfig(do_sample=False, max_new_tokens=max_new_tokens, eos_token_id=list(eos_ids),
-                              pad_token_id=pad_id)
+                              pad_token_id=pad_id, **(generation_options or {}))
     prompt = torch.tensor([prompt_ids], dtype=torch.long, device=device)
     _sync(device)
     start = time.perf_counter()
     out = model.generate(prompt, attention_mask=torch.ones_like(prompt), generation_config=config)
     _sync(device)
     return out[0, len(prompt_ids):].tolist(), time.perf_counter() - start
+
+
+@torch.inference_mode()
+def greedy_generate_batch(model, prompts: list[list[int]], *, max_new_tokens: int, eos_ids, pad_id,
+                          device="cpu", generation_options=None) -> tuple[list[list[int]], float]:
+    """The target's own greedy `generate()` over several prompts at once (left-padded, one batch): per prompt the
+    new tokens up to and including its first end-of-sequence token, as `greedy_generate` returns them, and the
+    seconds of the whole call. Decode on a CPU reads the weights once per step for every row, so a batch of 16
+    costs little more than one prompt."""
+    from transformers import GenerationConfig
+
+    config = GenerationConfig(do_sample=False, max_new_tokens=max_new_tokens, eos_token_id=list(eos_ids),
+                              pad_token_id=pad_id, **(generation_options or {}))
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for r, p in enumerate(prompts):  # left padding: every prompt ends where generation starts
+        ids[r, width - len(p):] = torch.tensor(p, dtype=torch.long)
+        mask[r, width - len(p):] = 1
+    _sync(device)
+    start = time.perf_counter()
+    out = model.generate(ids.to(device), attention_mask=mask.to(device), generation_config=config)
+    _sync(device)
+    seconds = time.perf_counter() - start
+    eos, rows = set(eos_ids), []
+    for row in out[:, width:].tolist():  # a finished row goes on with padding: cut after its first EOS
+        end = next((i + 1 for i, t in enumerate(row) if t in eos), len(row))
+        rows.append(row[:end])
+    return rows, seconds

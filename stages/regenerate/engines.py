@@ -102,6 +102,12 @@ def plan_generation_batches(lengths: list[int], batch_size: int, batch_tokens: i
     return batches
 
 
+def row_bucket(rows: int, batch_size: int) -> int:
+    """Rows of a batch on the static cache: the next power of two, at most batch_size (compiled decode steps are
+    keyed by the row count, so a run meets a handful of them, not one per batch size)."""
+    return max(rows, min(batch_size, 1 << (rows - 1).bit_length()))
+
+
 class _PerRowSampler:
     """A logits processor that draws each row's next token with that row's own generator (temperature, top-p)
     and leaves only that token finite, so greedy search emits it: per-record seeds inside a batched generate()."""
@@ -134,10 +140,11 @@ class HFEngine:
     kind = "hf"
 
     def __init__(self, target: str, decoding: Decoding, *, dtype=None, device=None, device_map=None,
-                 trust_remote_code=False, batch_size: int = 64, batch_tokens: int = 262144):
+                 trust_remote_code=False, batch_size: int = 64, batch_tokens: int = 262144, compile: bool = True):
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
+        from stages.static_cache import supports_static_cache
         from stages.target import dtype_name, resolve_dtype
 
         self.device = device or ("cuda:" + os.environ.get("LOCAL_RANK", "0") if torch.cuda.is_available() else "cpu")
@@ -157,6 +164,9 @@ class HFEngine:
         pad = self.tokenizer.pad_token_id
         self.pad_id = pad if pad is not None else self.stop_ids[0]
         self.dtype_name = dtype_name(self.dtype)
+        # a static KV cache (and a compiled decode step) where transformers supports it: stages/static_cache.py
+        self.static_cache = supports_static_cache(self.model) and not device_map
+        self.compile = compile and self.static_cache
 
     def describe(self) -> dict:
         return {"kind": self.kind, "dtype": self.dtype_name, "batch_size": self.batch_size,
@@ -185,7 +195,13 @@ class HFEngine:
     def _generate_batch(self, prompts: list[list[int]], requests: list[Request]) -> list[Response]:
         import torch
 
+        from stages.static_cache import bucket, static_generation_options
+
+        real_rows = len(prompts)
         width = max(len(p) for p in prompts)
+        if self.static_cache:  # rows padded to a power of two (copies of the first prompt, dropped after)
+            cap = max(real_rows, min(self.batch_size, self.batch_tokens // (width + self.decoding.max_new_tokens)))
+            prompts = prompts + [prompts[0]] * (row_bucket(real_rows, cap) - real_rows)
         ids = torch.full((len(prompts), width), self.pad_id, dtype=torch.long)
         mask = torch.zeros((len(prompts), width), dtype=torch.long)
         for r, p in enumerate(prompts):  # left padding: every prompt ends where generation starts
@@ -193,14 +209,16 @@ class HFEngine:
             mask[r, width - len(p):] = 1
         kwargs = dict(max_new_tokens=self.decoding.max_new_tokens, do_sample=False, num_beams=1,
                       eos_token_id=self.stop_ids, pad_token_id=self.pad_id)
+        if self.static_cache:
+            kwargs.update(static_generation_options(bucket(width + self.decoding.max_new_tokens), self.compile))
         if not self.decoding.greedy:
-            kwargs["logits_processor"] = [_PerRowSampler([req.seed for req in requests], self.decoding.temperature,
-                                                         self.decoding.top_p)]
+            seeds = [req.seed for req in requests] + [0] * (len(prompts) - real_rows)  # padding rows: any seed
+            kwargs["logits_processor"] = [_PerRowSampler(seeds, self.decoding.temperature, self.decoding.top_p)]
         with torch.inference_mode():
             out = self.model.generate(input_ids=ids.to(self.device), attention_mask=mask.to(self.device), **kwargs)
         stop = set(self.stop_ids)
         responses = []
-        for row in out[:, width:].tolist():
+        for row in out[:real_rows, width:].tolist():
             end = next((t for t, tok in enumerate(row) if tok in stop), None)
             new = row if end is None else row[:end]
             text = self.tokenizer.decode(new, skip_special_tokens=False)
@@ -325,7 +343,7 @@ def _describe(exc: Exception) -> str:
 
 def make_engine(engine: str, target: str, decoding: Decoding, **options):
     if engine == "hf":
-        keys = ("dtype", "device", "device_map", "trust_remote_code", "batch_size", "batch_tokens")
+        keys = ("dtype", "device", "device_map", "trust_remote_code", "batch_size", "batch_tokens", "compile")
         return HFEngine(target, decoding, **{k: options[k] for k in keys if k in options})
     if engine == "openai":
         keys = ("base_url", "served_model", "api_key_env", "concurrency", "request_timeout", "max_retries",
