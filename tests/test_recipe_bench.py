@@ -166,3 +166,47 @@ def test_two_arms_run_end_to_end_share_the_dump_and_resume(tmp_path, tiny_llama,
     stamp = (work / "arms" / "lr" / "result-s--k2.json").stat().st_mtime_ns
     recipe.main([str(plan)])  # everything measured: nothing runs again
     assert (work / "arms" / "lr" / "result-s--k2.json").stat().st_mtime_ns == stamp
+
+
+# ------------------------------------------------------------------------------------------------ recipe_data
+data_spec = importlib.util.spec_from_file_location("recipe_data_bench", REPO / "bench" / "recipe_data.py")
+recipe_data = sys.modules.setdefault("recipe_data_bench", importlib.util.module_from_spec(data_spec))
+data_spec.loader.exec_module(recipe_data)
+
+
+def test_heldout_questions_drop_what_the_judge_asks(tmp_path):
+    judge = tmp_path / "judge.jsonl"
+    judge.write_text(json.dumps({"question_id": 81, "turns": ["Write a poem.", "Now  shorter, please."]}) + "\n")
+    other = tmp_path / "other.jsonl"
+    other.write_text("".join(json.dumps(q) + "\n" for q in [
+        {"question_id": 1, "turns": ["How do I sleep better?"]},
+        {"question_id": 2, "turns": ["now SHORTER,   please."]},      # a judge turn, other case and spacing
+        {"question_id": 3, "turns": ["Name a color.", "Another one."]}]))
+    out = tmp_path / "held.jsonl"
+    recipe_data.main(["heldout", str(other), "--exclude", str(judge), "--out", str(out)])
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert records == [{"messages": [{"role": "user", "content": "How do I sleep better?"}]},
+                       {"messages": [{"role": "user", "content": "Name a color."}]}]
+
+
+def test_mix_shuffles_regenerated_conversations_reproducibly(tmp_path, tiny_llama):
+    from click.testing import CliRunner
+
+    from stages.cli import main as cli
+    from stages.data.records import read_records
+
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"Question {i}?"}]}) + "\n"
+                               for i in range(6)))
+    regen = tmp_path / "regen"
+    result = CliRunner().invoke(cli, ["regenerate", "--target", str(tiny_llama), "--data", str(prompts), "--out",
+                                      str(regen), "--max-new-tokens", "4", "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    answered = [rec["messages"] for _, _, rec in read_records([str(regen)])]
+    a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    recipe_data.main(["mix", str(regen), "--out", str(a), "--seed", "3"])
+    recipe_data.main(["mix", str(regen), "--out", str(b), "--seed", "3"])
+    mixed = [json.loads(line)["messages"] for line in a.read_text().splitlines()]
+    assert a.read_bytes() == b.read_bytes()
+    assert sorted(map(json.dumps, mixed)) == sorted(map(json.dumps, answered)) and mixed != answered
+    assert all(m[-1]["role"] == "assistant" for m in mixed)
