@@ -102,11 +102,28 @@ def load_plan(path: Path) -> dict:
     return plan
 
 
+def without_wiring(base: dict) -> dict:
+    """The base pipeline without its output paths and the paths wired from them (the bench names every output by
+    its inputs; a plan's own `out` is kept)."""
+    base = copy.deepcopy(base)
+    regen_out = (base.get("regenerate") or {}).pop("out", None)
+    dump = base.get("dump-teacher") or {}
+    if regen_out is not None and dump.get("data") in ([regen_out], regen_out):
+        dump.pop("data")
+    dump.pop("out", None)
+    for key in ("out", "teacher_dir"):
+        (base.get("train") or {}).pop(key, None)
+    for key in ("draft", "run_dir"):
+        (base.get("eval") or {}).pop(key, None)
+    (base.get("export") or {}).pop("out", None)
+    return base
+
+
 def expand(plan: dict, plan_path: Path) -> list[Unit]:
     """Every (arm, seed, K) unit of the plan, with its merged sections (output paths not yet assigned)."""
     base_path = Path(plan.get("base", "pipeline.yaml"))
     base_path = base_path if base_path.is_absolute() else REPO / base_path
-    base = {name: _norm(values) for name, values in (yaml.safe_load(base_path.read_text()) or {}).items()}
+    base = without_wiring({name: _norm(values) for name, values in (yaml.safe_load(base_path.read_text()) or {}).items()})
     base = merge(base, plan.get("defaults") or {})
     units = []
     for arm in plan["arms"]:

@@ -31,8 +31,8 @@ def write_plan(tmp_path: Path, arms: list[dict], base: dict = BASE, **extra) -> 
     return path
 
 
-def units_of(tmp_path, arms, **extra):
-    path = write_plan(tmp_path, arms, **extra)
+def units_of(tmp_path, arms, base=BASE, **extra):
+    path = write_plan(tmp_path, arms, base=base, **extra)
     return recipe.expand(recipe.load_plan(path), path)
 
 
@@ -48,6 +48,20 @@ def test_overrides_merge_key_by_key_and_null_removes(tmp_path):
     assert by["original"]["dump-teacher"]["top_k"] == 4  # the rest of the section is the base's
     assert "max_steps" not in by["no-cap"]["train"] and by["no-cap"]["train"]["epochs"] == 2
     assert BASE["train"]["max_steps"] == 4  # the base itself is untouched
+
+
+def test_the_base_pipelines_own_paths_are_replaced(tmp_path):
+    base = {"regenerate": {"data": ["p.jsonl"], "out": "work/regen"},
+            "dump-teacher": {"target": "T", "data": ["work/regen"], "out": "work/teacher"},
+            "train": {"teacher_dir": "work/teacher", "out": "work/run", "lr": 1e-3},
+            "eval": {"data": ["q.jsonl"], "draft": "work/run/export", "run_dir": "work/run"}}
+    units = units_of(tmp_path, [{"name": "a"}, {"name": "b", "train": {"out": "/mine"}}], base=base)
+    a, b = (recipe.assign_paths(u.sections, tmp_path / "work") for u in units)
+    assert a["regenerate"]["out"].startswith(str(tmp_path / "work" / "regen"))
+    assert a["dump-teacher"]["data"] == [a["regenerate"]["out"]]
+    assert a["dump-teacher"]["out"].startswith(str(tmp_path / "work" / "dump"))
+    assert a["train"]["out"].startswith(str(tmp_path / "work" / "train")) and b["train"]["out"] == "/mine"
+    assert "draft" not in a["eval"] and "run_dir" not in a["eval"]  # run wires them from train.out
 
 
 def test_seeds_and_k_expand_into_units(tmp_path):
