@@ -224,3 +224,37 @@ def test_mix_shuffles_regenerated_conversations_reproducibly(tmp_path, tiny_llam
     assert a.read_bytes() == b.read_bytes()
     assert sorted(map(json.dumps, mixed)) == sorted(map(json.dumps, answered)) and mixed != answered
     assert all(m[-1]["role"] == "assistant" for m in mixed)
+
+
+def test_mix_with_original_answers_keeps_the_prompts_and_the_order(tmp_path, tiny_llama):
+    from click.testing import CliRunner
+
+    from stages.cli import main as cli
+
+    dpo = [{"conversations": [{"from": "human", "value": f"Plan trip {i}?"},
+                              {"from": "gpt", "value": f"Go to town {i}."},
+                              {"from": "human", "value": "And then?"}],
+            "chosen": {"from": "gpt", "value": f"Come back on day {i}."}} for i in range(4)]
+    chats = [{"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": f"Hi {i}"},
+                           {"role": "assistant", "content": f"Hello {i}"}]} for i in range(3)]
+    src = tmp_path / "dpo.json"
+    src.write_text(json.dumps(dpo))
+    src2 = tmp_path / "chats.jsonl"
+    src2.write_text("".join(json.dumps(c) + "\n" for c in chats))
+    regen = tmp_path / "regen"
+    result = CliRunner().invoke(cli, ["regenerate", "--target", str(tiny_llama), "--data", str(src), "--data",
+                                      str(src2), "--out", str(regen), "--max-new-tokens", "3", "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    regenerated, _ = recipe_data.mix([regen], seed=1)
+    original, dropped = recipe_data.mix([regen], seed=1, answers="original")
+    assert dropped == 0 and len(original) == len(regenerated) == 7
+
+    def prompts(r):
+        return [(m["role"], m["content"]) for m in r["messages"] if m["role"] != "assistant"]
+
+    assert [prompts(r) for r in original] == [prompts(r) for r in regenerated]  # same conversations, same order
+    expected = {f"Plan trip {i}?": [f"Go to town {i}.", f"Come back on day {i}."] for i in range(4)} | \
+               {f"Hi {i}": [f"Hello {i}"] for i in range(3)}
+    for r in original:
+        first_user = next(m["content"] for m in r["messages"] if m["role"] == "user")
+        assert [m["content"] for m in r["messages"] if m["role"] == "assistant"] == expected[first_user]
