@@ -224,6 +224,8 @@ def run_pipeline(ctx: click.Context, path: str, force: bool = False) -> dict:
     started = time.perf_counter()
     status, results = {}, {}
 
+    seconds = {}
+
     def stage(name: str, complete: bool, why: str) -> None:
         if complete and not force:
             status[name] = "skipped"
@@ -232,7 +234,8 @@ def run_pipeline(ctx: click.Context, path: str, force: bool = False) -> dict:
         click.echo(f"== {name}" + ("" if complete else f" ({why})"), err=True)
         t0 = time.perf_counter()
         results[name] = ctx.invoke(stage_command(name), **options[name])
-        status[name] = f"ran in {time.perf_counter() - t0:.1f} s"
+        seconds[name] = time.perf_counter() - t0
+        status[name] = f"ran in {seconds[name]:.1f} s"
 
     if "regenerate" in options:
         from stages.regenerate.stage import is_complete as regenerate_is_complete
@@ -263,6 +266,10 @@ def run_pipeline(ctx: click.Context, path: str, force: bool = False) -> dict:
         "simulated_acceptance_length": ev["simulated_acceptance_length"], "draft_tokens": ev["draft_tokens"],
         "lossless": ev["lossless"], "tokens_per_s": ev["tokens_per_s"],
         "baseline_tokens_per_s": ev["baseline_tokens_per_s"],
+        "per_category": ev.get("per_category"), "per_turn": ev.get("per_turn"),
+        "num_prompts": ev.get("num_prompts"), "num_turns": ev.get("num_turns"),
+        "max_new_tokens": ev.get("max_new_tokens"), "eval_dtype": ev.get("dtype"),
+        "final_eval": train.get("final_eval"), "stage_seconds": seconds,
         "stages": status, "seconds": time.perf_counter() - started,
     }
 

@@ -61,13 +61,18 @@ def test_run_completes_end_to_end_then_skips_finished_stages(demo):
     assert summary["training_steps"] == 4 and summary["training_seconds"] > 0
     assert summary["draft"] == "work/run/export" and (Path("work/run/export") / "model.safetensors").is_file()
     assert summary["simulated_acceptance_length"] is not None
+    # what a recipe table needs from one run: eval per category and turn, each stage's seconds
+    assert set(summary["per_category"]) == {"chat"} and summary["num_prompts"] == len(EVAL)
+    assert summary["per_category"]["chat"]["acceptance_length"] == pytest.approx(summary["acceptance_length"])
+    assert set(summary["stage_seconds"]) == {"dump-teacher", "train", "eval"}
+    assert summary["final_eval"]["eval_acceptance_length"] >= 1.0
     assert "acceptance length" in output and "lossless" in output  # the readable summary precedes the JSON
 
     weights = (Path("work/run/export") / "model.safetensors").read_bytes()
     code, output, second = run(demo, "--json")
     assert code == 0, output
     assert second["stages"]["dump-teacher"] == "skipped" and second["stages"]["train"] == "skipped"
-    assert second["stages"]["eval"].startswith("ran")
+    assert second["stages"]["eval"].startswith("ran") and set(second["stage_seconds"]) == {"eval"}
     assert (Path("work/run/export") / "model.safetensors").read_bytes() == weights
     assert second["acceptance_length"] == summary["acceptance_length"]  # same draft, same greedy decoding
 
