@@ -247,7 +247,7 @@ def evaluate(target: str, draft: str, data, *, num_prompts=32, max_new_tokens=12
     from stages.evaluate.speculative import (TargetWithAux, greedy_generate, greedy_generate_batch,
                                              speculative_generate)
     from stages.evaluate.static_target import StaticTarget, UncroppableCache
-    from stages.static_cache import bucket, static_generation_options, supports_static_cache
+    from stages.static_cache import bucket, supports_static_cache
 
     ks = parse_draft_tokens(draft_tokens)
     if reference_batch < 1:
@@ -288,32 +288,30 @@ def evaluate(target: str, draft: str, data, *, num_prompts=32, max_new_tokens=12
         target_aux = make_target(cache_len)
     except ValueError as e:  # no text decoder found, or aux ids outside it: one line naming the target
         raise StageError(f"{target}: {e}") from None
-    greedy_options = static_generation_options(cache_len, compile) if static else {}
-    batch_options = greedy_options
+    # the greedy reference is transformers' own generate() on its default dynamic cache: the most independent
+    # reference, and on the CPUs measured a static cache with a compiled decode step was no faster at batch 1
+    # and slower batched (README, regenerate's Measured)
     engine = {"static_cache": isinstance(target_aux, StaticTarget), "compile": bool(compile and static),
               "cache_length": cache_len if static else None}
 
     def fit(ids: list[int]) -> None:
         """A larger static cache (and new compiles) for a turn longer than the bound (re-tokenized answers)."""
-        nonlocal target_aux, greedy_options, batch_options
+        nonlocal target_aux
         needed = len(ids) + max_new_tokens + max(ks) + 1
         if isinstance(target_aux, StaticTarget) and needed > target_aux.max_len:
             target_aux.remove()
             engine["cache_length"] = bucket(needed)
             target_aux = make_target(engine["cache_length"])
-            greedy_options = static_generation_options(engine["cache_length"], compile)
-            batch_options = greedy_options
 
     try:
         # warm-up outside the timings (first-call allocations, lazy inits, and the compiles)
         started = time.perf_counter()
         warm = render_prompt(tokenizer, questions[0].conversation([]), questions[0].where)
         fit(warm)
-        greedy_generate(model, warm, max_new_tokens=2, eos_ids=eos_ids, pad_id=pad_id, device=device,
-                        generation_options=greedy_options)
+        greedy_generate(model, warm, max_new_tokens=2, eos_ids=eos_ids, pad_id=pad_id, device=device)
         if reference_batch > 1:
             greedy_generate_batch(model, [warm] * min(reference_batch, len(questions)), max_new_tokens=2,
-                                  eos_ids=eos_ids, pad_id=pad_id, device=device, generation_options=batch_options)
+                                  eos_ids=eos_ids, pad_id=pad_id, device=device)
         for k in ks:
             speculative_generate(target_aux, drafter, warm, max_new_tokens=2, draft_tokens=k, eos_ids=eos_ids,
                                  device=device)
@@ -334,13 +332,11 @@ def evaluate(target: str, draft: str, data, *, num_prompts=32, max_new_tokens=12
                     fit(prompts[i])
                 if reference_batch == 1:
                     references = {i: greedy_generate(model, prompts[i], max_new_tokens=max_new_tokens,
-                                                     eos_ids=eos_ids, pad_id=pad_id, device=device,
-                                                     generation_options=greedy_options) for i in active}
+                                                     eos_ids=eos_ids, pad_id=pad_id, device=device) for i in active}
                 else:
                     rows, seconds = greedy_generate_batch(model, [prompts[i] for i in active],
                                                           max_new_tokens=max_new_tokens, eos_ids=eos_ids,
-                                                          pad_id=pad_id, device=device,
-                                                          generation_options=batch_options)
+                                                          pad_id=pad_id, device=device)
                     references = {i: (row, None) for i, row in zip(active, rows)}
                     batched["seconds"] += seconds
                     batched["tokens"] += sum(map(len, rows))
@@ -353,7 +349,7 @@ def evaluate(target: str, draft: str, data, *, num_prompts=32, max_new_tokens=12
                         # the batched reference is another float rounding of the same greedy decode: where it
                         # differs, the batch-1 generate() (the reference of --reference-batch 1) decides
                         reference, _ = greedy_generate(model, ids, max_new_tokens=max_new_tokens, eos_ids=eos_ids,
-                                                       pad_id=pad_id, device=device, generation_options=greedy_options)
+                                                       pad_id=pad_id, device=device)
                         batched["rerun_alone"] += 1
                     for k, spec in specs.items():
                         runs[k].append({"question": i, "where": q.where, "question_id": q.question_id,
@@ -523,8 +519,8 @@ def _group_table(title: str, groups: dict[str, dict]) -> list[str]:
                    "a turn whose speculative output differs is rerun alone. N > 1 times no batch-1 baseline "
                    "(no speedup): on a CPU, 16 makes the reference nearly free.")
 @click.option("--compile/--no-compile", default=True,
-              help="Compile the K+1-token verification step and generate()'s decode step on static KV caches "
-                   "(once per K; same tokens, faster on long runs).")
+              help="Compile the speculative run's K+1-token verification step on its static KV cache (once per "
+                   "K; same tokens). The greedy reference is always transformers' plain generate().")
 def command(target, draft, data, num_prompts, max_new_tokens, draft_tokens, dtype, device, run_dir, json,
             trust_remote_code, reference_batch, compile):
     """Measure acceptance length with real speculative decoding; check it is lossless against generate()."""
