@@ -23,6 +23,9 @@ import torch
 from stages.evaluate.speculative import TargetWithAux
 
 
+RECOMPILE_LIMIT = 256
+
+
 class UncroppableCache(ValueError):
     """The model's cache has layers that a static cache cannot move back after a rejected draft."""
 
@@ -59,6 +62,11 @@ class StaticTarget(TargetWithAux):
         self.compiled_tokens = frozenset(int(t) for t in compiled_tokens)
         self._compiled = None
         if self.compiled_tokens:
+            # dynamo keys its compiled graphs by the code object of `_step`, shared by every StaticTarget in the
+            # process: each K, each larger cache (`eval`'s refit) and each model is one more entry, and with
+            # fullgraph=True the default limit of 8 entries is a hard error, not a fallback
+            dynamo_config = torch._dynamo.config
+            dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, RECOMPILE_LIMIT)
             self._compiled = torch.compile(self._step, fullgraph=True, dynamic=False, **(compile_options or {}))
 
     def new_cache(self, length: int):
