@@ -259,18 +259,18 @@ def test_a_batched_reference_that_differs_is_decided_by_batch_one(tiny_llama, ra
 def test_more_compiled_shapes_than_dynamos_default_limit_never_fail(target, monkeypatch):
     """Every StaticTarget shares one code object (`_step`), so dynamo counts each K, each cache length and each
     model of the process against one recompile limit; with fullgraph=True hitting it is a hard error (it was, on
-    the 9th model family of one test run). StaticTarget raises the limit: here the limit starts at 2 and three
-    cache lengths compile and run."""
+    the 9th model family of one test run). Each StaticTarget compiles its own copy of the step and raises the
+    limit: here the limit starts at 2 and three cache lengths compile and run."""
     import stages.evaluate.static_target as static_target
 
-    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 2)
     monkeypatch.setattr(static_target, "RECOMPILE_LIMIT", 4)
     ids = torch.randint(0, target.config.vocab_size, (1, 4), generator=torch.Generator().manual_seed(1))
-    for max_len in (32, 48, 64):
-        wrapped = static_target.StaticTarget(target, (1, 4, 6), max_len=max_len, compiled_tokens=(4,))
-        try:
-            cache = wrapped.new_cache(8)
-            wrapped.forward(ids, cache)  # the compiled K+1 step
-        finally:
-            wrapped.remove()
-    assert torch._dynamo.config.recompile_limit == 4
+    with torch._dynamo.config.patch(recompile_limit=2):  # restored on exit (monkeypatch would delete the key)
+        for max_len in (32, 48, 64):
+            wrapped = static_target.StaticTarget(target, (1, 4, 6), max_len=max_len, compiled_tokens=(4,))
+            try:
+                cache = wrapped.new_cache(8)
+                wrapped.forward(ids, cache)  # the compiled K+1 step
+            finally:
+                wrapped.remove()
+        assert torch._dynamo.config.recompile_limit == 4

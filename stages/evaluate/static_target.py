@@ -18,12 +18,15 @@ UncroppableCache; `eval` then falls back to the dynamic cache.
 """
 from __future__ import annotations
 
+import itertools
+import types
+
 import torch
 
 from stages.evaluate.speculative import TargetWithAux
 
 
-RECOMPILE_LIMIT = 256
+RECOMPILE_LIMIT = 64
 
 
 class UncroppableCache(ValueError):
@@ -62,12 +65,23 @@ class StaticTarget(TargetWithAux):
         self.compiled_tokens = frozenset(int(t) for t in compiled_tokens)
         self._compiled = None
         if self.compiled_tokens:
-            # dynamo keys its compiled graphs by the code object of `_step`, shared by every StaticTarget in the
-            # process: each K, each larger cache (`eval`'s refit) and each model is one more entry, and with
-            # fullgraph=True the default limit of 8 entries is a hard error, not a fallback
+            # dynamo keeps compiled graphs per code object, and with fullgraph=True running past its recompile
+            # limit (8) is a hard error, not a fallback. So each StaticTarget compiles its own copy of `_step` (its
+            # graphs go with it, never pile up across models), and the limit is raised for the shapes one
+            # instance meets (one per K; `eval` makes a new instance when a turn outgrows the cache)
             dynamo_config = torch._dynamo.config
             dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, RECOMPILE_LIMIT)
-            self._compiled = torch.compile(self._step, fullgraph=True, dynamic=False, **(compile_options or {}))
+            self._compiled = torch.compile(self._own_step(), fullgraph=True, dynamic=False,
+                                           **(compile_options or {}))
+
+    _instances = itertools.count()
+
+    def _own_step(self):
+        """`_step` bound to this instance through a code object of its own (a renamed copy)."""
+        step = StaticTarget._step
+        code = step.__code__.replace(co_name=f"_step_{next(StaticTarget._instances)}")
+        return types.MethodType(types.FunctionType(code, step.__globals__, code.co_name, step.__defaults__,
+                                                   step.__closure__), self)
 
     def new_cache(self, length: int):
         """The cache, emptied (write position 0; old entries stay but are masked until overwritten)."""
