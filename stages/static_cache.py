@@ -11,8 +11,10 @@ length is a bucket (a multiple of `CACHE_BUCKET` that holds the longest prompt p
 `generation_config.max_cache_len`; a run compiles once per (rows, bucket) it meets, not once per prompt.
 
 transformers compiles only on accelerators unless `CompileConfig._compile_all_devices` is set, and its default
-mode ("reduce-overhead": CUDA graphs) means nothing on a CPU; both are set here. Used by `eval` (the greedy
-reference) and `regenerate --engine hf`.
+mode ("reduce-overhead": CUDA graphs) means nothing on a CPU; both are set here. Used by
+`regenerate --engine hf --compile` (opt-in: on the CPUs measured the compiled decode step was slower than the
+dynamic cache; README, regenerate's Measured). `eval` compiles its own verification step instead
+(stages/evaluate/static_target.py).
 """
 from __future__ import annotations
 
