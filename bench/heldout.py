@@ -1,0 +1,77 @@
+"""Held-out simulated acceptance of any EAGLE-3 draft on a teacher dump: a cheap, low-noise second judge.
+
+    python bench/heldout.py --dump HELDOUT_DUMP --draft RUN/export --draft modelopt/export ... [--ttt-steps 3]
+
+For each draft (any format `eagle-pipe eval` loads: eagle-pipe, Model-Optimizer, speculators, llama-eagle3), it
+runs the training-time test forward (eagle/ttt.py, the same unrolled chain drafting the engines run, tested equal
+to it) over every position of the dump and prints one JSON object: per TTT step the accuracy against the
+teacher's argmax (the target's greedy token), the simulated acceptance length (eagle/loss.py), the soft cross
+entropy, and the number of positions. No target forward: the dump holds the target's aux states and outputs, so
+a draft costs seconds, and ~20k held-out positions tell drafts apart that 16 MT-bench questions cannot.
+
+The draft's embedding is the target's (exports omit it); it is read from the dump's `target/` directory, which
+dump-teacher writes with the target's config and (tied) embedding / lm_head / final norm.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from eagle.export import load_draft  # noqa: E402
+from stages.shards import read_json  # noqa: E402
+from stages.train.loader import DumpIndex, PackedLoader  # noqa: E402
+from stages.train.setup import DistInfo  # noqa: E402
+from stages.train.stage import evaluate, make_step_fn  # noqa: E402
+
+
+def target_embedding(dump: Path) -> torch.Tensor:
+    """The target's input embedding [V, H] from the dump's target/ weights."""
+    from safetensors import safe_open
+
+    for f in sorted((dump / "target").glob("*.safetensors")):
+        with safe_open(f, "pt") as st:
+            for name in st.keys():
+                if name.endswith("embed_tokens.weight"):
+                    return st.get_tensor(name).float()
+    raise SystemExit(f"{dump}/target: no embed_tokens weight (dump made by an older eagle-pipe?)")
+
+
+def score(draft_dir: str, dump: Path, ttt_steps: int, seq_len: int, batch_size: int) -> dict:
+    target_config = read_json(dump / "target" / "config.json")
+    draft = load_draft(draft_dir, embed_weight=target_embedding(dump),
+                       target_config=target_config.get("text_config", target_config)).float()
+    index = DumpIndex(dump)
+    loader = PackedLoader(index, np.arange(index.num_documents), seq_len=seq_len, batch_size=batch_size,
+                          steps=ttt_steps, t2d=draft.t2d.cpu(), shuffle=False, drop_last=False)
+    step_fn = make_step_fn(ttt_steps, index.teacher_kind, 1.0, "dense", torch.device("cpu"), False, "fp32")
+    r = evaluate(draft, loader, step_fn, DistInfo(), torch.float32)
+    return {"draft": draft_dir, "format": getattr(draft, "draft_format", None), "ttt_steps": ttt_steps,
+            "accuracy": [round(a, 4) for a in r["eval_acc"]], "simulated_acceptance_length":
+            round(r["eval_acceptance_length"], 4), "soft_ce": [round(c, 4) for c in r["eval_ce"]],
+            "positions": r["eval_positions"]}
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--dump", required=True, type=Path, help="held-out teacher dump (eagle-pipe dump-teacher)")
+    p.add_argument("--draft", required=True, action="append", help="draft directory (repeat for several)")
+    p.add_argument("--ttt-steps", type=int, default=3, help="draft steps scored (K)")
+    p.add_argument("--seq-len", type=int, default=1024)
+    p.add_argument("--batch-size", type=int, default=2)
+    a = p.parse_args(argv)
+    torch.manual_seed(0)
+    with torch.enable_grad():  # evaluate() runs the training step's graph (no backward)
+        rows = [score(d, a.dump, a.ttt_steps, a.seq_len, a.batch_size) for d in a.draft]
+    print(json.dumps({"dump": str(a.dump), "drafts": rows}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
