@@ -1,0 +1,43 @@
+"""bench/heldout.py: the held-out simulated acceptance of an exported draft, scored from a teacher dump alone,
+equals what `eagle-pipe train --eval-teacher-dir` measured on the same dump with the draft still in memory (a
+second code path: the model built by train from the dump, not the export reloaded with the embedding that
+bench/heldout.py reads from the dump's target/ directory). TTT's equality with chain drafting is tested in
+tests/test_ttt.py."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from stages.cli import main
+from train_dumps import cached_dump
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+REPO = Path(__file__).resolve().parents[1]
+spec = importlib.util.spec_from_file_location("heldout_bench", REPO / "bench" / "heldout.py")
+heldout = sys.modules.setdefault("heldout_bench", importlib.util.module_from_spec(spec))
+spec.loader.exec_module(heldout)
+
+
+def test_heldout_score_of_the_export_equals_trains_own_heldout_eval(tmp_path_factory, tiny_llama, tmp_path):
+    train_dump = cached_dump(tmp_path_factory, "llama-100", tiny_llama, records=100)
+    eval_dump = cached_dump(tmp_path_factory, "llama-heldout-heldout", tiny_llama, records=12)
+    run = tmp_path / "run"
+    result = CliRunner().invoke(main, [
+        "train", "--teacher-dir", str(train_dump), "--eval-teacher-dir", str(eval_dump), "--out", str(run),
+        "--seq-len", "128", "--batch-size", "2", "--ttt-steps", "3", "--draft-vocab-size", "256",
+        "--max-steps", "12", "--lr", "3e-3", "--warmup-steps", "2", "--no-compile", "--num-workers", "1",
+        "--precision", "fp32"])
+    assert result.exit_code == 0, result.output
+    final = json.loads((run / "train_summary.json").read_text())["final_eval"]
+
+    scored = heldout.score(str(run / "export"), eval_dump, ttt_steps=3, seq_len=128, batch_size=2)
+    assert scored["format"] == "eagle-pipe" and scored["positions"] == final["eval_positions"]
+    assert scored["accuracy"] == pytest.approx(final["eval_acc"], abs=1e-4)
+    assert scored["simulated_acceptance_length"] == pytest.approx(final["eval_acceptance_length"], abs=1e-3)
+    assert max(scored["accuracy"]) > 0  # it learned something, so the equality is not 0 == 0
