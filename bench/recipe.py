@@ -288,7 +288,7 @@ def markdown(rows: list[dict]) -> str:
         if v is None:
             return "-"
         sd = r["acceptance_length_sd"].get(str(k))
-        return num(v) + (f" ± {sd:.2f}" if sd is not None else "")
+        return num(v, ".3f") + (f" ± {sd:.3f}" if sd is not None else "")
 
     head = (["arm", "factor"] + [f"AL K={k}" for k in ks] + cats +
             ["lossless", "steps", "positions", "train s", "eval s", "held-out sim. AL"])
@@ -300,7 +300,7 @@ def markdown(rows: list[dict]) -> str:
         eval_s = "/".join(num(v, ".0f") for v in r["eval_seconds"].values())
         cells = ([r["arm"], r["factor"]] + [al(r, k) for k in ks] + [num(r["per_category"].get(c)) for c in cats] +
                  ["yes" if r["lossless"] else "NO", num(r["train_steps"], ".0f"), num(r["trained_positions"], ".3g"),
-                  num(r["train_seconds"], ".0f"), eval_s, num(r["held_out_simulated_al"])])
+                  num(r["train_seconds"], ".0f"), eval_s, num(r["held_out_simulated_al"], ".3f")])
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

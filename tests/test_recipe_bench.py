@@ -146,7 +146,7 @@ def test_table_means_over_seeds_and_keeps_each_seed():
     assert c == {"arm": "c", "factor": "c", "measured": False}
     md = recipe.markdown(rows).splitlines()
     assert md[0].startswith("| arm | factor | AL K=3 | AL K=5 | writing | math | lossless")
-    assert "2.10 ± 0.14" in md[2] and "| NO |" in md[3] and "not run" in md[4]
+    assert "2.100 ± 0.141" in md[2] and "| NO |" in md[3] and "not run" in md[4]
 
 
 @pytest.mark.slow
