@@ -24,7 +24,8 @@ Run it under the heavy-job lock: it trains three drafts and evaluates each on tw
    loss (eagle-pipe: soft CE to the dump's top-k teacher, step weights 0.8^j; Model-Optimizer: soft CE to the
    full teacher softmax over the draft vocab, 0.9^j; speculators: KL to the draft-vocab teacher, 1.0^j), the
    optimizer (AdamW 0.9/0.95 clip 0.5; AdamW 0.9/0.999 clip 1.0; Muon + AdamW, clip 1.0), initialisation
-   (eagle-pipe and speculators start lm_head from the target's rows, speculators keeps it frozen), and their
+   (eagle-pipe and Model-Optimizer: random lm_head; speculators starts it from the target's rows and keeps it
+   frozen), and their
    export (Model-Optimizer writes a YaRN x32 rope_scaling at export by default; speculators saves bf16).
    The JSON's `budget` and `not_equal` sections record all of it.
 3. Judge. `eagle-pipe eval` (real greedy chain speculative decoding against the target, lossless check) on both
@@ -137,7 +138,7 @@ def train_eagle_pipe(a, work: Path) -> dict:
                "--ttt-steps", str(a.ttt_steps), "--draft-vocab-size", str(a.draft_vocab_size),
                "--eval-fraction", "0", "--eval-every", "0", "--save-every", str(max(1, a.steps // 4)),
                "--log-every", str(max(1, a.steps // 20)), "--num-workers", "1", "--seed", str(a.seed),
-               "--compile" if a.compile else "--no-compile"]
+               "--precision", "fp32", "--compile" if a.compile else "--no-compile"]
         if (run / "checkpoints").is_dir() and any((run / "checkpoints").iterdir()):
             cmd.append("--resume")   # an interrupted bench run: continue from the newest checkpoint
         rc, _ = run_json(cmd, work / "logs" / "eagle-pipe-train.log", project_env(a.threads))
@@ -312,8 +313,7 @@ def main(argv=None) -> dict:
             "loss": "eagle-pipe soft CE x 0.8^j; Model-Optimizer soft CE x 0.9^j; speculators KL x 1.0^j",
             "optimizer": "eagle-pipe AdamW(0.9, 0.95) clip 0.5; Model-Optimizer HF AdamW(0.9, 0.999) clip 1.0; "
                          f"speculators {a.speculators_optimizer} (+AdamW) wd 0.01 clip 1.0",
-            "init": "eagle-pipe: lm_head + norm from the target; speculators: lm_head from the target, frozen; "
-                    "Model-Optimizer: random lm_head",
+            "init": "eagle-pipe and Model-Optimizer: random lm_head; speculators: lm_head from the target, frozen",
             "positions_per_step": "Model-Optimizer does not pack: whole conversations per step, padded",
             "export": {"modelopt_rope_scaling": a.modelopt_export_rope_scaling,
                        "speculators_arch": a.speculators_arch, "speculators_dtype": "bfloat16 (its save_pretrained)"},
