@@ -186,6 +186,22 @@ def test_refuses_other_target_and_settings_and_resumes_same(tiny_llama, tiny_qwe
     assert verify_dump(out) == []
 
 
+def test_dumps_of_one_target_made_offline_and_online_train_together(tiny_llama, chat_data, tmp_path):
+    """transformers saves `local_files_only: true` into tokenizer_config.json under HF_HUB_OFFLINE=1; the
+    tokenizer hash (which train compares across dumps) must not depend on how the tokenizer was loaded."""
+    hashes = []
+    for offline in ("1", "0"):
+        out = tmp_path / f"offline-{offline}"
+        env = dict(os.environ, HF_HUB_OFFLINE=offline, TRANSFORMERS_OFFLINE=offline, OMP_NUM_THREADS="1")
+        done = subprocess.run([sys.executable, "-m", "stages.cli", *dump_args(tiny_llama, chat_data, out, limit=2)],
+                              env=env, capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr
+        assert "local_files_only" not in (out / "target" / "tokenizer_config.json").read_text()
+        assert verify_dump(out) == []
+        hashes.append(shards.read_json(out / "manifest.json")["target"]["tokenizer_sha256"])
+    assert hashes[0] == hashes[1]
+
+
 # ---- one-line errors -------------------------------------------------------------------------------------------
 
 def _one_line_error(result, *fragments):

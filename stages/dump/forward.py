@@ -272,6 +272,21 @@ def tree_sha256(files: list[Path], root: Path) -> str:
 
 
 TARGET_NON_TOKENIZER_FILES = {"config.json", "weights.safetensors", "generation_config.json"}
+# How the tokenizer was loaded, not what it is: transformers saves some of these into tokenizer_config.json
+# (local_files_only is true under HF_HUB_OFFLINE=1), which made dumps of one target made in two environments
+# refuse to train together.
+TOKENIZER_LOAD_KWARGS = ("local_files_only", "cache_dir", "force_download", "proxies", "token", "use_auth_token",
+                         "_commit_hash")
+
+
+def drop_load_kwargs(tokenizer_config: Path) -> None:
+    """Rewrite tokenizer_config.json without the load-time keys of TOKENIZER_LOAD_KWARGS (if any)."""
+    if not tokenizer_config.is_file():
+        return
+    config = json.loads(tokenizer_config.read_text())
+    if any(key in config for key in TOKENIZER_LOAD_KWARGS):
+        kept = {k: v for k, v in config.items() if k not in TOKENIZER_LOAD_KWARGS}
+        tokenizer_config.write_text(json.dumps(kept, indent=2, ensure_ascii=False) + "\n")
 
 
 def write_target_dir(target: Target, directory: Path) -> dict:
@@ -285,6 +300,7 @@ def write_target_dir(target: Target, directory: Path) -> dict:
     directory.mkdir(parents=True)
     target.config.save_pretrained(directory)
     target.tokenizer.save_pretrained(directory)
+    drop_load_kwargs(directory / "tokenizer_config.json")
     tensors = {  # clone: tied weights share storage, and safetensors refuses shared tensors
         "embed_tokens.weight": target.model.get_input_embeddings().weight.detach().to("cpu").clone(),
         "lm_head.weight": target.lm_head.weight.detach().to("cpu").clone(),
