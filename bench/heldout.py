@@ -9,8 +9,8 @@ teacher's argmax (the target's greedy token), the simulated acceptance length (e
 entropy, and the number of positions. No target forward: the dump holds the target's aux states and outputs, so
 a draft costs seconds, and ~20k held-out positions tell drafts apart that 16 MT-bench questions cannot.
 
-The draft's embedding is the target's (exports omit it); it is read from the dump's `target/` directory, which
-dump-teacher writes with the target's config and (tied) embedding / lm_head / final norm.
+The draft's embedding is the target's (exports omit it); it is read from the dump's `target/` directory
+(eagle.config.load_target_dir), as train reads it.
 """
 from __future__ import annotations
 
@@ -25,28 +25,16 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from eagle.config import load_target_dir  # noqa: E402
 from eagle.export import load_draft  # noqa: E402
-from stages.shards import read_json  # noqa: E402
 from stages.train.loader import DumpIndex, PackedLoader  # noqa: E402
 from stages.train.setup import DistInfo  # noqa: E402
 from stages.train.stage import evaluate, make_step_fn  # noqa: E402
 
 
-def target_embedding(dump: Path) -> torch.Tensor:
-    """The target's input embedding [V, H] from the dump's target/ weights."""
-    from safetensors import safe_open
-
-    for f in sorted((dump / "target").glob("*.safetensors")):
-        with safe_open(f, "pt") as st:
-            for name in st.keys():
-                if name.endswith("embed_tokens.weight"):
-                    return st.get_tensor(name).float()
-    raise SystemExit(f"{dump}/target: no embed_tokens weight (dump made by an older eagle-pipe?)")
-
-
 def score(draft_dir: str, dump: Path, ttt_steps: int, seq_len: int, batch_size: int) -> dict:
-    target_config = read_json(dump / "target" / "config.json")
-    draft = load_draft(draft_dir, embed_weight=target_embedding(dump),
+    target_config, weights = load_target_dir(dump / "target")
+    draft = load_draft(draft_dir, embed_weight=weights["embed_tokens.weight"].float(),
                        target_config=target_config.get("text_config", target_config)).float()
     index = DumpIndex(dump)
     loader = PackedLoader(index, np.arange(index.num_documents), seq_len=seq_len, batch_size=batch_size,
