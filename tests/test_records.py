@@ -331,6 +331,54 @@ def test_alpaca_prompt_only_and_bad_records(llama_tok, tmp_path):
     assert "history[0]" in out[2].message and "instruction" in out[1].message and "output" in out[4].message
 
 
+def test_preference_records_read_as_the_chosen_conversation(llama_tok, tmp_path):
+    """LLaMA-Factory's ranking format (ShareGPT, OpenAI and Alpaca kinds): the conversation answered by `chosen`,
+    token for token the one written by hand; `rejected` never reaches the ids."""
+    from stages.data.records import Skipped
+
+    chosen_chat = [{"role": "user", "content": "Name a colour."}, {"role": "assistant", "content": "Red."},
+                   {"role": "user", "content": "And a fruit?"}, {"role": "assistant", "content": "Apple."}]
+    sharegpt = {"conversations": [{"from": "human", "value": "Name a colour."}, {"from": "gpt", "value": "Red."},
+                                  {"from": "human", "value": "And a fruit?"}],
+                "chosen": {"from": "gpt", "value": "Apple."}, "rejected": {"from": "gpt", "value": "Rocket."}}
+    openai = {"messages": chosen_chat[:3], "chosen": {"role": "assistant", "content": "Apple."},
+              "rejected": {"role": "assistant", "content": "Rocket."}}
+    alpaca = {"instruction": "And a fruit?", "history": [["Name a colour.", "Red."]], "chosen": "Apple.",
+              "rejected": "Rocket."}
+    answered = dict(sharegpt, conversations=sharegpt["conversations"] + [{"from": "gpt", "value": "Pear."}])
+    bad = [dict(sharegpt, chosen="Apple."), dict(sharegpt, chosen={"from": "human", "value": "Apple."}),
+           dict(sharegpt, chosen={"from": "gpt", "value": " "})]
+    got = list(tokenize_records(write_jsonl(tmp_path / "p.jsonl", [sharegpt, openai, alpaca, answered, *bad]),
+                                llama_tok, max_seq_len=4096))
+    want = next(iter(tokenize_records(write_jsonl(tmp_path / "m.jsonl", [{"messages": chosen_chat}]), llama_tok,
+                                      max_seq_len=4096)))
+    for e in got[:3]:
+        assert (e.input_ids, e.loss_mask) == (want.input_ids, want.loss_mask)
+        assert "Rocket" not in llama_tok.decode(e.input_ids)
+    supervised = llama_tok.decode([t for t, m in zip(want.input_ids, want.loss_mask) if m])
+    assert "Apple." in supervised and "Red." in supervised
+    # a conversation that already ends with an answer keeps it
+    assert "Pear." in llama_tok.decode(got[3].input_ids) and "Apple." not in llama_tok.decode(got[3].input_ids)
+    assert all(isinstance(o, Skipped) for o in got[4:])
+    assert [o.reason for o in got[4:]] == ["missing_field", "unknown_role", "empty_content"]
+    assert "chosen" in got[4].message and "chosen" in got[5].message and "chosen" in got[6].message
+
+
+def test_real_dpo_file_trains_on_the_chosen_answers(llama_tok):
+    """LLaMA-Factory's dpo_en_demo.json: every record reads, each with its `chosen` answer as the supervised last
+    turn and without its `rejected` one."""
+    from real_assets import real_path
+
+    path = real_path("data", "llamafactory", "dpo_en_demo.json")
+    records = json.loads(path.read_text())
+    examples = list(tokenize_records(str(path), llama_tok, max_seq_len=1 << 16))
+    assert len(examples) == len(records) and all(isinstance(e, Example) for e in examples)
+    for record, e in list(zip(records, examples))[:20]:
+        supervised = llama_tok.decode([t for t, m in zip(e.input_ids, e.loss_mask) if m])
+        assert record["chosen"]["value"].strip()[:40] in supervised
+        assert record["rejected"]["value"].strip()[:40] not in llama_tok.decode(e.input_ids)
+
+
 def test_real_alpaca_file_reads_every_record(llama_tok):
     from real_assets import real_path
 

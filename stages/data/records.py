@@ -32,7 +32,9 @@ decoded), `count_records(sources)`, `summarize_skips(skips)`, `format_skip_repor
 
 Record formats, detected per record in this order: OpenAI `messages` [{role, content}] (roles system, user,
 assistant), ShareGPT `conversations` [{from, value}] (from: human|gpt|system, or user|assistant), Alpaca
-`instruction` (+ optional `input`, `output`, `system`, `history`; read as LLaMA-Factory reads it), pre-tokenized
+`instruction` (+ optional `input`, `output`, `system`, `history`; read as LLaMA-Factory reads it), preference
+records of either chat kind or Alpaca (LLaMA-Factory's ranking format: `chosen` answers the last user turn,
+`rejected` is not read), pre-tokenized
 `input_ids` (+ optional `loss_mask`), plain `text`. How the loss mask is found: see `stages/data/chat_masks.py`.
 
 Skip reasons: bad_encoding, malformed_json, missing_field, unknown_role, empty_content, non_string_content,
@@ -124,9 +126,11 @@ def parse_record(record) -> tuple[str, object]:
     if not isinstance(record, dict):
         raise RecordError("missing_field", f"record is a JSON {type(record).__name__}, not an object")
     if record.get("messages") is not None:
-        return "chat", _chat_turns(record["messages"], "messages", "role", "content", None)
+        turns = _chat_turns(record["messages"], "messages", "role", "content", None)
+        return "chat", _with_chosen(turns, record, "role", "content", None)
     if record.get("conversations") is not None:
-        return "chat", _chat_turns(record["conversations"], "conversations", "from", "value", SHAREGPT_ROLES)
+        turns = _chat_turns(record["conversations"], "conversations", "from", "value", SHAREGPT_ROLES)
+        return "chat", _with_chosen(turns, record, "from", "value", SHAREGPT_ROLES)
     if record.get("instruction") is not None:
         return "chat", _alpaca_turns(record)
     if record.get("input_ids") is not None:
@@ -156,6 +160,22 @@ def _chat_turns(turns, field: str, role_key: str, content_key: str, role_map: di
     return out
 
 
+def _with_chosen(turns: list[dict], record: dict, role_key: str, content_key: str,
+                 role_map: dict | None) -> list[dict]:
+    """A preference record (LLaMA-Factory's ranking format: the conversation ends with a user turn, `chosen` is
+    one {from, value} / {role, content} answer, `rejected` another) as the conversation answered by `chosen`.
+    `rejected` is never read; a conversation that does not end with a user turn keeps its own last answer."""
+    chosen = record.get("chosen")
+    if chosen is None or turns[-1]["role"] != "user":
+        return turns
+    if not isinstance(chosen, dict):
+        raise RecordError("missing_field", f"'chosen' must be one {{{role_key}, {content_key}}} turn")
+    (answer,) = _chat_turns([chosen], "chosen", role_key, content_key, role_map)
+    if answer["role"] != "assistant":
+        raise RecordError("unknown_role", f"chosen has role {chosen.get(role_key)!r}, not an assistant role")
+    return turns + [answer]
+
+
 def _alpaca_turns(record: dict) -> list[dict]:
     """Alpaca (`instruction`, optional `input`, `output`, `system`, `history` [[user, assistant], ...]) as chat
     turns, the way LLaMA-Factory reads it: the user turn is instruction and input joined by a newline; an
@@ -176,6 +196,8 @@ def _alpaca_turns(record: dict) -> list[dict]:
         query.append(_content(record["input"], "input"))
     turns.append({"role": "user", "content": "\n".join(query)})
     output = record.get("output")
+    if output is None and isinstance(record.get("chosen"), str):  # LLaMA-Factory's Alpaca ranking format
+        output = record["chosen"]
     if output is not None and (not isinstance(output, str) or output.strip()):
         turns.append({"role": "assistant", "content": _content(output, "output")})
     return turns
