@@ -1,6 +1,7 @@
 """dump-teacher: stored values equal a plain HF forward, crash-resume is byte-identical, bad settings exit 2."""
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -11,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
+
 from dump_helpers import dump_args, write_chat_data
 
 from stages import shards
@@ -20,6 +22,7 @@ from stages.dump.plan import Sequence, plan_parts
 from stages.sharding import shard_from_env
 from stages.target import DTYPES
 from stages.dump.stage import dump_teacher
+from stages.errors import StageError
 from stages.shards.verify import verify_dump
 
 REPO = Path(__file__).resolve().parents[1]
@@ -200,6 +203,38 @@ def test_dumps_of_one_target_made_offline_and_online_train_together(tiny_llama, 
         assert verify_dump(out) == []
         hashes.append(shards.read_json(out / "manifest.json")["target"]["tokenizer_sha256"])
     assert hashes[0] == hashes[1]
+
+
+def test_a_dump_made_before_the_tokenizer_fix_trains_with_a_new_one(tiny_llama, chat_data, tmp_path):
+    """A dump whose tokenizer_config.json kept `local_files_only` (dump-teacher before it dropped load-time keys)
+    records another tokenizer hash than a new dump of the same target; train recomputes both hashes from the
+    target/ files and pairs them. A tokenizer that really differs is still refused, naming the field."""
+    import shutil
+
+    from stages.train.setup import check_dumps
+
+    old, new = tmp_path / "old", tmp_path / "new"
+    keep_keys = ("import sys, stages.dump.forward as f; f.drop_load_kwargs = lambda path: None; "
+                 "from stages.cli import main; sys.argv[0] = 'eagle-pipe'; main()")
+    for out, cmd, offline in ((old, ["-c", keep_keys], "1"), (new, ["-m", "stages.cli"], "0")):
+        env = dict(os.environ, HF_HUB_OFFLINE=offline, TRANSFORMERS_OFFLINE=offline, OMP_NUM_THREADS="1")
+        done = subprocess.run([sys.executable, *cmd, *dump_args(tiny_llama, chat_data, out, limit=2)], env=env,
+                              capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr
+    assert "local_files_only" in (old / "target" / "tokenizer_config.json").read_text()
+    recorded = [shards.read_json(d / "manifest.json")["target"]["tokenizer_sha256"] for d in (old, new)]
+    assert recorded[0] != recorded[1]
+    assert check_dumps(new, old)["target"]["tokenizer_sha256"] == recorded[1]
+    assert check_dumps(old, new)["target"]["tokenizer_sha256"] == recorded[0]
+
+    other = tmp_path / "other"
+    shutil.copytree(old, other)
+    tokenizer_config = other / "target" / "tokenizer_config.json"
+    config = json.loads(tokenizer_config.read_text())
+    tokenizer_config.write_text(json.dumps({**config, "clean_up_tokenization_spaces": not config.get(
+        "clean_up_tokenization_spaces", False)}))
+    with pytest.raises(StageError, match="tokenizer_sha256"):
+        check_dumps(new, other)
 
 
 # ---- one-line errors -------------------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from stages.errors import StageError
+from stages.shards.tokenizer_files import drop_load_kwargs, tokenizer_sha256
 from stages.target import decoder_parts, effective_norm_weight
 
 TEACHER_CHUNK_BYTES = 256 << 20      # float32 logits per teacher chunk, at most
@@ -262,33 +263,6 @@ def config_sha256(config) -> str:
     return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def tree_sha256(files: list[Path], root: Path) -> str:
-    from stages.shards import sha256_file
-
-    h = hashlib.sha256()
-    for f in sorted(files):
-        h.update(f"{f.relative_to(root)}\0{sha256_file(f)}\n".encode())
-    return h.hexdigest()
-
-
-TARGET_NON_TOKENIZER_FILES = {"config.json", "weights.safetensors", "generation_config.json"}
-# How the tokenizer was loaded, not what it is: transformers saves some of these into tokenizer_config.json
-# (local_files_only is true under HF_HUB_OFFLINE=1), which made dumps of one target made in two environments
-# refuse to train together.
-TOKENIZER_LOAD_KWARGS = ("local_files_only", "cache_dir", "force_download", "proxies", "token", "use_auth_token",
-                         "_commit_hash")
-
-
-def drop_load_kwargs(tokenizer_config: Path) -> None:
-    """Rewrite tokenizer_config.json without the load-time keys of TOKENIZER_LOAD_KWARGS (if any)."""
-    if not tokenizer_config.is_file():
-        return
-    config = json.loads(tokenizer_config.read_text())
-    if any(key in config for key in TOKENIZER_LOAD_KWARGS):
-        kept = {k: v for k, v in config.items() if k not in TOKENIZER_LOAD_KWARGS}
-        tokenizer_config.write_text(json.dumps(kept, indent=2, ensure_ascii=False) + "\n")
-
-
 def write_target_dir(target: Target, directory: Path) -> dict:
     """config.json, tokenizer files and weights.safetensors {embed_tokens, lm_head (also when tied), norm as the
     scale a plain RMSNorm applies};
@@ -300,16 +274,15 @@ def write_target_dir(target: Target, directory: Path) -> dict:
     directory.mkdir(parents=True)
     target.config.save_pretrained(directory)
     target.tokenizer.save_pretrained(directory)
-    drop_load_kwargs(directory / "tokenizer_config.json")
+    drop_load_kwargs(directory / "tokenizer_config.json")  # stages/shards/tokenizer_files.py says why
     tensors = {  # clone: tied weights share storage, and safetensors refuses shared tensors
         "embed_tokens.weight": target.model.get_input_embeddings().weight.detach().to("cpu").clone(),
         "lm_head.weight": target.lm_head.weight.detach().to("cpu").clone(),
         "norm.weight": effective_norm_weight(target.norm).to("cpu").clone(),  # Gemma: 1 + weight
     }
     weights_sha256, _ = write_safetensors(directory / "weights.safetensors", tensors, {"format": "pt"})
-    tok_files = [f for f in directory.rglob("*") if f.is_file() and f.name not in TARGET_NON_TOKENIZER_FILES]
     return {"config_sha256": config_sha256(target.config),
-            "tokenizer_sha256": tree_sha256(tok_files, directory),
+            "tokenizer_sha256": tokenizer_sha256(directory),
             "weights_sha256": weights_sha256}  # hashed while written, not read back
 
 
