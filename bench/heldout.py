@@ -6,7 +6,8 @@ For each draft (any format `eagle-pipe eval` loads: eagle-pipe, Model-Optimizer,
 runs the training-time test forward (eagle/ttt.py, the same unrolled chain drafting the engines run, tested equal
 to it) over every position of the dump and prints one JSON object: per TTT step the accuracy against the
 teacher's argmax (the target's greedy token), the simulated acceptance length (eagle/loss.py), the soft cross
-entropy, and the number of positions. No target forward: the dump holds the target's aux states and outputs, so
+entropy, the number of positions, and the draft vocabulary's coverage (the share of supervised tokens whose
+greedy target token is in the draft vocabulary: a ceiling on step 1's accuracy). No target forward: the dump holds the target's aux states and outputs, so
 a draft costs seconds, and ~20k held-out positions tell drafts apart that 16 MT-bench questions cannot.
 
 The draft's embedding is the target's (exports omit it); it is read from the dump's `target/` directory
@@ -27,9 +28,34 @@ sys.path.insert(0, str(REPO))
 
 from eagle.config import load_target_dir  # noqa: E402
 from eagle.export import load_draft  # noqa: E402
+from stages.shards import iter_parts, load_part  # noqa: E402
 from stages.train.loader import DumpIndex, PackedLoader  # noqa: E402
 from stages.train.setup import DistInfo  # noqa: E402
 from stages.train.stage import evaluate, make_step_fn  # noqa: E402
+
+
+def greedy_tokens(part: dict) -> torch.Tensor:
+    """The target's greedy next token at every position of a part, whatever the teacher kind."""
+    if "teacher_topk_ids" in part:
+        return part["teacher_topk_ids"][:, 0].long()
+    if "teacher_argmax" in part:
+        return part["teacher_argmax"].long()
+    return part["teacher_probs"].argmax(-1)
+
+
+def vocab_coverage(dump: Path, t2d: torch.Tensor) -> float:
+    """Share of the dump's supervised tokens (not a sequence's first) whose greedy target token, the teacher at
+    the position before, is in the draft vocabulary (t2d: a bool mask over the target vocabulary)."""
+    covered = total = 0
+    for path in iter_parts(dump):
+        part = load_part(path)
+        first = torch.zeros(part["loss_mask"].numel(), dtype=torch.bool)
+        first[part["cu_seqlens"][:-1]] = True
+        scored = part["loss_mask"].bool()[1:] & ~first[1:]
+        greedy = greedy_tokens(part)[:-1][scored]
+        covered += int(t2d.cpu()[greedy].sum())
+        total += greedy.numel()
+    return covered / total
 
 
 def score(draft_dir: str, dump: Path, ttt_steps: int, seq_len: int, batch_size: int) -> dict:
@@ -44,7 +70,7 @@ def score(draft_dir: str, dump: Path, ttt_steps: int, seq_len: int, batch_size: 
     return {"draft": draft_dir, "format": getattr(draft, "draft_format", None), "ttt_steps": ttt_steps,
             "accuracy": [round(a, 4) for a in r["eval_acc"]], "simulated_acceptance_length":
             round(r["eval_acceptance_length"], 4), "soft_ce": [round(c, 4) for c in r["eval_ce"]],
-            "positions": r["eval_positions"]}
+            "positions": r["eval_positions"], "vocab_coverage": round(vocab_coverage(dump, draft.t2d.bool()), 4)}
 
 
 def main(argv=None) -> None:
