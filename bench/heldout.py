@@ -28,10 +28,13 @@ sys.path.insert(0, str(REPO))
 
 from eagle.config import load_target_dir  # noqa: E402
 from eagle.export import load_draft  # noqa: E402
-from stages.shards import iter_parts, load_part  # noqa: E402
+from stages.shards import iter_parts, load_part, read_json  # noqa: E402
 from stages.train.loader import DumpIndex, PackedLoader  # noqa: E402
 from stages.train.setup import DistInfo  # noqa: E402
 from stages.train.stage import evaluate, make_step_fn  # noqa: E402
+
+
+TEACHER_TENSOR = {"topk": "teacher_topk_ids", "argmax": "teacher_argmax", "softmax": "teacher_probs"}
 
 
 def greedy_tokens(part: dict) -> torch.Tensor:
@@ -46,9 +49,10 @@ def greedy_tokens(part: dict) -> torch.Tensor:
 def vocab_coverage(dump: Path, t2d: torch.Tensor) -> float:
     """Share of the dump's supervised tokens (not a sequence's first) whose greedy target token, the teacher at
     the position before, is in the draft vocabulary (t2d: a bool mask over the target vocabulary)."""
+    teacher = TEACHER_TENSOR[read_json(dump / "manifest.json")["teacher"]["kind"]]
     covered = total = 0
-    for path in iter_parts(dump):
-        part = load_part(path)
+    for path in iter_parts(dump):  # only the ids, masks and teacher: the aux states stay on disk
+        part = load_part(path, ["loss_mask", "cu_seqlens", teacher])
         first = torch.zeros(part["loss_mask"].numel(), dtype=torch.bool)
         first[part["cu_seqlens"][:-1]] = True
         scored = part["loss_mask"].bool()[1:] & ~first[1:]

@@ -214,7 +214,9 @@ def test_a_dump_made_before_the_tokenizer_fix_trains_with_a_new_one(tiny_llama, 
     from stages.train.setup import check_dumps
 
     old, new = tmp_path / "old", tmp_path / "new"
-    keep_keys = ("import sys, stages.dump.forward as f; f.drop_load_kwargs = lambda path: None; "
+    keep_keys = ("import sys, stages.dump.forward as f; from stages.shards import tokenizer_files as t; "
+                 "f.drop_load_kwargs = lambda path: None; "  # the old dump-teacher: keys kept, files hashed as is
+                 "f.tokenizer_sha256 = lambda d: t.tree_sha256(t.tokenizer_files(d), d); "
                  "from stages.cli import main; sys.argv[0] = 'eagle-pipe'; main()")
     for out, cmd, offline in ((old, ["-c", keep_keys], "1"), (new, ["-m", "stages.cli"], "0")):
         env = dict(os.environ, HF_HUB_OFFLINE=offline, TRANSFORMERS_OFFLINE=offline, OMP_NUM_THREADS="1")

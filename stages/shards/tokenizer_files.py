@@ -3,8 +3,8 @@
 dump-teacher records the hash; train refuses to train dumps of different tokenizers together. transformers
 also saves how a tokenizer was loaded into tokenizer_config.json (`local_files_only: true` under
 HF_HUB_OFFLINE=1), so dump-teacher saves it without those keys; a dump made before that keeps them in its file
-and its hash. `normalized_tokenizer_sha256` recomputes the hash such a dump would get today, so that train pairs
-it with newer dumps of the same tokenizer.
+and its hash. `tokenizer_sha256` always reads the file without them, so train can recompute the hash such a dump
+would get today and pair it with newer dumps of the same tokenizer.
 """
 from __future__ import annotations
 
@@ -52,12 +52,8 @@ def tree_sha256(files: list[Path], root: Path, digest=sha256_file) -> str:
 
 
 def tokenizer_sha256(directory: Path) -> str:
-    """`tokenizer_sha256` of the files as they are."""
-    return tree_sha256(tokenizer_files(directory), Path(directory))
-
-
-def normalized_tokenizer_sha256(directory: Path) -> str:
-    """`tokenizer_sha256` as dump-teacher records it today: tokenizer_config.json read without load-time keys."""
+    """`tokenizer_sha256` of a target/ directory, tokenizer_config.json read without load-time keys: what
+    dump-teacher records today, and what train recomputes for a dump made before the keys were dropped."""
     def digest(f: Path) -> str:
         if f.name != "tokenizer_config.json":
             return sha256_file(f)

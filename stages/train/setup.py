@@ -86,10 +86,10 @@ def _field(manifest: dict, path: tuple) -> object:
 def _same_tokenizer(path: tuple, dump: Path, other: Path) -> bool:
     """Two tokenizer hashes that differ only because one dump predates dump-teacher dropping load-time keys
     (stages/shards/tokenizer_files.py): recomputed from both target/ directories, they agree."""
-    from stages.shards.tokenizer_files import normalized_tokenizer_sha256
+    from stages.shards.tokenizer_files import tokenizer_sha256
 
     return path == ("target", "tokenizer_sha256") and (
-        normalized_tokenizer_sha256(dump / "target") == normalized_tokenizer_sha256(other / "target"))
+        tokenizer_sha256(dump / "target") == tokenizer_sha256(other / "target"))
 
 
 def check_dumps(teacher_dir: Path, eval_dir: Path | None) -> dict:
