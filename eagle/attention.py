@@ -12,7 +12,8 @@ Two implementations of the same function, neither materialising anything of size
   * `FlexTTTAttention`: FlexAttention over the concatenated keys [k_0; ...; k_j] of length (j+1)*T with a
     BlockMask expressing the rule above; only the causal block and j diagonal blocks are computed (GPU path).
 Both are callables `attend(q, k, v) -> out` for `Eagle3Draft.layer`; call them once per step, in step order.
-`cached_attention` serves `eagle/inference.py`.
+`cached_attention` serves `eagle/inference.py`; `ragged_mask` + `masked_attention` serve its batched variant
+(rows with holes in a shared cache) and eval's batched target forward.
 """
 from __future__ import annotations
 
@@ -167,7 +168,7 @@ def make_ttt_attention(kind: str, document_ids: torch.Tensor):
 def cached_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int) -> torch.Tensor:
     """Causal attention of T new queries at cache slots start..start+T-1 over cache slots 0..start+T-1.
 
-    q (B, nH, T, D); k/v (B, nKV, start+T, D) -> (B, nH, T, D). Softmax in float32, like the TTT paths.
+    q (B, nH, T, D); k/v (B, nKV, start+T, D) -> (B, nH, T, D). Softmax in at least float32, like the TTT paths.
     """
     n_heads, T, length = q.shape[1], q.shape[2], k.shape[2]
     k, v = repeat_kv(k.to(q.dtype), n_heads), repeat_kv(v.to(q.dtype), n_heads)
@@ -175,4 +176,37 @@ def cached_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: i
     slot = torch.arange(length, device=q.device)
     query_slot = start + torch.arange(T, device=q.device)
     scores = scores.masked_fill(slot[None, :] > query_slot[:, None], float("-inf"))
-    return torch.softmax(scores.float(), dim=-1).to(v.dtype) @ v
+    return torch.softmax(scores.to(torch.promote_types(scores.dtype, torch.float32)), dim=-1).to(v.dtype) @ v
+
+
+def ragged_mask(kept: torch.Tensor, start: int) -> torch.Tensor:
+    """Which cache slots each new query attends, for rows that share slots but not what they keep.
+
+    kept (B, L) bool: the slots each row keeps (a rejected draft or left padding is a hole); the new queries sit
+    at slots start..L-1. -> allowed (B, 1, L - start, L): kept slots at or before the query's slot, and always
+    the query's own slot (so a query at a hole still has one key: no empty softmax row, no NaN).
+    """
+    length = kept.shape[1]
+    slot = torch.arange(length, device=kept.device)
+    query_slot = torch.arange(start, length, device=kept.device)[:, None]  # (T, 1)
+    allowed = kept[:, None, :] & (slot <= query_slot)[None]  # (B, T, L)
+    return (allowed | (slot == query_slot)[None])[:, None]
+
+
+def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor,
+                     scale: float | None = None) -> torch.Tensor:
+    """Attention of q (B, nH, T, D) over k/v (B, nKV, L, D) where allowed (B, 1, T, L) -> (B, nH, T, D).
+
+    Grouped-query heads read their kv head in place (query head h uses kv head h // (nH / nKV), as repeat_kv):
+    repeating a batch's whole cache per layer and forward cost more than the matmuls on a CPU. Softmax in at
+    least float32, like the other paths.
+    """
+    b, n_heads, t, d = q.shape
+    n_kv, length = k.shape[1], k.shape[2]
+    groups = n_heads // n_kv
+    scale = d ** -0.5 if scale is None else scale
+    scores = (q.reshape(b, n_kv, groups * t, d) @ k.to(q.dtype).transpose(-1, -2)) * scale  # (B, nKV, g*T, L)
+    scores = scores.view(b, n_kv, groups, t, length).masked_fill(~allowed[:, :, None], float("-inf"))
+    softmax_dtype = torch.promote_types(scores.dtype, torch.float32)  # at least float32 (float64 stays)
+    probs = torch.softmax(scores.to(softmax_dtype), dim=-1).to(v.dtype).view(b, n_kv, groups * t, length)
+    return (probs @ v.to(probs.dtype)).view(b, n_heads, t, v.shape[-1]).to(q.dtype)

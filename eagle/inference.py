@@ -9,6 +9,8 @@ Chain drafting with verified tokens x_1..x_n and bonus x_{n+1} (reference, "How 
     for j in 1..K-1: logits, h = draft_step(model, cache, d, h, position n+j, fused=True); d = argmax ...
     after verification: cache.crop(number of verified positions), then prefill the newly verified ones.
 Cache slot i holds the K/V of the i-th token fed since the last crop point; queries attend causally to slots.
+`RaggedDraftCache` does the same for a batch whose rows keep different numbers of tokens per round (eval's
+batched speculative decoding): every row writes the same slots, and the entries a row does not keep are holes.
 
 API:
 
@@ -28,7 +30,7 @@ from __future__ import annotations
 
 import torch
 
-from eagle.attention import cached_attention
+from eagle.attention import cached_attention, masked_attention, ragged_mask
 
 
 class DraftCache:
@@ -56,6 +58,36 @@ class DraftCache:
         self.v[:, :, start:start + t] = v
         self.length = start + t
         return cached_attention(q, self.k[:, :, :start + t], self.v[:, :, :start + t], start)
+
+
+class RaggedDraftCache(DraftCache):
+    """A DraftCache whose rows keep different entries of the same slots.
+
+    `keep_next(kept)` says which of the next written entries each row keeps (default: all); a slot a row does not
+    keep (left padding, a position past what that row verified) is a hole that the row's later queries never
+    attend. RoPE positions are per row (the caller's `positions`), so holes shift nothing.
+    """
+
+    def __init__(self, cfg, batch_size: int, max_len: int, device=None, dtype=torch.float32):
+        super().__init__(cfg, batch_size, max_len, device=device, dtype=dtype)
+        self.kept = torch.zeros(batch_size, max_len, dtype=torch.bool, device=device)
+        self._next_kept = None
+
+    def keep_next(self, kept: torch.Tensor) -> None:
+        """kept (B, T) bool: which entries of the next write of T tokens each row keeps."""
+        self._next_kept = kept
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        start, t = self.length, k.shape[2]
+        if start + t > self.max_len:
+            raise ValueError(f"draft cache overflow: {start} + {t} tokens > max_len {self.max_len}")
+        self.k[:, :, start:start + t] = k
+        self.v[:, :, start:start + t] = v
+        self.kept[:, start:start + t] = True if self._next_kept is None else self._next_kept
+        self._next_kept = None
+        self.length = start + t
+        allowed = ragged_mask(self.kept[:, :start + t], start)
+        return masked_attention(q, self.k[:, :, :start + t], self.v[:, :, :start + t], allowed)
 
 
 @torch.no_grad()

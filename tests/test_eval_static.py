@@ -211,51 +211,6 @@ def test_draft_tokens_parse_one_k_or_a_list():
         parse_draft_tokens("three")
 
 
-def test_batched_references_equal_batch_one_references(tiny_llama, random_draft, prompts_file, target):
-    """--reference-batch N: the same turns, acceptances and losslessness as one reference at a time; the
-    batched (left-padded) rows equal batch-1 greedy decodes; no batch-1 timing, so no speedup is claimed."""
-    from transformers import AutoTokenizer
-
-    from stages.evaluate.speculative import greedy_generate, greedy_generate_batch
-
-    tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
-    prompts = [tokenizer.encode(text) for text in ("hello there", "a much longer prompt than the first one", "x")]
-    eos = [tokenizer.eos_token_id]
-    rows, _ = greedy_generate_batch(target, prompts, max_new_tokens=10, eos_ids=eos, pad_id=0)
-    assert rows == [greedy_generate(target, p, max_new_tokens=10, eos_ids=eos, pad_id=0)[0] for p in prompts]
-
-    common = ["--target", tiny_llama, "--draft", random_draft, "--data", prompts_file, "--max-new-tokens", 12,
-              "--no-compile", "--json"]
-    code, output, alone = run_eval(*common)
-    assert code == 0, output
-    code, output, batched = run_eval(*common, "--reference-batch", 3)
-    assert code == 0, output
-    assert batched["lossless"] is True and batched["timing"]["rerun_alone"] == 0
-    assert [(r["question"], r["turn"], r["accepted"]) for r in batched["per_prompt"]] == \
-        [(r["question"], r["turn"], r["accepted"]) for r in alone["per_prompt"]]
-    assert batched["acceptance_length"] == alone["acceptance_length"]
-    assert batched["timing"]["baseline_seconds"] is None and batched["timing"]["batched_tokens_per_s"] > 0
-
-
-def test_a_batched_reference_that_differs_is_decided_by_batch_one(tiny_llama, random_draft, prompts_file,
-                                                                  monkeypatch):
-    """A batched row that differs from the speculative output (another float rounding) is rerun alone; the
-    batch-1 greedy decode decides losslessness, so a wrong batched row never reads as a lossy draft."""
-    import stages.evaluate.speculative as spec
-
-    real_batch = spec.greedy_generate_batch
-
-    def corrupt(*args, **kwargs):
-        rows, seconds = real_batch(*args, **kwargs)
-        return [[(t + 1) % 50 for t in row] for row in rows], seconds
-
-    monkeypatch.setattr(spec, "greedy_generate_batch", corrupt)
-    code, output, report = run_eval("--target", tiny_llama, "--draft", random_draft, "--data", prompts_file,
-                                    "--max-new-tokens", 12, "--no-compile", "--json", "--reference-batch", 2)
-    assert code == 0, output
-    assert report["lossless"] is True and report["timing"]["rerun_alone"] == report["num_turns"]
-
-
 def test_more_compiled_shapes_than_dynamos_default_limit_never_fail(target, monkeypatch):
     """Every StaticTarget shares one code object (`_step`), so dynamo counts each K, each cache length and each
     model of the process against one recompile limit; with fullgraph=True hitting it is a hard error (it was, on

@@ -296,6 +296,11 @@ def test_trained_draft_accepts_well_above_one_and_is_lossless(tiny_llama, traine
     assert trained["lossless"] and random["lossless"]
     assert trained["acceptance_length"] > 1.6 > 1.15 > random["acceptance_length"]
     assert trained["per_position_acceptance"][0] > 0.4
+    # batched (rows accept different counts each round: the ragged caches), the same rounds as one at a time
+    code, output, batched = run_eval("--draft", run / "export", "--batch-size", 4, *common)
+    assert code == 0, output
+    assert batched["lossless"] and batched["timing"]["rerun_alone"] == 0
+    assert [r["accepted"] for r in batched["per_prompt"]] == [r["accepted"] for r in trained["per_prompt"]]
     # the training-time estimate is read from RUN and recomputed from its per-step accuracies
     summary = json.loads((run / "train_summary.json").read_text())
     acc = summary["final_metrics"]["acc"]

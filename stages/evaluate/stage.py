@@ -178,14 +178,14 @@ def group_stats(runs: list[dict], key) -> dict[str, dict]:
 
 
 def _total(values):
-    """The sum, or None when any value is None (turns whose reference was not timed alone)."""
+    """The sum, or None when any value is None (turns that were not timed alone: batched)."""
     values = list(values)
     return None if any(v is None for v in values) else sum(values)
 
 
 def _group_summary(runs: list[dict]) -> dict:
     accepted = [a for run in runs for a in run["accepted"]]
-    spec_s, base_s = sum(r["seconds"] for r in runs), _total(r["baseline_seconds"] for r in runs)
+    spec_s, base_s = _total(r["seconds"] for r in runs), _total(r["baseline_seconds"] for r in runs)
     spec_rate = sum(r["new_tokens"] for r in runs) / spec_s if spec_s else None
     base_rate = sum(r["baseline_new_tokens"] for r in runs) / base_s if base_s else None
     return {"questions": len({r["question"] for r in runs}), "turns": len(runs), "target_forwards": len(accepted),
@@ -232,26 +232,27 @@ def cache_length_bound(questions, tokenizer, max_new_tokens: int, max_k: int) ->
 
 
 def evaluate(target: str, draft: str, data, *, num_prompts=32, max_new_tokens=128, draft_tokens=3, dtype=None,
-             device=None, run_dir=None, trust_remote_code=False, compile=True, reference_batch=1) -> dict:
+             device=None, run_dir=None, trust_remote_code=False, compile=True, batch_size=1) -> dict:
     """Speculative vs plain greedy decoding over the questions' turns; returns the report dict (see `command`).
 
     `draft_tokens` may be a list of K: every turn then has one greedy reference, shared by the speculative runs
     at each K, and the report is the first K's (today's keys) plus `by_draft_tokens` {K: report}.
-    `reference_batch` > 1 generates the greedy references that many questions at a time (see `command`)."""
+    `batch_size` > 1 decodes that many questions at a time, references and speculative runs (see `command`)."""
     import time
 
     from tqdm import tqdm
 
     from stages.data.prompts import answer_text
     from stages.data.records import summarize_skips
+    from stages.evaluate.batched import BatchedTarget, Unbatchable, speculative_generate_batch
     from stages.evaluate.speculative import (TargetWithAux, greedy_generate, greedy_generate_batch,
                                              speculative_generate)
     from stages.evaluate.static_target import StaticTarget, UncroppableCache
     from stages.static_cache import bucket, supports_static_cache
 
     ks = parse_draft_tokens(draft_tokens)
-    if reference_batch < 1:
-        raise StageError(f"--reference-batch {reference_batch}: must be at least 1")
+    if batch_size < 1:
+        raise StageError(f"--batch-size {batch_size}: must be at least 1")
     if max_new_tokens < 1:
         raise StageError(f"--max-new-tokens {max_new_tokens}: must be at least 1")
     if not data:
@@ -286,13 +287,20 @@ def evaluate(target: str, draft: str, data, *, num_prompts=32, max_new_tokens=12
 
     try:
         target_aux = make_target(cache_len)
+        batched_target = None
+        if batch_size > 1:
+            try:
+                batched_target = BatchedTarget(model, drafter.cfg.aux_layer_ids)
+            except Unbatchable:  # sliding windows, softcapping...: the speculative runs go one turn at a time
+                pass
     except ValueError as e:  # no text decoder found, or aux ids outside it: one line naming the target
         raise StageError(f"{target}: {e}") from None
     # the greedy reference is transformers' own generate() on its default dynamic cache: the most independent
     # reference, and on the CPUs measured a static cache with a compiled decode step was no faster at batch 1
     # and slower batched (README, regenerate's Measured)
     engine = {"static_cache": isinstance(target_aux, StaticTarget), "compile": bool(compile and static),
-              "cache_length": cache_len if static else None}
+              "cache_length": cache_len if static else None, "batch_size": batch_size,
+              "batched_speculative": batched_target is not None}
 
     def fit(ids: list[int]) -> None:
         """A larger static cache (and new compiles) for a turn longer than the bound (re-tokenized answers)."""
@@ -303,66 +311,95 @@ def evaluate(target: str, draft: str, data, *, num_prompts=32, max_new_tokens=12
             engine["cache_length"] = bucket(needed)
             target_aux = make_target(engine["cache_length"])
 
+    def alone(ids: list[int]):
+        """One turn by itself: the reference (seconds) and the speculative run of each K (batch 1)."""
+        fit(ids)
+        reference = greedy_generate(model, ids, max_new_tokens=max_new_tokens, eos_ids=eos_ids, pad_id=pad_id,
+                                    device=device)
+        return reference, {k: speculative_generate(target_aux, drafter, ids, max_new_tokens=max_new_tokens,
+                                                   draft_tokens=k, eos_ids=eos_ids, device=device) for k in ks}
+
+    def together(prompts: list[list[int]]):
+        """Several turns at once: batched references, and batched speculative runs (one turn at a time for a
+        target that cannot batch them). Per turn (reference, None) and {K: result}; the seconds of each part."""
+        rows, ref_seconds = greedy_generate_batch(model, prompts, max_new_tokens=max_new_tokens, eos_ids=eos_ids,
+                                                  pad_id=pad_id, device=device)
+        specs, spec_seconds = {}, {}
+        for k in ks:
+            if batched_target is not None:
+                specs[k], spec_seconds[k] = speculative_generate_batch(
+                    batched_target, drafter, prompts, max_new_tokens=max_new_tokens, draft_tokens=k,
+                    eos_ids=eos_ids, pad_id=pad_id, device=device)
+            else:
+                for ids in prompts:
+                    fit(ids)
+                specs[k] = [speculative_generate(target_aux, drafter, ids, max_new_tokens=max_new_tokens,
+                                                 draft_tokens=k, eos_ids=eos_ids, device=device) for ids in prompts]
+                spec_seconds[k] = sum(spec.seconds for spec in specs[k])
+        turns = [((row, None), {k: specs[k][n] for k in ks}) for n, row in enumerate(rows)]
+        return turns, ref_seconds, spec_seconds
+
     try:
         # warm-up outside the timings (first-call allocations, lazy inits, and the compiles)
         started = time.perf_counter()
         warm = render_prompt(tokenizer, questions[0].conversation([]), questions[0].where)
-        fit(warm)
-        greedy_generate(model, warm, max_new_tokens=2, eos_ids=eos_ids, pad_id=pad_id, device=device)
-        if reference_batch > 1:
-            greedy_generate_batch(model, [warm] * min(reference_batch, len(questions)), max_new_tokens=2,
-                                  eos_ids=eos_ids, pad_id=pad_id, device=device)
-        for k in ks:
-            speculative_generate(target_aux, drafter, warm, max_new_tokens=2, draft_tokens=k, eos_ids=eos_ids,
-                                 device=device)
+        alone(warm[:])  # noqa: the outputs are discarded
+        if batch_size > 1:
+            together([warm] * min(batch_size, len(questions)))
         warmup_seconds = time.perf_counter() - started
         runs = {k: [] for k in ks}
         mismatches = {k: [] for k in ks}
-        batched = {"seconds": 0.0, "tokens": 0, "rerun_alone": 0}
+        totals = {"reference_seconds": 0.0, "reference_tokens": 0, "rerun_alone": 0,
+                  "speculative_seconds": {k: 0.0 for k in ks}}
         progress = tqdm(total=sum(len(q.user_turns) for q in questions), desc="eval", unit="turn",
                         dynamic_ncols=True)
-        for first_question in range(0, len(questions), reference_batch):
-            group = range(first_question, min(first_question + reference_batch, len(questions)))
+        for first_question in range(0, len(questions), batch_size):
+            group = range(first_question, min(first_question + batch_size, len(questions)))
             answers = {i: [] for i in group}  # the target's own answers to the turns so far
             for turn in range(1, max(len(questions[i].user_turns) for i in group) + 1):
                 active = [i for i in group if len(questions[i].user_turns) >= turn]
                 prompts = {i: render_prompt(tokenizer, questions[i].conversation(answers[i]), questions[i].where)
                            for i in active}
-                for i in active:
-                    fit(prompts[i])
-                if reference_batch == 1:
-                    references = {i: greedy_generate(model, prompts[i], max_new_tokens=max_new_tokens,
-                                                     eos_ids=eos_ids, pad_id=pad_id, device=device) for i in active}
+                if batch_size == 1:
+                    results = {i: alone(prompts[i]) for i in active}
                 else:
-                    rows, seconds = greedy_generate_batch(model, [prompts[i] for i in active],
-                                                          max_new_tokens=max_new_tokens, eos_ids=eos_ids,
-                                                          pad_id=pad_id, device=device)
-                    references = {i: (row, None) for i, row in zip(active, rows)}
-                    batched["seconds"] += seconds
-                    batched["tokens"] += sum(map(len, rows))
+                    turns, ref_seconds, spec_seconds = together([prompts[i] for i in active])
+                    results = dict(zip(active, turns))
+                    totals["reference_seconds"] += ref_seconds
+                    totals["reference_tokens"] += sum(len(ref) for (ref, _), _ in turns)
+                    for k in ks:
+                        totals["speculative_seconds"][k] += spec_seconds[k]
                 for i in active:
                     q, ids = questions[i], prompts[i]
-                    reference, seconds = references[i]
-                    specs = {k: speculative_generate(target_aux, drafter, ids, max_new_tokens=max_new_tokens,
-                                                     draft_tokens=k, eos_ids=eos_ids, device=device) for k in ks}
+                    (reference, seconds), specs = results[i]
                     if seconds is None and any(spec.tokens != reference for spec in specs.values()):
-                        # the batched reference is another float rounding of the same greedy decode: where it
-                        # differs, the batch-1 generate() (the reference of --reference-batch 1) decides
-                        reference, _ = greedy_generate(model, ids, max_new_tokens=max_new_tokens, eos_ids=eos_ids,
-                                                       pad_id=pad_id, device=device)
-                        batched["rerun_alone"] += 1
+                        # batched rows are another float rounding of the same greedy decodes: where they differ,
+                        # the turn is decided alone, exactly as --batch-size 1 decides it
+                        (reference, seconds), specs = alone(ids)
+                        totals["rerun_alone"] += 1
+                        totals["reference_seconds"] += seconds
+                        totals["reference_tokens"] += len(reference)
+                        for k in ks:
+                            totals["speculative_seconds"][k] += specs[k].seconds
+                        seconds = None  # not a batch-1 baseline of the whole run
                     for k, spec in specs.items():
                         runs[k].append({"question": i, "where": q.where, "question_id": q.question_id,
                                         "category": q.category, "turn": turn, "prompt_tokens": len(ids),
                                         "accepted": spec.accepted, "new_tokens": len(spec.tokens),
-                                        "baseline_new_tokens": len(reference), "seconds": spec.seconds,
+                                        "baseline_new_tokens": len(reference),
+                                        "seconds": spec.seconds if batch_size == 1 else None,
                                         "baseline_seconds": seconds})
+                        if batch_size == 1:
+                            totals["speculative_seconds"][k] += spec.seconds
                         if spec.tokens != reference:
                             diff = next((j for j, (a, b) in enumerate(zip(spec.tokens, reference)) if a != b),
                                         min(len(spec.tokens), len(reference)))
                             mismatches[k].append({"prompt": i, "turn": turn, "where": q.where,
                                                   "first_difference": diff, "speculative_len": len(spec.tokens),
                                                   "reference_len": len(reference)})
+                    if batch_size == 1:
+                        totals["reference_seconds"] += seconds
+                        totals["reference_tokens"] += len(reference)
                     # the next turn follows the target's own answer (equal to the speculative one when lossless)
                     answers[i].append(answer_text(tokenizer, reference, eos_ids))
                     progress.update()
@@ -372,17 +409,18 @@ def evaluate(target: str, draft: str, data, *, num_prompts=32, max_new_tokens=12
         progress.close()
     finally:
         target_aux.remove()
+        if batched_target is not None:
+            batched_target.remove()
 
     common = {"target": str(target), "draft": str(draft), "draft_format": drafter.draft_format,
               "data": [str(d) for d in data],
               "num_prompts": len(questions), "skipped_records": skipped, "skipped_examples": _skip_examples(skips),
               "max_new_tokens": max_new_tokens, "device": device, "dtype": str(torch_dtype).replace("torch.", ""),
-              "engine": engine, "warmup_seconds": warmup_seconds,
-              "references": {"reference_batch": reference_batch, **({
-                  "batched_seconds": batched["seconds"],
-                  "batched_tokens_per_s": batched["tokens"] / batched["seconds"] if batched["seconds"] else None,
-                  "rerun_alone": batched["rerun_alone"]} if reference_batch > 1 else {})}}
-    reports = {k: _report(common, runs[k], mismatches[k], k, simulated[k]) for k in ks}
+              "engine": engine, "warmup_seconds": warmup_seconds, "batch_size": batch_size,
+              "reference_seconds": totals["reference_seconds"], "reference_tokens": totals["reference_tokens"],
+              **({"references": {"rerun_alone": totals["rerun_alone"]}} if batch_size > 1 else {"references": {}})}
+    reports = {k: _report(common, runs[k], mismatches[k], k, simulated[k], totals["speculative_seconds"][k])
+               for k in ks}
     report = reports[ks[0]]
     if len(ks) > 1:
         report = {**report, "lossless": all(r["lossless"] for r in reports.values()),
@@ -390,16 +428,17 @@ def evaluate(target: str, draft: str, data, *, num_prompts=32, max_new_tokens=12
     return report
 
 
-def _report(common: dict, runs: list[dict], mismatches: list[dict], k: int, simulated) -> dict:
-    """The report of one K: acceptance, per category and turn, lossless, speeds and times."""
-    spec_tokens, spec_seconds = sum(r["new_tokens"] for r in runs), sum(r["seconds"] for r in runs)
-    base_tokens = sum(r["baseline_new_tokens"] for r in runs)
-    base_seconds = _total(r["baseline_seconds"] for r in runs)  # None: batched references, no batch-1 timing
+def _report(common: dict, runs: list[dict], mismatches: list[dict], k: int, simulated,
+            spec_seconds: float) -> dict:
+    """The report of one K: acceptance, per category and turn, lossless, speeds and times. Speeds compare the
+    speculative runs with the references at the same batch size (`batch_size` turns decoded together)."""
+    spec_tokens, base_tokens = sum(r["new_tokens"] for r in runs), sum(r["baseline_new_tokens"] for r in runs)
+    base_seconds = common["reference_seconds"]
     report = {
         **{key: common[key] for key in ("target", "draft", "draft_format", "data", "num_prompts")},
         "num_turns": len(runs),
         **{key: common[key] for key in ("skipped_records", "skipped_examples")}, "draft_tokens": k,
-        **{key: common[key] for key in ("max_new_tokens", "device", "dtype")},
+        **{key: common[key] for key in ("max_new_tokens", "device", "dtype", "batch_size")},
         **acceptance_stats([a for r in runs for a in r["accepted"]], k),
         "per_category": group_stats(runs, lambda r: r["category"]),
         "per_turn": group_stats(runs, lambda r: r["turn"]),
@@ -407,18 +446,20 @@ def _report(common: dict, runs: list[dict], mismatches: list[dict], k: int, simu
         "lossless": not mismatches, "mismatches": mismatches,
         "new_tokens": spec_tokens, "baseline_new_tokens": base_tokens,
         "tokens_per_s": spec_tokens / spec_seconds if spec_seconds else None,
-        "baseline_tokens_per_s": base_tokens / base_seconds if base_seconds else None,
+        "baseline_tokens_per_s": common["reference_tokens"] / base_seconds if base_seconds else None,
         "per_prompt": runs,
     }
     report["speedup"] = (report["tokens_per_s"] / report["baseline_tokens_per_s"]
                          if report["tokens_per_s"] and report["baseline_tokens_per_s"] else None)
     forwards = report["target_forwards"] + len(runs)  # decode-phase forwards plus one prefill per turn
+    alone = common["batch_size"] == 1
     report["timing"] = {
         "seconds": spec_seconds, "baseline_seconds": base_seconds,
         "seconds_per_turn": spec_seconds / len(runs) if runs else None,
-        "baseline_seconds_per_turn": base_seconds / len(runs) if runs and base_seconds is not None else None,
-        "seconds_per_target_forward": spec_seconds / forwards if forwards else None,
-        "baseline_seconds_per_token": base_seconds / base_tokens if base_tokens and base_seconds else None,
+        "baseline_seconds_per_turn": base_seconds / len(runs) if runs else None,
+        # per forward only at batch 1: batched, one forward serves several turns
+        "seconds_per_target_forward": spec_seconds / forwards if forwards and alone else None,
+        "baseline_seconds_per_token": base_seconds / base_tokens if base_tokens and alone else None,
         "warmup_seconds": common["warmup_seconds"], **common["engine"], **common["references"],
     }
     return report
@@ -459,6 +500,8 @@ def _format_one(r: dict) -> str:
         ("draft format", r["draft_format"]),
         ("prompts", prompts + (f" (skipped: {r['skipped_records']})" if r["skipped_records"] else "")),
         ("draft tokens K", str(k)),
+        ("batch size", str(r["batch_size"]) + (f" ({t['rerun_alone']} turn(s) decided alone)"
+                                                if t.get("rerun_alone") else "")),
         ("target forwards (decode)", str(r["target_forwards"])),
         ("acceptance length", _fmt(r["acceptance_length"])),
         ("  per draft position", "  ".join(f"{i + 1}: {_fmt(a)}" for i, a in enumerate(r["per_position_acceptance"]))),
@@ -514,19 +557,25 @@ def _group_table(title: str, groups: dict[str, dict]) -> list[str]:
               help="Train run directory: also report the simulated acceptance length from its metrics.")
 @click.option("--json", "json", is_flag=True, help="Print one JSON object instead of the table.")
 @click.option("--trust-remote-code", is_flag=True, help="Allow the target's own modelling code (only if you trust it).")
-@click.option("--reference-batch", type=click.IntRange(min=1), default=1,
-              help="Generate the greedy references N questions at a time (one batched generate() per turn); "
-                   "a turn whose speculative output differs is rerun alone. N > 1 times no batch-1 baseline "
-                   "(no speedup): on a CPU, 16 makes the reference nearly free.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=1,
+              help="Decode N questions at a time: the greedy references (one batched generate() per turn) and the "
+                   "speculative runs (one batched verification per round). A turn whose batched outputs differ is "
+                   "decided alone, as at 1. Speeds then compare both at batch N; on a CPU, 16 is ~5x faster.")
+@click.option("--reference-batch", type=click.IntRange(min=1), default=None, hidden=True,
+              help="Deprecated: --batch-size (which now batches the speculative runs too).")
 @click.option("--compile/--no-compile", default=True,
-              help="Compile the speculative run's K+1-token verification step on its static KV cache (once per "
-                   "K; same tokens). The greedy reference is always transformers' plain generate().")
+              help="Compile the batch-1 speculative run's K+1-token verification step on its static KV cache "
+                   "(once per K; same tokens). The greedy reference is always transformers' plain generate().")
 def command(target, draft, data, num_prompts, max_new_tokens, draft_tokens, dtype, device, run_dir, json,
-            trust_remote_code, reference_batch, compile):
+            trust_remote_code, batch_size, reference_batch, compile):
     """Measure acceptance length with real speculative decoding; check it is lossless against generate()."""
+    if reference_batch is not None:
+        click.echo("eval: --reference-batch / reference_batch is deprecated; it now means --batch-size "
+                   "(the speculative runs are batched too)", err=True)
+        batch_size = reference_batch
     report = evaluate(target, draft, list(data), num_prompts=num_prompts, max_new_tokens=max_new_tokens,
                       draft_tokens=draft_tokens, dtype=dtype, device=device, run_dir=run_dir,
-                      trust_remote_code=trust_remote_code, compile=compile, reference_batch=reference_batch)
+                      trust_remote_code=trust_remote_code, compile=compile, batch_size=batch_size)
     click.echo(jsonlib.dumps(report) if json else format_report(report))
     if not report["lossless"]:
         failing = next(r for r in report.get("by_draft_tokens", {"": report}).values() if not r["lossless"])

@@ -1,0 +1,240 @@
+"""Batched greedy chain speculative decoding: `eagle-pipe eval --batch-size N` decodes N turns together.
+
+On a CPU a verification forward at batch 1 is memory-bound (each round reads every weight for K+1 tokens), so
+N rows verified in one forward cost far less than N forwards. The rows then diverge: each accepts its own
+number of drafts per round. Rather than one cache per row, all rows write the same cache slots, and a slot a
+row did not keep (a draft it rejected, the left padding of a shorter prompt) is a hole that the row's later
+queries never attend: a per-row `kept` mask over the slots becomes the attention mask. RoPE positions are per
+row (its own token count), independent of the slots. After a round the write position moves on by the longest
+accepted run in the batch, so the cache grows by at most K+1 slots per round.
+
+Target side: the model's own forward on transformers' StaticCache (one write position for the batch) with the
+4D mask, which transformers passes through as given, to `ragged_attention`, an attention function registered
+with transformers and switched on for these forwards only: grouped-query heads read their kv head in place and
+only the slots written so far are read (with SDPA, repeating the batch's whole K/V per layer and forward cost
+several times the matmuls). Only targets whose every layer is plain full attention take this path (a sliding
+window or attention sinks would need more than one mask); `BatchedTarget` refuses the others with
+`Unbatchable`, and eval then decodes one turn at a time.
+
+Draft side: eagle/inference.py's `draft_step`, on a RaggedDraftCache (the same holes), exactly as
+`speculative_generate` runs it row by row: step 0 over each row's newly verified positions, steps 1..K-1 from the
+draft's own state, verification of [x_L, d_1..d_K] by `speculative.verify_draft` per row.
+
+Lossless: eval compares each row with the target's own batched greedy `generate()`; a row that differs is rerun
+alone (`speculative_generate` against `greedy_generate`), as for batched references, and counted.
+"""
+from __future__ import annotations
+
+import contextlib
+import time
+
+import torch
+
+from stages.evaluate import speculative
+from stages.evaluate.speculative import SpeculativeResult, TargetWithAux, _finish, _sync
+
+ATTENTION_NAME = "eagle_pipe_ragged"
+
+
+class Unbatchable(ValueError):
+    """The target has layers that one ragged attention mask cannot express."""
+
+
+def ragged_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """transformers' attention-function signature: (B, nH, T, D) queries over the static cache's (B, nKV, S, D)
+    keys/values where `attention_mask` (B, 1, T, L <= S, bool) allows -> (B, T, nH, D)."""
+    from eagle.attention import masked_attention
+
+    if kwargs.get("softcap") is not None or kwargs.get("s_aux") is not None or kwargs.get("sliding_window"):
+        raise Unbatchable("ragged attention runs plain full attention only (no softcap, sinks or window)")
+    used = attention_mask.shape[-1]
+    out = masked_attention(query, key[:, :, :used], value[:, :, :used], attention_mask, scale=scaling)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def _register_attention() -> None:
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(ATTENTION_NAME, ragged_attention)
+
+
+class BatchedTarget(TargetWithAux):
+    """TargetWithAux for B rows on one static cache with holes (see the module docstring).
+
+    new_batch(rows, max_len) empties it; forward(input_ids [B, T], positions [B, T]) writes T slots at the write
+    position, every row keeping them, and returns (logits, aux [B, T, 3*H]); keep_first(counts) then keeps only
+    the first counts[r] of those T entries in row r and moves the write position to just past the longest.
+    """
+
+    def __init__(self, model, aux_layer_ids):
+        from stages.evaluate.static_target import static_full_cache
+
+        config = model.config.get_text_config()
+        if not supports_batched(model):
+            raise Unbatchable(f"{type(model).__name__}: batched speculative decoding needs a static cache whose every "
+                              "layer is full attention, without logit softcapping")
+        super().__init__(model, aux_layer_ids)
+        _register_attention()
+        self._static_full_cache = static_full_cache
+        self._config = config
+        self.cache, self.kept, self.length = None, None, 0
+
+    def new_batch(self, rows: int, max_len: int) -> None:
+        self.cache = self._static_full_cache(self.model.config, max_len)
+        self.kept = torch.zeros(rows, max_len, dtype=torch.bool, device=self.model.device)
+        self.length = 0
+
+    @contextlib.contextmanager
+    def _ragged(self):
+        """The model's attention switched to `ragged_attention` for one forward, then back (the references and
+        the batch-1 path run the model's own)."""
+        config = self.model.config
+        before = config._attn_implementation
+        config._attn_implementation = ATTENTION_NAME
+        try:
+            yield
+        finally:
+            config._attn_implementation = before
+
+    @torch.inference_mode()
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kept: torch.Tensor | None = None,
+                logits_to_keep: int = 0):
+        """kept (B, T) bool: which of the new entries each row keeps (default all: a verification, whose holes
+        `keep_first` makes after it)."""
+        from eagle.attention import ragged_mask
+
+        start, t = self.length, input_ids.shape[1]
+        if start + t > self.kept.shape[1]:
+            raise ValueError(f"target cache overflow: {start} + {t} tokens > {self.kept.shape[1]} slots")
+        if int(self.cache.get_seq_length()) != start:  # the write position of transformers' cache must follow
+            raise RuntimeError(f"target cache at {int(self.cache.get_seq_length())}, expected {start}")
+        self.kept[:, start:start + t] = True if kept is None else kept
+        allowed = ragged_mask(self.kept[:, :start + t], start)
+        self._captured.clear()
+        self._capturing = True
+        try:
+            with self._ragged():
+                out = self.model(input_ids=input_ids, position_ids=positions, attention_mask=allowed,
+                                 use_cache=True, logits_to_keep=logits_to_keep, **{self._cache_kwarg: self.cache})
+        finally:
+            self._capturing = False
+        aux = torch.cat([self._captured[k] for k in self.aux_layer_ids], dim=-1)  # (B, T, 3*H)
+        self._captured.clear()
+        self.length = start + t
+        self.last_write = start
+        return out.logits, aux
+
+    def keep_first(self, counts: torch.Tensor) -> None:
+        """Row r keeps the first counts[r] entries of the last write; the write position moves to the end of the
+        longest kept run (the slots after it are overwritten by the next write)."""
+        start, end = self.last_write, self.length
+        offset = torch.arange(end - start, device=self.kept.device)
+        self.kept[:, start:end] = offset[None] < counts[:, None]
+        keep_to = start + int(counts.max())
+        if end > keep_to:
+            self.cache.crop(-(end - keep_to))
+        self.length = keep_to
+
+
+def supports_batched(model) -> bool:
+    """Whether every layer of the target's static cache is plain full attention (no sliding window, chunked
+    attention or other layer kinds) and its attention has no logit softcapping."""
+    from transformers import StaticCache
+    from transformers.cache_utils import StaticLayer
+
+    from stages.static_cache import supports_static_cache
+
+    config = model.config.get_text_config()
+    if not supports_static_cache(model) or getattr(config, "attn_logit_softcapping", None):
+        return False
+    try:
+        layers = StaticCache(config=model.config, max_cache_len=8).layers
+    except Exception:  # a cache transformers cannot build for this config
+        return False
+    return all(type(layer) is StaticLayer for layer in layers)
+
+
+@torch.inference_mode()
+def speculative_generate_batch(target: BatchedTarget, draft, prompts: list[list[int]], *, max_new_tokens: int,
+                               draft_tokens: int, eos_ids, pad_id: int, device="cpu"
+                               ) -> tuple[list[SpeculativeResult], float]:
+    """Greedy speculative decoding of several prompts at once; per prompt the new tokens and acceptance counts
+    (as `speculative_generate` returns them), and the seconds of the whole batch."""
+    from eagle import inference
+
+    verify = speculative.verify_draft  # looked up per call, so a test can replace it
+    eos_ids = set(eos_ids)
+    K, B = draft_tokens, len(prompts)
+    draft_dtype = next(draft.parameters()).dtype
+    width = max(len(p) for p in prompts)
+    max_len = width + (K + 1) * (max_new_tokens + 1)  # each round keeps >= 1 token of every live row
+    _sync(device)
+    start = time.perf_counter()
+
+    # left padding: every prompt ends at slot width-1, so one logits_to_keep=1 serves all rows
+    ids = torch.full((B, width), pad_id, dtype=torch.long)
+    kept = torch.zeros(B, width, dtype=torch.bool)
+    for r, p in enumerate(prompts):
+        ids[r, width - len(p):] = torch.tensor(p, dtype=torch.long)
+        kept[r, width - len(p):] = True
+    lengths = torch.tensor([len(p) for p in prompts])
+    positions = (torch.arange(width)[None] - (width - lengths)[:, None]).clamp(min=0)  # (B, width) RoPE positions
+    ids, kept, positions = ids.to(device), kept.to(device), positions.to(device)
+    target.new_batch(B, max_len)
+    logits, feats = target.forward(ids, positions, kept, logits_to_keep=1)
+    bonus = logits[:, -1].argmax(-1)                                   # (B,) x_L of every row
+    seqs = [list(p) + [b] for p, b in zip(prompts, bonus.tolist())]
+    results, done = [], []
+    for p, seq in zip(prompts, seqs):
+        tokens, finished = _finish(seq[len(p):], eos_ids, max_new_tokens)
+        results.append(SpeculativeResult(tokens=tokens))
+        done.append(finished)
+
+    dcache = inference.RaggedDraftCache(draft.cfg, B, max_len + K, device=device, dtype=draft_dtype)
+    # step 0 over the prompts: feature f_p with token x_{p+1} at RoPE position p (x_P is the bonus)
+    dcache.keep_next(kept)
+    step_ids = torch.cat([ids[:, 1:], bonus[:, None]], dim=1)
+    d_logits, h = inference.draft_step(draft, dcache, step_ids, feats.to(draft_dtype), positions, fused=False)
+    last = torch.full((B,), width - 1, device=device)                  # each row's last kept step-0 entry
+    L = lengths.to(device)                                              # position of x_L in each row
+    rows = torch.arange(B, device=device)
+    while not all(done):
+        drafted = [draft.draft_to_target(d_logits[rows, last].argmax(-1))]  # (B,) target ids
+        h = h[rows, last][:, None]                                           # (B, 1, H)
+        verified_length = dcache.length
+        for j in range(1, K):
+            d_logits_j, h = inference.draft_step(draft, dcache, drafted[-1][:, None], h, (L - 1 + j)[:, None],
+                                                 fused=True)
+            drafted.append(draft.draft_to_target(d_logits_j[:, -1].argmax(-1)))
+        verify_in = torch.stack([bonus] + drafted, dim=1)                    # (B, K+1): x_L, d_1..d_K
+        t_logits, t_feats = target.forward(verify_in, L[:, None] + torch.arange(K + 1, device=device))
+        proposals = verify_in[:, 1:].tolist()
+        accepted, bonuses = [], []
+        for r in range(B):
+            if done[r]:  # a finished row rides along: it keeps its one token per round, nothing is recorded
+                accepted.append(0)
+                bonuses.append(int(t_logits[r, 0].argmax()))
+                continue
+            a, b = verify(t_logits[r], proposals[r])
+            accepted.append(a)
+            bonuses.append(b)
+            results[r].accepted.append(a)
+            seqs[r] += proposals[r][:a] + [b]
+            results[r].tokens, done[r] = _finish(seqs[r][len(prompts[r]):], eos_ids, max_new_tokens)
+        counts = torch.tensor(accepted, device=device)
+        target.keep_first(counts + 1)                     # x_L and the accepted drafts of each row
+        dcache.crop(verified_length)                      # drop the speculative steps 1..K-1
+        # step 0 over each row's newly verified positions L..L+a: (f_p, x_{p+1}); entries past a are holes
+        top = int(counts.max()) + 1
+        new_tokens = torch.full((B, top), pad_id, dtype=torch.long)
+        for r, a in enumerate(accepted):
+            new_tokens[r, :a + 1] = torch.tensor(proposals[r][:a] + [bonuses[r]], dtype=torch.long)
+        offset = torch.arange(top, device=device)
+        dcache.keep_next(offset[None] <= counts[:, None])
+        d_logits, h = inference.draft_step(draft, dcache, new_tokens.to(device), t_feats[:, :top].to(draft_dtype),
+                                           L[:, None] + offset, fused=False)
+        last = counts
+        L = L + counts + 1
+        bonus = torch.tensor(bonuses, dtype=torch.long, device=device)
+    _sync(device)
+    return results, time.perf_counter() - start
