@@ -6,7 +6,8 @@ Each section of the file holds one stage's options (the same keys as its CLI fla
 `ctx.invoke(stage.command, **options)` and returns its summary dict. Paths the stages share are wired for you
 when a section leaves them out: dump-teacher.data = regenerate.out and regenerate.target = dump-teacher.target
 (with a `regenerate` section); train.teacher_dir = dump-teacher.out; eval.target = dump-teacher.target;
-eval.draft = RUN/export (or export.out); eval.run_dir = RUN.
+eval.draft = RUN/export (or export.out); eval.run_dir = RUN; eval.report = RUN/eval_report.json (eval's whole report:
+per category, per turn, per prompt, timings).
 
 A stage is skipped when its outputs are complete and were made with the same settings:
   regenerate    every shard's done.json was written under a manifest equal to the one these options give;
@@ -70,6 +71,7 @@ def load_sections(path: str) -> dict[str, dict]:
         ev.setdefault("trust_remote_code", True)
     if "out" in train:
         ev.setdefault("run_dir", train["out"])
+        ev.setdefault("report", str(Path(train["out"]) / "eval_report.json"))
         export = sections.get("export")
         if export is not None:
             _wire_export(export, train["out"])
@@ -262,6 +264,7 @@ def run_pipeline(ctx: click.Context, path: str, force: bool = False) -> dict:
         "teacher_dir": dump["out"], "teacher_bytes": dump["bytes"], "teacher_bytes_per_token": dump["bytes_per_token"],
         "training_seconds": _training_seconds(train), "training_steps": train.get("steps"),
         "draft": options["eval"]["draft"], "run_dir": options["train"]["out"],
+        "eval_report": options["eval"].get("report"),
         "acceptance_length": ev["acceptance_length"], "per_position_acceptance": ev["per_position_acceptance"],
         "simulated_acceptance_length": ev["simulated_acceptance_length"], "draft_tokens": ev["draft_tokens"],
         "lossless": ev["lossless"], "tokens_per_s": ev["tokens_per_s"],
@@ -303,6 +306,7 @@ def format_summary(s: dict) -> str:
         ("tokens/s", f"{num(s['tokens_per_s'], '.1f')} speculative, {num(s['baseline_tokens_per_s'], '.1f')} target alone"),
         ("lossless", "yes" if s["lossless"] else "NO"),
         ("draft", s["draft"]),
+        ("eval report", s.get("eval_report") or "-"),
         ("stages", ", ".join(f"{k} {v}" for k, v in s["stages"].items())),
         ("total", f"{s['seconds']:.1f} s"),
     ]

@@ -7,6 +7,7 @@ batched target against a plain HF forward of each row's kept tokens; the batched
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -214,17 +215,20 @@ def test_a_batched_row_that_differs_is_decided_alone(tiny_llama, random_draft, p
     assert report["lossless"] is True and report["timing"]["rerun_alone"] == report["num_turns"]
 
 
-def test_broken_verifier_is_caught_batched(tiny_llama, random_draft, prompts_file, monkeypatch):
+def test_broken_verifier_is_caught_batched(tiny_llama, random_draft, prompts_file, monkeypatch, tmp_path):
     import stages.evaluate.speculative as spec
 
     def accept_everything(logits, draft_ids):  # wrong: never compares with the target
         return len(draft_ids), int(logits[-1].argmax())
 
     monkeypatch.setattr(spec, "verify_draft", accept_everything)
+    saved = tmp_path / "reports" / "eval.json"
     code, output, report = run_eval("--target", tiny_llama, "--draft", random_draft, "--data", prompts_file,
-                                    "--max-new-tokens", 16, "--json", "--no-compile", "--batch-size", 4)
+                                    "--max-new-tokens", 16, "--json", "--no-compile", "--batch-size", 4,
+                                    "--report", saved)
     assert code == 2 and report["lossless"] is False
     assert "differs from the target's greedy generate()" in output
+    assert json.loads(saved.read_text()) == report  # --report: written before the failed check exits
 
 
 def test_unbatchable_target_and_the_deprecated_flag(tiny_llama, random_draft, prompts_file, monkeypatch):

@@ -66,6 +66,9 @@ def test_run_completes_end_to_end_then_skips_finished_stages(demo):
     assert summary["per_category"]["chat"]["acceptance_length"] == pytest.approx(summary["acceptance_length"])
     assert set(summary["stage_seconds"]) == {"dump-teacher", "train", "eval"}
     assert summary["final_eval"]["eval_acceptance_length"] >= 1.0
+    report = json.loads(Path(summary["eval_report"]).read_text())  # eval's whole report, beside the run
+    assert summary["eval_report"] == "work/run/eval_report.json"
+    assert report["acceptance_length"] == summary["acceptance_length"] and len(report["per_prompt"]) == len(EVAL)
     assert "acceptance length" in output and "lossless" in output  # the readable summary precedes the JSON
 
     weights = (Path("work/run/export") / "model.safetensors").read_bytes()

@@ -280,25 +280,27 @@ def evaluate(target: str, draft: str, data, *, num_prompts=32, max_new_tokens=12
         if static:
             try:
                 return StaticTarget(model, drafter.cfg.aux_layer_ids, length,
-                                    compiled_tokens=[k + 1 for k in ks] if compile else ())
+                                    compiled_tokens=[k + 1 for k in ks] if one_at_a_time_compiled else ())
             except UncroppableCache:  # e.g. linear-attention layers: the dynamic cache, cropped per round
                 pass
         return TargetWithAux(model, drafter.cfg.aux_layer_ids)
 
     try:
-        target_aux = make_target(cache_len)
         batched_target = None
         if batch_size > 1:
             try:
                 batched_target = BatchedTarget(model, drafter.cfg.aux_layer_ids)
             except Unbatchable:  # sliding windows, softcapping...: the speculative runs go one turn at a time
                 pass
+        # batched, the batch-1 path only decides the rare turns whose batched outputs differ: not worth a compile
+        one_at_a_time_compiled = bool(compile and static and batched_target is None)
+        target_aux = make_target(cache_len)
     except ValueError as e:  # no text decoder found, or aux ids outside it: one line naming the target
         raise StageError(f"{target}: {e}") from None
     # the greedy reference is transformers' own generate() on its default dynamic cache: the most independent
     # reference, and on the CPUs measured a static cache with a compiled decode step was no faster at batch 1
     # and slower batched (README, regenerate's Measured)
-    engine = {"static_cache": isinstance(target_aux, StaticTarget), "compile": bool(compile and static),
+    engine = {"static_cache": isinstance(target_aux, StaticTarget), "compile": one_at_a_time_compiled,
               "cache_length": cache_len if static else None, "batch_size": batch_size,
               "batched_speculative": batched_target is not None}
 
@@ -311,29 +313,29 @@ def evaluate(target: str, draft: str, data, *, num_prompts=32, max_new_tokens=12
             engine["cache_length"] = bucket(needed)
             target_aux = make_target(engine["cache_length"])
 
-    def alone(ids: list[int]):
+    def alone(ids: list[int], new_tokens: int = max_new_tokens):
         """One turn by itself: the reference (seconds) and the speculative run of each K (batch 1)."""
         fit(ids)
-        reference = greedy_generate(model, ids, max_new_tokens=max_new_tokens, eos_ids=eos_ids, pad_id=pad_id,
+        reference = greedy_generate(model, ids, max_new_tokens=new_tokens, eos_ids=eos_ids, pad_id=pad_id,
                                     device=device)
-        return reference, {k: speculative_generate(target_aux, drafter, ids, max_new_tokens=max_new_tokens,
+        return reference, {k: speculative_generate(target_aux, drafter, ids, max_new_tokens=new_tokens,
                                                    draft_tokens=k, eos_ids=eos_ids, device=device) for k in ks}
 
-    def together(prompts: list[list[int]]):
+    def together(prompts: list[list[int]], new_tokens: int = max_new_tokens):
         """Several turns at once: batched references, and batched speculative runs (one turn at a time for a
         target that cannot batch them). Per turn (reference, None) and {K: result}; the seconds of each part."""
-        rows, ref_seconds = greedy_generate_batch(model, prompts, max_new_tokens=max_new_tokens, eos_ids=eos_ids,
+        rows, ref_seconds = greedy_generate_batch(model, prompts, max_new_tokens=new_tokens, eos_ids=eos_ids,
                                                   pad_id=pad_id, device=device)
         specs, spec_seconds = {}, {}
         for k in ks:
             if batched_target is not None:
                 specs[k], spec_seconds[k] = speculative_generate_batch(
-                    batched_target, drafter, prompts, max_new_tokens=max_new_tokens, draft_tokens=k,
+                    batched_target, drafter, prompts, max_new_tokens=new_tokens, draft_tokens=k,
                     eos_ids=eos_ids, pad_id=pad_id, device=device)
             else:
                 for ids in prompts:
                     fit(ids)
-                specs[k] = [speculative_generate(target_aux, drafter, ids, max_new_tokens=max_new_tokens,
+                specs[k] = [speculative_generate(target_aux, drafter, ids, max_new_tokens=new_tokens,
                                                  draft_tokens=k, eos_ids=eos_ids, device=device) for ids in prompts]
                 spec_seconds[k] = sum(spec.seconds for spec in specs[k])
         turns = [((row, None), {k: specs[k][n] for k in ks}) for n, row in enumerate(rows)]
@@ -343,9 +345,9 @@ def evaluate(target: str, draft: str, data, *, num_prompts=32, max_new_tokens=12
         # warm-up outside the timings (first-call allocations, lazy inits, and the compiles)
         started = time.perf_counter()
         warm = render_prompt(tokenizer, questions[0].conversation([]), questions[0].where)
-        alone(warm[:])  # noqa: the outputs are discarded
+        alone(warm, new_tokens=2)
         if batch_size > 1:
-            together([warm] * min(batch_size, len(questions)))
+            together([warm] * min(batch_size, len(questions)), new_tokens=2)
         warmup_seconds = time.perf_counter() - started
         runs = {k: [] for k in ks}
         mismatches = {k: [] for k in ks}
@@ -538,6 +540,14 @@ def _group_table(title: str, groups: dict[str, dict]) -> list[str]:
             for row in [header, *rows]]
 
 
+def write_report(report: dict, path: Path) -> None:
+    """The JSON report, written whole or not at all (a temporary file renamed over the target)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(jsonlib.dumps(report, indent=1) + "\n")
+    partial.replace(path)
+
+
 @click.command("eval")
 @click.option("--target", required=True, help="Target model: a local Hugging Face directory or hub id.")
 @click.option("--draft", required=True, type=click.Path(file_okay=False),
@@ -556,6 +566,8 @@ def _group_table(title: str, groups: dict[str, dict]) -> list[str]:
 @click.option("--run-dir", type=click.Path(file_okay=False),
               help="Train run directory: also report the simulated acceptance length from its metrics.")
 @click.option("--json", "json", is_flag=True, help="Print one JSON object instead of the table.")
+@click.option("--report", type=click.Path(dir_okay=False),
+              help="Also write the full JSON report to this file (written before a failed lossless check exits).")
 @click.option("--trust-remote-code", is_flag=True, help="Allow the target's own modelling code (only if you trust it).")
 @click.option("--batch-size", type=click.IntRange(min=1), default=1,
               help="Decode N questions at a time: the greedy references (one batched generate() per turn) and the "
@@ -567,18 +579,20 @@ def _group_table(title: str, groups: dict[str, dict]) -> list[str]:
               help="Compile the batch-1 speculative run's K+1-token verification step on its static KV cache "
                    "(once per K; same tokens). The greedy reference is always transformers' plain generate().")
 def command(target, draft, data, num_prompts, max_new_tokens, draft_tokens, dtype, device, run_dir, json,
-            trust_remote_code, batch_size, reference_batch, compile):
+            report, trust_remote_code, batch_size, reference_batch, compile):
     """Measure acceptance length with real speculative decoding; check it is lossless against generate()."""
     if reference_batch is not None:
         click.echo("eval: --reference-batch / reference_batch is deprecated; it now means --batch-size "
                    "(the speculative runs are batched too)", err=True)
         batch_size = reference_batch
-    report = evaluate(target, draft, list(data), num_prompts=num_prompts, max_new_tokens=max_new_tokens,
+    result = evaluate(target, draft, list(data), num_prompts=num_prompts, max_new_tokens=max_new_tokens,
                       draft_tokens=draft_tokens, dtype=dtype, device=device, run_dir=run_dir,
                       trust_remote_code=trust_remote_code, compile=compile, batch_size=batch_size)
-    click.echo(jsonlib.dumps(report) if json else format_report(report))
-    if not report["lossless"]:
-        failing = next(r for r in report.get("by_draft_tokens", {"": report}).values() if not r["lossless"])
+    if report:
+        write_report(result, Path(report))
+    click.echo(jsonlib.dumps(result) if json else format_report(result))
+    if not result["lossless"]:
+        failing = next(r for r in result.get("by_draft_tokens", {"": result}).values() if not r["lossless"])
         first = failing["mismatches"][0]
         turn = "" if first["turn"] == 1 else f", turn {first['turn']}"
         raise StageError(
@@ -586,4 +600,4 @@ def command(target, draft, data, num_prompts, max_new_tokens, draft_tokens, dtyp
             f"prompt {first['prompt']} "
             f"({first['where']}{turn}) differs from the target's greedy generate() at new token "
             f"{first['first_difference']}")
-    return report
+    return result
