@@ -45,9 +45,10 @@ def test_ragged_mask_written_out():
                                       [False, True, True, False, True]]   # ...and never attended later
 
 
-def test_masked_attention_equals_sdpa_on_repeated_kv_heads():
+def test_masked_attention_equals_sdpa_on_repeated_kv_heads(monkeypatch):
     import torch.nn.functional as F
 
+    from eagle import attention
     from eagle.attention import masked_attention, ragged_mask, repeat_kv
 
     g = torch.Generator().manual_seed(0)
@@ -58,6 +59,8 @@ def test_masked_attention_equals_sdpa_on_repeated_kv_heads():
     got = masked_attention(q, k, v, allowed, scale=0.3)
     want = F.scaled_dot_product_attention(q, repeat_kv(k, 6), repeat_kv(v, 6), attn_mask=allowed, scale=0.3)
     torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    monkeypatch.setattr(attention, "MASKED_QUERY_CHUNK", 3)  # long prefills go in query blocks: same result
+    torch.testing.assert_close(masked_attention(q, k, v, allowed, scale=0.3), want, rtol=1e-12, atol=1e-12)
 
 
 def test_ragged_draft_cache_equals_each_row_alone_without_its_holes():
