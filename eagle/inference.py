@@ -49,15 +49,20 @@ class DraftCache:
             raise ValueError(f"cannot crop a draft cache of length {self.length} to {length}")
         self.length = length
 
-    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """Write k/v (B, nKV, T, D) at slots length..length+T-1, attend causally to all filled slots."""
+    def write(self, k: torch.Tensor, v: torch.Tensor) -> int:
+        """Write k/v (B, nKV, T, D) at slots length..length+T-1; returns the first of them."""
         start, t = self.length, k.shape[2]
         if start + t > self.max_len:
             raise ValueError(f"draft cache overflow: {start} + {t} tokens > max_len {self.max_len}")
         self.k[:, :, start:start + t] = k
         self.v[:, :, start:start + t] = v
         self.length = start + t
-        return cached_attention(q, self.k[:, :, :start + t], self.v[:, :, :start + t], start)
+        return start
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Write k/v at the next slots, attend causally to all filled slots."""
+        start = self.write(k, v)
+        return cached_attention(q, self.k[:, :, :self.length], self.v[:, :, :self.length], start)
 
 
 class RaggedDraftCache(DraftCache):
@@ -78,16 +83,11 @@ class RaggedDraftCache(DraftCache):
         self._next_kept = kept
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        start, t = self.length, k.shape[2]
-        if start + t > self.max_len:
-            raise ValueError(f"draft cache overflow: {start} + {t} tokens > max_len {self.max_len}")
-        self.k[:, :, start:start + t] = k
-        self.v[:, :, start:start + t] = v
-        self.kept[:, start:start + t] = True if self._next_kept is None else self._next_kept
+        start = self.write(k, v)
+        self.kept[:, start:self.length] = True if self._next_kept is None else self._next_kept
         self._next_kept = None
-        self.length = start + t
-        allowed = ragged_mask(self.kept[:, :start + t], start)
-        return masked_attention(q, self.k[:, :, :start + t], self.v[:, :, :start + t], allowed)
+        allowed = ragged_mask(self.kept[:, :self.length], start)
+        return masked_attention(q, self.k[:, :, :self.length], self.v[:, :, :self.length], allowed)
 
 
 @torch.no_grad()

@@ -8,27 +8,15 @@ batched target against a plain HF forward of each row's kept tokens; the batched
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
 
 from draft_testing import random_draft as random_eagle, tiny_cfg
-from test_evaluate import make_random_draft, prompts_file, run_eval  # noqa: F401 (fixture)
+from test_eval_static import random_draft, target  # noqa: F401 (fixtures: the tiny Llama, a random draft)
+from test_evaluate import prompts_file, run_eval  # noqa: F401 (fixture)
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-
-@pytest.fixture(scope="module")
-def target(tiny_llama):
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32).eval()
-
-
-@pytest.fixture(scope="module")
-def random_draft(tiny_llama, tmp_path_factory) -> Path:
-    return make_random_draft(tiny_llama, tmp_path_factory.mktemp("random_draft") / "export")
 
 
 # ----------------------------------------------------------------------------------------------- attention
