@@ -32,6 +32,7 @@ import torch
 
 from stages.evaluate import speculative
 from stages.evaluate.speculative import SpeculativeResult, TargetWithAux, _finish, _sync
+from stages.evaluate.static_target import static_full_cache
 
 ATTENTION_NAME = "eagle_pipe_ragged"
 
@@ -67,20 +68,15 @@ class BatchedTarget(TargetWithAux):
     """
 
     def __init__(self, model, aux_layer_ids):
-        from stages.evaluate.static_target import static_full_cache
-
-        config = model.config.get_text_config()
         if not supports_batched(model):
             raise Unbatchable(f"{type(model).__name__}: batched speculative decoding needs a static cache whose every "
                               "layer is full attention, without logit softcapping")
         super().__init__(model, aux_layer_ids)
         _register_attention()
-        self._static_full_cache = static_full_cache
-        self._config = config
-        self.cache, self.kept, self.length = None, None, 0
+        self.cache, self.kept, self.length, self.last_write = None, None, 0, 0
 
     def new_batch(self, rows: int, max_len: int) -> None:
-        self.cache = self._static_full_cache(self.model.config, max_len)
+        self.cache = static_full_cache(self.model.config, max_len)
         self.kept = torch.zeros(rows, max_len, dtype=torch.bool, device=self.model.device)
         self.length = 0
 

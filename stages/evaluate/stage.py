@@ -514,8 +514,10 @@ def _format_one(r: dict) -> str:
         ("speedup", _speedup(r["speedup"])),
         ("seconds per turn", f"{_fmt(t['seconds_per_turn'], '.2f')} speculative, "
                              f"{_fmt(t['baseline_seconds_per_turn'], '.2f')} target alone"),
-        ("ms per target forward", f"{_fmt(t['seconds_per_target_forward'] and 1e3 * t['seconds_per_target_forward'], '.1f')} "
-                                  f"speculative, {_fmt(t['baseline_seconds_per_token'] and 1e3 * t['baseline_seconds_per_token'], '.1f')} target alone"),
+        *([("ms per target forward",
+             f"{_fmt(t['seconds_per_target_forward'] and 1e3 * t['seconds_per_target_forward'], '.1f')} speculative, "
+             f"{_fmt(t['baseline_seconds_per_token'] and 1e3 * t['baseline_seconds_per_token'], '.1f')} target alone")]
+          if r["batch_size"] == 1 else []),  # batched, one forward serves several turns
         ("warm-up (compile)", f"{t['warmup_seconds']:.1f} s"),
         ("lossless", "yes" if r["lossless"] else f"NO ({len(r['mismatches'])} prompt(s) differ)"),
     ]
