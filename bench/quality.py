@@ -73,6 +73,8 @@ def parse_args(argv=None):
                         "category, so --num-prompts alone would keep only its first categories)")
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--draft-tokens", type=int, default=None, help="eval K (default: --ttt-steps)")
+    p.add_argument("--eval-batch-size", type=int, default=40,
+                   help="turns eval decodes together (`eval --batch-size`; the accepted counts equal batch 1's)")
     p.add_argument("--trainers", default="eagle-pipe,modelopt,speculators")
     p.add_argument("--modelopt-python", default=str(REPO / ".venv-modelopt/bin/python"))
     p.add_argument("--speculators-python", default=str(REPO / ".venv-speculators/bin/python"))
@@ -201,7 +203,7 @@ def evaluate(a, work: Path, name: str, draft_dir: str, bench: str, num_prompts: 
         return json.loads(cache.read_text())
     cmd = [sys.executable, "-m", "stages.cli", "eval", "--target", a.target, "--draft", draft_dir, "--data", bench,
            "--num-prompts", str(num_prompts), "--max-new-tokens", str(a.max_new_tokens), "--draft-tokens", str(k),
-           "--dtype", "float32", "--json"]
+           "--dtype", "float32", "--batch-size", str(a.eval_batch_size), "--json"]
     rc, rep = run_json(cmd, work / "logs" / f"eval-{name}-{tag}.log", project_env(a.threads))
     if rep is None:
         logfile = work / "logs" / f"eval-{name}-{tag}.log"
