@@ -18,6 +18,7 @@ API:
         def __init__(self, cfg, batch_size: int, max_len: int, device=None, dtype=torch.float32)
         length: int                     # number of filled positions
         def crop(self, length: int)     # discard entries at positions >= length
+        def keep_rows(self, rows)       # keep only these batch rows (eval drops finished turns)
     @torch.no_grad()
     def draft_step(model, cache, input_ids, hidden, positions, fused: bool) -> tuple[Tensor, Tensor]
         # input_ids int64 [B, T] tokens at cache positions cache.length..+T (the positions given in `positions`)
@@ -48,6 +49,10 @@ class DraftCache:
         if not 0 <= length <= self.length:
             raise ValueError(f"cannot crop a draft cache of length {self.length} to {length}")
         self.length = length
+
+    def keep_rows(self, rows: torch.Tensor) -> None:
+        """Keep only these rows (indices into the batch), in this order."""
+        self.k, self.v = self.k[rows], self.v[rows]
 
     def write(self, k: torch.Tensor, v: torch.Tensor) -> int:
         """Write k/v (B, nKV, T, D) at slots length..length+T-1; returns the first of them."""
@@ -81,6 +86,10 @@ class RaggedDraftCache(DraftCache):
     def keep_next(self, kept: torch.Tensor) -> None:
         """kept (B, T) bool: which entries of the next write of T tokens each row keeps."""
         self._next_kept = kept
+
+    def keep_rows(self, rows: torch.Tensor) -> None:
+        super().keep_rows(rows)
+        self.kept = self.kept[rows]
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         start = self.write(k, v)

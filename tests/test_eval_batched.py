@@ -167,6 +167,38 @@ def test_batched_loop_equals_one_prompt_at_a_time(target, random_draft):
         alone.remove(), batched.remove()
 
 
+def test_finished_rows_leave_the_batch_and_change_nothing(target, random_draft, monkeypatch):
+    """An eos that one prompt's greedy answer reaches early: its row finishes first and leaves the batch (the caches
+    keep the other rows, in order); every prompt still gets what it gets alone."""
+    from eagle.export import load_draft
+    from stages.evaluate import batched as batched_mod
+    from stages.evaluate.batched import BatchedTarget, speculative_generate_batch
+    from stages.evaluate.speculative import TargetWithAux, greedy_generate, speculative_generate
+
+    draft = load_draft(random_draft, embed_weight=target.get_input_embeddings().weight.detach())
+    g = torch.Generator().manual_seed(5)
+    prompts = [torch.randint(3, 50, (n,), generator=g).tolist() for n in (8, 15, 4, 11, 6)]
+    first = greedy_generate(target, prompts[0], max_new_tokens=24, eos_ids=[], pad_id=0)[0]
+    eos = [first[2]]  # prompt 0 stops after at most 3 new tokens; the others whenever they meet that token
+    monkeypatch.setattr(batched_mod, "LEAVE_FRACTION", 100)  # a row leaves as soon as it finishes
+    alone, batched = TargetWithAux(target, draft.cfg.aux_layer_ids), BatchedTarget(target, draft.cfg.aux_layer_ids)
+    sizes = []
+    keep_rows = BatchedTarget.keep_rows
+    monkeypatch.setattr(BatchedTarget, "keep_rows", lambda self, rows: (sizes.append(len(rows)),
+                                                                         keep_rows(self, rows)))
+    try:
+        got, _ = speculative_generate_batch(batched, draft, prompts, max_new_tokens=24, draft_tokens=3,
+                                            eos_ids=eos, pad_id=0)
+        want = [speculative_generate(alone, draft, p, max_new_tokens=24, draft_tokens=3, eos_ids=eos)
+                for p in prompts]
+    finally:
+        alone.remove(), batched.remove()
+    assert sizes and sizes[0] < len(prompts) and sizes == sorted(sizes, reverse=True)
+    assert [r.tokens for r in got] == [r.tokens for r in want]
+    assert [r.accepted for r in got] == [r.accepted for r in want]
+    assert len(got[0].tokens) <= 3 and got[0].tokens[-1] == eos[0]
+
+
 # ----------------------------------------------------------------------------------------------- the command
 def test_batch_size_reports_what_batch_one_reports(tiny_llama, random_draft, prompts_file, target):
     """--batch-size 3: the same turns, acceptances and losslessness as --batch-size 1, with speeds measured

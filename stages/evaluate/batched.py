@@ -6,7 +6,8 @@ number of drafts per round. Rather than one cache per row, all rows write the sa
 row did not keep (a draft it rejected, the left padding of a shorter prompt) is a hole that the row's later
 queries never attend: a per-row `kept` mask over the slots becomes the attention mask. RoPE positions are per
 row (its own token count), independent of the slots. After a round the write position moves on by the longest
-accepted run in the batch, so the cache grows by at most K+1 slots per round.
+accepted run in the batch, so the cache grows by at most K+1 slots per round. Finished rows ride along (one
+kept token per round) until enough of them have finished; then they leave the batch (`keep_rows` on both caches).
 
 Target side: the model's own forward on transformers' StaticCache (one write position for the batch) with the
 4D mask, which transformers passes through as given, to `ragged_attention`, an attention function registered
@@ -35,6 +36,7 @@ from stages.evaluate.speculative import SpeculativeResult, TargetWithAux, _finis
 from stages.evaluate.static_target import static_full_cache
 
 ATTENTION_NAME = "eagle_pipe_ragged"
+LEAVE_FRACTION = 8  # finished rows leave the batch once they are 1/8 of it (each leave copies every cache row)
 
 
 class Unbatchable(ValueError):
@@ -120,6 +122,13 @@ class BatchedTarget(TargetWithAux):
         self.last_write = start
         return out.logits, aux
 
+    def keep_rows(self, rows: torch.Tensor) -> None:
+        """Keep only these rows (indices into the batch), in this order: finished turns leave the batch."""
+        for layer in self.cache.layers:
+            layer.keys, layer.values = layer.keys[rows], layer.values[rows]
+            layer.batch_size = len(rows)
+        self.kept = self.kept[rows]
+
     def keep_first(self, counts: torch.Tensor) -> None:
         """Row r keeps the first counts[r] entries of the last write; the write position moves to the end of the
         longest kept run (the slots after it are overwritten by the next write)."""
@@ -193,36 +202,37 @@ def speculative_generate_batch(target: BatchedTarget, draft, prompts: list[list[
     d_logits, h = inference.draft_step(draft, dcache, step_ids, feats.to(draft_dtype), positions, fused=False)
     last = torch.full((B,), width - 1, device=device)                  # each row's last kept step-0 entry
     L = lengths.to(device)                                              # position of x_L in each row
-    rows = torch.arange(B, device=device)
+    order = list(range(B))                                              # the prompt of each batch row
     while not all(done):
-        drafted = [draft.draft_to_target(d_logits[rows, last].argmax(-1))]  # (B,) target ids
-        h = h[rows, last][:, None]                                           # (B, 1, H)
+        rows = torch.arange(len(order), device=device)
+        drafted = [draft.draft_to_target(d_logits[rows, last].argmax(-1))]  # (rows,) target ids
+        h = h[rows, last][:, None]                                           # (rows, 1, H)
         verified_length = dcache.length
         for j in range(1, K):
             d_logits_j, h = inference.draft_step(draft, dcache, drafted[-1][:, None], h, (L - 1 + j)[:, None],
                                                  fused=True)
             drafted.append(draft.draft_to_target(d_logits_j[:, -1].argmax(-1)))
-        verify_in = torch.stack([bonus] + drafted, dim=1)                    # (B, K+1): x_L, d_1..d_K
+        verify_in = torch.stack([bonus] + drafted, dim=1)                    # (rows, K+1): x_L, d_1..d_K
         t_logits, t_feats = target.forward(verify_in, L[:, None] + torch.arange(K + 1, device=device))
         proposals = verify_in[:, 1:].tolist()
         accepted, bonuses = [], []
-        for r in range(B):
-            if done[r]:  # a finished row rides along: it keeps its one token per round, nothing is recorded
+        for r, i in enumerate(order):
+            if done[i]:  # a finished row rides along until it leaves: one token per round, nothing recorded
                 accepted.append(0)
                 bonuses.append(int(t_logits[r, 0].argmax()))
                 continue
             a, b = verify(t_logits[r], proposals[r])
             accepted.append(a)
             bonuses.append(b)
-            results[r].accepted.append(a)
-            seqs[r] += proposals[r][:a] + [b]
-            results[r].tokens, done[r] = _finish(seqs[r][len(prompts[r]):], eos_ids, max_new_tokens)
+            results[i].accepted.append(a)
+            seqs[i] += proposals[r][:a] + [b]
+            results[i].tokens, done[i] = _finish(seqs[i][len(prompts[i]):], eos_ids, max_new_tokens)
         counts = torch.tensor(accepted, device=device)
         target.keep_first(counts + 1)                     # x_L and the accepted drafts of each row
         dcache.crop(verified_length)                      # drop the speculative steps 1..K-1
         # step 0 over each row's newly verified positions L..L+a: (f_p, x_{p+1}); entries past a are holes
         top = int(counts.max()) + 1
-        new_tokens = torch.full((B, top), pad_id, dtype=torch.long)
+        new_tokens = torch.full((len(order), top), pad_id, dtype=torch.long)
         for r, a in enumerate(accepted):
             new_tokens[r, :a + 1] = torch.tensor(proposals[r][:a] + [bonuses[r]], dtype=torch.long)
         offset = torch.arange(top, device=device)
@@ -232,5 +242,14 @@ def speculative_generate_batch(target: BatchedTarget, draft, prompts: list[list[
         last = counts
         L = L + counts + 1
         bonus = torch.tensor(bonuses, dtype=torch.long, device=device)
+        live = [r for r, i in enumerate(order) if not done[i]]
+        if live and len(order) - len(live) >= max(1, len(order) // LEAVE_FRACTION):
+            # finished rows leave: every later forward costs rows x tokens, and copying the caches is cheap
+            # next to it once enough rows have finished
+            keep = torch.tensor(live, device=device)
+            target.keep_rows(keep)
+            dcache.keep_rows(keep)
+            d_logits, h, last, L, bonus = d_logits[keep], h[keep], last[keep], L[keep], bonus[keep]
+            order = [order[r] for r in live]
     _sync(device)
     return results, time.perf_counter() - start
