@@ -180,7 +180,7 @@ def test_finished_rows_leave_the_batch_and_change_nothing(target, random_draft, 
     prompts = [torch.randint(3, 50, (n,), generator=g).tolist() for n in (8, 15, 4, 11, 6)]
     first = greedy_generate(target, prompts[0], max_new_tokens=24, eos_ids=[], pad_id=0)[0]
     eos = [first[2]]  # prompt 0 stops after at most 3 new tokens; the others whenever they meet that token
-    monkeypatch.setattr(batched_mod, "LEAVE_FRACTION", 100)  # a row leaves as soon as it finishes
+    assert batched_mod.FINISHED_ROWS_LEAVE  # the default: a row leaves as soon as it finishes
     alone, batched = TargetWithAux(target, draft.cfg.aux_layer_ids), BatchedTarget(target, draft.cfg.aux_layer_ids)
     sizes = []
     keep_rows = BatchedTarget.keep_rows
@@ -266,3 +266,26 @@ def test_unbatchable_target_and_the_deprecated_flag(tiny_llama, random_draft, pr
     assert "--reference-batch / reference_batch is deprecated" in output
     assert report["batch_size"] == 2 and report["timing"]["batched_speculative"] is False
     assert report["lossless"] is True and report["timing"]["rerun_alone"] == 0
+
+
+# ----------------------------------------------------------------------------------------------- the bench
+def test_eval_batch_bench_counts_the_rows_it_computes(tiny_llama, random_draft, prompts_file, capsys):
+    """bench/eval_batch.py: every arm decodes the same tokens; with rows leaving, fewer row-rounds are computed
+    for the same used ones, and never fewer than used."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "bench" / "eval_batch.py"
+    spec = importlib.util.spec_from_file_location("eval_batch_bench", path)
+    bench = importlib.util.module_from_spec(spec)
+    sys.modules.setdefault("eval_batch_bench", bench)
+    spec.loader.exec_module(bench)
+    report = bench.main(["--target", str(tiny_llama), "--draft", str(random_draft), "--data", str(prompts_file),
+                         "--batch-size", "4", "--max-new-tokens", "12", "--arms", "stay,leave"])
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == report
+    stay, leave = report["arms"]
+    assert stay["new_tokens"] == leave["new_tokens"] and stay["row_rounds_used"] == leave["row_rounds_used"]
+    assert stay["row_rounds"] == stay["rounds"] * report["batch_size"]
+    assert leave["row_rounds_used"] <= leave["row_rounds"] <= stay["row_rounds"]
+    assert report["prompt_tokens"] <= report["padded_prompt_tokens"]

@@ -6,8 +6,8 @@ number of drafts per round. Rather than one cache per row, all rows write the sa
 row did not keep (a draft it rejected, the left padding of a shorter prompt) is a hole that the row's later
 queries never attend: a per-row `kept` mask over the slots becomes the attention mask. RoPE positions are per
 row (its own token count), independent of the slots. After a round the write position moves on by the longest
-accepted run in the batch, so the cache grows by at most K+1 slots per round. Finished rows ride along (one
-kept token per round) until enough of them have finished; then they leave the batch (`keep_rows` on both caches).
+accepted run in the batch, so the cache grows by at most K+1 slots per round. A row that finishes leaves the
+batch after its round (`keep_rows` on both caches), so later forwards compute only rows still decoding.
 
 Target side: the model's own forward on transformers' StaticCache (one write position for the batch) with the
 4D mask, which transformers passes through as given, to `ragged_attention`, an attention function registered
@@ -36,7 +36,7 @@ from stages.evaluate.speculative import SpeculativeResult, TargetWithAux, _finis
 from stages.evaluate.static_target import static_full_cache
 
 ATTENTION_NAME = "eagle_pipe_ragged"
-LEAVE_FRACTION = 8  # finished rows leave the batch once they are 1/8 of it (each leave copies every cache row)
+FINISHED_ROWS_LEAVE = True  # False: they ride along to the end of the batch (bench/eval_batch.py compares)
 
 
 class Unbatchable(ValueError):
@@ -217,7 +217,7 @@ def speculative_generate_batch(target: BatchedTarget, draft, prompts: list[list[
         proposals = verify_in[:, 1:].tolist()
         accepted, bonuses = [], []
         for r, i in enumerate(order):
-            if done[i]:  # a finished row rides along until it leaves: one token per round, nothing recorded
+            if done[i]:  # a finished row that stays (FINISHED_ROWS_LEAVE off): one token per round, unrecorded
                 accepted.append(0)
                 bonuses.append(int(t_logits[r, 0].argmax()))
                 continue
@@ -243,9 +243,8 @@ def speculative_generate_batch(target: BatchedTarget, draft, prompts: list[list[
         L = L + counts + 1
         bonus = torch.tensor(bonuses, dtype=torch.long, device=device)
         live = [r for r, i in enumerate(order) if not done[i]]
-        if live and len(order) - len(live) >= max(1, len(order) // LEAVE_FRACTION):
-            # finished rows leave: every later forward costs rows x tokens, and copying the caches is cheap
-            # next to it once enough rows have finished
+        if FINISHED_ROWS_LEAVE and live and len(live) < len(order):
+            # a forward costs about rows x tokens; copying the caches' rows costs far less (bench/eval_batch.py)
             keep = torch.tensor(live, device=device)
             target.keep_rows(keep)
             dcache.keep_rows(keep)

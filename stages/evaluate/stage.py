@@ -404,7 +404,7 @@ def evaluate(target: str, draft: str, data, *, num_prompts=32, max_new_tokens=12
                         totals["reference_tokens"] += len(reference)
                     # the next turn follows the target's own answer (equal to the speculative one when lossless)
                     answers[i].append(answer_text(tokenizer, reference, eos_ids))
-                    progress.update()
+                progress.update(len(active))  # batched, a whole group's turns at once (so the bar's rate is right)
         for k in ks:  # question order, then turn order, whatever the batching
             runs[k].sort(key=lambda r: (r["question"], r["turn"]))
             mismatches[k].sort(key=lambda m: (m["prompt"], m["turn"]))

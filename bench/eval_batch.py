@@ -1,0 +1,95 @@
+"""Batched speculative decoding (`eagle-pipe eval --batch-size N`): where a batch's time goes; prints JSON.
+
+    python bench/eval_batch.py --target work/smollm2/target --draft work/smollm2/run/export \\
+        --data mt_bench_question.jsonl --batch-size 40 --arms stay,leave
+
+The first N questions' first turns, rendered with the chat template, decoded together by
+`stages.evaluate.batched.speculative_generate_batch` (greedy, K draft tokens, up to --max-new-tokens), once per
+arm, all in one process: `stay` keeps finished rows in the batch to its end (one kept token per round), `leave`
+(eval's default, `FINISHED_ROWS_LEAVE`) drops each row after the round it finishes. Every arm decodes the same
+tokens (checked). Per arm: `seconds`, `rounds` (verification forwards), `row_rounds` (rows
+computed, summed over rounds) and `row_rounds_used` (rounds of rows that were still decoding), and the
+`prefill_s` of the batch (left-padded prompts: `padded_prompt_tokens` computed for `prompt_tokens` real ones),
+timed once as a run of one new token.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--target", required=True, help="HF directory of the target")
+    p.add_argument("--draft", required=True, help="exported draft directory")
+    p.add_argument("--data", required=True, help="question file (MT-bench question.jsonl or any eval format)")
+    p.add_argument("--batch-size", type=int, default=40)
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--draft-tokens", type=int, default=3)
+    p.add_argument("--arms", default="stay,leave", help="comma-separated: stay, leave (each may repeat)")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> dict:
+    a = parse_args(argv)
+    import torch
+
+    import stages.evaluate.batched as batched
+    from stages.evaluate.stage import eos_token_ids, load_draft_for, load_prompts, load_target, render_prompt
+
+    model, tokenizer = load_target(a.target, torch.float32, "cpu", trust_remote_code=False)
+    draft = load_draft_for(model, a.draft, "cpu")
+    questions, _ = load_prompts([a.data], tokenizer, a.batch_size)
+    prompts = [render_prompt(tokenizer, q.conversation([]), q.where) for q in questions]
+    eos = eos_token_ids(model, tokenizer)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
+    target = batched.BatchedTarget(model, draft.cfg.aux_layer_ids)
+
+    def decode(prompts, new_tokens):
+        return batched.speculative_generate_batch(target, draft, prompts, max_new_tokens=new_tokens,
+                                                  draft_tokens=a.draft_tokens, eos_ids=eos, pad_id=pad)
+
+    rows_per_round = []
+    keep_first = target.keep_first
+    target.keep_first = lambda counts: (rows_per_round.append(len(counts)), keep_first(counts))
+    decode(prompts[:2], 2)  # warm-up
+    _, prefill_s = decode(prompts, 1)
+    report = {"batch_size": len(prompts), "max_new_tokens": a.max_new_tokens, "draft_tokens": a.draft_tokens,
+              "prompt_tokens": sum(map(len, prompts)), "padded_prompt_tokens": len(prompts) * max(map(len, prompts)),
+              "prefill_s": round(prefill_s, 3), "arms": []}
+    arms = a.arms.split(",")
+    if not set(arms) <= {"stay", "leave"}:
+        raise SystemExit(f"--arms {a.arms}: the arms are stay and leave")
+    tokens = None
+    try:
+        for arm in arms:
+            batched.FINISHED_ROWS_LEAVE = arm == "leave"
+            rows_per_round.clear()
+            start = time.process_time()
+            results, seconds = decode(prompts, a.max_new_tokens)
+            got = [r.tokens for r in results]
+            if tokens is not None and got != tokens:
+                raise SystemExit(f"arm {arm} decoded other tokens than the first arm")
+            tokens = got
+            report["arms"].append({"arm": arm, "seconds": round(seconds, 3),
+                                   "cpu_s": round(time.process_time() - start, 3), "rounds": len(rows_per_round),
+                                   "row_rounds": sum(rows_per_round),
+                                   "row_rounds_used": sum(len(r.accepted) for r in results),
+                                   "new_tokens": sum(map(len, got))})
+    finally:
+        batched.FINISHED_ROWS_LEAVE = True
+        target.remove()
+    for arm in report["arms"]:
+        arm["speedup_vs_first"] = round(report["arms"][0]["seconds"] / arm["seconds"], 3)
+    print(json.dumps(report))
+    return report
+
+
+if __name__ == "__main__":
+    main()
