@@ -574,7 +574,8 @@ def write_report(report: dict, path: Path) -> None:
 @click.option("--batch-size", type=click.IntRange(min=1), default=1,
               help="Decode N questions at a time: the greedy references (one batched generate() per turn) and the "
                    "speculative runs (one batched verification per round). A turn whose batched outputs differ is "
-                   "decided alone, as at 1. Speeds then compare both at batch N; on a CPU, 16 is ~5x faster.")
+                   "decided alone, as at 1. Speeds then compare both at batch N. On a 2-core CPU, 40 ran all 80 "
+                   "MT-bench questions with SmolLM2-135M in 427 s, against 1042 s one speculative run at a time.")
 @click.option("--reference-batch", type=click.IntRange(min=1), default=None, hidden=True,
               help="Deprecated: --batch-size (which now batches the speculative runs too).")
 @click.option("--compile/--no-compile", default=True,
