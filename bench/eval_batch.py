@@ -8,9 +8,10 @@ The first N questions' first turns, rendered with the chat template, decoded tog
 arm, all in one process: `stay` keeps finished rows in the batch to its end (one kept token per round), `leave`
 (eval's default, `FINISHED_ROWS_LEAVE`) drops each row after the round it finishes. Every arm decodes the same
 tokens (checked). Per arm: `seconds`, `rounds` (verification forwards), `row_rounds` (rows
-computed, summed over rounds) and `row_rounds_used` (rounds of rows that were still decoding), and the
-`prefill_s` of the batch (left-padded prompts: `padded_prompt_tokens` computed for `prompt_tokens` real ones),
-timed once as a run of one new token.
+computed, summed over rounds) and `row_rounds_used` (rounds of rows that were still decoding). And the
+`prefill_s` of the batch, timed once as a run of one new token: its rows, sorted by length, go through the
+target `prefill_rows` at a time, each group padded to its own longest prompt (`prefill_positions` computed for
+`prompt_tokens` real ones; `padded_prompt_tokens` is what padding the whole batch would compute).
 """
 from __future__ import annotations
 
@@ -60,8 +61,11 @@ def main(argv=None) -> dict:
     target.keep_first = lambda counts: (rows_per_round.append(len(counts)), keep_first(counts))
     decode(prompts[:2], 2)  # warm-up
     _, prefill_s = decode(prompts, 1)
+    lengths = sorted(map(len, prompts))
+    groups = [lengths[i:i + batched.PREFILL_ROWS] for i in range(0, len(lengths), batched.PREFILL_ROWS)]
     report = {"batch_size": len(prompts), "max_new_tokens": a.max_new_tokens, "draft_tokens": a.draft_tokens,
-              "prompt_tokens": sum(map(len, prompts)), "padded_prompt_tokens": len(prompts) * max(map(len, prompts)),
+              "prompt_tokens": sum(lengths), "padded_prompt_tokens": len(lengths) * lengths[-1],
+              "prefill_positions": sum(len(g) * g[-1] for g in groups), "prefill_rows": batched.PREFILL_ROWS,
               "prefill_s": round(prefill_s, 3), "arms": []}
     arms = a.arms.split(",")
     if not set(arms) <= {"stay", "leave"}:

@@ -126,6 +126,37 @@ def test_batched_target_equals_a_plain_forward_of_each_rows_kept_tokens(target):
     assert target.config._attn_implementation != "eagle_pipe_ragged"
 
 
+def test_prefill_in_groups_equals_a_plain_forward_of_each_prompt(target):
+    """Five prompts prefilled two rows at a time (each group padded to its own longest), then one 3-token
+    verification: every row's last-token logits, its aux at its prompt positions (zero at its holes) and the
+    verification's outputs equal a plain HF forward over the row's tokens, so the cache holds the right K/V."""
+    from stages.evaluate.batched import BatchedTarget
+
+    layers = (1, 4, 6)
+    g = torch.Generator().manual_seed(4)
+    prompts = [torch.randint(0, 50, (n,), generator=g).tolist() for n in (3, 5, 6, 9, 11)]
+    width = 11
+    wrapped = BatchedTarget(target, layers)
+    try:
+        wrapped.new_batch(5, 30)
+        last_logits, aux = wrapped.prefill(prompts, width, rows_per_forward=2)
+        new = torch.randint(0, 50, (5, 3), generator=g)
+        pos = torch.tensor([[len(p)] for p in prompts]) + torch.arange(3)
+        logits, aux_new = wrapped.forward(new, pos)
+    finally:
+        wrapped.remove()
+    for r, p in enumerate(prompts):
+        with torch.no_grad():
+            ref = target(torch.tensor([p + new[r].tolist()]), output_hidden_states=True)
+        ref_aux = torch.cat([ref.hidden_states[k] for k in layers], dim=-1)[0]
+        n = len(p)
+        torch.testing.assert_close(last_logits[r], ref.logits[0, n - 1], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(aux[r, width - n:], ref_aux[:n], rtol=1e-5, atol=1e-5)
+        assert not aux[r, :width - n].any()
+        torch.testing.assert_close(logits[r], ref.logits[0, n:], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(aux_new[r], ref_aux[n:], rtol=1e-5, atol=1e-5)
+
+
 def test_only_full_attention_targets_batch(target):
     from transformers import MistralConfig, MistralForCausalLM
 
@@ -140,13 +171,17 @@ def test_only_full_attention_targets_batch(target):
 
 
 # ----------------------------------------------------------------------------------------------- the loop
-def test_batched_loop_equals_one_prompt_at_a_time(target, random_draft):
+@pytest.mark.parametrize("prefill_rows", [8, 2])
+def test_batched_loop_equals_one_prompt_at_a_time(target, random_draft, prefill_rows, monkeypatch):
     """Prompts of different lengths, several K: the same tokens and the same accepted counts per round as
     `speculative_generate` on each prompt alone (the batch-1 path, itself tested against recomputations)."""
     from eagle.export import load_draft
     from stages.evaluate.batched import BatchedTarget, speculative_generate_batch
     from stages.evaluate.speculative import TargetWithAux, greedy_generate, speculative_generate
 
+    from stages.evaluate import batched as batched_mod
+
+    monkeypatch.setattr(batched_mod, "PREFILL_ROWS", prefill_rows)  # 2: the prompts go through in groups
     draft = load_draft(random_draft, embed_weight=target.get_input_embeddings().weight.detach())
     g = torch.Generator().manual_seed(2)
     prompts = [torch.randint(3, 50, (n,), generator=g).tolist() for n in (7, 19, 12, 3)]
@@ -288,4 +323,4 @@ def test_eval_batch_bench_counts_the_rows_it_computes(tiny_llama, random_draft, 
     assert stay["new_tokens"] == leave["new_tokens"] and stay["row_rounds_used"] == leave["row_rounds_used"]
     assert stay["row_rounds"] == stay["rounds"] * report["batch_size"]
     assert leave["row_rounds_used"] <= leave["row_rounds"] <= stay["row_rounds"]
-    assert report["prompt_tokens"] <= report["padded_prompt_tokens"]
+    assert report["prompt_tokens"] <= report["prefill_positions"] <= report["padded_prompt_tokens"]
