@@ -6,8 +6,10 @@ number of drafts per round. Rather than one cache per row, all rows write the sa
 row did not keep (a draft it rejected, the left padding of a shorter prompt) is a hole that the row's later
 queries never attend: a per-row `kept` mask over the slots becomes the attention mask. RoPE positions are per
 row (its own token count), independent of the slots. After a round the write position moves on by the longest
-accepted run in the batch, so the cache grows by at most K+1 slots per round. A row that finishes leaves the
-batch after its round (`keep_rows` on both caches), so later forwards compute only rows still decoding.
+accepted run in the batch, so the cache grows by at most K+1 slots per round. The rows are sorted by prompt
+length and prefilled a few at a time (`prefill`), each group padded only to its own longest prompt. A row that
+finishes leaves the batch after its round (`keep_rows` on both caches), so later forwards compute only rows
+still decoding.
 
 Target side: the model's own forward on transformers' StaticCache (one write position for the batch) with the
 4D mask, which transformers passes through as given, to `ragged_attention`, an attention function registered
