@@ -164,17 +164,10 @@ class BatchedTarget(TargetWithAux):
 
     def _run(self, input_ids, positions, allowed, logits_to_keep):
         """One forward of the model's own layers with ragged attention under `allowed`; (logits, aux)."""
-        self._captured.clear()
-        self._capturing = True
-        try:
-            with self._ragged():
-                out = self.model(input_ids=input_ids, position_ids=positions, attention_mask=allowed,
-                                 use_cache=True, logits_to_keep=logits_to_keep, **{self._cache_kwarg: self.cache})
-        finally:
-            self._capturing = False
-        aux = torch.cat([self._captured[k] for k in self.aux_layer_ids], dim=-1)  # (B, T, 3*H)
-        self._captured.clear()
-        return out.logits, aux
+        with self._ragged():
+            return self.captured_forward(input_ids=input_ids, position_ids=positions, attention_mask=allowed,
+                                         use_cache=True, logits_to_keep=logits_to_keep,
+                                         **{self._cache_kwarg: self.cache})
 
     def keep_rows(self, rows: torch.Tensor) -> None:
         """Keep only these rows (indices into the batch), in this order: finished turns leave the batch."""

@@ -77,14 +77,18 @@ class TargetWithAux:
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, cache, logits_to_keep: int = 0):
         """input_ids [1, T] at cache positions cache_len..cache_len+T -> (logits [1, T', V], aux [1, T, 3*H])."""
+        return self.captured_forward(input_ids=input_ids, use_cache=True, logits_to_keep=logits_to_keep,
+                                     **{self._cache_kwarg: cache})
+
+    def captured_forward(self, **model_kwargs):
+        """One model forward with the aux layers captured -> (logits, aux [B, T, 3*H])."""
         self._captured.clear()
         self._capturing = True
         try:
-            out = self.model(input_ids=input_ids, use_cache=True, logits_to_keep=logits_to_keep,
-                             **{self._cache_kwarg: cache})
+            out = self.model(**model_kwargs)
         finally:
             self._capturing = False
-        aux = torch.cat([self._captured[k] for k in self.aux_layer_ids], dim=-1)  # (1, T, 3*H)
+        aux = torch.cat([self._captured[k] for k in self.aux_layer_ids], dim=-1)
         self._captured.clear()
         return out.logits, aux
 
