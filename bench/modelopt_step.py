@@ -65,19 +65,13 @@ import statistics
 import sys
 import time
 
+from step_shapes import add_shape_flags  # this folder; plain argparse
+
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    """Command-line flags; shape flags match bench/train_step.py."""
+    """Command-line flags; the shape flags are bench/step_shapes.py's, as in bench/train_step.py."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--hidden", type=int, default=256)
-    p.add_argument("--heads", type=int, default=8)
-    p.add_argument("--kv-heads", type=int, default=4)
-    p.add_argument("--intermediate", type=int, default=688)
-    p.add_argument("--vocab", type=int, default=8192)
-    p.add_argument("--draft-vocab", type=int, default=4096)
-    p.add_argument("--seq-len", type=int, default=512)
-    p.add_argument("--batch", type=int, default=4)
-    p.add_argument("--ttt-steps", type=int, default=3)
+    add_shape_flags(p)
     p.add_argument("--target-layers", type=int, default=16,
                    help="layer count of the (absent) target; picks the 3 default aux layers")
     p.add_argument("--steps", type=int, default=10, help="timed steps")

@@ -32,22 +32,12 @@ from eagle.model import Eagle3Draft  # noqa: E402
 from eagle.vocab import build_vocab_map  # noqa: E402
 from stages.train.stage import make_step_fn, optimizer_step  # noqa: E402
 from stages.train.setup import DistInfo, GradSync, make_optimizer, resolve_precision  # noqa: E402
-
-SHAPE_FLAGS = ("hidden", "heads", "kv_heads", "intermediate", "vocab", "draft_vocab", "seq_len", "batch",
-               "ttt_steps")
+from step_shapes import SHAPE_FLAGS, add_shape_flags  # noqa: E402  (this folder)
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--hidden", type=int, default=256)
-    p.add_argument("--heads", type=int, default=8)
-    p.add_argument("--kv-heads", type=int, default=4)
-    p.add_argument("--intermediate", type=int, default=688)
-    p.add_argument("--vocab", type=int, default=8192)
-    p.add_argument("--draft-vocab", type=int, default=4096)
-    p.add_argument("--seq-len", type=int, default=512)
-    p.add_argument("--batch", type=int, default=4)
-    p.add_argument("--ttt-steps", type=int, default=3)
+    add_shape_flags(p)
     p.add_argument("--top-k", type=int, default=64, help="teacher top-k stored per position")
     p.add_argument("--steps", type=int, default=10, help="timed optimizer steps")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps first (the compile happens here)")
