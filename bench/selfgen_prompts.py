@@ -44,11 +44,10 @@ DROP_REASONS = ("length", "empty", "duplicate", "excluded")
 
 
 def screen(text: str | None, seen: set[str], banned: set) -> str | None:
-    """Why a sampled prompt is dropped (one of DROP_REASONS), or None to keep it. `text` is None when the
+    """Why a sampled prompt (stripped) is dropped (one of DROP_REASONS), or None to keep it. `text` is None when the
     sample hit the token limit before ending its turn; `seen` holds the kept prompts, lower-cased."""
     if text is None:
         return "length"
-    text = text.strip()
     if not text:
         return "empty"
     if text.lower() in seen:
@@ -70,13 +69,13 @@ def collect(sample_rows, decode, stop, num: int, banned: set, max_sampled_ratio:
         for row in sample_rows():
             sampled += 1
             end = next((i for i, t in enumerate(row) if t in stop), None)
-            text = None if end is None else decode(row[:end])
+            text = None if end is None else decode(row[:end]).strip()
             reason = screen(text, seen, banned)
             if reason:
                 dropped[reason] += 1
             else:
-                seen.add(text.strip().lower())
-                kept.append(text.strip())
+                seen.add(text.lower())
+                kept.append(text)
         if progress:
             progress(len(kept))
     return kept[:num], dropped, sampled
