@@ -29,9 +29,8 @@ Run it under the heavy-job lock: it trains three drafts and evaluates each on tw
    export (Model-Optimizer writes a YaRN x32 rope_scaling at export by default; speculators saves bf16).
    The JSON's `budget` and `not_equal` sections record all of it.
 3. Judge. `eagle-pipe eval` (real greedy chain speculative decoding against the target, lossless check) on both
-   benchmarks with the same settings for all three drafts, called on each trainer's own export directory. If
-   eval cannot read a peer's export yet (`--peer-export-fallback convert`, the default), the export is rewritten
-   by bench/quality_convert.py into eagle-pipe's layout with the forward vLLM runs for it, and the JSON says so.
+   benchmarks with the same settings for all three drafts, called on each trainer's own export directory (eval
+   reads the peers' layouts: eagle/draft_formats.py).
 
 Prints one JSON object: per trainer, AL per benchmark (overall and per category), lossless, train wall time and
 seconds per step, training-time accuracies; plus the budget and what could not be made equal.
@@ -82,7 +81,6 @@ def parse_args(argv=None):
                    help="plain EAGLE-3 (what eval and SGLang run) or speculators' EAGLE-3.1 defaults")
     p.add_argument("--speculators-optimizer", choices=["muon", "adamw"], default="muon")
     p.add_argument("--modelopt-export-rope-scaling", choices=["recipe", "none"], default="recipe")
-    p.add_argument("--peer-export-fallback", choices=["convert", "none"], default="convert")
     p.add_argument("--compile", action="store_true")
     p.add_argument("--threads", type=int, default=0, help="torch threads per trainer (0: torch default)")
     p.add_argument("--seed", type=int, default=0)
@@ -233,23 +231,11 @@ def per_category_subset(path: str, n: int, work: Path) -> tuple[str, int]:
     return str(out), len(kept)
 
 
-def judge(a, work: Path, name: str, export_dir: str, meta: dict) -> dict:
-    """Eval on the trainer's own export; for a peer eval cannot read yet, on the converted copy (recorded)."""
+def judge(a, work: Path, name: str, export_dir: str) -> dict:
+    """Eval on the trainer's own export, on each benchmark."""
     benches = [(a.bench, a.num_prompts)] + ([(a.bench2, a.num_prompts2 or a.num_prompts)] if a.bench2 else [])
-    draft, how = export_dir, "own export"
-    if name != "eagle-pipe":
-        probe = evaluate(a, work, name + ".probe", export_dir, a.bench, 1)
-        if "error" in probe and a.peer_export_fallback == "convert":
-            from quality_convert import convert_peer_export
-            draft = str(work / "converted" / name)
-            if not Path(draft).is_dir():
-                info = convert_peer_export(export_dir, Path(a.dump) / "target", draft, meta["aux_layer_ids"],
-                                           a.ttt_steps)
-                (work / "converted" / f"{name}.json").write_text(json.dumps(info) + "\n")
-            how = "converted by bench/quality_convert.py (eval could not read the peer export: " + \
-                  probe["error"] + ")"
-    results = {bench_label(b): evaluate(a, work, name, draft, b, n) for b, n in benches}
-    return {"judged": how, "draft_dir": draft, **results}
+    return {"draft_dir": export_dir,
+            **{bench_label(b): evaluate(a, work, name, export_dir, b, n) for b, n in benches}}
 
 
 def main(argv=None) -> dict:
@@ -283,7 +269,7 @@ def main(argv=None) -> dict:
     if not a.skip_eval:
         for name, r in results.items():
             log(f"judging {name}")
-            r["eval"] = judge(a, work, name, r["export_dir"], meta)
+            r["eval"] = judge(a, work, name, r["export_dir"])
     table = {}
     for name, r in results.items():
         ev = r.get("eval") or {}
