@@ -10,7 +10,7 @@ are read; rope_type "default" is normalised to `rope_scaling=None`. Every settin
 is built, so a bad value fails with one clear ValueError before any tensor is allocated.
 
 The architecture is EAGLE-3 or EAGLE-3.1, as two switches both engines read from config.json under the same
-names (../shared/reference/eagle3-checkpoint.md, "EAGLE-3.1 switches"): `fc_norm` (one RMSNorm per aux state
+names (docs/checkpoint-format.md, "EAGLE-3.1 switches"): `fc_norm` (one RMSNorm per aux state
 before fc) and `norm_output` (the next draft step receives norm(out), not out). `DRAFT_ARCHS` names the
 combinations a user picks ("eagle3": both off; "eagle3.1": both on, the one 3.1 form vLLM and SGLang serve
 alike). The switches are written by `to_dict` only when on, so an EAGLE-3 draft's dict, checkpoints and
@@ -211,7 +211,7 @@ class DraftConfig:
 
 def export_tensor_shapes(cfg: DraftConfig) -> dict[str, tuple[tuple[int, ...], str]]:
     """Every tensor of the serving layout (eagle/export.py) -> (shape, kind), kind "float", "int64" or "bool" (the
-    reference table); eagle/draft_formats.py checks other trainers' files against the same table."""
+    "Tensors" table of docs/checkpoint-format.md); eagle/draft_formats.py checks other trainers' files against the same table."""
     H, I, hd = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
     q, kv = cfg.num_attention_heads * hd, cfg.num_key_value_heads * hd
     return {

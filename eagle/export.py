@@ -1,6 +1,6 @@
 """Export a draft in the serving layout vLLM and SGLang load as-is, and load it back.
 
-Layout: ../shared/reference/eagle3-checkpoint.md. The directory holds
+Layout: docs/checkpoint-format.md. The directory holds
   config.json        a Llama config with architectures ["LlamaForCausalLMEagle3"], num_hidden_layers 1,
                      vocab_size V, draft_vocab_size Vd, an int target_hidden_size, explicit rope_theta and
                      rope_scaling, no bias flags, aux layer ids in both engines' conventions (top level: vLLM,
@@ -44,7 +44,7 @@ EXPORT_FILES = ("config.json", "model.safetensors")
 
 
 def serving_config(cfg: DraftConfig, dtype: torch.dtype) -> dict:
-    """The config.json dict both engines read (see the reference table)."""
+    """The config.json dict both engines read (docs/checkpoint-format.md, "config.json")."""
     aux = [int(k) for k in cfg.aux_layer_ids]
     return {
         "architectures": [ARCHITECTURE],

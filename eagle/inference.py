@@ -2,7 +2,7 @@
 draft's own hidden state (pre-norm out; norm(out) for EAGLE-3.1's norm_output). Used by `eagle-pipe eval` and by
 the train/serve equality tests.
 
-Chain drafting with verified tokens x_1..x_n and bonus x_{n+1} (reference, "How the engines draft"):
+Chain drafting with verified tokens x_1..x_n and bonus x_{n+1} (docs/checkpoint-format.md, "How the engines draft"):
     cache = DraftCache(cfg, 1, max_len)
     logits, out = draft_step(model, cache, x[1..n+1], f[0..n], positions 0..n, fused=False)   # prefill + step 0
     d = argmax(logits[:, -1]) mapped through d2t; h = out[:, -1:]

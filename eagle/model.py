@@ -1,11 +1,11 @@
 """The EAGLE-3 draft head: fc + one decoder layer over cat(embed, hidden) + norm + lm_head.
 
-Parameter names are the export layout of ../shared/reference/eagle3-checkpoint.md (no `model.` prefix): fc,
+Parameter names are the export layout of docs/checkpoint-format.md (no `model.` prefix): fc,
 midlayer.{self_attn.{q,k,v,o}_proj, mlp.{gate,up,down}_proj, input_layernorm, hidden_norm,
 post_attention_layernorm}, norm, lm_head; with cfg.fc_norm also fc_norm.{0,1,2}.weight [Ht]; buffers d2t [Vd]
 int64, t2d [V] bool; the frozen embedding `embed_tokens.weight` [V, H] (requires_grad=False, never exported).
 
-The forward is the one vLLM and SGLang run (reference, "The forward both engines run" and "EAGLE-3.1 switches"):
+The forward is the one vLLM and SGLang run (docs/checkpoint-format.md, "The forward both engines run" and "EAGLE-3.1 switches"):
     g   = fc(cat(h_a, h_b, h_c))                              step 0 only; later steps feed the previous step's
           fc(cat(n_0(h_a), n_1(h_b), n_2(h_c)))               state; with fc_norm, one RMSNorm(Ht) per aux state
     x   = cat(input_layernorm(embed(token)), hidden_norm(g))  # (B, T, 2H)

@@ -13,7 +13,7 @@ length is a bucket (a multiple of `CACHE_BUCKET` that holds the longest prompt p
 transformers compiles only on accelerators unless `CompileConfig._compile_all_devices` is set, and its default
 mode ("reduce-overhead": CUDA graphs) means nothing on a CPU; both are set here. Used by
 `regenerate --engine hf --compile` (opt-in: on the CPUs measured the compiled decode step was slower than the
-dynamic cache; README, regenerate's Measured). `eval` compiles its own verification step instead
+dynamic cache; docs/regenerate.md, "Measured"). `eval` compiles its own verification step instead
 (stages/evaluate/static_target.py).
 """
 from __future__ import annotations

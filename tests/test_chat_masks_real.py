@@ -1,6 +1,6 @@
 """Loss masks on every real chat template in shared/real, against a reference computed here without the masker.
 
-The rule (README, "The loss mask"): an assistant turn's supervised text runs from the end of the generation
+The rule (docs/data.md, "The loss mask"): an assistant turn's supervised text runs from the end of the generation
 prompt to the end of the turn's end-of-turn token. The reference finds both ends from the renderings alone,
 with every message's content a unique sentence:
 

@@ -1,4 +1,4 @@
-"""Export layout: every rule of ../shared/reference/eagle3-checkpoint.md, export -> load -> identical logits,
+"""Export layout: every rule of docs/checkpoint-format.md, export -> load -> identical logits,
 and a plain float64 re-implementation of the engine forward that reads only the exported files."""
 from __future__ import annotations
 

@@ -7,7 +7,7 @@ every verification forward (its sliding-window layers keep all past states so th
 convention: id k = the residual stream entering decoder layer k = HF `hidden_states[k]`), concatenated in
 ascending layer order, exactly as `dump-teacher` stores them.
 
-Draft side (see ../shared/reference/eagle3-checkpoint.md, "How the engines draft"). Verified tokens are
+Draft side (see docs/checkpoint-format.md, "How the engines draft"). Verified tokens are
 x_0..x_L: x_0..x_{L-1} are in the target cache (their features f_p known), x_L is the last bonus token.
   - step 0 runs over every newly verified position p (features f_p, token x_{p+1}, RoPE position p) and
     writes their cache entries; its output at the last position proposes d_1;

@@ -418,7 +418,7 @@ DTYPE_CHOICES = ["bfloat16", "float16", "float32", "bf16", "fp16", "fp32"]
 @click.option("--trust-remote-code", is_flag=True, help="(hf) Allow the target's own modelling code to run.")
 @click.option("--batch-size", type=int, default=64, help="(hf) Prompts per generate() batch.")
 @click.option("--batch-tokens", type=int, default=262144, help="(hf) Rows x (longest prompt + max new tokens) per batch, at most.")
-@click.option("--compile/--no-compile", default=False, help="(hf) A static KV cache and a compiled decode step (once per batch rows and cache-length bucket; same greedy text in fp32). Off by default: slower than the dynamic cache on the CPUs measured (README).")
+@click.option("--compile/--no-compile", default=False, help="(hf) A static KV cache and a compiled decode step (once per batch rows and cache-length bucket; same greedy text in fp32). Off by default: slower than the dynamic cache on the CPUs measured (docs/regenerate.md#measured).")
 @click.option("--max-new-tokens", type=int, default=1024, help="Tokens per answer; an answer that hits it finishes as 'length'.")
 @click.option("--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 samples, seeded per record and turn.")
 @click.option("--top-p", type=float, default=1.0, help="Nucleus sampling threshold (with --temperature > 0).")

@@ -48,7 +48,7 @@ class TrainSettings:
     """TTT attention kernel: "auto" (flex on CUDA, else dense), "dense" or "flex"."""
     init_lm_head: bool = False
     """Start the draft's lm_head rows and final norm from the target's. Off by default: on SmolLM2 a random
-    lm_head trained drafts whose TTT steps 2-3 accept 10-40% more (README "Recipe")."""
+    lm_head trained drafts whose TTT steps 2-3 accept 10-40% more (docs/quality.md, "Recipe")."""
     draft_rope: str = "auto"
     """The draft's RoPE: "auto" (the target's when the engines compute it exactly as training does, else plain
     RoPE with the target's rope_theta), "target" (the target's or an error) or "default" (plain RoPE)."""

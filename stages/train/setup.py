@@ -184,7 +184,7 @@ def resolve_precision(precision: str, device: torch.device) -> tuple[str, str]:
 
 # A run shorter than this cannot give a useful draft. Measured: a SmolLM2-135M draft after 54 optimizer steps
 # (0.05 trained positions per draft parameter) accepted 1.16 tokens per step; the demo's 300 steps (1.9
-# positions per parameter) accept 3.8. The README's "Recipe" section has the curve between the two.
+# positions per parameter) accept 3.8. docs/quality.md, "Recipe", has the curve between the two.
 MIN_USEFUL_STEPS = 200
 MIN_POSITIONS_PER_PARAMETER = 0.5
 

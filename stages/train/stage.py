@@ -498,7 +498,7 @@ def _progress(total: int, initial: int, enabled: bool):
 @click.option("--attention", type=click.Choice(["auto", "dense", "flex"]), default="auto", show_default=True)
 @click.option("--init-lm-head/--no-init-lm-head", default=False, show_default=True,
               help="Start lm_head/norm from the target's (default: random lm_head, which drafted better in "
-                   "README \"Recipe\").")
+                   "docs/quality.md#recipe).")
 @click.option("--draft-rope", type=click.Choice(["auto", "target", "default"]), default="auto", show_default=True,
               help="The draft's RoPE: auto = the target's when vLLM/SGLang reproduce it exactly, else plain RoPE "
                    "with the target's rope_theta; target = the target's or an error; default = plain RoPE.")
