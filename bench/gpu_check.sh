@@ -32,17 +32,17 @@ SHAPES=(--hidden 2048 --heads 32 --kv-heads 8 --intermediate 8192 --vocab 128256
 echo "== train step, compiled"
 mo_flag=()
 if [[ -n "$MO" ]]; then mo_flag=(--modelopt-python "$MO"); fi
-timeout 120 "$PY" bench/train_step.py "${SHAPES[@]}" --steps 10 "${mo_flag[@]}" > "$OUT/train_compiled.json" \
+timeout 120 "$PY" -m bench.perf.train_step "${SHAPES[@]}" --steps 10 "${mo_flag[@]}" > "$OUT/train_compiled.json" \
     2> "$OUT/train_compiled.err" || tail -n 20 "$OUT/train_compiled.err"
 echo "== train step, eager"
-timeout 50 "$PY" bench/train_step.py "${SHAPES[@]}" --steps 5 --no-compile > "$OUT/train_eager.json" \
+timeout 50 "$PY" -m bench.perf.train_step "${SHAPES[@]}" --steps 5 --no-compile > "$OUT/train_eager.json" \
     2> "$OUT/train_eager.err" || tail -n 20 "$OUT/train_eager.err"
 trainer_rate=$("$PY" -c "import json,sys; print(json.load(open(sys.argv[1]))['tokens_per_s'])" \
     "$OUT/train_compiled.json" 2>/dev/null || echo 0)
 echo "== loader, warm and cold synthetic shards at hidden 2048, 1 and 4 workers"
 rate_flag=()
 if [[ "$trainer_rate" != "0" ]]; then rate_flag=(--trainer-tokens-per-s "$trainer_rate"); fi
-timeout 50 "$PY" bench/loader.py --shape 1b --tokens 262144 --workers 1,4 --repeat 2 "${rate_flag[@]}" \
+timeout 50 "$PY" -m bench.perf.loader --shape 1b --tokens 262144 --workers 1,4 --repeat 2 "${rate_flag[@]}" \
     > "$OUT/loader.json" 2> "$OUT/loader.err" || tail -n 20 "$OUT/loader.err"
 echo "== dump part writer alone on 2 cores (8B feature sizes, 411 MB parts)"
 timeout 40 taskset -c 0,1 "$PY" bench/dump.py --writer-only --hidden 4096 --dtype bfloat16 --batch-tokens 8192 \

@@ -305,19 +305,12 @@ def test_unbatchable_target_and_the_deprecated_flag(tiny_llama, random_draft, pr
 
 # ----------------------------------------------------------------------------------------------- the bench
 def test_eval_batch_bench_counts_the_rows_it_computes(tiny_llama, random_draft, prompts_file, capsys):
-    """bench/eval_batch.py: every arm decodes the same tokens; with rows leaving, fewer row-rounds are computed
+    """bench/perf/eval_batch.py: every arm decodes the same tokens; with rows leaving, fewer row-rounds are computed
     for the same used ones, and never fewer than used."""
-    import importlib.util
-    import sys
-    from pathlib import Path
+    from bench.perf import eval_batch
 
-    path = Path(__file__).resolve().parents[1] / "bench" / "eval_batch.py"
-    spec = importlib.util.spec_from_file_location("eval_batch_bench", path)
-    bench = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault("eval_batch_bench", bench)
-    spec.loader.exec_module(bench)
-    report = bench.main(["--target", str(tiny_llama), "--draft", str(random_draft), "--data", str(prompts_file),
-                         "--batch-size", "4", "--max-new-tokens", "12", "--arms", "stay,leave"])
+    report = eval_batch.main(["--target", str(tiny_llama), "--draft", str(random_draft), "--data",
+                              str(prompts_file), "--batch-size", "4", "--max-new-tokens", "12", "--arms", "stay,leave"])
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == report
     stay, leave = report["arms"]
     assert stay["new_tokens"] == leave["new_tokens"] and stay["row_rounds_used"] == leave["row_rounds_used"]

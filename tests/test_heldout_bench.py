@@ -1,27 +1,21 @@
-"""bench/heldout.py: the held-out simulated acceptance of an exported draft, scored from a teacher dump alone,
+"""bench/tools/heldout.py: the held-out simulated acceptance of an exported draft, scored from a teacher dump alone,
 equals what `eagle-pipe train --eval-teacher-dir` measured on the same dump with the draft still in memory (a
 second code path: the model built by train from the dump, not the export reloaded with the embedding that
-bench/heldout.py reads from the dump's target/ directory). TTT's equality with chain drafting is tested in
+bench/tools/heldout.py reads from the dump's target/ directory). TTT's equality with chain drafting is tested in
 tests/test_ttt.py."""
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
 
+from bench.tools import heldout
 from stages.cli import main
 from train_dumps import cached_dump
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
-REPO = Path(__file__).resolve().parents[1]
-spec = importlib.util.spec_from_file_location("heldout_bench", REPO / "bench" / "heldout.py")
-heldout = sys.modules.setdefault("heldout_bench", importlib.util.module_from_spec(spec))
-spec.loader.exec_module(heldout)
 
 
 def test_heldout_score_of_the_export_equals_trains_own_heldout_eval(tmp_path_factory, tiny_llama, tmp_path):
@@ -45,7 +39,7 @@ def test_heldout_score_of_the_export_equals_trains_own_heldout_eval(tmp_path_fac
 
 
 def test_vocab_coverage_counts_supervised_greedy_tokens_in_the_draft_vocabulary(tmp_path_factory, tiny_llama):
-    """bench/heldout.py's coverage against a loop over sequences and tokens, on a dump and two vocabularies."""
+    """bench/tools/heldout.py's coverage against a loop over sequences and tokens, on a dump and two vocabularies."""
     import torch
 
     from stages.shards import iter_parts, load_part

@@ -1,6 +1,6 @@
-"""bench/quality.py's pure-python parts: the peers' training input written from an eagle-pipe dump.
+"""bench/peers/quality.py's pure-python parts: the peers' training input written from an eagle-pipe dump.
 
-No peer package is needed (the peers' drivers, bench/modelopt_train.py and bench/speculators_train.py, run in their
+No peer package is needed (the peers' drivers, bench/peers/modelopt/train.py and bench/peers/speculators/train.py, run in their
 own venvs and are exercised by the bench itself). Checked here against independent references: the ids and masks
 against the dump's parts, the supervised positions against eagle-pipe's own training loader (a second code
 path), the aux states against the dump's hooked capture, the last hidden state after the norm against the HF
@@ -9,7 +9,6 @@ model's own logits, and the vocabulary against `build_vocab_map`.
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -18,11 +17,9 @@ import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file
 
+from bench.peers.quality_data import (iter_dump_sequences, peer_loss_mask, supervised_pairs_eagle_pipe,
+                                      supervised_pairs_peer, write_peer_inputs)
 from conftest import CONVERSATIONS
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
-from quality_data import (iter_dump_sequences, peer_loss_mask, supervised_pairs_eagle_pipe,  # noqa: E402
-                          supervised_pairs_peer, write_peer_inputs)
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

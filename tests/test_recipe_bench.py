@@ -1,19 +1,15 @@
-"""bench/recipe.py: plans expand into (arm, seed, K) runs of `eagle-pipe run` whose outputs are shared when their
+"""bench/ablations/recipe.py: plans expand into (arm, seed, K) runs of `eagle-pipe run` whose outputs are shared when their
 settings are, finished runs are not redone, and the table aggregates what the runs measured."""
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
-REPO = Path(__file__).resolve().parents[1]
-spec = importlib.util.spec_from_file_location("recipe_bench", REPO / "bench" / "recipe.py")
-recipe = sys.modules.setdefault("recipe_bench", importlib.util.module_from_spec(spec))
-spec.loader.exec_module(recipe)
+from bench.ablations import recipe, recipe_data
+
 
 BASE = {
     "regenerate": {"data": ["prompts.jsonl"], "max_new_tokens": 16},
@@ -183,9 +179,6 @@ def test_two_arms_run_end_to_end_share_the_dump_and_resume(tmp_path, tiny_llama,
 
 
 # ------------------------------------------------------------------------------------------------ recipe_data
-data_spec = importlib.util.spec_from_file_location("recipe_data_bench", REPO / "bench" / "recipe_data.py")
-recipe_data = sys.modules.setdefault("recipe_data_bench", importlib.util.module_from_spec(data_spec))
-data_spec.loader.exec_module(recipe_data)
 
 
 def test_heldout_questions_drop_what_the_judge_asks(tmp_path):

@@ -1,20 +1,15 @@
-"""bench/selfgen_prompts.py: which sampled prompts it keeps, what it reads as the benchmark to avoid, where the
+"""bench/tools/selfgen_prompts.py: which sampled prompts it keeps, what it reads as the benchmark to avoid, where the
 user turn starts in the template, and that it stops with a message on a model that never ends a user turn."""
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
 
+from bench.tools import selfgen_prompts as selfgen
+
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
-REPO = Path(__file__).resolve().parents[1]
-spec = importlib.util.spec_from_file_location("selfgen_prompts_bench", REPO / "bench" / "selfgen_prompts.py")
-selfgen = sys.modules.setdefault("selfgen_prompts_bench", importlib.util.module_from_spec(spec))
-spec.loader.exec_module(selfgen)
 
 STOP = 0
 WORDS = ["<stop>"] + "what What is the capital of france and why do people like paris so much".split()

@@ -1,6 +1,6 @@
 """Massive activations in a dump's aux states, and what FP8 storage does to them; prints JSON.
 
-    python bench/aux_outliers.py DUMP [--max-tokens 200000]
+    python -m bench.ablations.aux_outliers DUMP [--max-tokens 200000]
 
 Reads the aux states of a full-precision dump (fp32 or bf16) and reports, per aux layer: the distribution of
 per-token RMS and absmax, how often a token carries a massive entry (absmax > 20 x its RMS), which channels and
@@ -13,14 +13,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from collections import Counter
 from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
 MASSIVE = 20.0  # a token is "massive" in a layer when its absmax exceeds this multiple of its RMS
 ORDINARY_SKIP = 4  # the token's largest entries excluded from the "ordinary entries" error

@@ -9,9 +9,9 @@ For each case, both arms run dump-teacher -> train -> eval through the real CLI 
 Prints one JSON object: per case and arm the bytes per token (measured, formula), acceptance length, lossless;
 per case the fp8/full ratios (goal: acceptance >= 0.99).
 
-    python bench/fp8_acceptance.py                     # demo, demo-bf16 (CPU: ~45 min on 2 loaded cores)
-    python bench/fp8_acceptance.py --cases demo-half
-    python bench/fp8_acceptance.py --cases demo --max-steps 100
+    python -m bench.ablations.fp8_acceptance                     # demo, demo-bf16 (CPU: ~45 min on 2 loaded cores)
+    python -m bench.ablations.fp8_acceptance --cases demo-half
+    python -m bench.ablations.fp8_acceptance --cases demo --max-steps 100
 """
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 CASES = {"demo": {"dump": [], "eval": []},
          "demo-bf16": {"dump": ["--dtype", "bfloat16"], "eval": ["--dtype", "bfloat16"]},
          "demo-half": {"dump": ["--limit", "336"], "eval": []}}
@@ -80,7 +80,6 @@ def main() -> None:
     p.add_argument("--max-steps", type=int, default=None, help="Override the train section's max_steps.")
     p.add_argument("--work", default=str(ROOT / "work" / "bench-fp8"), help="Where dumps and runs go.")
     a = p.parse_args()
-    sys.path.insert(0, str(ROOT))
     out = {"note": "both arms of a case ran one after the other in this process; absolute numbers depend on the "
                    "machine, ratios are the result", "cases": {}}
     for case in a.cases:

@@ -1,11 +1,11 @@
 """Recipe ablations: run a plan of arms, each a set of overrides of one pipeline.yaml, through `eagle-pipe run`,
 and print one table (JSON, then markdown) of what each arm's draft measures on the judge (MT-bench).
 
-    python bench/recipe.py bench/recipes/smollm2.yaml --lock /tmp/eagle-heavy.lock    # run what is missing
-    python bench/recipe.py bench/recipes/smollm2.yaml --table                           # only the table
-    python bench/recipe.py bench/recipes/smollm2.yaml --arms recipe,lr-1e-3 --dry-run
+    python -m bench.ablations.recipe bench/ablations/plans/smollm2.yaml --lock /tmp/eagle-heavy.lock    # run what is missing
+    python -m bench.ablations.recipe bench/ablations/plans/smollm2.yaml --table                           # only the table
+    python -m bench.ablations.recipe bench/ablations/plans/smollm2.yaml --arms recipe,lr-1e-3 --dry-run
 
-A plan (YAML, kept in bench/recipes/):
+A plan (YAML, kept in bench/ablations/plans/):
 
     base: examples/smollm2/pipeline.yaml    # the recipe: sections regenerate / dump-teacher / train / eval
     work: /work/cache/recipe                # every output of every arm (default: work/recipe)
@@ -50,7 +50,7 @@ from pathlib import Path
 
 import yaml
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 SECTIONS = ("regenerate", "dump-teacher", "train", "export", "eval")
 CATEGORY_ORDER = ("writing", "roleplay", "reasoning", "math", "coding", "extraction", "stem", "humanities")
 
@@ -307,7 +307,7 @@ def markdown(rows: list[dict]) -> str:
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("plan", type=Path, help="the plan YAML (bench/recipes/*.yaml)")
+    p.add_argument("plan", type=Path, help="the plan YAML (bench/ablations/plans/*.yaml)")
     p.add_argument("--arms", default=None, help="comma-separated arm names to run (default: all)")
     p.add_argument("--lock", default=None, help="run every `eagle-pipe run` under `flock LOCK`")
     p.add_argument("--table", action="store_true", help="run nothing; print the table of what is measured")

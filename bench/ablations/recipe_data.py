@@ -1,7 +1,7 @@
-"""Data for recipe ablations (bench/recipe.py), made from files the pipeline already reads; prints JSON.
+"""Data for recipe ablations (bench/ablations/recipe.py), made from files the pipeline already reads; prints JSON.
 
-    python bench/recipe_data.py heldout vicuna_bench_question.jsonl --exclude mt_bench_question.jsonl --out held.jsonl
-    python bench/recipe_data.py mix REGEN_DIR [REGEN_DIR ...] --out mix.jsonl [--seed 0]
+    python -m bench.ablations.recipe_data heldout vicuna_bench_question.jsonl --exclude mt_bench_question.jsonl --out held.jsonl
+    python -m bench.ablations.recipe_data mix REGEN_DIR [REGEN_DIR ...] --out mix.jsonl [--seed 0]
 
 `heldout`: benchmark question files (MT-bench / Vicuna-bench / EAGLE `question.jsonl`: {"turns": [...]}) ->
 prompt-only chat records ({"messages": [{"role": "user", ...}]}) that `eagle-pipe regenerate` answers: a
@@ -24,9 +24,6 @@ import json
 import random
 import sys
 from pathlib import Path
-
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
 
 def normal(text: str) -> str:

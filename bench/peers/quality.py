@@ -1,6 +1,6 @@
 """Draft quality at equal budget: eagle-pipe vs Model-Optimizer 0.47 vs speculators 0.9, one data set, one judge.
 
-    python bench/quality.py --target DIR --dump DUMP --work WORK --steps N --batch B --seq-len S --ttt-steps K \\
+    python -m bench.peers.quality --target DIR --dump DUMP --work WORK --steps N --batch B --seq-len S --ttt-steps K \\
         --draft-vocab-size V --lr LR --warmup-steps W --bench mt_bench.jsonl --bench2 gsm8k.jsonl \\
         --num-prompts 80 --num-prompts2 80 --max-new-tokens 128 \\
         --modelopt-python .venv-modelopt/bin/python --speculators-python .venv-speculators/bin/python
@@ -8,7 +8,7 @@
 Run it under the heavy-job lock: it trains three drafts and evaluates each on two benchmarks.
 
 1. Data. eagle-pipe trains from DUMP (made by `eagle-pipe dump-teacher` from the regenerated conversations).
-   bench/quality_data.py writes the peers' input from the same dump: its token ids and loss masks (shifted into
+   bench/peers/quality_data.py writes the peers' input from the same dump: its token ids and loss masks (shifted into
    the peers' mask convention so that the three supervise the same positions), target states from a plain HF
    forward of TARGET (the dump's aux layers; the last hidden state before/after the final norm), and eagle-pipe's
    draft vocabulary (d2t from the dump's supervised-token counts), which both peers load instead of building
@@ -46,9 +46,7 @@ import sys
 import time
 from pathlib import Path
 
-BENCH_DIR = Path(__file__).resolve().parent
-REPO = BENCH_DIR.parent
-sys.path[:0] = [str(BENCH_DIR), str(REPO)]   # the quality_* helpers; this checkout's eagle/ and stages/
+REPO = Path(__file__).resolve().parents[2]
 
 
 def parse_args(argv=None):
@@ -172,11 +170,11 @@ def train_peer(name: str, a, work: Path, peer_data: Path, meta: dict) -> dict:
         common += ["--threads", str(a.threads)]
     if name == "modelopt":
         b, train_len = modelopt_batch(meta, a)
-        cmd = [a.modelopt_python, str(BENCH_DIR / "modelopt_train.py"), *common, "--batch", str(b),
+        cmd = [a.modelopt_python, "-m", "bench.peers.modelopt.train", *common, "--batch", str(b),
                "--train-len", str(train_len), "--schedule", "cosine",
                "--export-rope-scaling", a.modelopt_export_rope_scaling] + (["--compile"] if a.compile else [])
     else:
-        cmd = [a.speculators_python, str(BENCH_DIR / "speculators_train.py"), *common,
+        cmd = [a.speculators_python, "-m", "bench.peers.speculators.train", *common,
                "--total-seq-len", str(a.batch * a.seq_len), "--schedule", "cosine",
                "--arch", a.speculators_arch, "--optimizer", a.speculators_optimizer]
     rc, result = run_json(cmd, work / "logs" / f"{name}-train.log")
@@ -251,7 +249,7 @@ def main(argv=None) -> dict:
     meta = {}
     if set(trainers) - {"eagle-pipe"}:
         log("writing the peers' input from the dump (plain HF forward of the target)")
-        rc, meta = run_json([sys.executable, str(BENCH_DIR / "quality_data.py"), "--target", a.target, "--dump",
+        rc, meta = run_json([sys.executable, "-m", "bench.peers.quality_data", "--target", a.target, "--dump",
                              a.dump, "--out", str(peer_data), "--draft-vocab-size", str(a.draft_vocab_size)],
                             work / "logs" / "peer-data.log", project_env(a.threads))
         if rc or meta is None:

@@ -1,8 +1,8 @@
-"""The peers' training input for bench/quality.py, built from eagle-pipe's dump: same token ids, same supervision.
+"""The peers' training input for bench/peers/quality.py, built from eagle-pipe's dump: same token ids, same supervision.
 
 Model-Optimizer and speculators train from per-conversation files of target states, not from eagle-pipe's
 shards. This module writes one neutral, safetensors-only file per conversation of the dump, from which each
-peer's driver (bench/modelopt_train.py, bench/speculators_train.py, run in the peer's own venv) writes the layout
+peer's driver (bench/peers/modelopt/train.py, bench/peers/speculators/train.py, run in the peer's own venv) writes the layout
 that peer reads. Nothing here imports a peer package, so the project's tests cover it.
 
 What is written (OUT/conversations/conv-NNNNNN.safetensors, one per dumped sequence, in sample_index order):

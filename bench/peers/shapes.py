@@ -1,4 +1,4 @@
-"""The draft-shape flags that bench/train_step.py, bench/modelopt_step.py and bench/speculators_step.py share.
+"""The draft-shape flags that bench/perf/train_step.py, bench/peers/modelopt/step.py and bench/peers/speculators/step.py share.
 
 train_step.py passes its own values of these flags to the two peer scripts (run in the peers' venvs), so all
 three time the same draft shape; one definition keeps their names and defaults from drifting apart. Plain

@@ -3,7 +3,7 @@ and batched, on the first user turns of a question file; prints JSON. The baseli
 (static cache, compiled decode step) and a faster `eval` (its greedy reference is this batch-1 decode) are
 measured against.
 
-    python bench/decode.py --target work/smollm2/target --data mt_bench_question.jsonl --batch-sizes 1,32
+    python -m bench.perf.decode --target work/smollm2/target --data mt_bench_question.jsonl --batch-sizes 1,32
 
 Per batch size B: the first B questions' first turns, rendered with the chat template and the generation prompt,
 left-padded into one batch; one warm-up generate (8 new tokens), then `--repeats` timed greedy generates of up
@@ -20,12 +20,7 @@ import argparse
 import json
 import os
 import statistics
-import sys
 import time
-from pathlib import Path
-
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
 
 def first_turns(data: list[str], count: int) -> list[list[dict]]:

@@ -1,6 +1,6 @@
 """Batched speculative decoding (`eagle-pipe eval --batch-size N`): where a batch's time goes; prints JSON.
 
-    python bench/eval_batch.py --target work/smollm2/target --draft work/smollm2/run/export \\
+    python -m bench.perf.eval_batch --target work/smollm2/target --draft work/smollm2/run/export \\
         --data mt_bench_question.jsonl --batch-size 40 --arms stay,leave
 
 The first N questions' first turns, rendered with the chat template, decoded together by
@@ -17,12 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
-from pathlib import Path
-
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
 
 def parse_args(argv=None):

@@ -2,10 +2,10 @@
 part files -> packed fixed-shape host batches + host valid counts), from warm page cache and from cold files,
 for each `--workers` count, next to the machine's memory-copy speed measured in the same run.
 
-    python bench/loader.py --shape cpu                        # the CPU benchmark shapes (H 256, fp32)
-    python bench/loader.py --shape 8b --tokens 131072         # Llama-3.1-8B feature sizes (H 4096, bf16)
-    python bench/loader.py --shape 8b --dtype float8_e4m3fn   # the same with --aux-dtype fp8 parts
-    python bench/loader.py --teacher-dir DUMP --seq-len 2048 --batch 4
+    python -m bench.perf.loader --shape cpu                        # the CPU benchmark shapes (H 256, fp32)
+    python -m bench.perf.loader --shape 8b --tokens 131072         # Llama-3.1-8B feature sizes (H 4096, bf16)
+    python -m bench.perf.loader --shape 8b --dtype float8_e4m3fn   # the same with --aux-dtype fp8 parts
+    python -m bench.perf.loader --teacher-dir DUMP --seq-len 2048 --batch 4
     ... [--workers 1,2,4] [--modes warm,cold] [--repeat 3] [--trainer-tokens-per-s 69000]
 
 A synthetic dump is written with the real part writer (random contents, documents of 64..1500 tokens, 32768-token
@@ -32,10 +32,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from stages.shards import part_name, shard_dir, write_part  # noqa: E402
-from stages.train.loader import SAFETENSORS_DTYPES, DumpIndex, PackedLoader  # noqa: E402
+from stages.shards import part_name, shard_dir, write_part
+from stages.train.loader import SAFETENSORS_DTYPES, DumpIndex, PackedLoader
 
 SHAPES = {  # hidden, stored aux dtype, vocab, seq_len, batch
     "cpu": (256, "float32", 8192, 512, 4),

@@ -1,7 +1,7 @@
 """What `eagle-pipe regenerate` buys and costs; prints JSON.
 
-    python bench/regenerate.py acceptance --data PATH/dummy_conversation.json [--target examples/demo/target]
-    python bench/regenerate.py throughput --data PATH/dummy_conversation.json [--target examples/demo/target]
+    python -m bench.perf.regenerate acceptance --data PATH/dummy_conversation.json [--target examples/demo/target]
+    python -m bench.perf.regenerate throughput --data PATH/dummy_conversation.json [--target examples/demo/target]
 
 `acceptance`: two drafts with the same training budget (steps x batch x seq-len), one trained on the data's own
 answers and one on the target's regenerated answers, both measured by `eagle-pipe eval` (real speculative
@@ -26,8 +26,7 @@ import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+REPO = Path(__file__).resolve().parents[2]
 
 
 def cli(args: list) -> dict:

@@ -1,13 +1,13 @@
 """Benchmark: milliseconds per optimizer step of `eagle-pipe train`'s own step (stages.train.stage.optimizer_step:
 compiled TTT forward + loss + metrics, backward, clip, fused AdamW) on synthetic packed batches of a given shape.
 
-    python bench/train_step.py --hidden 256 --heads 8 --kv-heads 4 --intermediate 688 --vocab 8192 \
+    python -m bench.perf.train_step --hidden 256 --heads 8 --kv-heads 4 --intermediate 688 --vocab 8192 \
         --draft-vocab 4096 --seq-len 512 --batch 4 --ttt-steps 3 [--no-compile] [--steps 10] \
         [--modelopt-python .venv-modelopt/bin/python] [--speculators-python .venv-speculators/bin/python]
 
 Prints one JSON object: median ms per step (the compile and warm-up steps excluded), tokens/s, and on CUDA the
 model FLOP rate and its fraction of the bf16 peak. With --modelopt-python / --speculators-python, runs
-bench/modelopt_step.py / bench/speculators_step.py (same shape flags) in that interpreter in the same run, after
+bench/peers/modelopt/step.py / bench/peers/speculators/step.py (same shape flags) in that interpreter in the same run, after
 ours, and adds each one's result and the ratio theirs/ours of median ms (`speedup_vs_modelopt`,
 `speedup_vs_speculators`; > 1 means ours is faster). `median_cpu_ms` is the median of the process's CPU time per
 step (time.process_time, all its threads): on a CPU shared with other jobs it follows the work done rather than
@@ -19,20 +19,18 @@ import argparse
 import json
 import statistics
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from eagle.config import DraftConfig  # noqa: E402
-from eagle.model import Eagle3Draft  # noqa: E402
-from eagle.vocab import build_vocab_map  # noqa: E402
-from stages.train.stage import make_step_fn, optimizer_step  # noqa: E402
-from stages.train.setup import DistInfo, GradSync, make_optimizer, resolve_precision  # noqa: E402
-from step_shapes import SHAPE_FLAGS, add_shape_flags  # noqa: E402  (this folder)
+from eagle.config import DraftConfig
+from eagle.model import Eagle3Draft
+from eagle.vocab import build_vocab_map
+from stages.train.stage import make_step_fn, optimizer_step
+from stages.train.setup import DistInfo, GradSync, make_optimizer, resolve_precision
+from bench.peers.shapes import SHAPE_FLAGS, add_shape_flags
 
 
 def parse_args(argv=None):
@@ -143,12 +141,12 @@ def run_ours(a) -> dict:
     return out
 
 
-PEERS = {"modelopt": "modelopt_step.py", "speculators": "speculators_step.py"}
+REPO = Path(__file__).resolve().parents[2]
+PEERS = {"modelopt": "bench.peers.modelopt.step", "speculators": "bench.peers.speculators.step"}
 
 
 def run_peer(a, name: str, python: str) -> dict:
     """A peer's step (bench/<peer>_step.py) at our shapes in its own venv; its JSON, or the error tail."""
-    script = Path(__file__).with_name(PEERS[name])
     flags = []
     for k in SHAPE_FLAGS:
         flags += [f"--{k.replace('_', '-')}", str(getattr(a, k))]
@@ -156,7 +154,7 @@ def run_peer(a, name: str, python: str) -> dict:
               "--threads", str(torch.get_num_threads())]
     bf16 = resolve_precision(a.precision, torch.device(a.device))[0] == "bf16"
     flags += (["--no-compile"] if a.no_compile else []) + (["--bf16-autocast"] if bf16 else [])
-    res = subprocess.run([python, str(script), *flags], capture_output=True, text=True)
+    res = subprocess.run([python, "-m", PEERS[name], *flags], capture_output=True, text=True, cwd=REPO)
     if res.returncode != 0:
         return {"error": (res.stderr or res.stdout)[-2000:]}
     return json.loads(res.stdout.strip().splitlines()[-1])

@@ -1,6 +1,6 @@
 """Held-out simulated acceptance of any EAGLE-3 draft on a teacher dump: a cheap, low-noise second judge.
 
-    python bench/heldout.py --dump HELDOUT_DUMP --draft RUN/export --draft modelopt/export ... [--ttt-steps 3]
+    python -m bench.tools.heldout --dump HELDOUT_DUMP --draft RUN/export --draft modelopt/export ... [--ttt-steps 3]
 
 For each draft (any format `eagle-pipe eval` loads: eagle-pipe, Model-Optimizer, speculators, llama-eagle3), it
 runs the training-time test forward (eagle/ttt.py, the same unrolled chain drafting the engines run, tested equal
@@ -17,21 +17,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
-from eagle.config import load_target_dir  # noqa: E402
-from eagle.export import load_draft  # noqa: E402
-from stages.shards import iter_parts, load_part, read_json  # noqa: E402
-from stages.train.loader import DumpIndex, PackedLoader  # noqa: E402
-from stages.train.setup import DistInfo  # noqa: E402
-from stages.train.stage import evaluate, make_step_fn  # noqa: E402
+from eagle.config import load_target_dir
+from eagle.export import load_draft
+from stages.shards import iter_parts, load_part, read_json
+from stages.train.loader import DumpIndex, PackedLoader
+from stages.train.setup import DistInfo
+from stages.train.stage import evaluate, make_step_fn
 
 
 TEACHER_TENSOR = {"topk": "teacher_topk_ids", "argmax": "teacher_argmax", "softmax": "teacher_probs"}

@@ -1,6 +1,6 @@
 """User prompts written by the target itself (Magpie-style): more distinct training data when public data runs out.
 
-    python bench/selfgen_prompts.py --target work/smollm2/target --num 4000 --out prompts.jsonl \
+    python -m bench.tools.selfgen_prompts --target work/smollm2/target --num 4000 --out prompts.jsonl \
         [--exclude mt_bench_question.jsonl] [--temperature 1.0 --top-p 0.95 --max-new-tokens 96]
     eagle-pipe regenerate --target work/smollm2/target --data prompts.jsonl --out regen/ --dtype bfloat16
 
@@ -20,9 +20,6 @@ import re
 import sys
 import time
 from pathlib import Path
-
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
 
 def ngrams(text: str, n: int = 8) -> set[tuple[str, ...]]:

@@ -1,14 +1,14 @@
 """Time NVIDIA Model-Optimizer 0.47's EAGLE-3 *offline* training step: the baseline eagle-pipe must beat.
 
-Run it with the interpreter of the separate venv made by ``bench/modelopt_venv.sh`` (Model-Optimizer 0.47 pins
+Run it with the interpreter of the separate venv made by ``bench/peers/modelopt/venv.sh`` (Model-Optimizer 0.47 pins
 transformers 5.14.x, which the project's own environment does not use)::
 
-    bash bench/modelopt_venv.sh                      # once: creates .venv-modelopt
-    .venv-modelopt/bin/python bench/modelopt_step.py --hidden 256 --heads 8 --kv-heads 4 --intermediate 688 \\
+    bash bench/peers/modelopt/venv.sh                      # once: creates .venv-modelopt
+    .venv-modelopt/bin/python -m bench.peers.modelopt.step --hidden 256 --heads 8 --kv-heads 4 --intermediate 688 \\
         --vocab 8192 --draft-vocab 4096 --seq-len 512 --batch 4 --ttt-steps 3 --steps 10 --json [--no-compile]
 
 With ``--json`` stdout holds exactly one JSON object (everything Model-Optimizer prints goes to stderr), so
-``bench/train_step.py`` can run this script as a subprocess and print the ratio.
+``bench/perf/train_step.py`` can run this script as a subprocess and print the ratio.
 
 Code path exercised (the same one ``examples/speculative_decoding/main.py`` of Model-Optimizer takes for
 ``data.offline_data_path`` recipes with the default ``general/speculative_decoding/eagle3.yaml`` settings):
@@ -65,11 +65,11 @@ import statistics
 import sys
 import time
 
-from step_shapes import add_shape_flags  # this folder; plain argparse
+from bench.peers.shapes import add_shape_flags  # plain argparse: the peers' venvs import it too
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    """Command-line flags; the shape flags are bench/step_shapes.py's, as in bench/train_step.py."""
+    """Command-line flags; the shape flags are bench/peers/shapes.py's, as in bench/perf/train_step.py."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_shape_flags(p)
     p.add_argument("--target-layers", type=int, default=16,

@@ -1,8 +1,8 @@
-"""Train and export a Model-Optimizer 0.47 EAGLE-3 draft offline from bench/quality_data.py's files.
+"""Train and export a Model-Optimizer 0.47 EAGLE-3 draft offline from bench/peers/quality_data.py's files.
 
-Run with the interpreter of the venv made by ``bench/modelopt_venv.sh`` (bench/quality.py does)::
+Run with the interpreter of the venv made by ``bench/peers/modelopt/venv.sh`` (bench/peers/quality.py does)::
 
-    .venv-modelopt/bin/python bench/modelopt_train.py --peer-data DIR --target TARGET --work WORK \\
+    .venv-modelopt/bin/python -m bench.peers.modelopt.train --peer-data DIR --target TARGET --work WORK \\
         --steps N --batch B --train-len L --ttt-steps K --lr LR --warmup-steps W --json
 
 What it runs is the offline path of Model-Optimizer's ``examples/speculative_decoding/main.py`` (repository
@@ -13,7 +13,7 @@ pieces, recipe ``modelopt_recipes/general/speculative_decoding/eagle3.yaml``:
    ``torch.load(weights_only=True)``: ``input_ids`` int64 [n], ``hidden_states`` [n, H] (the target's last hidden
    state *after* the final norm: ``hidden_states_prenorm`` absent = False, so ``lm_head(hidden_states)`` are the
    teacher logits), ``aux_hidden_states`` [n, 3H] and ``loss_mask`` [n] (the per-token mask it reads with
-   ``training.answer_only_loss: true``; bench/quality_data.py explains the one-token shift that makes it
+   ``training.answer_only_loss: true``; bench/peers/quality_data.py explains the one-token shift that makes it
    supervise the same positions as eagle-pipe). ``torch.save`` is this peer's own format (a pickle container);
    only this driver writes it, and Model-Optimizer reads it with ``weights_only=True``. The draft vocabulary is
    ``data.draft_vocab_cache``: a ``torch.save``'d int64 ``d2t`` [Vd] that ``HFEagleModel.load_draft_vocab_cache``
@@ -50,7 +50,7 @@ from pathlib import Path
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--peer-data", required=True, help="bench/quality_data.py output directory")
+    p.add_argument("--peer-data", required=True, help="bench/peers/quality_data.py output directory")
     p.add_argument("--target", required=True)
     p.add_argument("--work", required=True, help="data/, run/ and export/ go here")
     p.add_argument("--steps", type=int, required=True)

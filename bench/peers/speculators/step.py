@@ -1,13 +1,13 @@
 """Time vLLM speculators 0.9.0's EAGLE-3 training step, next to Model-Optimizer's and eagle-pipe's.
 
-Run it with the interpreter of the separate venv made by ``bench/speculators_venv.sh``::
+Run it with the interpreter of the separate venv made by ``bench/peers/speculators/venv.sh``::
 
-    bash bench/speculators_venv.sh                   # once: creates .venv-speculators
-    .venv-speculators/bin/python bench/speculators_step.py --hidden 256 --heads 8 --kv-heads 4 \\
+    bash bench/peers/speculators/venv.sh                   # once: creates .venv-speculators
+    .venv-speculators/bin/python -m bench.peers.speculators.step --hidden 256 --heads 8 --kv-heads 4 \\
         --intermediate 688 --vocab 8192 --draft-vocab 4096 --seq-len 512 --batch 4 --ttt-steps 3 --steps 10 --json
 
 With ``--json`` stdout holds exactly one JSON object (everything speculators logs goes to stderr), so
-``bench/train_step.py --speculators-python`` can run this script as a subprocess and print the ratio.
+``bench/perf/train_step.py --speculators-python`` can run this script as a subprocess and print the ratio.
 
 Code path exercised (file:line in speculators 0.9.0 as installed; what ``speculators train --speculator-type
 eagle3`` builds and runs with its default flags, except where noted):
@@ -36,7 +36,7 @@ eagle3`` builds and runs with its default flags, except where noted):
    ``--total-seq-len``), ``document_ids`` per sample, ``position_ids`` restarting per document (from 1, after
    the shift), a boolean ``loss_mask`` (80% ones), ``hidden_states [1, L, 3H]`` (aux) and
    ``verifier_last_hidden_states [1, L, H]``. Documents have the same random lengths (seq_len/8 .. seq_len/2,
-   never crossing a seq_len boundary) as bench/train_step.py's batch; every token is real (no -1 padding).
+   never crossing a seq_len boundary) as bench/perf/train_step.py's batch; every token is real (no -1 padding).
 5. One timed step = the body of ``train/trainer.py:483 Trainer.train_epoch`` (lines 539-579, default
    ``log_freq=1`` so every step is a logged step): ``model(**batch, **train_kwargs)`` under
    ``torch.autocast(device_type, bf16)`` (on a CPU host the trainer's ``device_type`` is ``"cuda"``, so autocast
@@ -90,11 +90,11 @@ import tempfile
 import time
 from pathlib import Path
 
-from step_shapes import add_shape_flags  # this folder; plain argparse
+from bench.peers.shapes import add_shape_flags  # plain argparse: the peers' venvs import it too
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    """Command-line flags; the shape flags are bench/step_shapes.py's, as in bench/train_step.py."""
+    """Command-line flags; the shape flags are bench/peers/shapes.py's, as in bench/perf/train_step.py."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_shape_flags(p)
     p.add_argument("--total-seq-len", type=int, default=0,
@@ -174,7 +174,7 @@ def build_model(args, verifier_dir: Path, torch):
 
 
 def make_batch(args, torch) -> dict:
-    """One packed row as CollateFn + shift_batch yield it; documents as in bench/train_step.py's batch."""
+    """One packed row as CollateFn + shift_batch yield it; documents as in bench/perf/train_step.py's batch."""
     gen = torch.Generator().manual_seed(args.seed)
     L, T, h = args.total_seq_len, args.seq_len, args.hidden
     doc = torch.empty(L, dtype=torch.long)

@@ -1,8 +1,8 @@
-"""Train a vLLM speculators 0.9 EAGLE-3 draft from bench/quality_data.py's files, with its own trainer.
+"""Train a vLLM speculators 0.9 EAGLE-3 draft from bench/peers/quality_data.py's files, with its own trainer.
 
-Run with the interpreter of the venv made by ``bench/speculators_venv.sh`` (bench/quality.py does)::
+Run with the interpreter of the venv made by ``bench/peers/speculators/venv.sh`` (bench/peers/quality.py does)::
 
-    .venv-speculators/bin/python bench/speculators_train.py --peer-data DIR --target TARGET --work WORK \\
+    .venv-speculators/bin/python -m bench.peers.speculators.train --peer-data DIR --target TARGET --work WORK \\
         --steps N --total-seq-len L --ttt-steps K --lr LR --warmup-steps W --json
 
 What it runs is ``speculators.train.cli.main(TrainConfig.resolve(argv))``, the code behind ``python -m
@@ -10,7 +10,7 @@ speculators.train`` (file:line below are speculators 0.9.0 as installed), on the
 
 1. Data (``--data-path WORK/data``, read by ``train/data.py ArrowDataset``): a ``datasets`` dataset saved with
    ``save_to_disk`` (torch format), columns ``input_ids`` int64, ``loss_mask`` int64 (per token; the one-token
-   shift that makes it supervise what eagle-pipe supervises is in bench/quality_data.py) and ``seq_len``; and
+   shift that makes it supervise what eagle-pipe supervises is in bench/peers/quality_data.py) and ``seq_len``; and
    ``WORK/data/hidden_states/hs_{i}.safetensors`` (``hs_connectors`` ``FileTransfer``, the ``file`` backend)
    holding ``token_ids`` int64 [n] and ``hidden_states`` [n, 4, H]: the three aux streams (the residual entering
    each aux layer, vLLM's convention, the same ids ``--target-layer-ids`` takes) then the last decoder layer's

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Create a separate virtual environment with vLLM speculators 0.9.0 for bench/speculators_step.py.
+# Create a separate virtual environment with vLLM speculators 0.9.0 for bench/peers/speculators/step.py.
 #
 # speculators 0.9.0 needs neither vllm nor a CUDA torch: its EAGLE-3 model and training step are plain torch +
 # transformers (<= 5.19), and its fused Triton losses are optional (the eager ones run on CPU). Its wheel also
@@ -8,8 +8,8 @@
 # installed explicitly. torch is installed first and pinned again in every later pip call, so nothing can swap
 # the installed build (pip prefers a 2.13.0+cpu wheel where its indexes or find-links hold one).
 #
-# Usage: bash bench/speculators_venv.sh [DIR]     (DIR defaults to .venv-speculators; needs python3 >= 3.11)
-#        DIR/bin/python bench/speculators_step.py --help
+# Usage: bash bench/peers/speculators/venv.sh [DIR]     (DIR defaults to .venv-speculators; needs python3 >= 3.11)
+#        DIR/bin/python -m bench.peers.speculators.step --help
 set -euo pipefail
 
 venv_dir="${1:-.venv-speculators}"
@@ -34,7 +34,7 @@ if [[ -n "${TORCH_EXTRA_INDEX:-}" ]]; then torch_extra=(--extra-index-url "$TORC
 
 "$venv_dir/bin/python" - <<'PY'
 import torch, transformers, speculators
-from speculators.models.eagle3 import Eagle3DraftModel  # the model bench/speculators_step.py trains
+from speculators.models.eagle3 import Eagle3DraftModel  # the model bench/peers/speculators/step.py trains
 from speculators.train.optimizers import build_optimizers  # and the trainer's optimizer factory
 from speculators.version import version
 print(f"speculators {version}, torch {torch.__version__} (cuda {torch.version.cuda}), "

@@ -1,0 +1,1 @@
+"""Recipe ablations: plans of arms run through `eagle-pipe run` (recipe.py), the data they need, aux-state studies."""

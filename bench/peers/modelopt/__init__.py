@@ -1,0 +1,1 @@
+"""NVIDIA Model-Optimizer 0.47 drivers; run in the venv venv.sh makes (they import modelopt, never eagle-pipe)."""

@@ -1,0 +1,1 @@
+"""Stage speed: the training step, the loader, decoding, batched eval, regenerate throughput."""
