@@ -127,3 +127,27 @@ def test_docs_name_no_path_outside_the_repository():
             if "shared/reference" in line:
                 offenders.append(f"{path.relative_to(ROOT)}:{number}")
     assert not offenders, "points outside the repository: " + ", ".join(offenders)
+
+
+REPO_PATH = re.compile(r"(?<![\w/.-])((?:eagle|stages|bench|examples|tests|docs)/[\w./{},-]*[\w}])")
+MODULE = re.compile(r"python -m ((?:bench|stages)(?:\.\w+)+)")
+OTHER_REPOSITORIES = {"examples/speculative_decoding/main.py"}   # NVIDIA Model-Optimizer's trainer, named in quality.md
+
+
+def named_paths(text: str):
+    """Repository paths (`bench/perf/loader.py`, `stages/dump/`) and `python -m` modules a page names."""
+    for m in REPO_PATH.finditer(text):
+        path = m.group(1)
+        if "{" in path or path in OTHER_REPOSITORIES:                                       # fc_norm.{0,1,2}-style patterns, not files
+            continue
+        yield path
+    for m in MODULE.finditer(text):
+        yield m.group(1).replace(".", "/") + ".py"
+
+
+@pytest.mark.parametrize("path", doc_files(), ids=lambda p: str(p.relative_to(ROOT)))
+def test_named_repository_paths_exist(path):
+    """A page that names a script or module of this repository names one that exists (bench/ moves, stages split)."""
+    missing = sorted({p for p in named_paths(path.read_text(encoding="utf-8"))
+                      if not (ROOT / p).exists() and not (ROOT / p.rstrip(".")).exists()})
+    assert not missing, f"{path.relative_to(ROOT)} names paths that do not exist: {missing}"
