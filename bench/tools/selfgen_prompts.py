@@ -10,7 +10,7 @@ default, is kept, as the target sees it at serving time); `regenerate` then answ
 hit the token limit, are empty, repeat an earlier one, or share an 8-gram with an `--exclude` file (the
 benchmark you judge on) are dropped and resampled. Writes one `{"messages": [{"role": "user", ...}]}` record
 per line and prints a JSON summary. The draft-quality bench used it to ask whether more distinct data moves
-acceptance past what the public files give (README, *A real LLM on a laptop*).
+acceptance past what the public files give (docs/quality.md, "More distinct data").
 """
 from __future__ import annotations
 
