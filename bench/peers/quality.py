@@ -39,14 +39,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import subprocess
 import sys
-import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[2]
+from bench.common import REPO, add_save_flag, log_line, offline_env, run_json, save_result
 
 
 def parse_args(argv=None):
@@ -86,44 +83,8 @@ def parse_args(argv=None):
     p.add_argument("--lock", default=None,
                    help="run every heavy step (data, each training, each eval) under `flock LOCK`, one at a time")
     p.add_argument("--out-json", default=None, help="also write the JSON here")
+    add_save_flag(p, "quality")
     return p.parse_args(argv)
-
-
-def log(msg: str) -> None:
-    print(f"[quality {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
-
-
-LOCK: str | None = None
-
-
-def run_json(cmd: list[str], logfile: Path, env=None) -> tuple[int, dict | None]:
-    """Run `cmd` (under `flock LOCK` when --lock is given), stderr to `logfile`; the last stdout line that
-    parses as a JSON object is the result."""
-    logfile.parent.mkdir(parents=True, exist_ok=True)
-    if LOCK:
-        cmd = ["flock", LOCK, *cmd]
-    log(" ".join(cmd))
-    with open(logfile, "w") as err:
-        proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=err, text=True, cwd=REPO, env=env)
-    result = None
-    for line in reversed(proc.stdout.strip().splitlines()):
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(obj, dict):
-            result = obj
-            break
-    if proc.returncode and result is None:
-        log(f"exit {proc.returncode}; see {logfile}")
-    return proc.returncode, result
-
-
-def project_env(threads: int) -> dict:
-    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    if threads:
-        env["OMP_NUM_THREADS"] = str(threads)
-    return env
 
 
 def train_eagle_pipe(a, work: Path) -> dict:
@@ -139,7 +100,7 @@ def train_eagle_pipe(a, work: Path) -> dict:
                "--precision", "fp32", "--compile" if a.compile else "--no-compile"]
         if (run / "checkpoints").is_dir() and any((run / "checkpoints").iterdir()):
             cmd.append("--resume")   # an interrupted bench run: continue from the newest checkpoint
-        rc, _ = run_json(cmd, work / "logs" / "eagle-pipe-train.log", project_env(a.threads))
+        rc, _ = run_json(cmd, work / "logs" / "eagle-pipe-train.log", lock=a.lock, env=offline_env(a.threads))
         if rc:
             raise SystemExit(f"eagle-pipe train failed (exit {rc}); see {work / 'logs' / 'eagle-pipe-train.log'}")
     summary = json.loads(summary_path.read_text())
@@ -177,7 +138,7 @@ def train_peer(name: str, a, work: Path, peer_data: Path, meta: dict) -> dict:
         cmd = [a.speculators_python, "-m", "bench.peers.speculators.train", *common,
                "--total-seq-len", str(a.batch * a.seq_len), "--schedule", "cosine",
                "--arch", a.speculators_arch, "--optimizer", a.speculators_optimizer]
-    rc, result = run_json(cmd, work / "logs" / f"{name}-train.log")
+    rc, result = run_json(cmd, work / "logs" / f"{name}-train.log", lock=a.lock)
     if rc or result is None:
         raise SystemExit(f"{name} training failed (exit {rc}); see {work / 'logs' / (name + '-train.log')}")
     result_path.write_text(json.dumps(result, indent=1) + "\n")
@@ -191,7 +152,8 @@ def bench_label(path: str) -> str:
     return p.parent.name if stem in ("test", "question", "eval", "train") else stem
 
 
-def evaluate(a, work: Path, name: str, draft_dir: str, bench: str, num_prompts: int) -> dict:
+def eval_draft(a, work: Path, name: str, draft_dir: str, bench: str, num_prompts: int) -> dict:
+    """`eagle-pipe eval` of one draft on one benchmark, cached in WORK/eval."""
     k = a.draft_tokens or a.ttt_steps
     tag = bench_label(bench)
     cache = work / "eval" / f"{name}.{tag}.json"
@@ -200,7 +162,7 @@ def evaluate(a, work: Path, name: str, draft_dir: str, bench: str, num_prompts: 
     cmd = [sys.executable, "-m", "stages.cli", "eval", "--target", a.target, "--draft", draft_dir, "--data", bench,
            "--num-prompts", str(num_prompts), "--max-new-tokens", str(a.max_new_tokens), "--draft-tokens", str(k),
            "--dtype", "float32", "--batch-size", str(a.eval_batch_size), "--json"]
-    rc, rep = run_json(cmd, work / "logs" / f"eval-{name}-{tag}.log", project_env(a.threads))
+    rc, rep = run_json(cmd, work / "logs" / f"eval-{name}-{tag}.log", lock=a.lock, env=offline_env(a.threads))
     if rep is None:
         logfile = work / "logs" / f"eval-{name}-{tag}.log"
         errors = [ln for ln in logfile.read_text().splitlines() if ln.startswith("Error")]
@@ -233,13 +195,11 @@ def judge(a, work: Path, name: str, export_dir: str) -> dict:
     """Eval on the trainer's own export, on each benchmark."""
     benches = [(a.bench, a.num_prompts)] + ([(a.bench2, a.num_prompts2 or a.num_prompts)] if a.bench2 else [])
     return {"draft_dir": export_dir,
-            **{bench_label(b): evaluate(a, work, name, export_dir, b, n) for b, n in benches}}
+            **{bench_label(b): eval_draft(a, work, name, export_dir, b, n) for b, n in benches}}
 
 
 def main(argv=None) -> dict:
-    global LOCK
     a = parse_args(argv)
-    LOCK = a.lock
     work = Path(a.work)
     work.mkdir(parents=True, exist_ok=True)
     if a.per_category:
@@ -248,15 +208,15 @@ def main(argv=None) -> dict:
     peer_data = work / "peer-data"
     meta = {}
     if set(trainers) - {"eagle-pipe"}:
-        log("writing the peers' input from the dump (plain HF forward of the target)")
+        log_line("writing the peers' input from the dump (plain HF forward of the target)")
         rc, meta = run_json([sys.executable, "-m", "bench.peers.quality_data", "--target", a.target, "--dump",
                              a.dump, "--out", str(peer_data), "--draft-vocab-size", str(a.draft_vocab_size)],
-                            work / "logs" / "peer-data.log", project_env(a.threads))
+                            work / "logs" / "peer-data.log", lock=a.lock, env=offline_env(a.threads))
         if rc or meta is None:
             raise SystemExit(f"writing the peers' input failed (exit {rc}); see {work / 'logs' / 'peer-data.log'}")
     results = {}
     for name in trainers:
-        log(f"training {name}")
+        log_line(f"training {name}")
         results[name] = train_eagle_pipe(a, work) if name == "eagle-pipe" else \
             train_peer(name, a, work, peer_data, meta)
     if "eagle-pipe" in results and meta:   # one vocabulary: eagle-pipe's exported d2t is the peers' d2t
@@ -266,7 +226,7 @@ def main(argv=None) -> dict:
         results["eagle-pipe"]["same_d2t_as_peers"] = bool(ours.shape == theirs.shape and (ours == theirs).all())
     if not a.skip_eval:
         for name, r in results.items():
-            log(f"judging {name}")
+            log_line(f"judging {name}")
             r["eval"] = judge(a, work, name, r["export_dir"])
     table = {}
     for name, r in results.items():
@@ -309,6 +269,8 @@ def main(argv=None) -> dict:
     text = json.dumps(out, indent=1)
     if a.out_json:
         Path(a.out_json).write_text(text + "\n")
+    if a.save:
+        save_result(a.save, out)
     print(text)
     return out
 

@@ -178,7 +178,7 @@ def write_peer_inputs(target_dir: str, dump: Path, out: Path, draft_vocab_size: 
     return summary
 
 
-if __name__ == "__main__":
+def main(argv=None) -> None:
     import argparse
 
     p = argparse.ArgumentParser(description="Write the peers' training input from an eagle-pipe dump.")
@@ -186,5 +186,9 @@ if __name__ == "__main__":
     p.add_argument("--dump", required=True)
     p.add_argument("--out", required=True)
     p.add_argument("--draft-vocab-size", type=int, required=True)
-    a = p.parse_args()
+    a = p.parse_args(argv)
     print(json.dumps(write_peer_inputs(a.target, Path(a.dump), Path(a.out), a.draft_vocab_size)))
+
+
+if __name__ == "__main__":
+    main()

@@ -22,6 +22,8 @@ import os
 import statistics
 import time
 
+from bench.common import add_save_flag, save_result
+
 
 def first_turns(data: list[str], count: int) -> list[list[dict]]:
     from stages.data.prompts import read_questions
@@ -70,7 +72,7 @@ def measure(model, tokenizer, conversations, max_new_tokens: int, repeats: int) 
             "median_seconds": round(statistics.median(r["seconds"] for r in runs), 2)}
 
 
-def main() -> None:
+def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--target", required=True)
     parser.add_argument("--data", action="append", required=True, help="question file(s) (MT-bench question.jsonl)")
@@ -79,7 +81,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
-    args = parser.parse_args()
+    add_save_flag(parser, "decode")
+    args = parser.parse_args(argv)
 
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -91,9 +94,13 @@ def main() -> None:
     sizes = [int(b) for b in args.batch_sizes.split(",")]
     conversations = first_turns(args.data, max(sizes))
     results = [measure(model, tokenizer, conversations[:b], args.max_new_tokens, args.repeats) for b in sizes]
-    print(json.dumps({"target": args.target, "dtype": args.dtype, "torch_threads": torch.get_num_threads(),
-                      "omp_num_threads": os.environ.get("OMP_NUM_THREADS"), "cpu_count": os.cpu_count(),
-                      "cache": "dynamic (generate's default)", "results": results}, indent=1))
+    report = {"target": args.target, "dtype": args.dtype, "torch_threads": torch.get_num_threads(),
+              "omp_num_threads": os.environ.get("OMP_NUM_THREADS"), "cpu_count": os.cpu_count(),
+              "cache": "dynamic (generate's default)", "results": results}
+    print(json.dumps(report, indent=1))
+    if args.save:
+        save_result(args.save, report)
+    return report
 
 
 if __name__ == "__main__":

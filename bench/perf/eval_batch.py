@@ -19,6 +19,8 @@ import argparse
 import json
 import time
 
+from bench.common import add_save_flag, save_result
+
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -29,6 +31,7 @@ def parse_args(argv=None):
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--draft-tokens", type=int, default=3)
     p.add_argument("--arms", default="stay,leave", help="comma-separated: stay, leave (each may repeat)")
+    add_save_flag(p, "eval-batch")
     return p.parse_args(argv)
 
 
@@ -87,6 +90,8 @@ def main(argv=None) -> dict:
     for arm in report["arms"]:
         arm["speedup_vs_first"] = round(report["arms"][0]["seconds"] / arm["seconds"], 3)
     print(json.dumps(report))
+    if a.save:
+        save_result(a.save, report)
     return report
 
 

@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -32,7 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-
+from bench.common import add_save_flag, save_result
 from stages.shards import part_name, shard_dir, write_part
 from stages.train.loader import SAFETENSORS_DTYPES, DumpIndex, PackedLoader
 
@@ -178,6 +177,7 @@ def main(argv=None):
     p.add_argument("--repeat", type=int, default=3, help="epochs per (mode, workers); the best is reported")
     p.add_argument("--max-batches", type=int, default=None)
     p.add_argument("--trainer-tokens-per-s", type=float, default=None)
+    add_save_flag(p, "loader")
     a = p.parse_args(argv)
     hidden, dtype, vocab, seq_len, batch = SHAPES[a.shape]
     a.hidden, a.dtype, a.vocab = a.hidden or hidden, a.dtype or dtype, a.vocab or vocab
@@ -218,6 +218,9 @@ def main(argv=None):
                 if "warm" in one else None
             out["workers_needed_wall"] = {m: out["trainer_MBps"] / r["read_MBps"] for m, r in one.items()}
     print(json.dumps(out))
+    if a.save:
+        save_result(a.save, out)
+    return out
 
 
 if __name__ == "__main__":

@@ -7,8 +7,8 @@ compiled TTT forward + loss + metrics, backward, clip, fused AdamW) on synthetic
 
 Prints one JSON object: median ms per step (the compile and warm-up steps excluded), tokens/s, and on CUDA the
 model FLOP rate and its fraction of the bf16 peak. With --modelopt-python / --speculators-python, runs
-bench/peers/modelopt/step.py / bench/peers/speculators/step.py (same shape flags) in that interpreter in the same run, after
-ours, and adds each one's result and the ratio theirs/ours of median ms (`speedup_vs_modelopt`,
+bench/peers/modelopt/step.py / bench/peers/speculators/step.py (same shape flags) in that interpreter in the same
+run, after ours, and adds each one's result and the ratio theirs/ours of median ms (`speedup_vs_modelopt`,
 `speedup_vs_speculators`; > 1 means ours is faster). `median_cpu_ms` is the median of the process's CPU time per
 step (time.process_time, all its threads): on a CPU shared with other jobs it follows the work done rather than
 the neighbours' load, so `cpu_speedup_vs_*` (the same ratio of CPU times) is the steadier figure there.
@@ -20,17 +20,16 @@ import json
 import statistics
 import subprocess
 import time
-from pathlib import Path
 
 import torch
 
-
+from bench.common import REPO, add_save_flag, last_json, save_result
+from bench.peers.shapes import SHAPE_FLAGS, add_shape_flags
 from eagle.config import DraftConfig
 from eagle.model import Eagle3Draft
 from eagle.vocab import build_vocab_map
 from stages.train.stage import make_step_fn, optimizer_step
 from stages.train.setup import DistInfo, GradSync, make_optimizer, resolve_precision
-from bench.peers.shapes import SHAPE_FLAGS, add_shape_flags
 
 
 def parse_args(argv=None):
@@ -49,6 +48,7 @@ def parse_args(argv=None):
     p.add_argument("--modelopt-python", default=None, help="interpreter of the Model-Optimizer benchmark venv")
     p.add_argument("--speculators-python", default=None, help="interpreter of the speculators benchmark venv")
     p.add_argument("--seed", type=int, default=0)
+    add_save_flag(p, "train-step")
     return p.parse_args(argv)
 
 
@@ -141,7 +141,6 @@ def run_ours(a) -> dict:
     return out
 
 
-REPO = Path(__file__).resolve().parents[2]
 PEERS = {"modelopt": "bench.peers.modelopt.step", "speculators": "bench.peers.speculators.step"}
 
 
@@ -155,9 +154,10 @@ def run_peer(a, name: str, python: str) -> dict:
     bf16 = resolve_precision(a.precision, torch.device(a.device))[0] == "bf16"
     flags += (["--no-compile"] if a.no_compile else []) + (["--bf16-autocast"] if bf16 else [])
     res = subprocess.run([python, "-m", PEERS[name], *flags], capture_output=True, text=True, cwd=REPO)
-    if res.returncode != 0:
+    result = last_json(res.stdout)
+    if res.returncode != 0 or result is None:
         return {"error": (res.stderr or res.stdout)[-2000:]}
-    return json.loads(res.stdout.strip().splitlines()[-1])
+    return result
 
 
 def main(argv=None):
@@ -172,6 +172,9 @@ def main(argv=None):
             if "median_cpu_ms" in peer:
                 result[f"cpu_speedup_vs_{name}"] = peer["median_cpu_ms"] / result["median_cpu_ms"]
     print(json.dumps(result))
+    if a.save:
+        save_result(a.save, result)
+    return result
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-
+from bench.common import add_save_flag, save_result
 from eagle.config import load_target_dir
 from eagle.export import load_draft
 from stages.shards import iter_parts, load_part, read_json
@@ -81,11 +81,15 @@ def main(argv=None) -> None:
     p.add_argument("--ttt-steps", type=int, default=3, help="draft steps scored (K)")
     p.add_argument("--seq-len", type=int, default=1024)
     p.add_argument("--batch-size", type=int, default=2)
+    add_save_flag(p, "heldout")
     a = p.parse_args(argv)
     torch.manual_seed(0)
     with torch.enable_grad():  # evaluate() runs the training step's graph (no backward)
         rows = [score(d, a.dump, a.ttt_steps, a.seq_len, a.batch_size) for d in a.draft]
-    print(json.dumps({"dump": str(a.dump), "drafts": rows}, indent=1))
+    report = {"dump": str(a.dump), "drafts": rows}
+    print(json.dumps(report, indent=1))
+    if a.save:
+        save_result(a.save, report)
 
 
 if __name__ == "__main__":
