@@ -251,3 +251,86 @@ def test_mix_with_original_answers_keeps_the_prompts_and_the_order(tmp_path, tin
     for r in original:
         first_user = next(m["content"] for m in r["messages"] if m["role"] == "user")
         assert [m["content"] for m in r["messages"] if m["role"] == "assistant"] == expected[first_user]
+
+
+# ------------------------------------------------------------------------------------------------ plans
+def test_plan_variables_come_from_vars_then_the_environment(tmp_path, monkeypatch):
+    path = tmp_path / "plan.yaml"
+    path.write_text(yaml.safe_dump({"work": "${W}/out", "defaults": {"train": {"max_steps": "${STEPS:-300}"}},
+                                    "arms": [{"name": "a", "dump-teacher": {"data": ["${DATA:-d}/x.jsonl"]}}]}))
+    monkeypatch.setenv("W", "/env")
+    plan = recipe.load_plan(path, {"DATA": "/given"})
+    assert plan["work"] == "/env/out" and plan["defaults"]["train"]["max_steps"] == 300  # a number, as YAML reads it
+    assert plan["arms"][0]["dump-teacher"]["data"] == ["/given/x.jsonl"]
+    monkeypatch.delenv("W")
+    with pytest.raises(SystemExit, match=r"plan.yaml: \$\{W\} is not set \(export W=\.\.\. or pass --var W=\.\.\.\)"):
+        recipe.load_plan(path)
+
+
+@pytest.mark.parametrize("name", ["smollm2", "fp8-demo", "regenerate-demo"])
+def test_shipped_plans_write_pipelines_run_accepts(name, tmp_path, monkeypatch):
+    """Every plan in bench/ablations/plans loads, names no absolute path of its own, and every unit's pipeline
+    is valid for `eagle-pipe run`."""
+    from stages.run import load_sections
+
+    path = Path(recipe.__file__).parent / "plans" / f"{name}.yaml"
+    assert "/work/" not in "".join(line for line in path.read_text().splitlines(True) if not line.startswith("#"))
+    for var in ("SMOLLM2_TARGET", "RECIPE_WORK", "EAGLE_PIPE_BENCH_WORK"):
+        monkeypatch.setenv(var, str(tmp_path / var.lower()))
+    plan = recipe.load_plan(path)
+    units = recipe.expand(plan, path)
+    assert {u.arm for u in units} == {a["name"] for a in plan["arms"]}
+    for unit in units:
+        recipe.run_unit(unit, tmp_path / "work", lock=None, dry_run=True)
+        load_sections(str(tmp_path / "work" / "arms" / unit.arm / f"pipeline-{unit.tag}.yaml"))
+
+
+def test_compare_gives_arm_over_baseline():
+    plan = {"arms": [{"name": "full"}, {"name": "fp8"}, {"name": "c"}], "compare": [["fp8", "full"], ["c", "full"]]}
+    results = [fake_result("full", None, 3, 2.0, {}) | {"dump": {"bytes_per_token": 1000.0}},
+               fake_result("fp8", None, 3, 1.98, {}) | {"dump": {"bytes_per_token": 500.0}}]
+    results[1]["train"]["held_out_simulated_al"] = 1.2
+    rows = recipe.table(plan, results)
+    (fp8, c) = recipe.compare(plan, rows)
+    assert fp8["acceptance_length"] == {"3": pytest.approx(0.99)} and fp8["dump_bytes_per_token"] == 0.5
+    assert fp8["held_out_simulated_al"] == pytest.approx(0.8)
+    assert c == {"arm": "c", "baseline": "full", "measured": False}
+    assert recipe.markdown(rows).splitlines()[2].endswith("| 1000.0 |")
+    with pytest.raises(SystemExit, match="pairs of arm names"):
+        recipe.load_plan(write_plan(Path(__import__("tempfile").mkdtemp()), [{"name": "a"}], compare=[["a", "b"]]))
+
+
+def test_dump_facts_count_the_parts_bytes_next_to_the_formula(tmp_path_factory, tiny_llama):
+    """The bytes per token of a real dump, from its done.json, against the format's formula (which leaves out
+    only each part's safetensors header and the closing entry of its cu_seqlens)."""
+    from stages import shards
+    from train_dumps import cached_dump
+
+    dump = cached_dump(tmp_path_factory, "llama-40", tiny_llama, records=40)
+    facts = recipe.dump_facts({"dump-teacher": {"out": str(dump)}})
+    parts = list(shards.iter_parts(dump))
+    on_disk = sum(p.stat().st_size for p in parts)
+    assert facts["bytes"] == on_disk and facts["bytes_per_token"] == on_disk / facts["tokens"]
+    headers = sum(8 + int.from_bytes(p.read_bytes()[:8], "little") for p in parts)
+    exact = (on_disk - headers - 8 * len(parts)) / facts["tokens"]
+    assert facts["formula_bytes_per_token"] == pytest.approx(exact, rel=1e-12)
+    assert recipe.dump_facts({"dump-teacher": {"out": str(tmp_path_factory.mktemp("none"))}}) == {}
+
+
+def test_split_holds_out_prompts_that_no_training_record_contains(tmp_path):
+    chats = [{"messages": [{"role": "user", "content": f"question {i % 30}"},
+                           {"role": "assistant", "content": f"answer {i}"},
+                           {"role": "user", "content": "and again?" if i % 2 else f"follow-up {i}"},
+                           {"role": "assistant", "content": "yes"}]} for i in range(120)]
+    data = tmp_path / "chats.jsonl"
+    data.write_text("".join(json.dumps(c) + "\n" for c in chats))
+    recipe_data.main(["split", str(data), "--out", str(tmp_path / "out"), "--train-records", "50",
+                      "--eval-fraction", "0.3", "--max-prompt-count", "4"])
+    train = [json.loads(x)["messages"] for x in (tmp_path / "out" / "original.jsonl").read_text().splitlines()]
+    held = [json.loads(x)["messages"] for x in (tmp_path / "out" / "eval.jsonl").read_text().splitlines()]
+    held_texts = {m[0]["content"] for m in held}
+    assert held and len(train) == 50 and all(len(m) == 1 and m[0]["role"] == "user" for m in held)
+    assert "and again?" not in held_texts  # seen 60 times: never held out
+    assert not any(m["content"] in held_texts for c in train for m in c if m["role"] == "user")
+    assert train == [c["messages"] for c in chats if not any(m["content"] in held_texts for m in c["messages"]
+                                                              if m["role"] == "user")][:50]

@@ -1,16 +1,16 @@
-"""Recipe ablations: run a plan of arms, each a set of overrides of one pipeline.yaml, through `eagle-pipe run`,
-and print one table (JSON, then markdown) of what each arm's draft measures on the judge (MT-bench).
+"""Recipe ablations, the one ablation runner: a plan of arms, each a set of overrides of one pipeline.yaml, run
+through `eagle-pipe run`; prints one table (JSON, then markdown) of what each arm's draft measures on the judge.
 
-    python -m bench.ablations.recipe bench/ablations/plans/smollm2.yaml --lock /tmp/eagle-heavy.lock    # run what is missing
-    python -m bench.ablations.recipe bench/ablations/plans/smollm2.yaml --table                           # only the table
-    python -m bench.ablations.recipe bench/ablations/plans/smollm2.yaml --arms recipe,lr-1e-3 --dry-run
+    python -m bench.ablations.recipe bench/ablations/plans/smollm2.yaml --lock /tmp/eagle-heavy.lock  # what is missing
+    python -m bench.ablations.recipe bench/ablations/plans/smollm2.yaml --table --save   # the table, and its JSON file
+    python -m bench.ablations.recipe bench/ablations/plans/fp8-demo.yaml --arms demo-full,demo-fp8 --dry-run
 
 A plan (YAML, kept in bench/ablations/plans/):
 
     base: examples/smollm2/pipeline.yaml    # the recipe: sections regenerate / dump-teacher / train / eval
-    work: /work/cache/recipe                # every output of every arm (default: work/recipe)
+    work: ${RECIPE_WORK:-work/recipe}       # every output of every arm
     defaults:                               # overrides applied to every arm first (e.g. where the data lives)
-      dump-teacher: {target: /path/to/target}
+      dump-teacher: {target: "${SMOLLM2_TARGET}"}
     arms:
       - name: recipe                        # the recipe itself
         factor: recipe
@@ -19,8 +19,12 @@ A plan (YAML, kept in bench/ablations/plans/):
         train: {lr: 1.0e-3}
         seeds: [0, 1, 2]                    # one training per seed (train.seed); the table shows the mean
         k: [3, 5]                           # one eval per K (eval.draft_tokens)
+    compare:                                # optional: [arm, baseline] pairs, reported as ratios
+      - [lr-1e-3, recipe]
 
-An arm's sections are merged into the base's key by key; a key or a whole section set to null is removed (e.g.
+`${NAME}` / `${NAME:-default}` in any value comes from `--var NAME=VALUE` or the environment, so a plan names no
+machine's paths (a value that is only a variable is read as YAML: `max_steps: ${STEPS:-300}` is a number). An
+arm's sections are merged into the base's key by key; a key or a whole section set to null is removed (e.g.
 `regenerate: null` trains on the data's original answers). Output directories are named by a hash of
 everything that makes their content (a stage's options plus the directories it reads), so arms with the same
 regenerate, dump or training share one directory, and `eagle-pipe run`'s own skip logic reuses it instead of
@@ -32,7 +36,10 @@ is started under `flock FILE` (the team's one-heavy-job rule).
 Per arm, the table gives the factor changed, the judge's acceptance length per K (mean over seeds; every seed's
 value is kept) and per category at the first K, lossless (all units), optimizer steps, trained positions
 (steps x batch x grad-accum x seq-len, i.e. packed row positions), the training's wall seconds, the eval's wall
-seconds, the held-out simulated acceptance length at the end of training, and the regenerated / dumped tokens.
+seconds, the held-out simulated acceptance length at the end of training, the regenerated / dumped tokens and
+the dump's bytes per token (measured, and the shard format's formula). `compare` gives arm / baseline of the
+acceptance length per K, the held-out simulated AL and the bytes per token. `--save` writes the JSON to
+bench/results/DATE-recipe-PLAN.json.
 """
 from __future__ import annotations
 
@@ -41,8 +48,8 @@ import copy
 import hashlib
 import json
 import os
+import re
 import statistics
-import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
@@ -50,7 +57,8 @@ from pathlib import Path
 
 import yaml
 
-REPO = Path(__file__).resolve().parents[2]
+from bench.common import REPO, add_save_flag, locked, log_line, run_json, save_result
+
 SECTIONS = ("regenerate", "dump-teacher", "train", "export", "eval")
 CATEGORY_ORDER = ("writing", "roleplay", "reasoning", "math", "coding", "extraction", "stem", "humanities")
 
@@ -92,13 +100,40 @@ def merge(base: dict, overrides: dict) -> dict:
     return out
 
 
-def load_plan(path: Path) -> dict:
-    plan = yaml.safe_load(Path(path).read_text()) or {}
+VARIABLE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+def substitute(obj, variables: dict, where: str):
+    """`${NAME}` and `${NAME:-default}` in every string of a plan, from `variables` (--var) or the environment, so
+    a plan names no machine's paths."""
+    if isinstance(obj, dict):
+        return {k: substitute(v, variables, where) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [substitute(v, variables, where) for v in obj]
+    if not isinstance(obj, str):
+        return obj
+
+    def value(m):
+        name, default = m.group(1), m.group(2)
+        found = variables.get(name, os.environ.get(name, default))
+        if found is None:
+            raise SystemExit(f"{where}: ${{{name}}} is not set (export {name}=... or pass --var {name}=...)")
+        return found
+
+    text = VARIABLE.sub(value, obj)
+    return yaml.safe_load(text) if VARIABLE.fullmatch(obj) and text else text  # `max_steps: ${STEPS:-300}`: 300
+
+
+def load_plan(path: Path, variables: dict | None = None) -> dict:
+    plan = substitute(yaml.safe_load(Path(path).read_text()) or {}, variables or {}, str(path))
     if not isinstance(plan, dict) or not isinstance(plan.get("arms"), list) or not plan["arms"]:
         raise SystemExit(f"{path}: a plan is a mapping with a non-empty list under 'arms'")
     names = [a.get("name") for a in plan["arms"]]
     if any(not isinstance(n, str) or not n for n in names) or len(set(names)) != len(names):
         raise SystemExit(f"{path}: every arm needs a unique non-empty 'name' (got {names})")
+    for pair in plan.get("compare") or []:
+        if not (isinstance(pair, list) and len(pair) == 2 and set(pair) <= set(names)):
+            raise SystemExit(f"{path}: 'compare' takes pairs of arm names [arm, baseline] (got {pair})")
     return plan
 
 
@@ -174,30 +209,21 @@ def run_unit(unit: Unit, work: Path, lock: str | None, dry_run: bool) -> dict | 
     arm_dir.mkdir(parents=True, exist_ok=True)
     pipeline.write_text(yaml.safe_dump(sections, sort_keys=False))
     cmd = [sys.executable, "-m", "stages.cli", "run", str(pipeline), "--json"]
-    if lock:
-        cmd = ["flock", lock, *cmd]
     if dry_run:
-        print(f"would run: {' '.join(cmd)}", file=sys.stderr)
+        print(f"would run: {' '.join(locked(cmd, lock))}", file=sys.stderr)
         return None
-    log = arm_dir / f"run-{unit.tag}.log"
-    print(f"[{time.strftime('%H:%M:%S')}] {unit.arm} {unit.tag}: {' '.join(cmd)} (log {log})", file=sys.stderr,
-          flush=True)
-    env = dict(os.environ, PYTHONPATH=str(REPO), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    log_line(f"{unit.arm} {unit.tag}")
     t0 = time.time()
-    with open(log, "w") as err:
-        done = subprocess.run(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=err, text=True)
-    lines = [line for line in done.stdout.strip().splitlines() if line.startswith("{")]
-    if done.returncode != 0 or not lines:
-        print(f"  FAILED ({done.returncode}); last lines of {log}:\n" + "\n".join(
-            log.read_text().splitlines()[-15:]), file=sys.stderr)
+    rc, summary = run_json(cmd, arm_dir / f"run-{unit.tag}.log", lock=lock)
+    if rc != 0 or summary is None:
         return None
-    summary = json.loads(lines[-1])
     result = {"arm": unit.arm, "factor": unit.factor, "seed": unit.seed, "k": unit.k, "pipeline": str(pipeline),
               "wall_seconds": time.time() - t0, "sections": sections, "summary": summary,
-              "regenerated_tokens": regenerated_tokens(sections), "train": train_facts(sections)}
+              "regenerated_tokens": regenerated_tokens(sections), "dump": dump_facts(sections),
+              "train": train_facts(sections)}
     result_path.write_text(json.dumps(result, indent=1))
-    print(f"  AL {summary['acceptance_length']:.3f} at K={unit.k}, lossless {summary['lossless']}, "
-          f"{time.time() - t0:.0f} s", file=sys.stderr, flush=True)
+    log_line(f"  AL {summary['acceptance_length']:.3f} at K={unit.k}, lossless {summary['lossless']}, "
+             f"{time.time() - t0:.0f} s")
     return result
 
 
@@ -209,6 +235,34 @@ def regenerated_tokens(sections: dict) -> int | None:
     for done in Path(regen["out"]).glob("shard-*/done.json"):
         total += int(json.loads(done.read_text()).get("generated_tokens", 0))
     return total
+
+
+def formula_bytes_per_token(manifest: dict, tokens: int, sequences: int) -> float:
+    """The shard format's size: 3*H*aux bytes (+ 3*4 scales for fp8) + k*(4+4) + 4 (input id) + 1 (loss mask)
+    per token, + 16 per sequence (cu_seqlens, sample_index); top-k teacher."""
+    H, k = manifest["target"]["hidden_size"], manifest["teacher"]["k"] or 0
+    aux = {"float8_e4m3fn": 1, "bfloat16": 2, "float16": 2, "float32": 4}[manifest["aux_dtype"]]
+    scales = 12 if manifest["aux_dtype"] == "float8_e4m3fn" else 0
+    return 3 * H * aux + scales + 8 * k + 5 + 16 * sequences / tokens
+
+
+def dump_facts(sections: dict) -> dict:
+    """The dump's stored aux dtype, tokens and bytes per token (measured, and the format's formula)."""
+    from stages import shards
+
+    out = Path(sections["dump-teacher"]["out"])
+    if not (out / "manifest.json").is_file():
+        return {}
+    manifest = shards.read_json(out / "manifest.json")
+    dones = [shards.read_done(out, i, manifest["num_shards"]) for i in range(manifest["num_shards"])]
+    if any(d is None for d in dones):
+        return {}
+    tokens = sum(d["num_tokens"] for d in dones)
+    sequences = sum(d["records"]["written"] for d in dones)
+    part_bytes = sum(p["bytes"] for d in dones for p in d["parts"])
+    return {"aux_dtype": manifest["aux_dtype"], "tokens": tokens, "bytes": part_bytes,
+            "bytes_per_token": part_bytes / tokens if tokens else None,
+            "formula_bytes_per_token": formula_bytes_per_token(manifest, tokens, sequences) if tokens else None}
 
 
 def train_facts(sections: dict) -> dict:
@@ -267,9 +321,33 @@ def table(plan: dict, results: list[dict]) -> list[dict]:
             "held_out_simulated_al": _mean(t.get("held_out_simulated_al") for t in train_runs.values()),
             "regenerated_tokens": first[0].get("regenerated_tokens"),
             "dump_tokens": first[0]["summary"].get("tokens"),
+            "dump_bytes_per_token": (first[0].get("dump") or {}).get("bytes_per_token"),
+            "dump_formula_bytes_per_token": (first[0].get("dump") or {}).get("formula_bytes_per_token"),
             "supervised_tokens": first[0]["summary"].get("supervised_tokens"),
         })
     return rows
+
+
+def compare(plan: dict, rows: list[dict]) -> list[dict]:
+    """The plan's `compare: [[arm, baseline], ...]`: arm / baseline of the acceptance length at each K both
+    measured, of the held-out simulated AL and of the dump's bytes per token."""
+    by_arm = {r["arm"]: r for r in rows if r["measured"]}
+    out = []
+    for arm, base in plan.get("compare") or []:
+        if arm not in by_arm or base not in by_arm:
+            out.append({"arm": arm, "baseline": base, "measured": False})
+            continue
+        x, y = by_arm[arm], by_arm[base]
+
+        def ratio(u, v):
+            return u / v if u is not None and v else None
+
+        out.append({"arm": arm, "baseline": base, "measured": True,
+                    "acceptance_length": {k: ratio(x["acceptance_length"][k], y["acceptance_length"][k])
+                                          for k in x["acceptance_length"] if k in y["acceptance_length"]},
+                    "held_out_simulated_al": ratio(x["held_out_simulated_al"], y["held_out_simulated_al"]),
+                    "dump_bytes_per_token": ratio(x.get("dump_bytes_per_token"), y.get("dump_bytes_per_token"))})
+    return out
 
 
 def markdown(rows: list[dict]) -> str:
@@ -291,7 +369,7 @@ def markdown(rows: list[dict]) -> str:
         return num(v, ".3f") + (f" ± {sd:.3f}" if sd is not None else "")
 
     head = (["arm", "factor"] + [f"AL K={k}" for k in ks] + cats +
-            ["lossless", "steps", "positions", "train s", "eval s", "held-out sim. AL"])
+            ["lossless", "steps", "positions", "train s", "eval s", "held-out sim. AL", "bytes/token"])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         if not r["measured"]:
@@ -300,7 +378,8 @@ def markdown(rows: list[dict]) -> str:
         eval_s = "/".join(num(v, ".0f") for v in r["eval_seconds"].values())
         cells = ([r["arm"], r["factor"]] + [al(r, k) for k in ks] + [num(r["per_category"].get(c)) for c in cats] +
                  ["yes" if r["lossless"] else "NO", num(r["train_steps"], ".0f"), num(r["trained_positions"], ".3g"),
-                  num(r["train_seconds"], ".0f"), eval_s, num(r["held_out_simulated_al"], ".3f")])
+                  num(r["train_seconds"], ".0f"), eval_s, num(r["held_out_simulated_al"], ".3f"),
+                  num(r.get("dump_bytes_per_token"), ".1f")])
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -312,8 +391,14 @@ def main(argv=None) -> None:
     p.add_argument("--lock", default=None, help="run every `eagle-pipe run` under `flock LOCK`")
     p.add_argument("--table", action="store_true", help="run nothing; print the table of what is measured")
     p.add_argument("--dry-run", action="store_true", help="write the pipeline files, print the commands, run nothing")
+    p.add_argument("--var", action="append", default=[], metavar="NAME=VALUE",
+                   help="a ${NAME} of the plan (else taken from the environment; repeat for several)")
+    add_save_flag(p, "recipe-PLAN")
     a = p.parse_args(argv)
-    plan = load_plan(a.plan)
+    bad = [v for v in a.var if "=" not in v]
+    if bad:
+        raise SystemExit(f"--var {bad[0]}: expected NAME=VALUE")
+    plan = load_plan(a.plan, dict(v.split("=", 1) for v in a.var))
     work = Path(plan.get("work", REPO / "work" / "recipe"))
     units = expand(plan, a.plan)
     wanted = set(a.arms.split(",")) if a.arms else None
@@ -330,8 +415,11 @@ def main(argv=None) -> None:
         if result is not None:
             results.append(result)
     rows = table(plan, results)
-    print(json.dumps({"plan": str(a.plan), "work": str(work), "arms": rows}, indent=1))
+    report = {"plan": str(a.plan), "work": str(work), "arms": rows, "compare": compare(plan, rows)}
+    print(json.dumps(report, indent=1))
     print(markdown(rows))
+    if a.save:
+        save_result(a.save.replace("PLAN", a.plan.stem), report)
 
 
 if __name__ == "__main__":

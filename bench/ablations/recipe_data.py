@@ -1,7 +1,9 @@
 """Data for recipe ablations (bench/ablations/recipe.py), made from files the pipeline already reads; prints JSON.
 
-    python -m bench.ablations.recipe_data heldout vicuna_bench_question.jsonl --exclude mt_bench_question.jsonl --out held.jsonl
+    python -m bench.ablations.recipe_data heldout vicuna_bench_question.jsonl --exclude mt_bench_question.jsonl \
+        --out held.jsonl
     python -m bench.ablations.recipe_data mix REGEN_DIR [REGEN_DIR ...] --out mix.jsonl [--seed 0]
+    python -m bench.ablations.recipe_data split dummy_conversation.json --out DIR   # DIR/original.jsonl, eval.jsonl
 
 `heldout`: benchmark question files (MT-bench / Vicuna-bench / EAGLE `question.jsonl`: {"turns": [...]}) ->
 prompt-only chat records ({"messages": [{"role": "user", ...}]}) that `eagle-pipe regenerate` answers: a
@@ -16,13 +18,18 @@ the same composition for every N (the data-size arms). `--answers original` writ
 system and user turns, same order after the shuffle) with the data's own answers instead of the target's, read
 from the sources named in each regenerate manifest: Alpaca `output`; ShareGPT/OpenAI assistant turns in order,
 then a DPO record's `chosen` answer. A conversation whose answer count differs is dropped (and counted).
+
+`split`: a chat corpus (any file the pipeline reads) -> DIR/eval.jsonl, held-out user prompts (user texts, any
+turn, seen at most `--max-prompt-count` times, whose sha256 falls in `--eval-fraction`), and DIR/original.jsonl,
+the first `--train-records` conversations containing none of them: the data of plans/regenerate-demo.yaml.
 """
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import random
-import sys
+from collections import Counter
 from pathlib import Path
 
 
@@ -90,6 +97,35 @@ def mix(regen_dirs: list[Path], seed: int, answers: str = "regenerated") -> tupl
     return [r for r in records if r is not None], dropped
 
 
+def load_chats(path: Path) -> list[list[dict]]:
+    """The chat records of a file, as the pipeline reads them (other kinds and unreadable records skipped)."""
+    from stages.data.records import parse_record, read_records
+
+    chats = []
+    for _, _, record in read_records([str(path)]):
+        try:
+            kind, messages = parse_record(record)
+        except Exception:
+            continue
+        if kind == "chat":
+            chats.append(messages)
+    return chats
+
+
+def split(chats: list[list[dict]], eval_fraction: float, max_count: int) -> tuple[list[list[dict]], list[str]]:
+    """(training conversations, held-out prompts): a user text is held out when it is seen at most `max_count`
+    times and its hash falls in the eval fraction; a conversation is kept for training when it has none."""
+    counts = Counter(m["content"] for c in chats for m in c if m["role"] == "user")
+
+    def held(text):
+        h = int(hashlib.sha256(text.encode()).hexdigest()[:8], 16) / 2**32
+        return counts[text] <= max_count and h < eval_fraction
+
+    held_out = sorted({t for t in counts if held(t)})
+    train = [c for c in chats if not any(m["role"] == "user" and held(m["content"]) for m in c)]
+    return train, held_out
+
+
 def write_jsonl(path: Path, records: list[dict]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
@@ -107,11 +143,23 @@ def main(argv=None) -> None:
     m.add_argument("--seed", type=int, default=0)
     m.add_argument("--answers", choices=["regenerated", "original"], default="regenerated")
     m.add_argument("--out", required=True, type=Path)
+    sp = sub.add_parser("split")
+    sp.add_argument("data", type=Path)
+    sp.add_argument("--out", required=True, type=Path, help="folder for original.jsonl and eval.jsonl")
+    sp.add_argument("--train-records", type=int, default=400)
+    sp.add_argument("--eval-fraction", type=float, default=0.25)
+    sp.add_argument("--max-prompt-count", type=int, default=20)
     a = p.parse_args(argv)
     if a.cmd == "heldout":
         records, dropped = heldout(a.sources, a.exclude)
         write_jsonl(a.out, records)
         print(json.dumps({"out": str(a.out), "records": len(records), "dropped_as_excluded": dropped}))
+    elif a.cmd == "split":
+        train, held_out = split(load_chats(a.data), a.eval_fraction, a.max_prompt_count)
+        train = train[: a.train_records]
+        write_jsonl(a.out / "original.jsonl", [{"messages": c} for c in train])
+        write_jsonl(a.out / "eval.jsonl", [{"messages": [{"role": "user", "content": t}]} for t in held_out])
+        print(json.dumps({"out": str(a.out), "train_records": len(train), "held_out_prompts": len(held_out)}))
     else:
         records, dropped = mix(a.regen_dirs, a.seed, a.answers)
         write_jsonl(a.out, records)

@@ -1,14 +1,9 @@
-"""What `eagle-pipe regenerate` buys and costs; prints JSON.
+"""How fast `eagle-pipe regenerate --engine hf` decodes; prints JSON. (What regenerating buys in acceptance is the
+recipe plan bench/ablations/plans/regenerate-demo.yaml.)
 
-    python -m bench.perf.regenerate acceptance --data PATH/dummy_conversation.json [--target examples/demo/target]
-    python -m bench.perf.regenerate throughput --data PATH/dummy_conversation.json [--target examples/demo/target]
+    python -m bench.perf.regenerate --data mt_bench_question.jsonl [--target examples/demo/target] [--save]
 
-`acceptance`: two drafts with the same training budget (steps x batch x seq-len), one trained on the data's own
-answers and one on the target's regenerated answers, both measured by `eagle-pipe eval` (real speculative
-decoding, lossless check) on held-out prompts: user turns that no training record contains. Use a corpus the
-target did not write (FastChat's dummy_conversation.json: answers by Vicuna) to see the on-policy gain.
-
-`throughput`: `--engine hf` tokens/s over the first user turns of `--data` (any file eval reads, e.g. MT-bench's
+`--engine hf` tokens/s over the first user turns of `--data` (any file eval reads, e.g. MT-bench's
 question.jsonl), in three modes: `dynamic` (transformers' generate() on a dynamic cache: the engine before the
 static cache), `static` (a static KV cache, eager) and `compiled` (static cache + compiled decode step, the
 default; its first pass compiles and is reported apart), against the bare batched-decode bound: a compiled
@@ -20,95 +15,11 @@ weights once per step for the whole batch, in half the bytes).
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import sys
 import time
-from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[2]
-
-
-def cli(args: list) -> dict:
-    """A stage in-process, returning its summary; its printed output goes to stderr (stdout is the JSON)."""
-    import contextlib
-
-    from stages.cli import main
-
-    with contextlib.redirect_stdout(sys.stderr):
-        return main.main(args=[str(a) for a in args], standalone_mode=False)
-
-
-def load_chats(path: str) -> list[list[dict]]:
-    from stages.data.records import parse_record, read_records
-
-    chats = []
-    for _, _, record in read_records([path]):
-        try:
-            kind, messages = parse_record(record)
-        except Exception:
-            continue
-        if kind == "chat":
-            chats.append(messages)
-    return chats
-
-
-def split_held_out(chats, eval_fraction: float, max_count: int):
-    """Held-out prompts: user texts (any turn, seen at most `max_count` times) whose hash falls in the eval
-    fraction; training records: those containing none of them."""
-    from collections import Counter
-
-    counts = Counter(m["content"] for c in chats for m in c if m["role"] == "user")
-
-    def held(text):
-        h = int(hashlib.sha256(text.encode()).hexdigest()[:8], 16) / 2**32
-        return counts[text] <= max_count and h < eval_fraction
-
-    held_out = sorted({t for t in counts if held(t)})
-    train = [c for c in chats if not any(m["role"] == "user" and held(m["content"]) for m in c)]
-    return train, held_out
-
-
-def write_jsonl(path: Path, records) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
-    return path
-
-
-def acceptance(a) -> dict:
-    work = Path(a.work)
-    chats = load_chats(a.data)
-    train, held_out = split_held_out(chats, a.eval_fraction, a.max_prompt_count)
-    train = train[: a.train_records]
-    original = write_jsonl(work / "original.jsonl", [{"messages": c} for c in train])
-    evalset = write_jsonl(work / "eval.jsonl", [{"messages": [{"role": "user", "content": t}]} for t in held_out])
-    t0 = time.perf_counter()
-    regen = cli(["regenerate", "--target", a.target, "--data", original, "--out", work / "regenerated",
-                 "--max-new-tokens", a.max_new_tokens, "--batch-size", a.batch_size, "--device", "cpu"])
-    regen_seconds = time.perf_counter() - t0
-    results = {}
-    for arm, data in (("original", original), ("regenerated", work / "regenerated")):
-        dump = cli(["dump-teacher", "--target", a.target, "--data", data, "--out", work / arm / "teacher",
-                    "--dtype", "float32", "--top-k", 16, "--max-seq-len", a.seq_len, "--batch-tokens", 8192,
-                    "--device", "cpu"])
-        train_summary = cli(["train", "--teacher-dir", work / arm / "teacher", "--out", work / arm / "run",
-                             "--seq-len", a.seq_len, "--batch-size", a.train_batch, "--max-steps", a.steps,
-                             "--lr", "1e-2", "--warmup-steps", 20, "--ttt-steps", 3, "--draft-vocab-size", 2048,
-                             "--eval-fraction", 0.05, "--eval-every", a.steps, "--save-every", a.steps,
-                             "--log-every", 50, "--no-compile", "--num-workers", 1, "--device", "cpu"])
-        ev = cli(["eval", "--target", a.target, "--draft", work / arm / "run" / "export", "--data", evalset,
-                  "--max-new-tokens", a.eval_new_tokens, "--draft-tokens", 3, "--device", "cpu", "--json"])
-        results[arm] = {"records": dump["sequences"], "tokens": dump["tokens"],
-                        "supervised_tokens": dump["supervised_tokens"], "train_steps": train_summary.get("steps"),
-                        "acceptance_length": ev["acceptance_length"], "lossless": ev["lossless"],
-                        "per_position_acceptance": ev["per_position_acceptance"]}
-    return {"bench": "regenerate-acceptance", "data": a.data, "target": a.target,
-            "train_records": len(train), "held_out_prompts": len(held_out),
-            "budget": {"steps": a.steps, "batch_size": a.train_batch, "seq_len": a.seq_len},
-            "regenerate": {"seconds": regen_seconds, "generated_tokens": regen["generated_tokens"],
-                           "finish_reasons": regen["finish_reasons"], "skipped": regen["skipped"]},
-            **results,
-            "gain": results["regenerated"]["acceptance_length"] / results["original"]["acceptance_length"]}
+from bench.common import REPO, add_save_flag, save_result
 
 
 def bench_prompts(data: str, count: int) -> list[list[dict]]:
@@ -239,36 +150,26 @@ def throughput(a) -> dict:
     return result
 
 
-def main() -> None:
+def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    sub = p.add_subparsers(dest="what", required=True)
-    acc = sub.add_parser("acceptance")
-    acc.add_argument("--data", required=True)
-    acc.add_argument("--target", default=str(REPO / "examples" / "demo" / "target"))
-    acc.add_argument("--work", default="/tmp/eagle-pipe-bench-regenerate")
-    acc.add_argument("--train-records", type=int, default=400)
-    acc.add_argument("--eval-fraction", type=float, default=0.25)
-    acc.add_argument("--max-prompt-count", type=int, default=20)
-    acc.add_argument("--max-new-tokens", type=int, default=96)
-    acc.add_argument("--batch-size", type=int, default=64)
-    acc.add_argument("--steps", type=int, default=200)
-    acc.add_argument("--train-batch", type=int, default=4)
-    acc.add_argument("--seq-len", type=int, default=512)
-    acc.add_argument("--eval-new-tokens", type=int, default=64)
-    thr = sub.add_parser("throughput")
-    thr.add_argument("--data", required=True)
-    thr.add_argument("--target", default=str(REPO / "examples" / "demo" / "target"))
-    thr.add_argument("--prompts", type=int, default=32)
-    thr.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="the target's dtype")
-    thr.add_argument("--max-new-tokens", type=int, default=64)
-    thr.add_argument("--batch-size", type=int, default=32)
-    thr.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default, the cores)")
-    thr.add_argument("--modes", default="dynamic,static,compiled",
+    p.add_argument("--data", required=True)
+    p.add_argument("--target", default=str(REPO / "examples" / "demo" / "target"))
+    p.add_argument("--prompts", type=int, default=32)
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="the target's dtype")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default, the cores)")
+    p.add_argument("--modes", default="dynamic,static,compiled",
                      help="engine modes to time: dynamic (before: HF generate on a dynamic cache), static, compiled")
-    thr.add_argument("--bound-steps", type=int, default=64, help="decode steps timed for the bound")
-    thr.add_argument("--single", action="store_true", help="also generate one prompt at a time (slow) and compare")
-    a = p.parse_args()
-    print(json.dumps(acceptance(a) if a.what == "acceptance" else throughput(a), indent=1))
+    p.add_argument("--bound-steps", type=int, default=64, help="decode steps timed for the bound")
+    p.add_argument("--single", action="store_true", help="also generate one prompt at a time (slow) and compare")
+    add_save_flag(p, "regenerate-throughput")
+    a = p.parse_args(argv)
+    result = throughput(a)
+    print(json.dumps(result, indent=1))
+    if a.save:
+        save_result(a.save, result)
+    return result
 
 
 if __name__ == "__main__":
