@@ -1,8 +1,8 @@
 """`--aux-dtype fp8` end to end on a real tiny target: the dump stores exactly the quantization of the
 full-precision dump's aux states, verifies, trains (the loader moves FP8 bytes + scales, the step dequantizes),
 resumes bitwise after kill -9, and its draft evaluates losslessly; verify catches missing or mis-shaped scales;
-a train dump and an eval dump of different aux dtypes train together; and schema-1 dumps (the previous release's
-format) still verify and train to bitwise the weights of the same data in schema 2."""
+a train dump and an eval dump of different aux dtypes train together; and a schema-1 dump (the previous release's
+format) is refused by verify and train in one line saying to re-run dump-teacher."""
 from __future__ import annotations
 
 import json
@@ -178,18 +178,17 @@ def as_schema_1(src: Path, dst: Path) -> Path:
     return dst
 
 
-def test_schema_1_dumps_still_verify_and_train_to_the_same_weights(full, tmp_path):
+def test_a_schema_1_dump_is_refused_in_one_line(full, tmp_path):
     old = as_schema_1(full, tmp_path / "schema1")
-    assert shards.read_json(old / "manifest.json")["schema_version"] == 1
-    assert verify_dump(old) == []
-    common = ["--max-steps", "8", "--eval-every", "8", "--log-every", "4"]
-    train(["--teacher-dir", str(old), "--out", str(tmp_path / "old"), *common])
-    train(["--teacher-dir", str(full), "--out", str(tmp_path / "new"), *common])
-    for name in ("model.safetensors", "optimizer.safetensors"):
-        a = (tmp_path / "old" / "checkpoints" / "step-00000008" / name).read_bytes()
-        assert a == (tmp_path / "new" / "checkpoints" / "step-00000008" / name).read_bytes(), name
-    # and a schema-1 dump trains next to a schema-2 FP8 eval dump of the same target
-    train(["--teacher-dir", str(old), "--eval-teacher-dir", str(full), "--out", str(tmp_path / "mixed"), *common])
+    line = (f"{old / 'manifest.json'}: schema_version 1, this eagle-pipe reads dumps of schema 2: re-run "
+            "dump-teacher with this version (into a new --out) to rewrite it")
+    assert verify_dump(old) == [line]
+    result = train(["--teacher-dir", str(old), "--out", str(tmp_path / "run"), "--max-steps", "2"], expect_ok=False)
+    assert result.exit_code != 0 and f"refusing to train on {old}: {line}" in result.output
+    assert not (tmp_path / "run" / "checkpoints").exists()
+    result = train(["--teacher-dir", str(full), "--eval-teacher-dir", str(old), "--out", str(tmp_path / "mixed"),
+                    "--max-steps", "2"], expect_ok=False)  # as an eval dump too
+    assert result.exit_code != 0 and f"refusing to train on {old}: {line}" in result.output
 
 
 def test_loader_moves_the_stored_fp8_bytes_and_scales_position_by_position(tmp_path):

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from stages.shards import part_name, sha256_file, shard_dir
+from stages.shards import SCHEMA_VERSION, part_name, sha256_file, shard_dir
 
 
 def make_documents(lengths: list[int], vocab: int, kind: str = "topk", k: int = 4, aux_width: int = 6,
@@ -47,7 +47,7 @@ def write_dump(root: Path, docs: list[dict], vocab: int, kind: str = "topk", k: 
                seqs_per_part: int = 3) -> Path:
     """Write docs round-robin over shards, a few sequences per part, with manifest and done.json files."""
     root = Path(root)
-    manifest = {"schema_version": 1, "num_shards": num_shards, "teacher": {"kind": kind, "k": k},
+    manifest = {"schema_version": SCHEMA_VERSION, "num_shards": num_shards, "teacher": {"kind": kind, "k": k},
                 "target": {"vocab_size": vocab, "config_sha256": "x", "tokenizer_sha256": "y"},
                 "aux_layer_ids": [1, 2, 3]}
     root.mkdir(parents=True, exist_ok=True)

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from bench.common import add_save_flag, save_result
-from stages.shards import part_name, shard_dir, write_part
+from stages.shards import SCHEMA_VERSION, part_name, shard_dir, write_part
 from stages.train.loader import SAFETENSORS_DTYPES, DumpIndex, PackedLoader
 
 SHAPES = {  # hidden, stored aux dtype, vocab, seq_len, batch
@@ -70,7 +70,8 @@ def write_synthetic_dump(root: Path, tokens: int, hidden: int, top_k: int, vocab
         sample, written = sample + len(lens), written + n
     (sdir / "done.json").write_text(json.dumps({"shard_index": 0, "num_shards": 1, "parts": parts,
                                                 "token_counts": {"ids": [], "counts": []}}))
-    (root / "manifest.json").write_text(json.dumps({"schema_version": 1, "num_shards": 1,
+    (root / "manifest.json").write_text(json.dumps({"schema_version": SCHEMA_VERSION, "num_shards": 1,
+                                                    "aux_dtype": str(dtype).removeprefix("torch."),
                                                     "teacher": {"kind": "topk", "k": top_k},
                                                     "target": {"vocab_size": vocab, "hidden_size": hidden}}))
     return root

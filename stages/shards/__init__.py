@@ -5,7 +5,7 @@ Layout of a dump directory OUT::
     OUT/manifest.json                 schema_version; target provenance (path/id, config_sha256,
                                       tokenizer_sha256, weights_sha256 (of OUT/target/weights.safetensors),
                                       architecture, num_layers, hidden_size, vocab_size, dtype);
-                                      aux_layer_ids; aux_dtype (schema 2: the stored aux dtype);
+                                      aux_layer_ids; aux_dtype (the stored aux dtype);
                                       teacher {kind, k, logprob_dtype, probs_dtype};
                                       max_seq_len; loss_on; data {sources, fingerprint}; num_shards;
                                       part_tokens; settings {every option that changes the output}
@@ -46,9 +46,10 @@ Writes are atomic: write to a temporary name in the same directory (`.NAME.tmp-H
 directory. Leftover temporary files never look complete and are removed by the next run of that shard.
 
 Both stages import this module: change the format here and bump SCHEMA_VERSION.
-Schema history: 1 = aux states always in the target dtype (no aux_dtype field: read it as target.dtype);
-2 = adds manifest aux_dtype (bfloat16, float16, float32 or float8_e4m3fn, from --aux-dtype) and, for
-float8_e4m3fn, the aux_scales tensor. Readers accept every version in READABLE_SCHEMA_VERSIONS.
+Schema history: 1 = aux states always in the target dtype (no aux_dtype field); 2 = adds manifest aux_dtype
+(bfloat16, float16, float32 or float8_e4m3fn, from --aux-dtype) and, for float8_e4m3fn, the aux_scales tensor.
+Readers take SCHEMA_VERSION only (`schema_problem`): an older dump is refused in one line saying to re-run
+dump-teacher, which rewrites it in this version.
 """
 from __future__ import annotations
 
@@ -59,7 +60,6 @@ import os
 from pathlib import Path
 
 SCHEMA_VERSION = 2
-READABLE_SCHEMA_VERSIONS = (1, 2)
 TEACHER_KINDS = ("topk", "argmax", "softmax")
 
 
@@ -353,9 +353,13 @@ def iter_parts(out: Path):
 
 # ---- manifest ------------------------------------------------------------------------------------------------
 
-def aux_dtype_name(manifest: dict) -> str:
-    """The stored aux dtype of a dump of any readable schema (schema 1 stored the target dtype)."""
-    return manifest.get("aux_dtype") or manifest["target"]["dtype"]
+def schema_problem(manifest: dict, where) -> str | None:
+    """One line when a manifest is not of this eagle-pipe's schema (None when it is)."""
+    version = manifest.get("schema_version")
+    if version == SCHEMA_VERSION:
+        return None
+    return (f"{where}: schema_version {version}, this eagle-pipe reads dumps of schema {SCHEMA_VERSION}: re-run "
+            f"dump-teacher with this version (into a new --out) to rewrite it")
 
 
 def canonical_json(obj) -> bytes:

@@ -38,13 +38,13 @@ def _check_target(out: Path, manifest: dict) -> list[str]:
 
 def _expected_tensors(manifest: dict) -> dict[str, tuple[list, str]]:
     """name -> (shape with None for the token dimension N / sequences, safetensors dtype)."""
-    t = manifest["target"]
-    dtype = SAFETENSORS_DTYPES.get(t["dtype"], t["dtype"])
+    target = manifest["target"]
+    dtype = SAFETENSORS_DTYPES.get(target["dtype"], target["dtype"])
     teacher = manifest["teacher"]
-    aux = shards.aux_dtype_name(manifest)
+    aux = manifest["aux_dtype"]
     out = {"input_ids": ([None], "I32"), "loss_mask": ([None], "U8"), "cu_seqlens": ([None], "I64"),
            "sample_index": ([None], "I64"),
-           "aux_hidden_states": ([None, 3 * t["hidden_size"]], SAFETENSORS_DTYPES.get(aux, aux))}
+           "aux_hidden_states": ([None, 3 * target["hidden_size"]], SAFETENSORS_DTYPES.get(aux, aux))}
     if aux == "float8_e4m3fn":
         out["aux_scales"] = ([None, 3], "F32")
     if teacher["kind"] == "topk":
@@ -53,11 +53,11 @@ def _expected_tensors(manifest: dict) -> dict[str, tuple[list, str]]:
     elif teacher["kind"] == "argmax":
         out["teacher_argmax"] = ([None], "I32")
     else:
-        out["teacher_probs"] = ([None, t["vocab_size"]], dtype)
+        out["teacher_probs"] = ([None, target["vocab_size"]], dtype)
     return out
 
 
-def _check_part(path: Path, entry: dict, expected: dict, msha: str) -> tuple[list[str], list[int]]:
+def _check_part(path: Path, entry: dict, expected: dict, manifest_hash: str) -> tuple[list[str], list[int]]:
     """Problems of one listed part and the sample indices it holds."""
     if not path.is_file():
         return [f"{path}: missing"], []
@@ -71,23 +71,24 @@ def _check_part(path: Path, entry: dict, expected: dict, msha: str) -> tuple[lis
     except ValueError as exc:
         return [str(exc)], []
     problems = []
-    if header["metadata"].get("manifest_sha256") != msha:
+    if header["metadata"].get("manifest_sha256") != manifest_hash:
         problems.append(f"{path}: written under another manifest")
-    n, s = entry["num_tokens"], entry["num_sequences"]
+    tokens, sequences = entry["num_tokens"], entry["num_sequences"]
     for name, (shape, dtype) in expected.items():
         if name not in header["tensors"]:
             problems.append(f"{path}: tensor {name} missing")
             continue
         got_shape, got_dtype = header["tensors"][name]
-        want = [{"cu_seqlens": s + 1, "sample_index": s}.get(name, n) if d is None else d for d in shape]
+        want = [{"cu_seqlens": sequences + 1, "sample_index": sequences}.get(name, tokens) if d is None else d
+                for d in shape]
         if got_shape != want or got_dtype != dtype:
             problems.append(f"{path}: {name} is {got_dtype}{got_shape}, expected {dtype}{want}")
     if problems:
         return problems, []
-    t = shards.load_part(path, ["sample_index", "cu_seqlens"])
-    if int(t["cu_seqlens"][-1]) != n or int(t["cu_seqlens"][0]) != 0:
-        problems.append(f"{path}: cu_seqlens does not span the part's {n} tokens")
-    return problems, t["sample_index"].tolist()
+    stored = shards.load_part(path, ["sample_index", "cu_seqlens"])
+    if int(stored["cu_seqlens"][-1]) != tokens or int(stored["cu_seqlens"][0]) != 0:
+        problems.append(f"{path}: cu_seqlens does not span the part's {tokens} tokens")
+    return problems, stored["sample_index"].tolist()
 
 
 def verify_dump(out, check_checksums: bool = True) -> list[str]:
@@ -98,14 +99,14 @@ def verify_dump(out, check_checksums: bool = True) -> list[str]:
         return [f"{mpath}: missing (not a teacher dump, or dump-teacher never started)"]
     try:
         manifest = shards.read_json(mpath)
+        problem = shards.schema_problem(manifest, mpath)
+        if problem:
+            return [problem]
         num_shards = int(manifest["num_shards"])
         expected = _expected_tensors(manifest)
     except (ValueError, KeyError, TypeError) as exc:
         return [f"{mpath}: unreadable or incomplete ({type(exc).__name__}: {exc})"]
-    if manifest.get("schema_version") not in shards.READABLE_SCHEMA_VERSIONS:
-        return [f"{mpath}: schema_version {manifest.get('schema_version')}, this tool reads "
-                f"{', '.join(map(str, shards.READABLE_SCHEMA_VERSIONS))}"]
-    msha = shards.manifest_sha256(manifest)
+    manifest_hash = shards.manifest_sha256(manifest)
     problems = _check_target(out, manifest)
     seen: dict[int, str] = {}       # sample index -> where it was accounted for
     num_records = set()
@@ -134,7 +135,7 @@ def verify_dump(out, check_checksums: bool = True) -> list[str]:
         if done is None:
             problems.append(f"{sdir}: shard not done (no done.json)")
             continue
-        if done.get("manifest_sha256") != msha:
+        if done.get("manifest_sha256") != manifest_hash:
             problems.append(f"{sdir / 'done.json'}: written under another manifest.json")
             continue
         num_records.add(done["num_records"])
@@ -144,7 +145,7 @@ def verify_dump(out, check_checksums: bool = True) -> list[str]:
         in_parts: list[int] = []
         for entry in done["parts"]:
             if check_checksums:
-                part_problems, indices = _check_part(sdir / entry["file"], entry, expected, msha)
+                part_problems, indices = _check_part(sdir / entry["file"], entry, expected, manifest_hash)
             else:
                 part_problems, indices = ([] if (sdir / entry["file"]).is_file() else
                                           [f"{sdir / entry['file']}: missing"]), []
