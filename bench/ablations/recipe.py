@@ -168,13 +168,13 @@ def expand(plan: dict, plan_path: Path) -> list[Unit]:
             raise SystemExit(f"{plan_path}: arm '{arm['name']}': unknown key(s) {sorted(unknown)}")
         sections = merge(base, overrides)
         seeds = arm.get("seeds") or plan.get("seeds") or [None]
-        ks = arm.get("k") or plan.get("k") or [sections.get("eval", {}).get("draft_tokens", 3)]
+        k_values = arm.get("k") or plan.get("k") or [sections.get("eval", {}).get("draft_tokens", 3)]
         for seed in seeds:
-            for k in ([ks] if isinstance(ks, int) else ks):
-                s = merge(sections, {"eval": {"draft_tokens": int(k)}})
+            for k in ([k_values] if isinstance(k_values, int) else k_values):
+                unit_sections = merge(sections, {"eval": {"draft_tokens": int(k)}})
                 if seed is not None:
-                    s = merge(s, {"train": {"seed": int(seed)}})
-                units.append(Unit(arm["name"], str(arm.get("factor", arm["name"])), seed, int(k), s))
+                    unit_sections = merge(unit_sections, {"train": {"seed": int(seed)}})
+                units.append(Unit(arm["name"], str(arm.get("factor", arm["name"])), seed, int(k), unit_sections))
     return units
 
 
@@ -185,8 +185,8 @@ def digest(obj) -> str:
 
 def assign_paths(sections: dict, work: Path) -> dict:
     """Output directories named by what makes their content; the inputs each stage reads wired explicitly."""
-    s = copy.deepcopy(sections)
-    regen, dump, train = s.get("regenerate"), s["dump-teacher"], s["train"]
+    wired = copy.deepcopy(sections)
+    regen, dump, train = wired.get("regenerate"), wired["dump-teacher"], wired["train"]
     if regen is not None:
         regen.setdefault("target", dump.get("target"))
         regen.setdefault("out", str(work / "regen" / digest({k: v for k, v in regen.items() if k != "out"})))
@@ -194,7 +194,7 @@ def assign_paths(sections: dict, work: Path) -> dict:
     dump.setdefault("out", str(work / "dump" / digest({k: v for k, v in dump.items() if k != "out"})))
     train["teacher_dir"] = dump["out"]
     train.setdefault("out", str(work / "train" / digest({k: v for k, v in train.items() if k != "out"})))
-    return s
+    return wired
 
 
 # ------------------------------------------------------------------------------------------------ running
@@ -294,9 +294,9 @@ def table(plan: dict, results: list[dict]) -> list[dict]:
         if not mine:
             rows.append({"arm": arm["name"], "factor": str(arm.get("factor", arm["name"])), "measured": False})
             continue
-        ks = sorted({r["k"] for r in mine})
-        by_k = {k: [r for r in mine if r["k"] == k] for k in ks}
-        first = by_k[ks[0]]
+        k_values = sorted({r["k"] for r in mine})
+        by_k = {k: [r for r in mine if r["k"] == k] for k in k_values}
+        first = by_k[k_values[0]]
         categories = {}
         for r in first:
             for name, g in (r["summary"].get("per_category") or {}).items():
@@ -305,19 +305,19 @@ def table(plan: dict, results: list[dict]) -> list[dict]:
         train_runs = {r["sections"]["train"]["out"]: r["train"] for r in mine}  # one per seed
         rows.append({
             "arm": arm["name"], "factor": first[0]["factor"], "measured": True,
-            "seeds": sorted({r["seed"] for r in mine}, key=lambda s: (s is None, s)),
-            "acceptance_length": {str(k): _mean(r["summary"]["acceptance_length"] for r in by_k[k]) for k in ks},
-            "acceptance_length_per_seed": {str(k): [r["summary"]["acceptance_length"] for r in by_k[k]] for k in ks},
+            "seeds": sorted({r["seed"] for r in mine}, key=lambda seed: (seed is None, seed)),
+            "acceptance_length": {str(k): _mean(r["summary"]["acceptance_length"] for r in by_k[k]) for k in k_values},
+            "acceptance_length_per_seed": {str(k): [r["summary"]["acceptance_length"] for r in by_k[k]] for k in k_values},
             "acceptance_length_sd": {str(k): (statistics.stdev([r["summary"]["acceptance_length"] for r in by_k[k]])
-                                              if len(by_k[k]) > 1 else None) for k in ks},
-            "per_category": {c: _mean(categories[c]) for c in ordered}, "per_category_k": ks[0],
+                                              if len(by_k[k]) > 1 else None) for k in k_values},
+            "per_category": {c: _mean(categories[c]) for c in ordered}, "per_category_k": k_values[0],
             "num_prompts": first[0]["summary"].get("num_prompts"), "num_turns": first[0]["summary"].get("num_turns"),
             "lossless": all(r["summary"]["lossless"] for r in mine),
             "train_steps": _mean(t.get("steps") for t in train_runs.values()),
             "trained_positions": _mean(t.get("positions") for t in train_runs.values()),
             "train_seconds": _mean(t.get("seconds") for t in train_runs.values()),
             "eval_seconds": {str(k): _mean((r["summary"].get("stage_seconds") or {}).get("eval") for r in by_k[k])
-                             for k in ks},
+                             for k in k_values},
             "held_out_simulated_al": _mean(t.get("held_out_simulated_al") for t in train_runs.values()),
             "regenerated_tokens": first[0].get("regenerated_tokens"),
             "dump_tokens": first[0]["summary"].get("tokens"),
@@ -351,7 +351,7 @@ def compare(plan: dict, rows: list[dict]) -> list[dict]:
 
 
 def markdown(rows: list[dict]) -> str:
-    ks = sorted({int(k) for r in rows if r["measured"] for k in r["acceptance_length"]})
+    k_values = sorted({int(k) for r in rows if r["measured"] for k in r["acceptance_length"]})
     cats = []
     for r in rows:
         for c in r.get("per_category") or {}:
@@ -368,7 +368,7 @@ def markdown(rows: list[dict]) -> str:
         sd = r["acceptance_length_sd"].get(str(k))
         return num(v, ".3f") + (f" ± {sd:.3f}" if sd is not None else "")
 
-    head = (["arm", "factor"] + [f"AL K={k}" for k in ks] + cats +
+    head = (["arm", "factor"] + [f"AL K={k}" for k in k_values] + cats +
             ["lossless", "steps", "positions", "train s", "eval s", "held-out sim. AL", "bytes/token"])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
@@ -376,7 +376,7 @@ def markdown(rows: list[dict]) -> str:
             lines.append("| " + " | ".join([r["arm"], r["factor"]] + ["not run"] + [""] * (len(head) - 3)) + " |")
             continue
         eval_s = "/".join(num(v, ".0f") for v in r["eval_seconds"].values())
-        cells = ([r["arm"], r["factor"]] + [al(r, k) for k in ks] + [num(r["per_category"].get(c)) for c in cats] +
+        cells = ([r["arm"], r["factor"]] + [al(r, k) for k in k_values] + [num(r["per_category"].get(c)) for c in cats] +
                  ["yes" if r["lossless"] else "NO", num(r["train_steps"], ".0f"), num(r["trained_positions"], ".3g"),
                   num(r["train_seconds"], ".0f"), eval_s, num(r["held_out_simulated_al"], ".3f"),
                   num(r.get("dump_bytes_per_token"), ".1f")])

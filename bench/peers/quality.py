@@ -162,16 +162,16 @@ def eval_draft(a, work: Path, name: str, draft_dir: str, bench: str, num_prompts
     cmd = [sys.executable, "-m", "stages.cli", "eval", "--target", a.target, "--draft", draft_dir, "--data", bench,
            "--num-prompts", str(num_prompts), "--max-new-tokens", str(a.max_new_tokens), "--draft-tokens", str(k),
            "--dtype", "float32", "--batch-size", str(a.eval_batch_size), "--json"]
-    rc, rep = run_json(cmd, work / "logs" / f"eval-{name}-{tag}.log", lock=a.lock, env=offline_env(a.threads))
-    if rep is None:
+    rc, report = run_json(cmd, work / "logs" / f"eval-{name}-{tag}.log", lock=a.lock, env=offline_env(a.threads))
+    if report is None:
         logfile = work / "logs" / f"eval-{name}-{tag}.log"
         errors = [ln for ln in logfile.read_text().splitlines() if ln.startswith("Error")]
         return {"error": f"eval exit {rc}: {errors[-1] if errors else 'see ' + str(logfile)}"}
-    out = {"acceptance_length": rep.get("acceptance_length"), "lossless": rep.get("lossless"),
-           "num_prompts": rep.get("num_prompts"), "num_turns": rep.get("num_turns"),
-           "per_position_conditional": rep.get("per_position_conditional"),
-           "per_category": {c: g.get("acceptance_length") for c, g in (rep.get("per_category") or {}).items()},
-           "speedup_cpu": rep.get("speedup"), "eval_exit": rc}
+    out = {"acceptance_length": report.get("acceptance_length"), "lossless": report.get("lossless"),
+           "num_prompts": report.get("num_prompts"), "num_turns": report.get("num_turns"),
+           "per_position_conditional": report.get("per_position_conditional"),
+           "per_category": {c: g.get("acceptance_length") for c, g in (report.get("per_category") or {}).items()},
+           "speedup_cpu": report.get("speedup"), "eval_exit": rc}
     cache.parent.mkdir(parents=True, exist_ok=True)
     cache.write_text(json.dumps(out, indent=1) + "\n")
     return out
@@ -230,26 +230,30 @@ def main(argv=None) -> dict:
             r["eval"] = judge(a, work, name, r["export_dir"])
     table = {}
     for name, r in results.items():
-        ev = r.get("eval") or {}
+        evals = r.get("eval") or {}
         table[name] = {b: {"AL": v.get("acceptance_length"), "lossless": v.get("lossless"),
                            "per_category": v.get("per_category")}
-                       for b, v in ev.items() if isinstance(v, dict)}
+                       for b, v in evals.items() if isinstance(v, dict)}
         table[name]["train_wall_s"] = r.get("wall_s")
         table[name]["median_step_s"] = r.get("median_step_s")
         table[name]["train_acc_last"] = r.get("train_acc_last") or r.get("train_acc_last10pct") or \
             r.get("train_acc_last_log")
-    mb = modelopt_batch(meta, a) if meta else (None, None)
+    if meta:
+        conversations, padded_to = modelopt_batch(meta, a)
+        mean_tokens = meta.get("tokens", 0) / max(1, meta.get("conversations", 1))
+        modelopt_positions = f"{conversations} conversations (mean {mean_tokens:.0f} tokens) padded to {padded_to}"
+    else:
+        modelopt_positions = None
     out = {
         "table": table,
         "budget": {"optimizer_steps": a.steps, "ttt_steps": a.ttt_steps, "draft_vocab_size": a.draft_vocab_size,
                    "lr": a.lr, "schedule": f"linear warmup {a.warmup_steps} steps, cosine to 0 over {a.steps}",
                    "positions_per_step": {"eagle-pipe": a.batch * a.seq_len, "speculators": a.batch * a.seq_len,
-                                          "modelopt": f"{mb[0]} conversations (mean "
-                                                      f"{meta.get('tokens', 0) / max(1, meta.get('conversations', 1)):.0f}"
-                                                      f" tokens) padded to {mb[1]}" if meta else None},
+                                          "modelopt": modelopt_positions},
                    "data": {k: meta.get(k) for k in ("conversations", "tokens", "supervised_positions",
                                                       "aux_layer_ids", "aux_max_rel_error_vs_dump")},
-                   "eval": {"bench": a.bench, "bench2": a.bench2, "max_new_tokens": a.max_new_tokens, "draft_tokens": a.draft_tokens or a.ttt_steps,
+                   "eval": {"bench": a.bench, "bench2": a.bench2, "max_new_tokens": a.max_new_tokens,
+                            "draft_tokens": a.draft_tokens or a.ttt_steps,
                             "num_prompts": a.num_prompts, "num_prompts2": a.num_prompts2 or a.num_prompts,
                             "dtype": "float32"},
                    "compile": a.compile},
