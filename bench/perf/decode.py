@@ -22,7 +22,7 @@ import os
 import statistics
 import time
 
-from bench.common import add_save_flag, save_result
+from bench.common import Stopwatch, add_save_flag, save_result
 
 
 def first_turns(data: list[str], count: int) -> list[list[dict]]:
@@ -51,9 +51,9 @@ def measure(model, tokenizer, conversations, max_new_tokens: int, repeats: int) 
         prefill_s = time.perf_counter() - t0
         runs = []
         for _ in range(repeats):
-            c0, t0 = time.process_time(), time.perf_counter()
-            out = model.generate(**batch, max_new_tokens=max_new_tokens, **greedy)
-            seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
+            with Stopwatch() as watch:
+                out = model.generate(**batch, max_new_tokens=max_new_tokens, **greedy)
+            seconds, cpu = watch.wall, watch.cpu
             new = out[:, batch["input_ids"].shape[1]:].tolist()
             kept = [next((i + 1 for i, t in enumerate(row) if t in eos), len(row)) for row in new]
             steps = len(new[0])

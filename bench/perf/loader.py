@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bench.common import add_save_flag, save_result
+from bench.common import Stopwatch, add_save_flag, save_result
 from stages.shards import SCHEMA_VERSION, part_name, shard_dir, write_part
 from stages.train.loader import SAFETENSORS_DTYPES, DumpIndex, PackedLoader
 
@@ -149,15 +149,14 @@ def time_epoch(loader: PackedLoader, cold: bool, max_batches: int | None) -> tup
     else:
         read_all(loader.index.parts)
     epoch, n_batches = loader.epoch, 0
-    t0, c0 = time.perf_counter(), time.process_time()
-    for micro in loader:
-        n_batches += len(micro)
-        if max_batches and n_batches >= max_batches:
-            break
-    seconds, cpu_seconds = time.perf_counter() - t0, time.process_time() - c0
+    with Stopwatch() as watch:
+        for micro in loader:
+            n_batches += len(micro)
+            if max_batches and n_batches >= max_batches:
+                break
     loader.load_state_dict({"epoch": epoch + 1, "step": 0})
     rows = loader.rows(epoch)[:n_batches * loader.batch_size]  # one rank: batches take consecutive rows
-    return seconds, cpu_seconds, int(sum(loader.chunks.count[c] for row in rows for c in row))
+    return watch.wall, watch.cpu, int(sum(loader.chunks.count[c] for row in rows for c in row))
 
 
 def main(argv=None):

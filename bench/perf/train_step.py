@@ -23,7 +23,7 @@ import time
 
 import torch
 
-from bench.common import REPO, add_save_flag, last_json, save_result
+from bench.common import REPO, Stopwatch, add_save_flag, last_json, save_result
 from bench.peers.shapes import SHAPE_FLAGS, add_shape_flags
 from eagle.config import DraftConfig
 from eagle.model import Eagle3Draft
@@ -111,13 +111,13 @@ def run_ours(a) -> dict:
         """(wall s, this process's CPU s) of one step."""
         if device.type == "cuda":
             torch.cuda.synchronize()
-        t0, c0 = time.perf_counter(), time.process_time()
-        loss, bad = optimizer_step(model, opt, params, step_fn, [batch], normalizer, sync, 1.0, 1e-4)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        else:
-            loss.item()
-        return time.perf_counter() - t0, time.process_time() - c0
+        with Stopwatch() as watch:
+            loss, bad = optimizer_step(model, opt, params, step_fn, [batch], normalizer, sync, 1.0, 1e-4)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            else:
+                loss.item()
+        return watch.wall, watch.cpu
 
     t0 = time.perf_counter()
     first = one()[0]

@@ -87,10 +87,10 @@ import resource
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-from bench.peers.shapes import add_shape_flags  # plain argparse: the peers' venvs import it too
+from bench.common import Stopwatch  # standard library only, as shapes: the peers' venvs import both
+from bench.peers.shapes import add_shape_flags
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -246,11 +246,11 @@ def run(args) -> dict:
     times, cpu_times, losses = [], [], []
     for _ in range(total):
         sync()
-        t0, c0 = time.perf_counter(), time.process_time()
-        losses.append(step())
-        sync()
-        times.append((time.perf_counter() - t0) * 1000.0)
-        cpu_times.append((time.process_time() - c0) * 1000.0)  # this process's CPU time, all threads
+        with Stopwatch() as watch:
+            losses.append(step())
+            sync()
+        times.append(watch.wall * 1000.0)
+        cpu_times.append(watch.cpu * 1000.0)  # this process's CPU time, all threads
     timed = times[args.warmup:]
     median_ms = statistics.median(timed)
     params = [p for p in model.parameters() if p.requires_grad]
