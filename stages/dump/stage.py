@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -27,10 +27,11 @@ import click
 import numpy as np
 
 from stages import shards
-from stages.dump.plan import Sequence, plan_parts, pad_batch, token_counts
+from stages.dump.plan import Sequence, plan_parts, token_counts
 from stages.errors import StageError
 from stages.paths import data_fingerprint, ensure_writable, local_or_name
 from stages.sharding import shard_from_env
+from stages.vllm_runtime import VllmOptions, vllm_options
 
 if TYPE_CHECKING:
     import torch
@@ -129,15 +130,19 @@ def reusable_part(directory: Path, part) -> bool:
     return False
 
 
-def run_parts(tgt, aux_ids, parts, directory: Path, *, teacher: str, k: int, metadata: dict, aux_dtype=None):
+def run_parts(tgt, aux_ids, parts, directory: Path, *, teacher: str, k: int, metadata: dict, aux_dtype=None,
+              engine=None):
     """Compute every part not already on disk; returns ({index: file entry}, tokens computed, seconds).
-    `aux_dtype` is the stored aux dtype (default the target's); FP8 is quantized on the device."""
+    `aux_dtype` is the stored aux dtype (default the target's); FP8 is quantized on the device. `engine`
+    (stages/dump/engines.py) is called, only when a part is missing, for the engine that turns a batch's
+    sequences into aux and final states (default: HFEngine); it is closed at the end."""
     import nvtx
     import torch
     from tqdm import tqdm
 
     from stages.shards.aux import aux_specs, encode_aux
-    from stages.dump.forward import forward_batch, teacher_outputs
+    from stages.dump.engines import HFEngine
+    from stages.dump.forward import teacher_outputs
     from stages.dump.writer import PartWriter
 
     H, V = tgt.hidden_size, tgt.vocab_size
@@ -158,7 +163,7 @@ def run_parts(tgt, aux_ids, parts, directory: Path, *, teacher: str, k: int, met
     if not todo:
         return entries, 0, 0.0
     max_rows = max(sum(len(s) for s in p.sequences[a:b]) for p in todo for a, b in p.batches)
-    pad_id = next(t for t in (tgt.tokenizer.pad_token_id, tgt.tokenizer.eos_token_id, 0) if t is not None)
+    engine = engine() if engine is not None else HFEngine(tgt, aux_ids)
     total = sum(p.num_tokens for p in todo)
     start = time.perf_counter()
     writer = PartWriter(directory, specs, max_rows, torch.device(tgt.device), metadata)
@@ -167,19 +172,20 @@ def run_parts(tgt, aux_ids, parts, directory: Path, *, teacher: str, k: int, met
             for part in todo:
                 offset = 0
                 for b, (lo, hi) in enumerate(part.batches):
-                    ids, mask, real, _ = pad_batch(part.sequences[lo:hi], pad_id)
                     with nvtx.annotate("forward", color="red"):
-                        aux, final = forward_batch(tgt, aux_ids, ids, mask, real)
+                        aux, final = engine.hidden_states(part.sequences[lo:hi])
                     with nvtx.annotate("teacher", color="yellow"):
                         outputs = teacher_outputs(tgt, final, teacher, k)
                     outputs.update(encode_aux(aux, aux_dtype))
                     writer.submit(part, offset, outputs, last=b == len(part.batches) - 1)
-                    offset += real.numel()
-                    bar.update(real.numel())
+                    offset += aux.shape[0]
+                    bar.update(aux.shape[0])
             written = writer.close()
     except BaseException:
         writer.abort()
         raise
+    finally:
+        engine.close()
     for w in written:
         entries[w.index] = {"file": w.file, "sha256": w.sha256, "bytes": w.bytes, "num_tokens": w.num_tokens,
                             "num_sequences": w.num_sequences}
@@ -211,6 +217,8 @@ class DumpSettings:
     strict: bool
     allow_large_softmax: bool
     limit: int | None
+    engine: str = "hf"            # hf | vllm (stages/dump/engines.py)
+    vllm: VllmOptions | None = None  # --engine vllm's engine options (stages/vllm_runtime.py)
 
     @property
     def k(self) -> int | None:
@@ -229,7 +237,8 @@ class DumpSettings:
         """manifest.json `settings`: every option that changes the output (resumed jobs must agree on them)."""
         from stages.target import dtype_name
 
-        return {"target": self.target_source, "data": self.sources, "dtype": dtype_name(self.dtype),
+        engine = {} if self.engine == "hf" else {"engine": self.engine}  # HF dumps keep their settings as before
+        return {**engine, "target": self.target_source, "data": self.sources, "dtype": dtype_name(self.dtype),
                 "aux_dtype": dtype_name(self.aux_dtype), "aux_layers": aux_ids, "teacher": self.teacher,
                 "top_k": self.k, "max_seq_len": self.max_seq_len, "loss_on": self.loss_on,
                 "num_shards": self.num_shards, "part_tokens": self.part_tokens, "batch_tokens": self.batch_tokens,
@@ -250,12 +259,12 @@ class ShardWork:
 def plan_dump(*, target, data, out, dtype=None, device=None, device_map=None, trust_remote_code=False,
               aux_layers=None, aux_dtype="model", teacher="topk", top_k=64, batch_tokens=16384, max_seq_len=2048,
               loss_on="assistant", shard_index=None, num_shards=None, part_tokens=32768, overwrite=False,
-              strict=False, allow_large_softmax=False, limit=None) -> DumpSettings:
+              strict=False, allow_large_softmax=False, limit=None, engine="hf", **vllm_params) -> DumpSettings:
     """Step 1: check the options (one line per mistake) and resolve device, dtypes and shard, before the target
-    is loaded or anything but a write probe touches --out."""
+    is loaded or anything but a write probe touches --out. `vllm_params`: the @vllm_options flags."""
     from stages.shards.aux import storage_dtype
     from stages.dump.forward import load_config
-    from stages.target import resolve_device, resolve_dtype
+    from stages.target import dtype_name, resolve_device, resolve_dtype
 
     if not target:
         raise StageError("--target is required (a model directory or hub id)")
@@ -271,6 +280,7 @@ def plan_dump(*, target, data, out, dtype=None, device=None, device_map=None, tr
         raise StageError(f"--limit must be >= 0, got {limit}")
     if aux_dtype not in AUX_DTYPE_CHOICES:
         raise StageError(f"--aux-dtype {aux_dtype!r}: expected one of {', '.join(AUX_DTYPE_CHOICES)}")
+    vllm = engine_options(engine, device_map, vllm_params, dtype)
     shard_index, num_shards = shard_from_env(shard_index, num_shards)
     out = Path(out)
     ensure_writable(out)
@@ -288,7 +298,29 @@ def plan_dump(*, target, data, out, dtype=None, device=None, device_map=None, tr
         trust_remote_code=trust_remote_code, aux_layers=aux_layers, teacher=teacher, top_k=top_k,
         batch_tokens=batch_tokens, max_seq_len=max_seq_len, loss_on=loss_on, shard_index=shard_index,
         num_shards=num_shards, part_tokens=part_tokens, overwrite=overwrite, strict=strict,
-        allow_large_softmax=allow_large_softmax, limit=limit)
+        allow_large_softmax=allow_large_softmax, limit=limit, engine=engine,
+        vllm=None if vllm is None else replace(vllm, dtype=dtype_name(torch_dtype)))
+
+
+def engine_options(engine: str, device_map, params: dict, dtype) -> VllmOptions | None:
+    """--engine and the vLLM flags, checked; None for --engine hf (which ignores the vLLM flags)."""
+    from stages.vllm_runtime import VLLM_PARAM_NAMES, VllmOptions, refuse_device_map, require_vllm
+
+    unknown = sorted(set(params) - set(VLLM_PARAM_NAMES))
+    if unknown:
+        raise TypeError(f"plan_dump() got unexpected keyword arguments: {', '.join(unknown)}")
+    if engine not in ENGINE_CHOICES:
+        raise StageError(f"--engine {engine!r}: expected one of {', '.join(ENGINE_CHOICES)}")
+    if engine == "hf":
+        return None
+    refuse_device_map(engine, device_map)
+    options = VllmOptions.from_params(params)
+    if options.data_parallel_size > 1:
+        raise StageError("--data-parallel-size: dump-teacher's data parallelism is its shards; run one "
+                         "dump-teacher per model replica with --num-shards N --shard-index i (or a SLURM array), "
+                         "each on its own GPUs (CUDA_VISIBLE_DEVICES)")
+    require_vllm()
+    return options
 
 
 def load_checked_target(s: DumpSettings):
@@ -325,6 +357,9 @@ def claim_dump(s: DumpSettings, tgt, aux_ids: list[int]) -> dict:
             "data": {"sources": s.sources, "fingerprint": data_fingerprint(s.sources)},
             "num_shards": s.num_shards, "part_tokens": s.part_tokens, "settings": settings,
         }
+        if s.engine == "vllm":  # HF dumps keep the manifest they always had (no `engine` means hf)
+            from stages.dump.engines import vllm_engine_record
+            manifest["engine"] = vllm_engine_record(aux_ids, tgt.num_layers, s.vllm)
         claim_manifest(s.out, manifest, s.overwrite)
         install_target_dir(staged, s.out / "target")
     finally:
@@ -347,7 +382,7 @@ def plan_shard(s: DumpSettings, tgt, aux_ids: list[int]) -> ShardWork:
         from stages.data.records import format_skip_report
         click.echo(format_skip_report(skipped), err=True)
     parts = plan_parts(sequences, s.part_tokens, s.batch_tokens)
-    if sequences:
+    if sequences and s.engine == "hf":  # the vLLM engine is proven equal to HF's forward by tests instead
         import torch
 
         from stages.dump.forward import self_check
@@ -401,8 +436,21 @@ def dump_teacher(**options) -> dict:
     metadata = {"shard_index": str(s.shard_index), "num_shards": str(s.num_shards), "teacher": s.teacher,
                 "manifest_sha256": msha}
     entries, computed, seconds = run_parts(tgt, aux_ids, work.parts, directory, teacher=s.teacher, k=s.k or 0,
-                                           metadata=metadata, aux_dtype=s.aux_dtype)     # step 5
+                                           metadata=metadata, aux_dtype=s.aux_dtype,
+                                           engine=engine_factory(s, tgt, aux_ids))     # step 5
     return finish_shard(s, directory, msha, work, entries, computed, seconds)
+
+
+def engine_factory(s: DumpSettings, tgt, aux_ids: list[int]):
+    """A callable giving the dump's engine (None: run_parts' default, HF); vLLM starts only when called."""
+    if s.engine == "hf":
+        return None
+
+    def start():
+        from stages.dump.engines import VllmEngine
+
+        return VllmEngine(tgt, aux_ids, s.vllm, max_seq_len=s.max_seq_len, trust_remote_code=s.trust_remote_code)
+    return start
 
 
 def summary_from_done(out: Path, done: dict, *, computed_tokens: int, seconds: float, padding) -> dict:
@@ -434,18 +482,22 @@ def print_summary(s: dict) -> None:
         f"computed {s['tokens_computed']} tokens in {s['seconds']:.1f} s ({rate})", err=True)
 
 
+ENGINE_CHOICES = ["hf", "vllm"]
 DTYPE_CHOICES = ["bfloat16", "float16", "float32", "bf16", "fp16", "fp32"]
 AUX_DTYPE_CHOICES = ["model", "bf16", "fp16", "fp32", "fp8"]
 
 
 @click.command("dump-teacher")
 @click.option("--target", help="Target model: a local Hugging Face directory or a hub id.")
+@click.option("--engine", type=click.Choice(ENGINE_CHOICES), default="hf",
+              help="Where the target runs: hf (transformers, in this process) or vllm (vLLM's offline LLM: "
+              "tensor/expert parallel, the --tensor-parallel-size ... flags; same dump format).")
 @click.option("--data", multiple=True, help="Data file (JSONL/JSON/Parquet), saved dataset dir or dataset name; repeatable.")
 @click.option("--out", type=click.Path(file_okay=False), help="Dump directory (manifest.json, target/, shards/).")
 @click.option("--dtype", type=click.Choice(DTYPE_CHOICES, case_sensitive=False), default=None,
               help="Target dtype (default: bfloat16 on GPU, float32 on CPU).")
 @click.option("--device", default=None, help="Device (default: cuda:LOCAL_RANK if available, else cpu).")
-@click.option("--device-map", default=None, help="Hugging Face device_map (e.g. auto) to spread a large target over GPUs.")
+@click.option("--device-map", default=None, help="(hf) Hugging Face device_map (e.g. auto) to spread a large target over GPUs.")
 @click.option("--trust-remote-code", is_flag=True, help="Allow the target's own modelling code to run.")
 @click.option("--aux-layers", default=None, help="Three ascending layer ids whose input residual stream is stored (default 2,N//2,N-3).")
 @click.option("--aux-dtype", type=click.Choice(AUX_DTYPE_CHOICES, case_sensitive=False), default="model",
@@ -463,6 +515,7 @@ AUX_DTYPE_CHOICES = ["model", "bf16", "fp16", "fp32", "fp8"]
 @click.option("--strict", is_flag=True, help="Stop at the first bad record instead of skipping it.")
 @click.option("--allow-large-softmax", is_flag=True, help="Allow --teacher softmax beyond 8 GiB per part / 1 TiB in all.")
 @click.option("--limit", type=int, default=None, help="Use only the first N records of the input (for trial runs).")
+@vllm_options
 def command(**options):
     """Run the target once over the data and write this shard's teacher parts."""
     return dump_teacher(**options)

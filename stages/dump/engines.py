@@ -1,0 +1,199 @@
+"""The engines dump-teacher runs the target in: one interface, two implementations.
+
+    engine.hidden_states(sequences) -> (aux [n, A*H], final [n, H])   n = the sequences' tokens, in order
+    engine.describe() -> dict                                        what the manifest records as `engine`
+    engine.close()
+
+`aux` holds the input residual stream of each aux layer (HF `hidden_states[k]`, layers in ascending order);
+`final` is the base model's final *normed* state, from which stages/dump/forward.py's `teacher_outputs`
+computes the teacher with the target's lm_head and the family's logit post-processing. Both come back on the
+dump's device in the target's dtype, so everything after the engine (teacher, aux encoding, parts, checksums,
+resume) is one path.
+
+`HFEngine` runs the target in transformers with forward pre-hooks (stages/dump/forward.py). `VllmEngine` runs it
+in vLLM's offline `LLM` in this process (no server): the `extract_hidden_states` speculative method captures the
+aux layers plus layer `num_hidden_layers` (the final state before the norm) for every prompt token, our
+connector (stages/dump/vllm_connector.py) writes one file per request into a temporary directory, and this
+engine reads and deletes each file as soon as its batch is collected (disk and memory stay bounded by one
+batch). The final norm is applied here, with the target's own norm module. Prefix caching is off: with it, vLLM
+would skip recomputing a shared prefix, and its states must come from this request's own forward. vLLM may
+batch and reorder internally; `generate` returns outputs in request order and each file carries its token ids,
+which are checked against the request.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from stages.errors import StageError
+
+VLLM_LAYER_CONVENTION = ("aux id k = the input of decoder layer k (HF hidden_states[k]); vLLM extract_hidden_states "
+                         "layer ids = aux ids + [num_hidden_layers] (the final state before the norm)")
+STATE_FILE_TIMEOUT_S = 600.0   # a finished request's file not written by then means vLLM's worker failed
+
+
+class HFEngine:
+    """The target in transformers, aux states by forward pre-hooks on the decoder layers."""
+
+    name = "hf"
+
+    def __init__(self, tgt, aux_ids: list[int]):
+        self.tgt, self.aux_ids = tgt, aux_ids
+        self.pad_id = next(t for t in (tgt.tokenizer.pad_token_id, tgt.tokenizer.eos_token_id, 0) if t is not None)
+
+    def hidden_states(self, seqs):
+        from stages.dump.forward import forward_batch
+        from stages.dump.plan import pad_batch
+
+        ids, mask, real, _ = pad_batch(seqs, self.pad_id)
+        return forward_batch(self.tgt, self.aux_ids, ids, mask, real)
+
+    def describe(self) -> dict:
+        import transformers
+
+        return {"name": self.name, "transformers_version": transformers.__version__}
+
+    def close(self) -> None:
+        pass
+
+
+def vllm_engine_record(aux_ids: list[int], num_layers: int, options) -> dict:
+    """The manifest's `engine` for a vLLM dump: what changes its numbers (version, layers, extra vLLM arguments
+    such as quantization), not the parallel layout (shards of one dump may run on different GPU counts)."""
+    from stages.vllm_runtime import vllm_version
+
+    return {"name": "vllm", "vllm_version": vllm_version(), "layer_ids": [*aux_ids, num_layers],
+            "layer_index_convention": VLLM_LAYER_CONVENTION, "vllm_args": dict(options.vllm_args)}
+
+
+def refuse_without_aux_outputs(tgt) -> None:
+    """vLLM returns aux hidden states only from model classes with its EAGLE-3 interface (Llama, Qwen2/3,
+    Qwen3-MoE, Mistral-3, DeepSeek-V2/3, gpt-oss, ... but not e.g. Gemma-3 in vLLM 0.32): refuse the others in
+    one line before the engine starts, instead of a worker traceback."""
+    architectures = list(getattr(tgt.config, "architectures", None) or [])
+    try:
+        from vllm.model_executor.models import ModelRegistry
+        from vllm.model_executor.models.interfaces import supports_eagle3
+
+        classes = [ModelRegistry._try_load_model_cls(a) for a in architectures]  # None: not in vLLM's registry
+    except Exception:  # another vLLM version's internals: let the engine decide
+        return
+    for arch, cls in zip(architectures, classes):
+        if cls is not None:
+            if not supports_eagle3(cls):
+                raise StageError(f"target {tgt.source}: vLLM's {arch} cannot return aux hidden states (no EAGLE-3 "
+                                 "interface in this vLLM); use --engine hf")
+            return
+
+
+def default_max_model_len(config, max_seq_len: int) -> int:
+    """A record of --max-seq-len tokens plus the one token vLLM generates, within the model's positions."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    limit = getattr(text, "max_position_embeddings", None)
+    return min(max_seq_len + 1, int(limit)) if limit else max_seq_len + 1
+
+
+def states_root() -> str | None:
+    """Where the per-request state files go: memory-backed /dev/shm when it exists, else the system temp dir."""
+    shm = Path("/dev/shm")
+    return str(shm) if shm.is_dir() and os.access(shm, os.W_OK) else None
+
+
+class VllmEngine:
+    """The target in vLLM's offline LLM, states captured by `extract_hidden_states` and our connector."""
+
+    name = "vllm"
+
+    def __init__(self, tgt, aux_ids: list[int], options, *, max_seq_len: int, trust_remote_code: bool = False):
+        from stages.vllm_runtime import open_llm, require_vllm
+
+        self.vllm = require_vllm()
+        self.tgt, self.aux_ids, self.options = tgt, aux_ids, options
+        refuse_without_aux_outputs(tgt)
+        self.layer_ids = [*aux_ids, tgt.num_layers]
+        self.directory = tempfile.mkdtemp(prefix="eagle-pipe-vllm-states-", dir=states_root())
+        speculative = {"method": "extract_hidden_states", "num_speculative_tokens": 1,
+                       "draft_model_config": {"hf_config": {"eagle_aux_hidden_state_layer_ids": self.layer_ids}}}
+        transfer = {"kv_connector": "SyncHiddenStatesConnector",
+                    "kv_connector_module_path": "stages.dump.vllm_connector",
+                    "kv_role": "kv_producer",
+                    "kv_connector_extra_config": {"shared_storage_path": self.directory,
+                                                  "use_synchronization_lock": False}}
+        self.max_model_len = options.max_model_len or default_max_model_len(tgt.config, max_seq_len)
+        try:
+            self.llm = open_llm(options, tgt.source, speculative_config=speculative, kv_transfer_config=transfer,
+                                enable_prefix_caching=False, skip_tokenizer_init=True,
+                                max_model_len=self.max_model_len, trust_remote_code=trust_remote_code)
+        except BaseException:
+            shutil.rmtree(self.directory, ignore_errors=True)
+            raise
+        self.sampling = self.vllm.SamplingParams(max_tokens=1, temperature=0.0, detokenize=False)
+
+    def hidden_states(self, seqs):
+        for seq in seqs:
+            if len(seq) >= self.max_model_len:
+                raise StageError(f"--engine vllm: record {seq.sample_index} has {len(seq)} tokens, vLLM's "
+                                 f"max_model_len is {self.max_model_len} (it needs one more position than the "
+                                 "record); lower --max-seq-len or raise --max-model-len")
+        prompts = [{"prompt_token_ids": s.input_ids.tolist()} for s in seqs]
+        try:
+            outputs = self.llm.generate(prompts, self.sampling, use_tqdm=False)
+        except Exception as exc:  # the engine core died (its own log above has the worker's traceback)
+            from stages.vllm_runtime import error_line
+            raise StageError(f"target {self.tgt.source}: vLLM's engine failed on it ({type(exc).__name__}: "
+                             f"{error_line(exc)}); vLLM's log above names the cause") from None
+        aux, final = [], []
+        n_aux = len(self.aux_ids)
+        for seq, out in zip(seqs, outputs, strict=True):
+            states = self._take(out, seq)                         # [T, n_aux + 1, H]
+            aux.append(states[:, :n_aux].flatten(1))
+            final.append(states[:, n_aux])
+        device = self.tgt.device
+        aux = torch.cat(aux).to(device, self.tgt.dtype, non_blocking=True)
+        final = torch.cat(final).to(device, self.tgt.dtype, non_blocking=True)
+        with torch.inference_mode():
+            return aux, self.tgt.norm(final)
+
+    def _take(self, out, seq) -> torch.Tensor:
+        """Wait for the request's file (written by the worker after the request finished), read, delete it."""
+        from safetensors.torch import load_file
+
+        params = getattr(out, "kv_transfer_params", None) or {}
+        path = params.get("hidden_states_path")
+        if path is None:
+            raise StageError(f"--engine vllm: vLLM returned no hidden states for record {seq.sample_index} "
+                             "(is the extract_hidden_states method supported for this target?)")
+        deadline = time.monotonic() + STATE_FILE_TIMEOUT_S
+        while not os.path.exists(path):
+            if time.monotonic() > deadline:
+                raise StageError(f"--engine vllm: no hidden states for record {seq.sample_index} after "
+                                 f"{STATE_FILE_TIMEOUT_S:.0f} s ({path}); vLLM's worker failed")
+            time.sleep(0.0005)
+        data = load_file(path)
+        os.unlink(path)
+        tokens = data["token_ids"]
+        if tokens.shape[0] != len(seq) or not torch.equal(tokens.to(torch.int64),
+                                                           torch.from_numpy(seq.input_ids).to(torch.int64)):
+            raise StageError(f"--engine vllm: the hidden states vLLM returned for record {seq.sample_index} "
+                             "belong to other tokens")
+        states = data["hidden_states"]
+        if states.shape[1] != len(self.layer_ids):
+            raise StageError(f"--engine vllm: vLLM captured {states.shape[1]} layers, asked for {self.layer_ids}")
+        return states
+
+    def describe(self) -> dict:
+        return vllm_engine_record(self.aux_ids, self.tgt.num_layers, self.options)
+
+    def close(self) -> None:
+        llm, self.llm = getattr(self, "llm", None), None
+        if llm is not None:
+            try:
+                llm.llm_engine.engine_core.shutdown()
+            except Exception:
+                pass
+        shutil.rmtree(self.directory, ignore_errors=True)
