@@ -3,7 +3,8 @@
     eagle-pipe export RUN/checkpoints/step-00001000 OUT
 
 The checkpoint's meta.json carries the draft config, so neither the target nor the dump is needed; the
-exported directory omits the embedding (both engines use the target's).
+exported directory omits the embedding (both engines use the target's). A DFlash checkpoint (draft_arch "dflash")
+is exported in vLLM's DFlashDraftModel layout (eagle/dflash_export.py).
 """
 from __future__ import annotations
 
@@ -32,14 +33,20 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path) -> Path:
     if not checkpoint.is_dir():
         raise StageError(f"{checkpoint}: no such checkpoint directory")
     meta = read_meta(checkpoint)
+    dflash = isinstance(meta.get("draft_config"), dict) and meta["draft_config"].get("draft_arch") == "dflash"
     try:
-        cfg = DraftConfig.from_dict(meta["draft_config"])
+        if dflash:  # a DFlash draft (eagle/dflash.py): exported in vLLM's DFlashDraftModel layout
+            from eagle.dflash import DFlashConfig, DFlashDraft
+            from eagle.dflash_export import export_dflash
+
+            model, write = DFlashDraft(DFlashConfig.from_dict(meta["draft_config"])), export_dflash
+        else:
+            model, write = Eagle3Draft(DraftConfig.from_dict(meta["draft_config"])), export_draft
     except (KeyError, TypeError, ValueError) as e:
         raise StageError(f"{checkpoint / 'meta.json'}: bad draft_config ({e})") from None
-    model = Eagle3Draft(cfg)
     load_model_tensors(checkpoint, model)
     try:
-        return Path(export_draft(model, Path(out)))
+        return Path(write(model, Path(out)))
     except OSError as e:
         raise StageError(f"{out}: could not write the export ({e.strerror or e})") from None
 

@@ -392,15 +392,42 @@ def valid_counts(batch: dict, steps: int, t2d: torch.Tensor, teacher_kind: str) 
     return torch.stack([(base & (pos >= j)).sum() for j in range(steps)]).to(torch.float32)
 
 
+@dataclass(frozen=True)
+class AnchorPlan:
+    """DFlash training: `count` anchor blocks of `block_size` per packed row (eagle/dflash.py sample_anchors),
+    drawn from a generator seeded by (seed, epoch, the row's index in the epoch's rows): the same anchors whatever
+    the ranks, accumulation and resume, new ones each epoch."""
+
+    block_size: int
+    count: int
+    seed: int
+
+    def add(self, batch: dict, epoch: int, first_row: int) -> torch.Tensor:
+        """Put "anchors" / "anchor_valid" (B, N) into the batch; returns the loss's counts per slot [block-1]."""
+        from eagle.dflash import sample_anchors, target_counts
+
+        picked = []
+        for b in range(batch["input_ids"].shape[0]):
+            seed = int(_hash_unit(np.array([first_row + b]), self.seed * 1_000_003 + epoch)[0] * 2**53)
+            row = {k: batch[k][b:b + 1] for k in ("document_ids", "loss_mask")}
+            picked.append(sample_anchors(row, self.count, torch.Generator().manual_seed(seed)))
+        batch["anchors"] = torch.cat([a for a, _ in picked])
+        batch["anchor_valid"] = torch.cat([v for _, v in picked])
+        return target_counts(batch, self.block_size)
+
+
 class PackedLoader:
     """Optimizer steps of packed batches for one rank: iterate to get, per step, `grad_accum` pairs
-    (batch dict of host tensors, valid counts [steps] of that micro-batch). Stateful for resume."""
+    (batch dict of host tensors, valid counts [steps] of that micro-batch). Stateful for resume.
+    With `anchors` (DFlash) each batch also holds its anchor blocks and the counts are per block slot."""
 
     def __init__(self, index: DumpIndex, doc_ids: np.ndarray, *, seq_len: int, batch_size: int, steps: int,
                  t2d: torch.Tensor, rank: int = 0, world_size: int = 1, grad_accum: int = 1, seed: int = 0,
                  long_sequences: str = "split", shuffle: bool = True, drop_last: bool = True, pin: bool = False,
-                 num_workers: int = 1, prefetch: int = 2, reuse_buffers: bool = False):
+                 num_workers: int = 1, prefetch: int = 2, reuse_buffers: bool = False,
+                 anchors: AnchorPlan | None = None):
         self.index, self.seq_len, self.batch_size, self.steps, self.t2d = index, seq_len, batch_size, steps, t2d
+        self.anchors = anchors
         self.rank, self.world_size, self.grad_accum, self.seed = rank, world_size, grad_accum, seed
         self.shuffle, self.drop_last, self.pin = shuffle, drop_last, pin
         self.num_workers, self.prefetch = max(1, num_workers), max(1, prefetch)
@@ -443,11 +470,17 @@ class PackedLoader:
     def load_state_dict(self, state: dict) -> None:
         self.epoch, self.step = int(state["epoch"]), int(state["step"])
 
+    def first_row(self, step: int, micro: int) -> int:
+        """Index in the epoch's rows of the first row of this rank's micro-batch `micro` of optimizer step `step`."""
+        return step * self.rows_per_step + (micro * self.world_size + self.rank) * self.batch_size
+
     def micro_rows(self, rows: list[list[int]], step: int, micro: int) -> list[list[int]]:
-        first = step * self.rows_per_step + (micro * self.world_size + self.rank) * self.batch_size
+        first = self.first_row(step, micro)
         return rows[first:first + self.batch_size]
 
-    def build(self, rows: list[list[int]], slot: tuple[int, int, int] | None = None) -> tuple[dict, torch.Tensor]:
+    def build(self, rows: list[list[int]], slot: tuple[int, int, int] | None = None,
+              where: tuple[int, int] = (0, 0)) -> tuple[dict, torch.Tensor]:
+        """The batch of `rows`; `where` = (epoch, index of rows[0] in the epoch's rows) seeds DFlash anchors."""
         batch = self._buffers.get(slot) if slot is not None else None
         if batch is None:
             batch = empty_batch(self.batch_size, self.seq_len, self.aux_width, self.aux_dtype,
@@ -456,6 +489,8 @@ class PackedLoader:
             if slot is not None:
                 self._buffers[slot] = batch
         fill_batch(batch, self.reader, self.chunks, rows)
+        if self.anchors is not None:
+            return batch, self.anchors.add(batch, *where)
         return batch, valid_counts(batch, self.steps, self.t2d, self.index.teacher_kind)
 
     def epoch_plan(self) -> list[tuple[int, int]]:
@@ -473,8 +508,8 @@ class PackedLoader:
 
         def produce(i: int, step: int) -> list[tuple[dict, torch.Tensor]]:
             worker, slot = i % self.num_workers, (i // self.num_workers) % ring
-            return [self.build(self.micro_rows(rows, step, m), (worker, slot, m) if self.reuse_buffers else None)
-                    for m in range(self.grad_accum)]
+            return [self.build(self.micro_rows(rows, step, m), (worker, slot, m) if self.reuse_buffers else None,
+                               where=(epoch, self.first_row(step, m))) for m in range(self.grad_accum)]
 
         for step, item in _prefetched([s for _, s in plan], produce, self.num_workers, self.prefetch):
             self.epoch, self.step = epoch, step + 1

@@ -54,7 +54,21 @@ class TrainSettings:
     RoPE with the target's rope_theta), "target" (the target's or an error) or "default" (plain RoPE)."""
     draft_arch: str = "eagle3"
     """"eagle3", or "eagle3.1": per-aux-state fc_norm and post-norm feedback (norm_output), exported with the
-    switches vLLM and SGLang both run."""
+    switches vLLM and SGLang both run; or "dflash": a block drafter (eagle/dflash.py) that vLLM serves as
+    method "dflash" with K = block_size - 1."""
+    block_size: int = 8
+    """DFlash: tokens per block, the verified token plus block_size - 1 drafted slots."""
+    draft_layers: int = 1
+    """DFlash: decoder layers of the draft."""
+    anchors_per_row: int | None = None
+    """DFlash: anchor blocks drawn per packed row (default seq_len // block_size: about one drafted token per
+    position)."""
+    loss_gamma: float | None = None
+    """DFlash: slot k's loss weight is exp(-(k-1)/gamma); default 7 / 5 / 4 for blocks 16 / 10 / 8, else
+    block_size / 2."""
+    mask_token_id: int | None = None
+    """DFlash: the target vocab id whose embedding fills the masked slots (default: an unused special token of
+    the target's tokenizer, stages/train/setup.py choose_mask_token_id)."""
     device: str = "auto"
     """auto, cpu, cuda or cuda:N (under torchrun: the local rank's GPU)."""
     seed: int = 0

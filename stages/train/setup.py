@@ -141,6 +141,54 @@ def build_draft(teacher_dir: Path, manifest: dict, token_counts: torch.Tensor, *
     return model
 
 
+def build_dflash(teacher_dir: Path, manifest: dict, token_counts: torch.Tensor, *, block_size: int,
+                 draft_layers: int, mask_token_id: int | None, seed: int, draft_rope: str = "auto"):
+    """A DFlash draft from the dump alone: the target's geometry and RoPE (target/config.json), the dump's aux
+    ids, the target's frozen embedding and lm_head, its final norm as the draft's starting `norm`."""
+    from eagle.config import load_target_dir
+    from eagle.dflash import DFlashConfig, DFlashDraft
+
+    try:
+        target_cfg, weights = load_target_dir(teacher_dir / "target")
+        if mask_token_id is None:
+            mask_token_id = choose_mask_token_id(teacher_dir / "target", target_cfg, token_counts)
+        cfg = DFlashConfig.from_target_config(target_cfg, aux_layer_ids=tuple(manifest["aux_layer_ids"]),
+                                              block_size=block_size, num_hidden_layers=draft_layers,
+                                              mask_token_id=mask_token_id, draft_rope=draft_rope)
+    except (OSError, ValueError, KeyError) as e:
+        raise StageError(f"{teacher_dir / 'target'}: {e}") from None
+    torch.manual_seed(seed)
+    model = DFlashDraft(cfg)
+    model.set_target_weights(weights["embed_tokens.weight"], weights["lm_head.weight"])
+    with torch.no_grad():
+        model.norm.weight.copy_(weights["norm.weight"])
+    return model
+
+
+def choose_mask_token_id(target_dir: Path, target_cfg: dict, token_counts: torch.Tensor) -> int:
+    """The DFlash mask id: the first special token of the target's tokenizer (tokenizer.json added_tokens) that is
+    not its bos / eos / pad / unk and never a supervised token of the dump, so the masked slots' (frozen) embedding
+    row is one the chat never feeds; else the least frequent supervised id (the last of equals)."""
+    import json
+
+    reserved = {target_cfg.get(k) for k in ("bos_token_id", "eos_token_id", "pad_token_id", "unk_token_id")}
+    reserved |= {i for k in ("eos_token_id",) if isinstance(target_cfg.get(k), list) for i in target_cfg[k]}
+    special = []
+    try:
+        tokenizer = json.loads((target_dir / "tokenizer.json").read_text())
+        names = json.loads((target_dir / "tokenizer_config.json").read_text()) \
+            if (target_dir / "tokenizer_config.json").is_file() else {}
+        named = {names.get(k) for k in ("bos_token", "eos_token", "pad_token", "unk_token")}
+        special = sorted(t["id"] for t in tokenizer.get("added_tokens", [])
+                         if t.get("special") and t["content"] not in named)
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    for i in special:
+        if i not in reserved and 0 <= i < token_counts.numel() and token_counts[i] == 0:
+            return int(i)
+    return int(token_counts.numel() - 1 - torch.argmin(token_counts.flip(0)).item())
+
+
 def token_counts(index) -> torch.Tensor:
     from eagle.vocab import count_tokens_from_shards
 

@@ -1,11 +1,13 @@
-"""Stage `train`: train an EAGLE-3 draft from teacher shards, never loading the target.
+"""Stage `train`: train an EAGLE-3 (or DFlash: --draft-arch dflash) draft from teacher shards, never loading the
+target.
 
     eagle-pipe train --teacher-dir DUMP --out RUN [--max-steps N] ...
     torchrun --nproc_per_node G -m stages.cli train ...     (one process per GPU; see stages/train/setup.py)
 
 Per optimizer step: `grad_accum` packed micro-batches per rank (stages/train/loader.py) -> the compiled step
 (TTT forward + loss + metrics, `torch.compile(fullgraph=True)`, bf16 autocast, fp32 master weights) ->
-backward -> one gradient all-reduce -> clip -> fused AdamW. The loss is normalised by the number of supervised
+backward -> one gradient all-reduce -> clip -> fused AdamW. A DFlash draft runs the same loop with its own step
+(eagle/dflash.py: anchor blocks sampled by the loader, per-slot metrics in place of per-TTT-step ones). The loss is normalised by the number of supervised
 positions of the whole global batch (counted on the host, summed over ranks and micro-batches), so any split
 over ranks and accumulation computes the same update as one big batch. A non-finite loss or gradient skips the
 update on the device (AdamW's `found_inf`, no host sync); metrics stay on the device and reach the host once per
@@ -32,21 +34,42 @@ import torch
 from stages.train import checkpoint as ckpt
 from stages.errors import StageError
 from stages.shards import atomic_write_json, read_json
-from stages.train.loader import DumpIndex, PackedLoader
+from stages.train.loader import AnchorPlan, DumpIndex, PackedLoader
 from stages.train.settings import TrainSettings
 from stages.train.setup import (DistInfo, GradSync, WarmupCosine, all_reduce_sum, barrier, broadcast_ok,
-                                build_draft, check_dumps, init_distributed, make_optimizer, resolve_precision,
+                                build_dflash, build_draft, check_dumps, init_distributed, make_optimizer, resolve_precision,
                                 run_length_warning, token_counts)
 
 # settings a resumed run must share with the checkpoint (they change the data order or the model)
 RESUME_FIXED = ("seq_len", "batch_size", "grad_accum", "seed", "ttt_steps", "draft_vocab_size", "long_sequences",
                 "eval_fraction", "world_size", "draft_arch")
+DFLASH_RESUME_FIXED = ("anchors_per_row",)  # block_size, draft_layers and mask_token_id are in the draft config
 
 
 # what `train` says on rank 0 about the architecture it trains
 ARCH_NOTES = {"eagle3": "eagle3",
               "eagle3.1": "eagle3.1 (fc_norm: an RMSNorm per aux hidden state before fc; norm_output: the next "
                           "draft step receives norm(out))"}
+
+
+def arch_note(cfg) -> str:
+    if cfg.draft_arch == "dflash":
+        return (f"dflash ({cfg.num_hidden_layers} layer(s), block {cfg.block_size}: serve with K = "
+                f"{cfg.block_size - 1}; mask token {cfg.mask_token_id}; aux layers {list(cfg.aux_layer_ids)})")
+    return ARCH_NOTES.get(cfg.draft_arch, cfg.draft_arch)
+
+
+def is_dflash(s: TrainSettings) -> bool:
+    return s.draft_arch == "dflash"
+
+
+def metric_steps(s: TrainSettings) -> int:
+    """What the metrics count per position: TTT steps (EAGLE-3) or drafted block slots (DFlash)."""
+    return s.block_size - 1 if is_dflash(s) else s.ttt_steps
+
+
+def anchors_per_row(s: TrainSettings) -> int:
+    return s.anchors_per_row or max(1, s.seq_len // s.block_size)
 
 
 def ttt_loss(*args, **kwargs):
@@ -56,10 +79,11 @@ def ttt_loss(*args, **kwargs):
 
 
 def make_step_fn(steps: int, teacher_kind: str, decay: float, attention: str, device: torch.device, compile_: bool,
-                 precision: str = "auto"):
+                 precision: str = "auto", dflash_gamma: float | None = None):
     """The whole TTT forward + loss + metrics as one function of (model, batch, normalizer). FP8 aux states are
     dequantized first, inside the same graph: the host only ever moves the stored bytes. Matmuls run in bf16
-    autocast when `precision` resolves to bf16 (stages/train/setup.py: resolve_precision), weights stay fp32."""
+    autocast when `precision` resolves to bf16 (stages/train/setup.py: resolve_precision), weights stay fp32.
+    With `dflash_gamma` the step is a DFlash draft's (eagle/dflash.py dflash_loss, slot weights by gamma)."""
     from stages.shards.aux import dequantize_batch
 
     autocast = resolve_precision(precision, device)[0] == "bf16"
@@ -67,6 +91,10 @@ def make_step_fn(steps: int, teacher_kind: str, decay: float, attention: str, de
     def step_fn(model, batch, normalizer):
         batch = dequantize_batch(batch)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+            if dflash_gamma is not None:
+                from eagle.dflash import dflash_loss
+
+                return dflash_loss(model, batch, normalizer, teacher_kind, dflash_gamma)
             return ttt_loss(model, batch, steps, normalizer, teacher_kind, decay=decay, attention=attention)
 
     return torch.compile(step_fn, fullgraph=True) if compile_ else step_fn
@@ -284,13 +312,18 @@ def build_model(s: TrainSettings, index: DumpIndex, info: DistInfo):
     from eagle.config import choose_draft_rope
 
     teacher_dir = Path(s.teacher_dir)
-    model = build_draft(teacher_dir, index.manifest, token_counts(index), draft_vocab_size=s.draft_vocab_size,
-                        ttt_steps=s.ttt_steps, init_lm_head=s.init_lm_head, seed=s.seed,
-                        draft_rope=s.draft_rope, draft_arch=s.draft_arch).to(info.device)
+    if is_dflash(s):
+        model = build_dflash(teacher_dir, index.manifest, token_counts(index), block_size=s.block_size,
+                             draft_layers=s.draft_layers, mask_token_id=s.mask_token_id, seed=s.seed,
+                             draft_rope=s.draft_rope).to(info.device)
+    else:
+        model = build_draft(teacher_dir, index.manifest, token_counts(index), draft_vocab_size=s.draft_vocab_size,
+                            ttt_steps=s.ttt_steps, init_lm_head=s.init_lm_head, seed=s.seed,
+                            draft_rope=s.draft_rope, draft_arch=s.draft_arch).to(info.device)
     if info.is_main:
         rope = choose_draft_rope(read_json(teacher_dir / "target" / "config.json"), s.draft_rope)
         click.echo(f"train: draft RoPE: {rope.reason}", err=True)
-        click.echo(f"train: draft architecture: {ARCH_NOTES.get(model.cfg.draft_arch, model.cfg.draft_arch)}", err=True)
+        click.echo(f"train: draft architecture: {arch_note(model.cfg)}", err=True)
         precision, why = resolve_precision(s.precision, info.device)
         click.echo(f"train: precision {precision}{' autocast, fp32 weights' if precision == 'bf16' else ''} ({why})",
                    err=True)
@@ -306,9 +339,11 @@ def build_data(s: TrainSettings, index: DumpIndex, model, info: DistInfo) -> Tra
     else:
         train_ids, eval_ids = index.split(s.eval_fraction, s.seed)
         eval_index = index
-    common = dict(seq_len=s.seq_len, batch_size=s.batch_size, steps=s.ttt_steps, t2d=model.t2d.cpu(),
+    t2d = torch.ones(model.cfg.vocab_size, dtype=torch.bool) if is_dflash(s) else model.t2d.cpu()
+    anchors = AnchorPlan(s.block_size, anchors_per_row(s), s.seed) if is_dflash(s) else None
+    common = dict(seq_len=s.seq_len, batch_size=s.batch_size, steps=metric_steps(s), t2d=t2d,
                   rank=info.rank, world_size=info.world_size, seed=s.seed, long_sequences=s.long_sequences,
-                  pin=info.device.type == "cuda", num_workers=s.num_workers)
+                  pin=info.device.type == "cuda", num_workers=s.num_workers, anchors=anchors)
     loader = PackedLoader(index, train_ids, grad_accum=s.grad_accum, reuse_buffers=True, **common)
     eval_loader = PackedLoader(eval_index, eval_ids, shuffle=False, drop_last=False, **common) \
         if len(eval_ids) else None
@@ -347,8 +382,11 @@ def resume(s: TrainSettings, info: DistInfo, latest: Path | None, model, optim: 
         return state
     settings = s.record(info.world_size)
     recorded = ckpt.read_meta(latest)["settings"]
-    recorded = {"draft_arch": "eagle3"} | recorded  # checkpoints from before --draft-arch are EAGLE-3
-    for key in RESUME_FIXED:  # checked before loading: another draft_arch has other parameters
+    if "draft_arch" not in recorded:
+        raise StageError(f"{latest}: written by an older eagle-pipe (no draft_arch in its settings); retrain with "
+                         "this version, or export it with the eagle-pipe that trained it")
+    # checked before loading: another draft_arch has other parameters
+    for key in RESUME_FIXED + (DFLASH_RESUME_FIXED if is_dflash(s) else ()):
         if recorded.get(key) != settings.get(key):
             raise StageError(f"{latest}: was trained with {key}={recorded.get(key)!r}, now "
                              f"{settings.get(key)!r}; resume with the same value or start a new --out")
@@ -373,9 +411,12 @@ def run_loop(s: TrainSettings, info: DistInfo, model, optim: Optimization, data:
     barrier(info)
     log = RunLog(run, state.step, info.is_main)
     float_dtype = None if info.device.type == "cuda" else torch.float32
-    step_fn = make_step_fn(s.ttt_steps, data.index.teacher_kind, s.decay, s.attention, info.device, s.compile,
-                           s.precision)
-    metrics = Metrics(s.ttt_steps, info.device)
+    from eagle.dflash import default_gamma
+
+    gamma = (s.loss_gamma or default_gamma(s.block_size)) if is_dflash(s) else None
+    step_fn = make_step_fn(metric_steps(s), data.index.teacher_kind, s.decay, s.attention, info.device, s.compile,
+                           s.precision, dflash_gamma=gamma)
+    metrics = Metrics(metric_steps(s), info.device)
     positions_per_step = data.loader.rows_per_step * s.seq_len
     save = _checkpoint_writer(s, info, model, optim, data, state)
     if info.is_main:
@@ -431,9 +472,10 @@ def finish(s: TrainSettings, info: DistInfo, model, state: TrainState, wall0: fl
                "checkpoint": str(run / "checkpoints" / ckpt.step_name(state.step)),
                "export_dir": str(run / "export"), "wall_time_s": time.time() - wall0}
     if info.is_main:
+        from eagle.dflash_export import export_dflash
         from eagle.export import export_draft
 
-        export_draft(model, run / "export")
+        (export_dflash if is_dflash(s) else export_draft)(model, run / "export")
         atomic_write_json(run / "train_summary.json", summary)
         click.echo(f"train: {state.step} steps; loss {state.last_log.get('loss', float('nan')):.4f}; held-out "
                    f"acceptance length {state.final_eval.get('eval_acceptance_length', float('nan')):.3f}; "
@@ -502,9 +544,23 @@ def _progress(total: int, initial: int, enabled: bool):
 @click.option("--draft-rope", type=click.Choice(["auto", "target", "default"]), default="auto", show_default=True,
               help="The draft's RoPE: auto = the target's when vLLM/SGLang reproduce it exactly, else plain RoPE "
                    "with the target's rope_theta; target = the target's or an error; default = plain RoPE.")
-@click.option("--draft-arch", type=click.Choice(["eagle3", "eagle3.1"]), default="eagle3", show_default=True,
+@click.option("--draft-arch", type=click.Choice(["eagle3", "eagle3.1", "dflash"]), default="eagle3",
+              show_default=True,
               help="eagle3.1: one RMSNorm per aux hidden state before fc (fc_norm) and the next draft step fed "
-                   "norm(out) (norm_output), exported as the config.json switches vLLM and SGLang both run.")
+                   "norm(out) (norm_output), exported as the config.json switches vLLM and SGLang both run. "
+                   "dflash: a block drafter (K = block size - 1 tokens per forward), served by vLLM as "
+                   "method dflash.")
+@click.option("--block-size", default=8, show_default=True, type=click.IntRange(min=2),
+              help="DFlash: tokens per block (the verified token + block-size - 1 drafted).")
+@click.option("--draft-layers", default=1, show_default=True, type=click.IntRange(min=1),
+              help="DFlash: decoder layers of the draft.")
+@click.option("--anchors-per-row", type=click.IntRange(min=1), default=None,
+              help="DFlash: anchor blocks per packed row [default: seq-len // block-size].")
+@click.option("--loss-gamma", type=float, default=None,
+              help="DFlash: slot k weighs exp(-(k-1)/gamma) [default: 7 / 5 / 4 for blocks 16 / 10 / 8, else "
+                   "block-size / 2].")
+@click.option("--mask-token-id", type=int, default=None,
+              help="DFlash: target vocab id embedded in the masked slots [default: an unused special token].")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N.")
 @click.option("--seed", default=0, show_default=True)
 @click.option("--save-every", default=1000, show_default=True)
