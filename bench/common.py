@@ -102,17 +102,18 @@ def add_save_flag(parser, name: str) -> None:
                         help=f"also write the result to bench/results/DATE-NAME.json (NAME default: {name})")
 
 
-def _commit() -> str | None:
+def _git(*args: str) -> str | None:
     try:
-        out = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True)
-        return out.stdout.strip() or None
+        out = subprocess.run(["git", "-C", str(REPO), *args], capture_output=True, text=True)
+        return out.stdout.strip() if out.returncode == 0 else None
     except OSError:
         return None
 
 
 def save_result(name: str, result: dict, argv: list[str] | None = None) -> Path:
     """Write `result` as bench/results/YYYY-MM-DD-NAME.json (UTC date; -2, -3 ... when taken), with the command,
-    the commit and the machine it was measured on. Returns the path."""
+    the commit (and whether eagle/, stages/ or bench/ had uncommitted changes) and the machine it was measured
+    on. Returns the path."""
     folder = results_dir()
     folder.mkdir(parents=True, exist_ok=True)
     now = datetime.datetime.now(datetime.timezone.utc)
@@ -125,7 +126,9 @@ def save_result(name: str, result: dict, argv: list[str] | None = None) -> Path:
               "command": ["python", "-m", sys.modules["__main__"].__spec__.name
                           if getattr(sys.modules["__main__"], "__spec__", None) else sys.argv[0],
                           *(sys.argv[1:] if argv is None else argv)],
-              "commit": _commit(),
+              "commit": _git("rev-parse", "HEAD"),
+              "code_changed_since_commit": _git("status", "--porcelain", "--", "eagle", "stages", "bench")
+              not in ("", None),
               "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(),
                           "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None},
               "result": result}
