@@ -79,11 +79,11 @@ def dump_aux_of(dump: Path, sample_index: int) -> torch.Tensor:
     from stages.shards import iter_parts, load_part, part_header
 
     for part in iter_parts(Path(dump)):
-        t = load_part(part, ["cu_seqlens", "sample_index"])
-        where = (t["sample_index"] == sample_index).nonzero()
+        index = load_part(part, ["cu_seqlens", "sample_index"])
+        where = (index["sample_index"] == sample_index).nonzero()
         if where.numel():
-            s = int(where[0, 0])
-            lo, hi = int(t["cu_seqlens"][s]), int(t["cu_seqlens"][s + 1])
+            seq = int(where[0, 0])
+            lo, hi = int(index["cu_seqlens"][seq]), int(index["cu_seqlens"][seq + 1])
             names = ["aux_hidden_states"] + (["aux_scales"] if "aux_scales" in part_header(part)["tensors"] else [])
             full = load_part(part, names)
             aux = full["aux_hidden_states"][lo:hi]
@@ -150,17 +150,17 @@ def write_peer_inputs(target_dir: str, dump: Path, out: Path, draft_vocab_size: 
     states = TargetStates(target_dir, aux_ids)
     files, n_tokens, n_supervised, worst_rel, longest = [], 0, 0, 0.0, 0
     for i, (idx, ids, mask) in enumerate(iter_dump_sequences(dump)):
-        s = states(ids)
+        hidden = states(ids)
         if i % check_every == 0:
             ref = dump_aux_of(dump, idx)
-            rel = float((s["aux_hidden_states"] - ref).abs().max() / ref.abs().max().clamp_min(1e-30))
+            rel = float((hidden["aux_hidden_states"] - ref).abs().max() / ref.abs().max().clamp_min(1e-30))
             worst_rel = max(worst_rel, rel)
         name = f"conv-{i:06d}.safetensors"
         save_file({"input_ids": ids.contiguous(), "dump_loss_mask": mask.contiguous(),
                    "loss_mask": peer_loss_mask(mask).contiguous(),
-                   "aux_hidden_states": s["aux_hidden_states"].contiguous(),
-                   "last_hidden_prenorm": s["last_hidden_prenorm"].contiguous(),
-                   "last_hidden_postnorm": s["last_hidden_postnorm"].contiguous()},
+                   "aux_hidden_states": hidden["aux_hidden_states"].contiguous(),
+                   "last_hidden_prenorm": hidden["last_hidden_prenorm"].contiguous(),
+                   "last_hidden_postnorm": hidden["last_hidden_postnorm"].contiguous()},
                   str(out / "conversations" / name),
                   metadata={"format": PEER_FORMAT, "sample_index": str(idx)})
         files.append(name)

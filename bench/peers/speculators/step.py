@@ -235,10 +235,10 @@ def run(args) -> dict:
             o.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        for o in optimizers:
-            o.step()
-        for s in schedulers:
-            s.step()
+        for optimizer in optimizers:
+            optimizer.step()
+        for scheduler in schedulers:
+            scheduler.step()
         int((batch["document_ids"] != -1).sum().item())  # the logged step's host reads (log_freq=1)
         logged = {k: v.item() for k, v in metrics.items()}
         return logged["loss_sum"]
