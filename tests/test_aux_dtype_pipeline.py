@@ -183,6 +183,12 @@ def test_a_schema_1_dump_is_refused_in_one_line(full, tmp_path):
     line = (f"{old / 'manifest.json'}: schema_version 1, this eagle-pipe reads dumps of schema 2: re-run "
             "dump-teacher with this version (into a new --out) to rewrite it")
     assert verify_dump(old) == [line]
+    from stages.errors import StageError
+    from stages.train.loader import DumpIndex
+
+    with pytest.raises(StageError) as refused:  # the loader itself, for what reads a dump without verify (bench)
+        DumpIndex(old)
+    assert str(refused.value) == line
     result = train(["--teacher-dir", str(old), "--out", str(tmp_path / "run"), "--max-steps", "2"], expect_ok=False)
     assert result.exit_code != 0 and f"refusing to train on {old}: {line}" in result.output
     assert not (tmp_path / "run" / "checkpoints").exists()

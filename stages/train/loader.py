@@ -38,7 +38,7 @@ from safetensors import safe_open
 
 from stages.shards.aux import AUX_KEYS
 from stages.errors import StageError
-from stages.shards import TEACHER_KINDS, read_json, shard_dir
+from stages.shards import TEACHER_KINDS, read_json, schema_problem, shard_dir
 
 PACK_WINDOW = 1024  # chunks packed together; bigger windows pack tighter but cost more planning time
 ADVISE_MIN_BYTES = 128 << 10  # smaller reads are one readahead window anyway: not worth a WILLNEED syscall
@@ -53,6 +53,9 @@ class DumpIndex:
         if not manifest_path.is_file():
             raise StageError(f"{manifest_path}: missing (not a teacher dump)")
         self.manifest = read_json(manifest_path)
+        problem = schema_problem(self.manifest, manifest_path)
+        if problem:
+            raise StageError(problem)
         teacher = self.manifest.get("teacher") or {}
         self.teacher_kind = teacher.get("kind")
         if self.teacher_kind not in TEACHER_KINDS:
