@@ -23,6 +23,17 @@ hashing) are this machine's ceilings, measured in the same run.
     python bench/dump.py --writer-only --hidden 4096 --dtype bfloat16 --batch-tokens 16384 --part-tokens 32768
     python bench/dump.py --device cuda --dtype bfloat16 --hidden 2048 --layers 16 --vocab 128256 \
         --records 512 --batch-tokens 16384
+
+With `--engines` a real target and real records (`--target`, `--data`, `--limit`) go through three runs, each in
+its own process (its peak host memory is that process tree's summed RSS, sampled every 0.1 s): `dump-teacher
+--engine hf`, `dump-teacher --engine vllm`, and vLLM's bare prefill of the same token ids (no speculative config,
+no connector, prefix caching off, max_tokens 1, all prompts in one `generate`). Dump rates are the dump's own
+timer (first batch to last part on disk; model load and engine start excluded, reported apart as wall time).
+Goals: vLLM dump >= 0.8x the bare prefill and not slower than the HF dump. Then the two dumps are compared
+(tests/vllm_dump_helpers.py: per aux layer max |diff| and over max |value|, argmax agreement, top-k log-probs).
+
+    python bench/dump.py --engines --target /work/cache/smollm2/target --data A.json --data B.json \
+        --limit 300 --dtype float32 --keep /work/cache/vllmdump/smollm2
 """
 from __future__ import annotations
 
@@ -183,6 +194,98 @@ def writer_only(a) -> dict:
             "producer_blocked_fraction": paced[2] / (paced[0] - paced[3])}
 
 
+ENGINE_RUNS = ("hf", "vllm", "bare")
+
+
+def engine_phase(a) -> dict:
+    """One run of --engines, in this process (the parent measures its memory): a dump, or the bare prefill."""
+    root = Path(a.keep)
+    if a.phase in ("hf", "vllm"):
+        from stages.dump.stage import dump_teacher
+
+        return dump_teacher(target=a.target, data=a.data, out=str(root / a.phase), engine=a.phase, dtype=a.dtype,
+                            limit=a.limit, batch_tokens=a.batch_tokens, part_tokens=a.part_tokens,
+                            max_seq_len=a.max_len, top_k=a.top_k, overwrite=True)
+    from safetensors import safe_open
+
+    from stages.vllm_runtime import VllmOptions, open_llm
+    from stages.dump.engines import default_max_model_len
+    from transformers import AutoConfig
+
+    prompts = []
+    for part in sorted((root / "vllm").glob("shards/*/part-*.safetensors")):  # the dump's own token ids
+        with safe_open(part, "pt") as f:
+            ids, cu = f.get_tensor("input_ids"), f.get_tensor("cu_seqlens").tolist()
+        prompts += [{"prompt_token_ids": ids[cu[i]:cu[i + 1]].tolist()} for i in range(len(cu) - 1)]
+    import vllm
+
+    dtype = a.dtype or "float32"
+    start = time.perf_counter()
+    llm = open_llm(VllmOptions(dtype=dtype), a.target, enable_prefix_caching=False, skip_tokenizer_init=True,
+                   max_model_len=default_max_model_len(AutoConfig.from_pretrained(a.target), a.max_len))
+    started = time.perf_counter() - start
+    sampling = vllm.SamplingParams(max_tokens=1, temperature=0.0, detokenize=False)
+    llm.generate(prompts[:2], sampling, use_tqdm=False)  # warm-up
+    start = time.perf_counter()
+    llm.generate(prompts, sampling, use_tqdm=False)
+    seconds = time.perf_counter() - start
+    tokens = sum(len(p["prompt_token_ids"]) for p in prompts)
+    return {"tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds, "engine_start_s": started}
+
+
+def run_measured(argv: list[str]) -> tuple[dict, float, float]:
+    """Run this script with argv in a child process (stdout dropped: vLLM logs there): (its JSON result, wall seconds, peak summed tree RSS GiB)."""
+    import subprocess
+
+    import psutil
+
+    start = time.perf_counter()
+    child = subprocess.Popen([sys.executable, __file__, *argv], stdout=subprocess.DEVNULL)
+    proc, peak = psutil.Process(child.pid), 0
+    while child.poll() is None:
+        try:
+            rss = sum(p.memory_info().rss for p in [proc, *proc.children(recursive=True)])
+        except psutil.Error:
+            rss = 0
+        peak = max(peak, rss)
+        time.sleep(0.1)
+    if child.returncode != 0:
+        raise SystemExit(f"{argv}: exit code {child.returncode}")
+    result = Path(argv[argv.index("--keep") + 1]) / f"{argv[argv.index('--phase') + 1]}.json"
+    return json.loads(result.read_text()), time.perf_counter() - start, peak / 2**30
+
+
+def engines(a) -> dict:
+    from tests.vllm_dump_helpers import compare_dumps
+
+    root = Path(a.keep)
+    root.mkdir(parents=True, exist_ok=True)
+    common = ["--target", a.target, *sum((["--data", d] for d in a.data), []), "--keep", a.keep,
+              "--batch-tokens", a.batch_tokens, "--part-tokens", a.part_tokens, "--max-len", a.max_len,
+              "--top-k", a.top_k, *(["--limit", a.limit] if a.limit is not None else []),
+              *(["--dtype", a.dtype] if a.dtype else [])]
+    runs = {}
+    for phase in ENGINE_RUNS:
+        result, wall, peak = run_measured(["--engines", "--phase", phase, *map(str, common)])
+        runs[phase] = {**result, "wall_s": round(wall, 1), "peak_rss_GiB": round(peak, 2)}
+    hf, vl, bare = runs["hf"], runs["vllm"], runs["bare"]
+    assert hf["tokens"] == vl["tokens"] == bare["tokens"], (hf["tokens"], vl["tokens"], bare["tokens"])
+    return {
+        "target": a.target, "data": a.data, "limit": a.limit, "dtype": a.dtype or "float32", "top_k": a.top_k,
+        "cpu_count": os.cpu_count(), "vllm_cpu_env": {k: v for k, v in os.environ.items() if k.startswith("VLLM_CPU")},
+        "sequences": hf["sequences"], "tokens": hf["tokens"],
+        "hf_dump_tokens_per_s": round(hf["tokens_per_s"], 1), "vllm_dump_tokens_per_s": round(vl["tokens_per_s"], 1),
+        "vllm_bare_prefill_tokens_per_s": round(bare["tokens_per_s"], 1),
+        "vllm_dump_vs_bare_prefill": round(vl["tokens_per_s"] / bare["tokens_per_s"], 3), "goal_vs_bare": 0.8,
+        "vllm_dump_vs_hf_dump": round(vl["tokens_per_s"] / hf["tokens_per_s"], 3), "goal_vs_hf": 1.0,
+        "bytes_hf": hf["bytes"], "bytes_vllm": vl["bytes"],
+        "wall_s": {k: r["wall_s"] for k, r in runs.items()},
+        "peak_rss_GiB": {k: r["peak_rss_GiB"] for k, r in runs.items()},
+        "vllm_engine_start_s": round(bare["engine_start_s"], 1),
+        "equality": compare_dumps(root / "hf", root / "vllm"),
+    }
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--layers", type=int, default=4)
@@ -208,7 +311,18 @@ def main() -> None:
     p.add_argument("--writer-parts", type=int, default=3, help="Parts per --writer-only run.")
     p.add_argument("--produce-mbps", type=float, default=500.0,
                    help="--writer-only: the paced producer's rate in MB/s of batch outputs (H100, 8B target).")
+    p.add_argument("--engines", action="store_true", help="HF dump vs vLLM dump vs vLLM's bare prefill (real target).")
+    p.add_argument("--target", help="--engines: the target directory.")
+    p.add_argument("--data", action="append", help="--engines: a data file (repeatable).")
+    p.add_argument("--limit", type=int, default=None, help="--engines: the first N records only.")
+    p.add_argument("--phase", choices=ENGINE_RUNS, help=argparse.SUPPRESS)
     a = p.parse_args()
+    if a.engines:
+        if a.phase:  # vLLM logs to stdout: the result goes to a file
+            (Path(a.keep) / f"{a.phase}.json").write_text(json.dumps(engine_phase(a)))
+        else:
+            print(json.dumps(engines(a), indent=1))
+        return
     if a.writer_only:
         print(json.dumps(writer_only(a), indent=1))
         return

@@ -125,8 +125,9 @@ def expected_dump_settings(options: dict, num_layers: int) -> dict:
     _, num_shards = shard_from_env(options.get("shard_index"), options.get("num_shards"))
     topk = options["teacher"] == "topk"
     dtype = resolve_dtype(options.get("dtype"), device)
+    engine = {} if options.get("engine", "hf") == "hf" else {"engine": options["engine"]}  # as DumpSettings.record
     return {
-        "target": local_or_name(options["target"]), "data": [local_or_name(s) for s in options["data"]],
+        **engine, "target": local_or_name(options["target"]), "data": [local_or_name(s) for s in options["data"]],
         "dtype": dtype_name(dtype), "aux_dtype": dtype_name(storage_dtype(options.get("aux_dtype") or "model", dtype)),
         "aux_layers": list(parse_aux_layers(options.get("aux_layers"), num_layers)),
         "teacher": options["teacher"], "top_k": options["top_k"] if topk else None,
