@@ -234,12 +234,15 @@ class DFlashDraft(nn.Module):
         return [layer.self_attn.keys_values(ctx, cos, sin) for layer in self.layers]
 
     def blocks(self, ids: torch.Tensor, positions: torch.Tensor, context_kv, attend) -> torch.Tensor:
-        """Block tokens ids (B, Q) at positions (B, Q) -> logits (B, Q, V)."""
+        """Block tokens ids (B, Q) at positions (B, Q) -> the last layer's output (B, Q, H), before `norm`."""
         x = F.embedding(ids, self.embed_weight).to(self.fc.weight.dtype)  # (B, Q, H)
         cos, sin = self.rope(positions)  # (B, 1, Q, D)
         for layer, kv in zip(self.layers, context_kv):
             x = layer(x, cos, sin, kv, attend)
-        return F.linear(self.norm(x), self.lm_head_weight.to(x.dtype))  # (B, Q, V)
+        return x
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(self.norm(x), self.lm_head_weight.to(x.dtype))  # (.., H) -> (.., V)
 
 
 # ------------------------------------------------------------------------------------------------ training
@@ -273,8 +276,9 @@ class BlockAttention:
         return p[..., :t] @ vc + out_blk.reshape(b, h, n_q, d)
 
 
-def dflash_forward(model: DFlashDraft, batch: dict, anchors: torch.Tensor) -> torch.Tensor:
-    """Logits (B, N, block, V) of the blocks anchored at rows `anchors` (B, N) of the packed batch."""
+def dflash_forward(model: DFlashDraft, batch: dict, anchors: torch.Tensor, first_slot: int = 0) -> torch.Tensor:
+    """Logits (B, N, block - first_slot, V) of the blocks anchored at rows `anchors` (B, N) of the packed batch
+    (the loss needs slots 1.. only: the lm_head over the full vocab is most of the step's work)."""
     cfg = model.cfg
     blk = cfg.block_size
     ids, pos, doc = batch["input_ids"], batch["position_ids"], batch["document_ids"]  # (B, T)
@@ -285,8 +289,8 @@ def dflash_forward(model: DFlashDraft, batch: dict, anchors: torch.Tensor) -> to
     block_pos = pos.gather(1, anchors)[..., None] + 1 + torch.arange(blk, device=pos.device)  # (B, N, blk)
     ctx_kv = model.context_kv(model.context(batch["aux_hidden_states"]), pos)
     attend = BlockAttention(context_mask(doc, anchors, blk), blk)
-    logits = model.blocks(block_ids.view(b, n * blk), block_pos.view(b, n * blk), ctx_kv, attend)
-    return logits.view(b, n, blk, -1)
+    x = model.blocks(block_ids.view(b, n * blk), block_pos.view(b, n * blk), ctx_kv, attend)
+    return model.logits(x.view(b, n, blk, -1)[:, :, first_slot:])
 
 
 def slot_targets(batch: dict, anchors: torch.Tensor, anchor_valid: torch.Tensor, block: int):
@@ -316,7 +320,7 @@ def dflash_loss(model: DFlashDraft, batch: dict, normalizer: torch.Tensor, teach
     batch["anchors"], batch["anchor_valid"] (B, N) come from the loader (`sample_anchors`)."""
     blk = model.cfg.block_size
     anchors, anchor_valid = batch["anchors"], batch["anchor_valid"]
-    logits = dflash_forward(model, batch, anchors)[:, :, 1:]  # (B, N, K, V): slots 1..K
+    logits = dflash_forward(model, batch, anchors, first_slot=1)  # (B, N, K, V): slots 1..K
     rows, valid = slot_targets(batch, anchors, anchor_valid, blk)
     b, n, k = rows.shape
     vocab = torch.arange(model.cfg.vocab_size, device=rows.device)  # full vocab: identity maps
@@ -401,4 +405,4 @@ def draft_block(model: DFlashDraft, context: DFlashContext, token: int, position
     device = model.fc.weight.device
     ids = torch.tensor([[token] + [cfg.mask_token_id] * (cfg.block_size - 1)], device=device)
     pos = torch.arange(p, p + cfg.block_size, device=device)[None]
-    return model.blocks(ids, pos, context.kv, full_attention)[0]
+    return model.logits(model.blocks(ids, pos, context.kv, full_attention))[0]
