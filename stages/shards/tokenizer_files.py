@@ -2,9 +2,9 @@
 
 dump-teacher records the hash; train refuses to train dumps of different tokenizers together. transformers
 also saves how a tokenizer was loaded into tokenizer_config.json (`local_files_only: true` under
-HF_HUB_OFFLINE=1), so dump-teacher saves it without those keys; a dump made before that keeps them in its file
-and its hash. `tokenizer_sha256` always reads the file without them, so train can recompute the hash such a dump
-would get today and pair it with newer dumps of the same tokenizer.
+HF_HUB_OFFLINE=1), so dump-teacher saves it without those keys (`drop_load_kwargs`) before hashing: the same
+tokenizer loaded online or offline gets one hash. A dump made before that keeps them (`load_kwargs_kept`);
+verify refuses it in one line saying to re-run dump-teacher.
 """
 from __future__ import annotations
 
@@ -52,11 +52,14 @@ def tree_sha256(files: list[Path], root: Path, digest=sha256_file) -> str:
 
 
 def tokenizer_sha256(directory: Path) -> str:
-    """`tokenizer_sha256` of a target/ directory, tokenizer_config.json read without load-time keys: what
-    dump-teacher records today, and what train recomputes for a dump made before the keys were dropped."""
-    def digest(f: Path) -> str:
-        if f.name != "tokenizer_config.json":
-            return sha256_file(f)
-        return hashlib.sha256(without_load_kwargs(f.read_bytes())).hexdigest()
+    """`tokenizer_sha256` of a target/ directory (dump-teacher drops the load-time keys first)."""
+    return tree_sha256(tokenizer_files(directory), Path(directory))
 
-    return tree_sha256(tokenizer_files(directory), Path(directory), digest)
+
+def load_kwargs_kept(directory: Path) -> list[str]:
+    """The load-time keys a target/ directory's tokenizer_config.json still holds (a dump-teacher before they
+    were dropped wrote them); [] for a dump of this version."""
+    path = Path(directory) / "tokenizer_config.json"
+    if not path.is_file():
+        return []
+    return [key for key in LOAD_KWARGS if key in json.loads(path.read_bytes())]

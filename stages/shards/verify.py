@@ -18,6 +18,7 @@ import click
 
 from stages import shards
 from stages.errors import StageError
+from stages.shards.tokenizer_files import load_kwargs_kept
 
 SAFETENSORS_DTYPES = {"bfloat16": "BF16", "float16": "F16", "float32": "F32", "float8_e4m3fn": "F8_E4M3"}
 
@@ -33,6 +34,11 @@ def _check_target(out: Path, manifest: dict) -> list[str]:
     weights = tdir / "weights.safetensors"
     if weights.is_file() and shards.sha256_file(weights) != manifest["target"].get("weights_sha256"):
         problems.append(f"{weights}: sha256 differs from manifest.json target.weights_sha256")
+    kept = load_kwargs_kept(tdir)
+    if kept:
+        problems.append(f"{tdir / 'tokenizer_config.json'}: holds load-time keys ({', '.join(kept)}), written by a "
+                        "dump-teacher before it dropped them, so its tokenizer hash differs from newer dumps of "
+                        "the same tokenizer: re-run dump-teacher with this version (into a new --out)")
     return problems
 
 

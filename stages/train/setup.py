@@ -83,15 +83,6 @@ def _field(manifest: dict, path: tuple) -> object:
     return value
 
 
-def _same_tokenizer(path: tuple, dump: Path, other: Path) -> bool:
-    """Two tokenizer hashes that differ only because one dump predates dump-teacher dropping load-time keys
-    (stages/shards/tokenizer_files.py): recomputed from both target/ directories, they agree."""
-    from stages.shards.tokenizer_files import tokenizer_sha256
-
-    return path == ("target", "tokenizer_sha256") and (
-        tokenizer_sha256(dump / "target") == tokenizer_sha256(other / "target"))
-
-
 def check_dumps(teacher_dir: Path, eval_dir: Path | None) -> dict:
     """Verify every dump (manifest, shards, streaming checksums of every part) and that dumps trained together
     share a target, tokenizer and teacher. Raises StageError naming the first bad file; returns the manifest."""
@@ -109,7 +100,7 @@ def check_dumps(teacher_dir: Path, eval_dir: Path | None) -> dict:
     base = manifests[teacher_dir]
     for d, m in manifests.items():
         for path in PROVENANCE:
-            if _field(m, path) != _field(base, path) and not _same_tokenizer(path, d, teacher_dir):
+            if _field(m, path) != _field(base, path):
                 raise StageError(f"{d / 'manifest.json'}: {'.'.join(path)} = {_field(m, path)!r} differs from "
                                  f"{teacher_dir / 'manifest.json'} ({_field(base, path)!r}); dumps of different "
                                  "targets, tokenizers or teacher settings cannot be trained together")
