@@ -14,6 +14,7 @@ anything else runs, so it defaults to CPU_MEMORY_UTILIZATION there.
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, field
 
 import click
@@ -26,7 +27,9 @@ CPU_MEMORY_UTILIZATION = 0.2   # default fraction of host RAM on a CPU-only mach
 
 
 def require_vllm():
-    """The `vllm` module, or one line saying what to install."""
+    """The `vllm` module, or one line saying what to install. vLLM logs to stdout by default; its log goes to
+    stderr here (set before vllm is first imported), so `--json` output stays one clean line on stdout."""
+    os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")
     try:
         import vllm
     except ImportError as exc:
