@@ -198,7 +198,7 @@ def evaluate(target: str, draft: str, data, *, num_prompts=32, max_new_tokens=12
         raise StageError(f"{target}: {e}") from None
     # the greedy reference is transformers' own generate() on its default dynamic cache: the most independent
     # reference, and on the CPUs measured a static cache with a compiled decode step was no faster at batch 1
-    # and slower batched (README, regenerate's Measured)
+    # and slower batched (docs/regenerate.md, "Measured")
     engine = {"static_cache": isinstance(target_aux, StaticTarget), "compile": one_at_a_time_compiled,
               "cache_length": cache_len if static else None, "batch_size": batch_size,
               "batched_speculative": batched_target is not None}
@@ -355,8 +355,7 @@ def evaluate(target: str, draft: str, data, *, num_prompts=32, max_new_tokens=12
 @click.option("--batch-size", type=click.IntRange(min=1), default=None,
               help="Decode N questions at a time: the greedy references (one batched generate() per turn) and the "
                    "speculative runs (one batched verification per round). A turn whose batched outputs differ is "
-                   "decided alone, as at 1. Speeds then compare both at batch N. On a 2-core CPU, 40 ran all 80 "
-                   "MT-bench questions with SmolLM2-135M in 427 s, against 1042 s one speculative run at a time. "
+                   "decided alone, as at 1. Speeds then compare both at batch N (measured: docs/eval.md#batched). "
                    "[default: 1; with --engine vllm: vLLM's max_num_seqs, default vLLM's own]")
 @click.option("--engine", type=click.Choice(["hf", "vllm"]), default="hf",
               help="hf: eagle-pipe's own speculative decoding in transformers; vllm: the draft served in vLLM's "
