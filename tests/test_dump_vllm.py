@@ -153,3 +153,22 @@ def test_vllm_options_come_from_pipeline_yaml(tiny_llama, chat_data, tmp_path):
         kwargs = s.vllm.llm_kwargs("m", max_model_len=513)
         assert kwargs["gpu_memory_utilization"] == 0.15 and kwargs["max_num_seqs"] == 8
         assert kwargs["dtype"] == "float32" and kwargs["max_model_len"] == 513
+
+
+@pytest.mark.parametrize("fixture", ["tiny_llama", "tiny_qwen3"])
+def test_the_vllm_engines_head_only_target_equals_the_full_load(fixture, request):
+    """--engine vllm keeps only the embedding, final norm and lm_head in eagle-pipe's process (the rest stays on
+    the meta device); they must be the full model's, tied or not."""
+    from stages.dump.forward import load_target, load_target_head
+
+    target = request.getfixturevalue(fixture)
+    full = load_target(str(target), torch.float32, "cpu", None, False)
+    head = load_target_head(str(target), torch.float32, "cpu", False)
+    assert head is not None and head.num_layers == full.num_layers and head.vocab_size == full.vocab_size
+    for get in (lambda t: t.model.get_input_embeddings().weight, lambda t: t.lm_head.weight, lambda t: t.norm.weight):
+        assert torch.equal(get(head), get(full))
+    assert (head.lm_head.weight is head.model.get_input_embeddings().weight) == (fixture == "tiny_qwen3")
+    assert head.layers[0].self_attn.q_proj.weight.is_meta                    # the decoder never loaded
+    hidden = torch.randn(5, full.hidden_size)
+    assert torch.equal(head.norm(hidden), full.norm(hidden))
+    assert load_target_head("some-org/some-hub-model", torch.float32, "cpu", False) is None  # not local: full load

@@ -1,7 +1,7 @@
 """The engines dump-teacher runs the target in: one interface, two implementations.
 
-    engine.hidden_states(sequences) -> (aux [n, A*H], final [n, H])   n = the sequences' tokens, in order
-    engine.describe() -> dict                                        what the manifest records as `engine`
+    engine.part_batches(part) -> Iterator[(aux [n, A*H], final [n, H])]   per planned batch of the part, in order
+    engine.hidden_states(sequences) -> (aux, final)                          n = the sequences' tokens, in order
     engine.close()
 
 `aux` holds the input residual stream of each aux layer (HF `hidden_states[k]`, layers in ascending order);
@@ -10,7 +10,10 @@ computes the teacher with the target's lm_head and the family's logit post-proce
 dump's device in the target's dtype, so everything after the engine (teacher, aux encoding, parts, checksums,
 resume) is one path.
 
-`HFEngine` runs the target in transformers with forward pre-hooks (stages/dump/forward.py). `VllmEngine` runs it
+`HFEngine` runs the target in transformers with forward pre-hooks (stages/dump/forward.py), one padded forward per
+planned batch. `VllmEngine` hands vLLM a whole part per `generate` call (vLLM batches by its own token budget; a
+call per planned batch cost ~0.3 s of fixed overhead each on CPU) and cuts the results into the planned batches,
+reading each batch's files only when that batch is consumed. It runs the target
 in vLLM's offline `LLM` in this process (no server): the `extract_hidden_states` speculative method captures the
 aux layers plus layer `num_hidden_layers` (the final state before the norm) for every prompt token, our
 connector (stages/dump/vllm_connector.py) writes one file per request into a temporary directory, and this
@@ -52,6 +55,10 @@ class HFEngine:
 
         ids, mask, real, _ = pad_batch(seqs, self.pad_id)
         return forward_batch(self.tgt, self.aux_ids, ids, mask, real)
+
+    def part_batches(self, part):
+        for lo, hi in part.batches:
+            yield self.hidden_states(part.sequences[lo:hi])
 
     def describe(self) -> dict:
         import transformers
@@ -135,6 +142,13 @@ class VllmEngine:
         self.sampling = self.vllm.SamplingParams(max_tokens=1, temperature=0.0, detokenize=False)
 
     def hidden_states(self, seqs):
+        return next(self._collect(seqs, [(0, len(seqs))]))
+
+    def part_batches(self, part):
+        return self._collect(part.sequences, part.batches)
+
+    def _collect(self, seqs, batches):
+        """One generate over all `seqs`, then (aux, normed final) per [lo, hi) batch, read when consumed."""
         for seq in seqs:
             if len(seq) >= self.max_model_len:
                 raise StageError(f"--engine vllm: record {seq.sample_index} has {len(seq)} tokens, vLLM's "
@@ -147,17 +161,23 @@ class VllmEngine:
             from stages.vllm_runtime import error_line
             raise StageError(f"target {self.tgt.source}: vLLM's engine failed on it ({type(exc).__name__}: "
                              f"{error_line(exc)}); vLLM's log above names the cause") from None
-        aux, final = [], []
-        n_aux = len(self.aux_ids)
-        for seq, out in zip(seqs, outputs, strict=True):
-            states = self._take(out, seq)                         # [T, n_aux + 1, H]
-            aux.append(states[:, :n_aux].flatten(1))
-            final.append(states[:, n_aux])
-        device = self.tgt.device
-        aux = torch.cat(aux).to(device, self.tgt.dtype, non_blocking=True)
-        final = torch.cat(final).to(device, self.tgt.dtype, non_blocking=True)
-        with torch.inference_mode():
-            return aux, self.tgt.norm(final)
+        if len(outputs) != len(seqs):
+            raise StageError(f"--engine vllm: vLLM returned {len(outputs)} outputs for {len(seqs)} prompts")
+        n_aux, device = len(self.aux_ids), self.tgt.device
+        for lo, hi in batches:
+            states = torch.cat([self._take(out, seq) for seq, out in zip(seqs[lo:hi], outputs[lo:hi])])
+            states = states.to(device, self.tgt.dtype, non_blocking=True)   # [n, n_aux + 1, H]
+            with torch.inference_mode():
+                yield states[:, :n_aux].flatten(1), self.tgt.norm(states[:, n_aux])
+
+    def close(self) -> None:
+        llm, self.llm = getattr(self, "llm", None), None
+        if llm is not None:
+            try:
+                llm.llm_engine.engine_core.shutdown()
+            except Exception:
+                pass
+        shutil.rmtree(self.directory, ignore_errors=True)
 
     def _take(self, out, seq) -> torch.Tensor:
         """Wait for the request's file (written by the worker after the request finished), read, delete it."""
@@ -188,12 +208,3 @@ class VllmEngine:
 
     def describe(self) -> dict:
         return vllm_engine_record(self.aux_ids, self.tgt.num_layers, self.options)
-
-    def close(self) -> None:
-        llm, self.llm = getattr(self, "llm", None), None
-        if llm is not None:
-            try:
-                llm.llm_engine.engine_core.shutdown()
-            except Exception:
-                pass
-        shutil.rmtree(self.directory, ignore_errors=True)

@@ -108,6 +108,62 @@ def load_target(source: str, dtype: torch.dtype, device: str, device_map: str | 
                   model.get_input_embeddings().weight.device)
 
 
+def load_target_head(source: str, dtype: torch.dtype, device: str, trust_remote_code: bool) -> Target | None:
+    """The target with only its embedding, final norm and lm_head in memory (on `device`), every other weight left
+    on the meta device: what OUT/target and the teacher need when another engine (vLLM) runs the decoder, so a
+    target larger than the dump's device still fits. The three modules' tensors are read from the checkpoint's
+    safetensors files by name (exact, else the one key ending in the same `module.param`); a tied lm_head shares
+    the embedding. None when that is not possible (a hub id, no safetensors, an ambiguous or missing name): the
+    caller then loads the whole model."""
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    directory = Path(source).expanduser()
+    files = sorted(directory.glob("*.safetensors")) if directory.is_dir() else []
+    if not files:
+        return None
+    config = load_config(source, trust_remote_code)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+    except Exception as exc:
+        raise StageError(f"target {source}: cannot load its tokenizer: {str(exc).splitlines()[0]}") from None
+    try:
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
+        parts = decoder_parts(model)
+    except Exception:
+        return None
+    key_file = {}
+    for f in files:
+        with safe_open(f, "pt") as handle:
+            key_file.update({key: f for key in handle.keys()})
+    names = {id(m): n for n, m in model.named_modules()}
+    embed, head = model.get_input_embeddings(), model.get_output_embeddings()
+    if head is None:
+        return None
+    tied = head.weight is embed.weight
+    for module in ([embed, parts.norm] if tied else [embed, parts.norm, head]):
+        tensors = {}
+        for pname, _ in module.named_parameters(recurse=False):
+            full = f"{names[id(module)]}.{pname}"
+            tail = ".".join(full.split(".")[-2:])
+            found = [full] if full in key_file else [k for k in key_file if k == tail or k.endswith("." + tail)]
+            if len(found) != 1:
+                if module is head and not found and getattr(config.get_text_config(), "tie_word_embeddings", False):
+                    tied = True
+                    break
+                return None
+            with safe_open(key_file[found[0]], "pt") as handle:
+                tensors[pname] = handle.get_tensor(found[0]).to(device, dtype)
+        else:
+            for pname, value in tensors.items():
+                setattr(module, pname, torch.nn.Parameter(value, requires_grad=False))
+    if tied:
+        head.weight = embed.weight
+    model.eval()
+    return Target(source, model, tokenizer, config, parts.layers, parts.norm, dtype, torch.device(device))
+
+
 def default_aux_layers(num_layers: int) -> tuple[int, int, int]:
     """The draft library's default (eagle.config.default_aux_layer_ids), so dump and train agree."""
     from eagle.config import default_aux_layer_ids

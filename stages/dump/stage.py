@@ -171,9 +171,10 @@ def run_parts(tgt, aux_ids, parts, directory: Path, *, teacher: str, k: int, met
         with tqdm(total=total, desc="dump", unit="tok", unit_scale=True, mininterval=1.0) as bar:
             for part in todo:
                 offset = 0
-                for b, (lo, hi) in enumerate(part.batches):
+                batches = engine.part_batches(part)
+                for b in range(len(part.batches)):
                     with nvtx.annotate("forward", color="red"):
-                        aux, final = engine.hidden_states(part.sequences[lo:hi])
+                        aux, final = next(batches)
                     with nvtx.annotate("teacher", color="yellow"):
                         outputs = teacher_outputs(tgt, final, teacher, k)
                     outputs.update(encode_aux(aux, aux_dtype))
@@ -181,6 +182,7 @@ def run_parts(tgt, aux_ids, parts, directory: Path, *, teacher: str, k: int, met
                     offset += aux.shape[0]
                     bar.update(aux.shape[0])
             written = writer.close()
+        seconds = time.perf_counter() - start   # not the engine's shutdown
     except BaseException:
         writer.abort()
         raise
@@ -189,7 +191,7 @@ def run_parts(tgt, aux_ids, parts, directory: Path, *, teacher: str, k: int, met
     for w in written:
         entries[w.index] = {"file": w.file, "sha256": w.sha256, "bytes": w.bytes, "num_tokens": w.num_tokens,
                             "num_sequences": w.num_sequences}
-    return entries, total, time.perf_counter() - start
+    return entries, total, seconds
 
 
 @dataclass(frozen=True)
@@ -325,9 +327,13 @@ def engine_options(engine: str, device_map, params: dict, dtype) -> VllmOptions 
 
 def load_checked_target(s: DumpSettings):
     """Step 2: the target and its aux layer ids, refusing a --top-k beyond its vocabulary."""
-    from stages.dump.forward import load_target, parse_aux_layers
+    from stages.dump.forward import load_target, load_target_head, parse_aux_layers
 
-    tgt = load_target(s.target, s.dtype, s.device, s.device_map, s.trust_remote_code)
+    tgt = None
+    if s.engine == "vllm":  # vLLM runs the decoder: only the embedding, norm and lm_head are needed here
+        tgt = load_target_head(s.target, s.dtype, s.device, s.trust_remote_code)
+    if tgt is None:
+        tgt = load_target(s.target, s.dtype, s.device, s.device_map, s.trust_remote_code)
     aux_ids = parse_aux_layers(s.aux_layers, tgt.num_layers)
     if s.teacher == "topk" and s.top_k > tgt.vocab_size:
         raise StageError(f"--top-k {s.top_k} exceeds the target's vocabulary ({tgt.vocab_size})")
