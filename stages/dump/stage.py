@@ -4,11 +4,13 @@ One invocation dumps one shard (`--shard-index/--num-shards`, or SLURM array / t
 steps that `dump_teacher` calls in order, each reading the frozen `DumpSettings`:
 
 1. `plan_dump`: check and resolve the options (device, dtypes, shard) into `DumpSettings`;
-2. `load_checked_target`: load the target, resolve the aux layers;
+2. `load_checked_target`: load the target (for `--engine vllm` only its embedding, norm and lm_head), resolve the
+   aux layers;
 3. `claim_dump`: stage OUT/target/ and claim OUT/manifest.json (refusing a dump made with another target,
    tokenizer or settings);
 4. `plan_shard`: tokenize the shard's records (stages/data/records.py), plan parts and batches (stages/dump/plan.py);
-5. `run_parts`: run the target batch by batch with hooks and a chunked teacher (stages/dump/forward.py), encode
+5. `run_parts`: run the target batch by batch in its engine (stages/dump/engines.py: HF with hooks, or vLLM's
+   offline LLM, started only when a part is missing), compute the chunked teacher (stages/dump/forward.py), encode
    the aux states on the device (stages/shards/aux.py), hand outputs to the background writer
    (stages/dump/writer.py);
 6. `finish_shard`: write done.json last.
