@@ -4,7 +4,8 @@
     engine.describe() -> dict                                              what the manifest records
 
 `HFEngine` runs the target in-process through transformers (batched, length-sorted, left-padded prompts, KV
-cache, per-sequence stop at the template's end-of-turn / EOS ids). `OpenAIEngine` sends every request to an
+cache, per-sequence stop at the template's end-of-turn / EOS ids). `VllmEngine` runs it in vLLM's offline engine
+on the same rendered prompts with the same stop rule. `OpenAIEngine` sends every request to an
 OpenAI-compatible chat-completions server (vLLM, SGLang, TGI) with stdlib HTTP and a thread pool, retrying
 timeouts, HTTP errors and malformed responses with backoff. A request that still fails comes back as a
 Response with `error` set, so one bad request costs only its record.
@@ -229,6 +230,74 @@ class HFEngine:
         return responses
 
 
+# ------------------------------------------------------------------------------------------------ vllm
+class VllmEngine:
+    """The target in vLLM's offline engine (`vllm.LLM`, in this process's children): each round's prompts in one
+    call, batched and scheduled by vLLM.
+
+    The prompts are HFEngine's own (the chat template with the generation prompt, rendered here, passed as token
+    ids), and so are the stop rule (`ignore_eos` with stop_token_ids = EOS ids + the template's end-of-turn
+    token), the text (the new tokens before the stop token, special tokens kept) and the token count. Greedy
+    answers therefore equal HFEngine's wherever the two engines' floats pick the same argmax; sampling draws with
+    vLLM's generator seeded per record and turn (reproducible, not HFEngine's draws)."""
+
+    kind = "vllm"
+
+    def __init__(self, target: str, decoding: Decoding, *, dtype=None, device=None, vllm=None,
+                 trust_remote_code=False):
+        from types import SimpleNamespace
+
+        from transformers import AutoConfig, GenerationConfig
+
+        from stages.target import dtype_name, load_tokenizer, resolve_device, resolve_dtype
+        from stages.vllm_runtime import VllmOptions, open_llm, require_vllm, vllm_version
+
+        if trust_remote_code:
+            raise StageError("--trust-remote-code is for --engine hf; vLLM loads the target with its own model code")
+        self.vllm = require_vllm()
+        self.dtype_name = dtype_name(resolve_dtype(dtype, resolve_device(device)))
+        self.options = VllmOptions(**{**(vllm or VllmOptions()).__dict__, "dtype": self.dtype_name})
+        self.tokenizer = load_tokenizer(target)
+        try:
+            generation = GenerationConfig.from_pretrained(target)
+        except OSError:  # no generation_config.json: transformers builds it from config.json
+            generation = None
+        sources = SimpleNamespace(generation_config=generation, config=AutoConfig.from_pretrained(target))
+        self.decoding = decoding
+        self.stop_ids = stop_token_ids(sources, self.tokenizer, decoding.chat_template_kwargs)
+        self.version = vllm_version()
+        self.llm = open_llm(self.options, str(target))
+
+    def describe(self) -> dict:
+        return {"kind": self.kind, "dtype": self.dtype_name, "vllm_version": self.version, **self.options.record()}
+
+    render = HFEngine.render
+
+    def generate(self, requests: list[Request]) -> Iterator[tuple[int, Response]]:
+        prompts: dict[int, list[int]] = {}
+        for i, req in enumerate(requests):
+            try:
+                prompts[i] = self.render(req.messages)
+            except Exception as exc:
+                yield i, Response(error="template_error", message=f"chat template failed: {exc}")
+        positions = sorted(prompts)
+        if not positions:
+            return
+        d = self.decoding
+        params = [self.vllm.SamplingParams(temperature=d.temperature, top_p=d.top_p, max_tokens=d.max_new_tokens,
+                                           seed=None if d.greedy else requests[i].seed, ignore_eos=True,
+                                           stop_token_ids=list(self.stop_ids), detokenize=False)
+                  for i in positions]
+        results = self.llm.generate([{"prompt_token_ids": prompts[i]} for i in positions], params, use_tqdm=False)
+        stop = set(self.stop_ids)
+        for i, result in zip(positions, results):
+            tokens = list(result.outputs[0].token_ids)
+            end = next((t for t, tok in enumerate(tokens) if tok in stop), None)
+            new = tokens if end is None else tokens[:end]
+            yield i, Response(text=self.tokenizer.decode(new, skip_special_tokens=False),
+                              finish_reason="length" if end is None else "stop", num_tokens=len(new) + (end is not None))
+
+
 # ------------------------------------------------------------------------------------------------ openai
 class _Malformed(Exception):
     pass
@@ -347,8 +416,11 @@ def make_engine(engine: str, target: str, decoding: Decoding, **options):
     if engine == "hf":
         keys = ("dtype", "device", "device_map", "trust_remote_code", "batch_size", "batch_tokens", "compile")
         return HFEngine(target, decoding, **{k: options[k] for k in keys if k in options})
+    if engine == "vllm":
+        keys = ("dtype", "device", "vllm", "trust_remote_code")
+        return VllmEngine(target, decoding, **{k: options[k] for k in keys if k in options})
     if engine == "openai":
         keys = ("base_url", "served_model", "api_key_env", "concurrency", "request_timeout", "max_retries",
                 "retry_backoff")
         return OpenAIEngine(target, decoding, **{k: options[k] for k in keys if k in options})
-    raise StageError(f"--engine {engine!r}: expected hf or openai")
+    raise StageError(f"--engine {engine!r}: expected hf, vllm or openai")

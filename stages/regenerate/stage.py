@@ -33,6 +33,7 @@ from stages.errors import StageError
 from stages.paths import data_fingerprint, ensure_writable, local_or_name
 from stages.regenerate.engines import Decoding, Request, make_engine, request_seed
 from stages.sharding import in_shard, shard_from_env
+from stages.vllm_runtime import VLLM_PARAM_NAMES as VLLM_PARAMS, vllm_options
 
 TURNS = ("all", "first")
 
@@ -234,14 +235,31 @@ def parse_template_kwargs(text) -> dict:
     return value
 
 
+def vllm_engine_options(engine: str, device_map, params: dict):
+    """The VllmOptions of --engine vllm (None for the other engines, which ignore the vLLM flags)."""
+    from stages.vllm_runtime import VLLM_PARAM_NAMES, VllmOptions, refuse_device_map
+
+    unknown = sorted(set(params) - set(VLLM_PARAM_NAMES))
+    if unknown:
+        raise TypeError(f"regenerate() got unexpected keyword arguments: {', '.join(unknown)}")
+    if engine != "vllm":
+        return None
+    refuse_device_map(engine, device_map)
+    options = VllmOptions.from_params(params)
+    if options.data_parallel_size > 1:
+        raise StageError("--data-parallel-size: regenerate's data parallelism is its shards; run one regenerate "
+                         "per model replica with --num-shards N --shard-index i (or a SLURM array)")
+    return options
+
+
 def regenerate(*, target, data, out, turns="all", engine="hf", base_url=None, served_model=None,
                api_key_env=None, concurrency=16, request_timeout=600.0, max_retries=3, dtype=None, device=None,
                device_map=None, trust_remote_code=False, batch_size=64, batch_tokens=262144, max_new_tokens=1024,
                temperature=0.0, top_p=1.0, seed=0, chat_template_kwargs=None, drop_truncated=False,
                shard_index=None, num_shards=None, part_records=256, limit=None, overwrite=False, strict=False,
-               retry_backoff=1.0, compile=False) -> dict:
+               retry_backoff=1.0, compile=False, **vllm_params) -> dict:
     """Regenerate one shard; returns the summary dict (also printed). `retry_backoff` (seconds, doubled per
-    retry) is for tests."""
+    retry) is for tests; `vllm_params`: the @vllm_options flags (stages/vllm_runtime.py), read with --engine vllm."""
     from tqdm import tqdm
 
     if not target:
@@ -267,7 +285,8 @@ def regenerate(*, target, data, out, turns="all", engine="hf", base_url=None, se
     ensure_writable(out)
     jobs, read_skips, num_records = collect_jobs(data, shard_index=shard_index, num_shards=num_shards,
                                                  turns=turns, strict=strict, limit=limit)
-    eng = make_engine(engine, target, decoding, dtype=dtype, device=device, device_map=device_map,
+    vllm = vllm_engine_options(engine, device_map, vllm_params)
+    eng = make_engine(engine, target, decoding, dtype=dtype, device=device, device_map=device_map, vllm=vllm,
                       trust_remote_code=trust_remote_code, compile=compile,
                       batch_size=batch_size, batch_tokens=batch_tokens, base_url=base_url,
                       served_model=served_model, api_key_env=api_key_env, concurrency=concurrency,
@@ -375,6 +394,15 @@ def is_complete(options: dict) -> tuple[bool, str]:
             device = options.get("device") or ("cuda" if torch.cuda.is_available() else "cpu")
             info = {"kind": "hf", "dtype": dtype_name(resolve_dtype(options.get("dtype"), device)),
                     "batch_size": options["batch_size"], "batch_tokens": options["batch_tokens"]}
+        elif engine == "vllm":
+            from stages.target import resolve_device
+            from stages.vllm_runtime import vllm_version
+
+            vllm = vllm_engine_options(engine, options.get("device_map"),
+                                       {k: v for k, v in options.items() if k in VLLM_PARAMS})
+            info = {"kind": "vllm", "dtype": dtype_name(resolve_dtype(options.get("dtype"),
+                                                                      resolve_device(options.get("device")))),
+                    "vllm_version": vllm_version(), **vllm.record()}
         else:
             info = existing["engine"]   # the served model is only known by asking the server
         decoding = Decoding(options["max_new_tokens"], float(options["temperature"]), float(options["top_p"]),
@@ -405,14 +433,14 @@ DTYPE_CHOICES = ["bfloat16", "float16", "float32", "bf16", "fp16", "fp32"]
 @click.option("--data", multiple=True, help="Input, anything dump-teacher reads (JSONL/JSON/Parquet, dataset dir or name); repeatable.")
 @click.option("--out", type=click.Path(file_okay=False), help="Output directory (manifest.json, shard-*/).")
 @click.option("--turns", type=click.Choice(TURNS), default="all", help="Answer every user turn, or stop after the first answer.")
-@click.option("--engine", type=click.Choice(["hf", "openai"]), default="hf", help="hf: transformers in-process; openai: a chat-completions server.")
+@click.option("--engine", type=click.Choice(["hf", "vllm", "openai"]), default="hf", help="hf: transformers in-process; vllm: vLLM's offline engine in-process (same prompts and stop rule as hf); openai: a chat-completions server.")
 @click.option("--base-url", default=None, help="(openai) Server URL up to /v1, e.g. http://localhost:8000/v1.")
 @click.option("--served-model", default=None, help="(openai) The name the server serves the target under (default: --target).")
 @click.option("--api-key-env", default=None, help="(openai) Environment variable holding the API key (sent as a Bearer token).")
 @click.option("--concurrency", type=int, default=16, help="(openai) Requests in flight.")
 @click.option("--request-timeout", type=float, default=600.0, help="(openai) Seconds per request before it is retried.")
 @click.option("--max-retries", type=int, default=3, help="(openai) Retries per request (backoff 1, 2, 4 s ...) before the record counts as engine_error.")
-@click.option("--dtype", type=click.Choice(DTYPE_CHOICES, case_sensitive=False), default=None, help="(hf) Default: bfloat16 on GPU, float32 on CPU.")
+@click.option("--dtype", type=click.Choice(DTYPE_CHOICES, case_sensitive=False), default=None, help="(hf, vllm) Default: bfloat16 on GPU, float32 on CPU.")
 @click.option("--device", default=None, help="(hf) Default: cuda:LOCAL_RANK if available, else cpu.")
 @click.option("--device-map", default=None, help="(hf) Hugging Face device_map (e.g. auto) to spread a large target over GPUs.")
 @click.option("--trust-remote-code", is_flag=True, help="(hf) Allow the target's own modelling code to run.")
@@ -431,6 +459,7 @@ DTYPE_CHOICES = ["bfloat16", "float16", "float32", "bf16", "fp16", "fp32"]
 @click.option("--limit", type=int, default=None, help="Use only the first N records of the input.")
 @click.option("--overwrite", is_flag=True, help="Replace regenerated data made with another target or settings in --out.")
 @click.option("--strict", is_flag=True, help="Stop at the first bad record instead of skipping it.")
+@vllm_options
 def command(**options):
     """Replace the data's assistant turns with the target's own answers (on-policy training data)."""
     return regenerate(**options)
