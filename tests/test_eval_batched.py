@@ -289,16 +289,15 @@ def test_broken_verifier_is_caught_batched(tiny_llama, random_draft, prompts_fil
     assert json.loads(saved.read_text()) == report  # --report: written before the failed check exits
 
 
-def test_unbatchable_target_and_the_deprecated_flag(tiny_llama, random_draft, prompts_file, monkeypatch):
-    """A target that cannot batch its speculative runs decodes them one at a time (references still batched);
-    --reference-batch still works, as --batch-size, with a one-line deprecation."""
+def test_unbatchable_target_decodes_its_speculative_runs_one_at_a_time(tiny_llama, random_draft, prompts_file,
+                                                                       monkeypatch):
+    """A target that cannot batch its speculative runs decodes them one at a time (references still batched)."""
     import stages.evaluate.batched as batched
 
     monkeypatch.setattr(batched, "supports_batched", lambda model: False)
     code, output, report = run_eval("--target", tiny_llama, "--draft", random_draft, "--data", prompts_file,
-                                    "--max-new-tokens", 12, "--no-compile", "--json", "--reference-batch", 2)
+                                    "--max-new-tokens", 12, "--no-compile", "--json", "--batch-size", 2)
     assert code == 0, output
-    assert "--reference-batch / reference_batch is deprecated" in output
     assert report["batch_size"] == 2 and report["timing"]["batched_speculative"] is False
     assert report["lossless"] is True and report["timing"]["rerun_alone"] == 0
 

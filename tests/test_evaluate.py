@@ -323,3 +323,27 @@ def test_trained_eagle31_draft_exports_the_switches_and_evaluates_lossless(tiny_
     assert code == 0, output
     assert v31["lossless"] and v31["mismatches"] == []
     assert v31["acceptance_length"] > 1.4 > 1.15 > random["acceptance_length"], (v31, random)
+
+
+def test_simulated_acceptance_reads_what_train_writes(tmp_path):
+    """RUN/train_summary.json's held-out final_eval.eval_acc, else final_metrics.acc; before the summary, the last
+    metrics.jsonl line; a run written any other way is refused in one line saying what to do."""
+    from stages.errors import StageError
+    from stages.evaluate.report import simulated_acceptance_from_run
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text(json.dumps({"step": 1, "acc": [0.9, 0.9]}) + "\n"
+                                       + json.dumps({"step": 2, "eval_acc": [0.5, 0.4]}) + "\n")
+    assert simulated_acceptance_from_run(run, 2) == pytest.approx(1 + 0.5 + 0.5 * 0.4)
+    summary = {"final_metrics": {"acc": [0.8, 0.5, 0.5]}, "final_eval": {}}
+    (run / "train_summary.json").write_text(json.dumps(summary))
+    assert simulated_acceptance_from_run(run, 3) == pytest.approx(1 + 0.8 + 0.4 + 0.2)
+    summary["final_eval"] = {"eval_acc": [0.6, 0.5, 0.5]}
+    (run / "train_summary.json").write_text(json.dumps(summary))
+    assert simulated_acceptance_from_run(run, 1) == pytest.approx(1.6)
+    (run / "train_summary.json").write_text(json.dumps({"final": {"accuracy": [0.6]}}))  # not train's keys
+    with pytest.raises(StageError, match="no final_eval.eval_acc or final_metrics.acc.*re-run train"):
+        simulated_acceptance_from_run(run, 1)
+    with pytest.raises(StageError, match="is this a train run directory"):
+        simulated_acceptance_from_run(tmp_path / "empty", 1)

@@ -14,46 +14,56 @@ from pathlib import Path
 from stages.errors import StageError
 
 
-def simulated_acceptance_from_run(run_dir: str, draft_tokens: int) -> float | None:
-    """The training-time simulated acceptance length at K draft tokens: 1 + sum_k prod_{j<=k} acc_j.
+def simulated_acceptance_from_run(run_dir: str, draft_tokens: int) -> float:
+    """The training-time simulated acceptance length at K draft tokens: 1 + sum_k prod_{j<=k} acc_j, from the
+    per-step accuracies `train_step_accuracies` reads."""
+    value, running = 1.0, 1.0
+    for a in train_step_accuracies(run_dir)[:draft_tokens]:
+        running *= float(a)
+        value += running
+    return value
 
-    Reads the per-step accuracies from RUN/train_summary.json (held-out if present), else the last
-    RUN/metrics.jsonl line that has them.
-    """
+
+def train_step_accuracies(run_dir: str) -> list[float]:
+    """The per-TTT-step accuracies `eagle-pipe train` writes (stages/train/stage.py): in RUN/train_summary.json
+    the held-out `final_eval.eval_acc`, else the training `final_metrics.acc`; before the summary exists (a run
+    still training), the last RUN/metrics.jsonl line's `eval_acc` (a held-out line) or `acc` (a training line).
+    Anything else is refused in one line."""
     run = Path(run_dir)
-    candidates = []
-    summary = run / "train_summary.json"
+    summary, metrics = run / "train_summary.json", run / "metrics.jsonl"
     if summary.is_file():
-        candidates.append(jsonlib.loads(summary.read_text()))
-    metrics = run / "metrics.jsonl"
+        obj = _json_object(summary.read_text(), summary)
+        acc = _accuracies((obj.get("final_eval") or {}).get("eval_acc")) or \
+            _accuracies((obj.get("final_metrics") or {}).get("acc"))
+        if acc:
+            return acc
+        raise StageError(f"{summary}: no final_eval.eval_acc or final_metrics.acc (not written by this eagle-pipe "
+                         "train?); re-run train, or eval without --run-dir")
     if metrics.is_file():
         lines = [ln for ln in metrics.read_text().splitlines() if ln.strip()]
-        candidates += [jsonlib.loads(ln) for ln in reversed(lines)]
-    if not candidates:
-        raise StageError(f"{run_dir}: no train_summary.json or metrics.jsonl (is this a train run directory?)")
-    for obj in candidates:
-        acc = _find_step_accuracies(obj)
-        if acc:
-            value, running = 1.0, 1.0
-            for a in acc[:draft_tokens]:
-                running *= float(a)
-                value += running
-            return value
-    return None
+        if lines:
+            last = _json_object(lines[-1], metrics)
+            acc = _accuracies(last.get("eval_acc")) or _accuracies(last.get("acc"))
+            if acc:
+                return acc
+        raise StageError(f"{metrics}: its last line has no eval_acc or acc (not written by this eagle-pipe "
+                         "train?); re-run train, or eval without --run-dir")
+    raise StageError(f"{run_dir}: no train_summary.json or metrics.jsonl (is this a train run directory?)")
 
 
-def _find_step_accuracies(obj) -> list[float] | None:
-    """Per-step accuracies in a metrics dict: held-out ones first, then training ones."""
+def _json_object(text: str, where: Path) -> dict:
+    try:
+        obj = jsonlib.loads(text)
+    except ValueError as e:
+        raise StageError(f"{where}: not JSON ({e})") from None
     if not isinstance(obj, dict):
-        return None
-    for section in ("final_eval", "heldout", "eval", "final_metrics", "final", "metrics", "train"):
-        found = _find_step_accuracies(obj.get(section)) if isinstance(obj.get(section), dict) else None
-        if found:
-            return found
-    for key in ("eval_acc", "heldout_acc", "acc", "accuracy", "step_accuracy"):
-        value = obj.get(key)
-        if isinstance(value, list) and value and all(isinstance(v, (int, float)) for v in value):
-            return value
+        raise StageError(f"{where}: expected a JSON object")
+    return obj
+
+
+def _accuracies(value) -> list[float] | None:
+    if isinstance(value, list) and value and all(isinstance(v, (int, float)) for v in value):
+        return value
     return None
 
 

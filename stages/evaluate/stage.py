@@ -361,21 +361,15 @@ def evaluate(target: str, draft: str, data, *, num_prompts=32, max_new_tokens=12
               help="hf: eagle-pipe's own speculative decoding in transformers; vllm: the draft served in vLLM's "
                    "speculative decoding (served acceptance from vLLM's spec-decode counters; lossless against "
                    "vLLM's greedy decode without the draft). Both see the same prompt token ids.")
-@click.option("--reference-batch", type=click.IntRange(min=1), default=None, hidden=True,
-              help="Deprecated: --batch-size (which now batches the speculative runs too).")
 @click.option("--compile/--no-compile", default=True,
               help="Compile the batch-1 speculative run's K+1-token verification step on its static KV cache "
                    "(once per K; same tokens). The greedy reference is always transformers' plain generate().")
 @vllm_options
 def command(target, draft, data, num_prompts, max_new_tokens, draft_tokens, dtype, device, run_dir, json,
-            report, trust_remote_code, batch_size, engine, reference_batch, compile, **vllm_params):
+            report, trust_remote_code, batch_size, engine, compile, **vllm_params):
     """Measure acceptance length with real speculative decoding; check it is lossless against generate()."""
     from stages.vllm_runtime import VllmOptions
 
-    if reference_batch is not None:
-        click.echo("eval: --reference-batch / reference_batch is deprecated; it now means --batch-size "
-                   "(the speculative runs are batched too)", err=True)
-        batch_size = reference_batch
     if engine == "hf":
         batch_size = batch_size or 1
     result = evaluate(target, draft, list(data), num_prompts=num_prompts, max_new_tokens=max_new_tokens,
