@@ -187,9 +187,47 @@ def open_llm(options: VllmOptions, model: str, **stage_kwargs):
     vllm = require_vllm()
     kwargs = options.llm_kwargs(model, **stage_kwargs)
     try:
-        return vllm.LLM(**kwargs)
+        llm = vllm.LLM(**kwargs)
     except Exception as exc:  # config, architecture, memory: all mean this target cannot run here as asked
         raise StageError(f"target {model}: vLLM cannot load it: {error_line(exc)}") from None
+    guard_against_orphans()
+    return llm
+
+
+ORPHAN_GUARD = """
+import os, sys, time
+import psutil
+parent = os.getppid()
+while os.getppid() == parent:
+    time.sleep(1.0)
+for pid, created in zip(sys.argv[1::2], sys.argv[2::2]):
+    try:
+        p = psutil.Process(int(pid))
+        if abs(p.create_time() - float(created)) < 0.01:
+            p.kill()
+    except psutil.Error:
+        pass
+"""
+
+
+def guard_against_orphans() -> None:
+    """vLLM's engine-core and worker processes outlive a stage killed with SIGKILL (they were seen running, each
+    holding its memory reservation, minutes later). A small watchdog process waits for this process to end and
+    then kills the processes vLLM started, identified by pid and start time (a normal exit has already stopped
+    them, so it then finds nothing)."""
+    import subprocess
+    import sys
+
+    try:
+        import psutil
+    except ImportError:  # vLLM depends on psutil; without it, no guard
+        return
+    children = psutil.Process().children(recursive=True)
+    if not children:
+        return
+    args = [str(x) for c in children for x in (c.pid, c.create_time())]
+    subprocess.Popen([sys.executable, "-c", ORPHAN_GUARD, *args], start_new_session=True,
+                     stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
 def error_line(exc: BaseException) -> str:

@@ -105,6 +105,27 @@ def default_max_model_len(config, max_seq_len: int) -> int:
     return min(max_seq_len + 1, int(limit)) if limit else max_seq_len + 1
 
 
+STATES_PREFIX = "eagle-pipe-vllm-states-"
+
+
+def remove_stale_state_dirs(root: str | None) -> None:
+    """State directories left by a dump killed on this machine (their pid no longer runs)."""
+    for path in Path(root or tempfile.gettempdir()).glob(f"{STATES_PREFIX}*"):
+        pid = path.name[len(STATES_PREFIX):].split("-")[0]
+        if pid.isdigit() and not _running(int(pid)):
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def states_root() -> str | None:
     """Where the per-request state files go: memory-backed /dev/shm when it exists, else the system temp dir."""
     shm = Path("/dev/shm")
@@ -123,7 +144,8 @@ class VllmEngine:
         self.tgt, self.aux_ids, self.options = tgt, aux_ids, options
         refuse_without_aux_outputs(tgt)
         self.layer_ids = [*aux_ids, tgt.num_layers]
-        self.directory = tempfile.mkdtemp(prefix="eagle-pipe-vllm-states-", dir=states_root())
+        remove_stale_state_dirs(states_root())
+        self.directory = tempfile.mkdtemp(prefix=f"{STATES_PREFIX}{os.getpid()}-", dir=states_root())
         speculative = {"method": "extract_hidden_states", "num_speculative_tokens": 1,
                        "draft_model_config": {"hf_config": {"eagle_aux_hidden_state_layer_ids": self.layer_ids}}}
         transfer = {"kv_connector": "SyncHiddenStatesConnector",
