@@ -98,6 +98,16 @@ def refuse_without_aux_outputs(tgt) -> None:
             return
 
 
+def claim_rank_gpus(gpus_per_replica: int, env=os.environ) -> None:
+    """Under torchrun (one dump shard per rank) every rank's vLLM would start on GPU 0: give rank r the GPUs
+    r*TP .. r*TP+TP-1 through CUDA_VISIBLE_DEVICES (read by the worker processes vLLM spawns), unless the
+    launcher already set CUDA_VISIBLE_DEVICES (SLURM does)."""
+    if "LOCAL_RANK" not in env or "CUDA_VISIBLE_DEVICES" in env or not torch.cuda.is_available():
+        return
+    first = int(env["LOCAL_RANK"]) * gpus_per_replica
+    env["CUDA_VISIBLE_DEVICES"] = ",".join(str(first + i) for i in range(gpus_per_replica))
+
+
 def default_max_model_len(config, max_seq_len: int) -> int:
     """A record of --max-seq-len tokens plus the one token vLLM generates, within the model's positions."""
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
@@ -154,6 +164,7 @@ class VllmEngine:
                     "kv_connector_extra_config": {"shared_storage_path": self.directory,
                                                   "use_synchronization_lock": False}}
         self.max_model_len = options.max_model_len or default_max_model_len(tgt.config, max_seq_len)
+        claim_rank_gpus(options.tensor_parallel_size)
         try:
             self.llm = open_llm(options, tgt.source, speculative_config=speculative, kv_transfer_config=transfer,
                                 enable_prefix_caching=False, skip_tokenizer_init=True,
