@@ -1,7 +1,8 @@
 """The engines dump-teacher runs the target in: one interface, two implementations.
 
-    engine.part_batches(part) -> Iterator[(aux [n, A*H], final [n, H])]   per planned batch of the part, in order
-    engine.hidden_states(sequences) -> (aux, final)                          n = the sequences' tokens, in order
+    engine.part_batches(part, following) -> Iterator[(aux [n, A*H], final [n, H])]   per planned batch, in order
+    engine.hidden_states(sequences) -> (aux, final)          n = the sequences' tokens, in order
+    engine.describe() -> dict                                what the manifest records as `engine` (vLLM)
     engine.close()
 
 `aux` holds the input residual stream of each aux layer (HF `hidden_states[k]`, layers in ascending order);
@@ -12,8 +13,10 @@ resume) is one path.
 
 `HFEngine` runs the target in transformers with forward pre-hooks (stages/dump/forward.py), one padded forward per
 planned batch. `VllmEngine` hands vLLM a whole part per `generate` call (vLLM batches by its own token budget; a
-call per planned batch cost ~0.3 s of fixed overhead each on CPU) and cuts the results into the planned batches,
-reading each batch's files only when that batch is consumed. It runs the target
+call per planned batch cost ~0.3 s of fixed overhead each on CPU), starts the next part's `generate` in a
+background thread so vLLM computes while eagle-pipe computes the teacher and writes (so at most two parts' state
+files exist), and cuts the results into the planned batches, reading each batch's files only when that batch is
+consumed. It runs the target
 in vLLM's offline `LLM` in this process (no server): the `extract_hidden_states` speculative method captures the
 aux layers plus layer `num_hidden_layers` (the final state before the norm) for every prompt token, our
 connector (stages/dump/vllm_connector.py) writes one file per request into a temporary directory, and this
@@ -29,6 +32,7 @@ import os
 import shutil
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -56,7 +60,7 @@ class HFEngine:
         ids, mask, real, _ = pad_batch(seqs, self.pad_id)
         return forward_batch(self.tgt, self.aux_ids, ids, mask, real)
 
-    def part_batches(self, part):
+    def part_batches(self, part, following=None):
         for lo, hi in part.batches:
             yield self.hidden_states(part.sequences[lo:hi])
 
@@ -173,15 +177,23 @@ class VllmEngine:
             shutil.rmtree(self.directory, ignore_errors=True)
             raise
         self.sampling = self.vllm.SamplingParams(max_tokens=1, temperature=0.0, detokenize=False)
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="eagle-pipe-vllm-ahead")
+        self._ahead = None   # (part, future of its outputs) generating in the background
 
     def hidden_states(self, seqs):
-        return next(self._collect(seqs, [(0, len(seqs))]))
+        return next(self._cut(seqs, self._generate(seqs), [(0, len(seqs))]))
 
-    def part_batches(self, part):
-        return self._collect(part.sequences, part.batches)
+    def part_batches(self, part, following=None):
+        """The part's batches, from one generate over the whole part; `following` (the next part to compute)
+        starts generating in a background thread now, so vLLM computes it while this part's teacher runs."""
+        ahead, self._ahead = self._ahead, None
+        outputs = ahead[1].result() if ahead is not None and ahead[0] is part else self._generate(part.sequences)
+        if following is not None:
+            self._ahead = (following, self._pool.submit(self._generate, following.sequences))
+        return self._cut(part.sequences, outputs, part.batches)
 
-    def _collect(self, seqs, batches):
-        """One generate over all `seqs`, then (aux, normed final) per [lo, hi) batch, read when consumed."""
+    def _generate(self, seqs):
+        """vLLM's outputs for `seqs` (one request each, max_tokens 1); their states are files until read."""
         for seq in seqs:
             if len(seq) >= self.max_model_len:
                 raise StageError(f"--engine vllm: record {seq.sample_index} has {len(seq)} tokens, vLLM's "
@@ -196,6 +208,10 @@ class VllmEngine:
                              f"{error_line(exc)}); vLLM's log above names the cause") from None
         if len(outputs) != len(seqs):
             raise StageError(f"--engine vllm: vLLM returned {len(outputs)} outputs for {len(seqs)} prompts")
+        return outputs
+
+    def _cut(self, seqs, outputs, batches):
+        """(aux, normed final) per [lo, hi) batch of `seqs`, each batch's files read (and deleted) when consumed."""
         n_aux, device = len(self.aux_ids), self.tgt.device
         for lo, hi in batches:
             states = torch.cat([self._take(out, seq) for seq, out in zip(seqs[lo:hi], outputs[lo:hi])])
@@ -204,6 +220,11 @@ class VllmEngine:
                 yield states[:, :n_aux].flatten(1), self.tgt.norm(states[:, n_aux])
 
     def close(self) -> None:
+        ahead, self._ahead = getattr(self, "_ahead", None), None
+        if ahead is not None:  # a part generated ahead but not used (an error stopped the dump): let it finish
+            ahead[1].exception()
+        if hasattr(self, "_pool"):
+            self._pool.shutdown(wait=True)
         llm, self.llm = getattr(self, "llm", None), None
         if llm is not None:
             try:

@@ -171,9 +171,9 @@ def run_parts(tgt, aux_ids, parts, directory: Path, *, teacher: str, k: int, met
     writer = PartWriter(directory, specs, max_rows, torch.device(tgt.device), metadata)
     try:
         with tqdm(total=total, desc="dump", unit="tok", unit_scale=True, mininterval=1.0) as bar:
-            for part in todo:
+            for i, part in enumerate(todo):
                 offset = 0
-                batches = engine.part_batches(part)
+                batches = engine.part_batches(part, todo[i + 1] if i + 1 < len(todo) else None)
                 for b in range(len(part.batches)):
                     with nvtx.annotate("forward", color="red"):
                         aux, final = next(batches)
