@@ -525,5 +525,9 @@ AUX_DTYPE_CHOICES = ["model", "bf16", "fp16", "fp32", "fp8"]
 @click.option("--limit", type=int, default=None, help="Use only the first N records of the input (for trial runs).")
 @vllm_options
 def command(**options):
-    """Run the target once over the data and write this shard's teacher parts."""
+    """Run the target once over the data and write this shard's teacher parts.
+
+    With --engine vllm, data parallelism is the shards: run one dump-teacher per model replica (--num-shards /
+    --shard-index, a SLURM array or torchrun), each over --tensor-parallel-size GPUs; --data-parallel-size
+    stays 1. docs/dump.md#engines-hf-and-vllm."""
     return dump_teacher(**options)
