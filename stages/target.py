@@ -1,5 +1,7 @@
-"""A target as every stage sees it: the device and dtype it runs in, and where a Hugging Face causal LM keeps
-its text decoder (decoder layers, final norm). Used by regenerate, dump-teacher, eval and run.
+"""A target as every stage sees it: the device and dtype it runs in (one rule: `resolve_device`, `resolve_dtype`),
+how it is opened (`load_target`: the HF causal LM and its chat-template tokenizer; `load_tokenizer` and
+`eos_token_ids` for an engine that loads the model itself, such as vLLM), and where a Hugging Face causal LM
+keeps its text decoder (decoder layers, final norm). Used by regenerate, dump-teacher, eval and run.
 
 Most causal LMs keep it at `model.model` with `.layers` and `.norm`, which `get_decoder()` returns. Not all:
 `Llama4ForCausalLM.get_decoder()` returns the model itself, and multimodal `*ForConditionalGeneration`
@@ -25,19 +27,25 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 
 def resolve_dtype(name: str | None, device: str) -> torch.dtype:
-    if name is None:
-        return torch.bfloat16 if device.startswith("cuda") else torch.float32
+    """--dtype: bfloat16 / float16 / float32 (or bf16, fp16, half, fp32, float); unset or auto: bfloat16 on a
+    GPU, float32 on a CPU."""
+    if name in (None, "", "auto"):
+        return torch.bfloat16 if str(device).startswith("cuda") else torch.float32
     if name.lower() not in DTYPES:
         raise StageError(f"--dtype {name!r}: expected bfloat16, float16 or float32 (or bf16/fp16/fp32)")
     return DTYPES[name.lower()]
 
 
 def resolve_device(device: str | None) -> str:
-    if device:
-        return device
-    if torch.cuda.is_available():
-        return f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
-    return "cpu"
+    """--device: as given (a CUDA device must exist); unset or auto: this process's GPU (cuda:LOCAL_RANK, for
+    torchrun) when there is one, else cpu."""
+    if device in (None, "", "auto"):
+        if torch.cuda.is_available():
+            return f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+        return "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise StageError(f"--device {device}: CUDA is not available")
+    return device
 
 
 CHILD_NAMES = ("model", "language_model", "text_model", "decoder", "transformer")
@@ -119,24 +127,41 @@ def load_tokenizer(target: str, trust_remote_code: bool = False):
     return tokenizer
 
 
-def end_of_sequence_ids(tokenizer, model=None, target: str | None = None) -> list[int]:
+def load_target(target: str, dtype: torch.dtype, device: str, trust_remote_code: bool = False, device_map=None):
+    """(model, tokenizer): the target as a Hugging Face causal LM in `dtype`, on `device` (or spread by
+    `device_map`), in eval mode, with its tokenizer (chat template required). Errors name the target in one line."""
+    from transformers import AutoModelForCausalLM
+
+    tokenizer = load_tokenizer(target, trust_remote_code)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(target, dtype=dtype, trust_remote_code=trust_remote_code,
+                                                     **({"device_map": device_map} if device_map else {}))
+    except Exception as e:  # config, architecture, weights: this target cannot be opened as asked
+        raise StageError(f"{target}: cannot load the target model: {str(e).splitlines()[0]}") from None
+    return (model if device_map else model.to(device)).eval(), tokenizer
+
+
+def eos_token_ids(model, tokenizer, target: str | None = None) -> list[int]:
     """End-of-sequence ids from the generation config (int or list), else the model config, else the tokenizer.
 
-    From a loaded HF `model`, or, without one (an engine that loads the target itself), from the files in
+    From a loaded HF `model`, or, with model None (an engine that loads the target itself), from the files in
     `target`: generation_config.json, else config.json, which is what transformers builds its generation config
     from."""
-    if model is not None:
-        sources = [getattr(model, "generation_config", None), model.config]
-    else:
-        from transformers import AutoConfig, GenerationConfig
-
-        try:
-            generation = GenerationConfig.from_pretrained(target)
-        except OSError:
-            generation = None
-        sources = [generation, AutoConfig.from_pretrained(target)]
+    sources = [getattr(model, "generation_config", None), model.config] if model is not None \
+        else list(target_generation_sources(target))
     for source in (*sources, tokenizer):
         eos = getattr(source, "eos_token_id", None)
         if eos is not None:
             return [int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos])]
     raise StageError("the target has no end-of-sequence token (generation_config.eos_token_id)")
+
+
+def target_generation_sources(target: str):
+    """(generation config or None, model config) of a target directory, as a loaded model would hold them."""
+    from transformers import AutoConfig, GenerationConfig
+
+    try:
+        generation = GenerationConfig.from_pretrained(target)
+    except OSError:  # no generation_config.json: transformers builds it from config.json
+        generation = None
+    return generation, AutoConfig.from_pretrained(target)

@@ -146,6 +146,16 @@ def build_report(common: dict, runs: list[dict], mismatches: list[dict], k: int,
     return report
 
 
+def combine_reports(reports: dict, ks: list[int]) -> dict:
+    """One report for the K measured: the first K's, plus (several K) `by_draft_tokens` {K: report}, lossless only
+    when every K is."""
+    report = reports[ks[0]]
+    if len(ks) > 1:
+        report = {**report, "lossless": all(r["lossless"] for r in reports.values()),
+                  "draft_tokens_list": ks, "by_draft_tokens": {str(k): r for k, r in reports.items()}}
+    return report
+
+
 def skip_examples(skips, per_reason: int = 3) -> list[dict]:
     """The first few skipped records of each reason, with their location."""
     shown: Counter = Counter()

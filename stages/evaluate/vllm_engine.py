@@ -56,6 +56,7 @@ def speculative_method(draft_dir: str) -> tuple[str, str]:
 class Output:
     tokens: list[int]                                   # new tokens, up to and including the stop token
     accepted: list[int] = field(default_factory=list)   # accepted drafts per verification step (speculative)
+    seconds: float | None = None                        # vLLM decodes the turns together: no per-turn time
 
 
 class VllmDecoder:
@@ -70,6 +71,7 @@ class VllmDecoder:
         if max_num_seqs:
             extra["max_num_seqs"] = max_num_seqs
         if draft is not None:
+            _require_per_request_metrics(vllm)
             extra["speculative_config"] = {"method": method, "model": str(draft),
                                            "num_speculative_tokens": int(draft_tokens)}
             extra["per_request_spec_decode_metrics"] = "detailed"
@@ -116,6 +118,18 @@ class VllmDecoder:
         gc.collect()
 
 
+def _require_per_request_metrics(vllm) -> None:
+    """vLLM's per-request step record (what per category, turn and prompt are counted from) is an engine argument
+    of recent vLLM (0.32 has it); an older one is refused in one line instead of failing inside vLLM."""
+    from dataclasses import fields
+
+    from vllm.engine.arg_utils import EngineArgs
+
+    if "per_request_spec_decode_metrics" not in {f.name for f in fields(EngineArgs)}:
+        raise StageError(f"eval --engine vllm needs vLLM's per_request_spec_decode_metrics (vLLM 0.32 has it); this "
+                         f"is vLLM {vllm.__version__}: upgrade it")
+
+
 def counter_difference(before: dict, after: dict, draft_tokens: int) -> dict:
     """The counters of one speculative run: after - before (missing = 0; the per-position vector padded to K)."""
     def value(counters, name):
@@ -150,103 +164,86 @@ def evaluate_vllm(target: str, draft: str, data, *, ks: list[int], num_prompts=3
 
     `vllm`: the VllmOptions of the shared flags (stages/vllm_runtime.py); `batch_size` caps the sequences vLLM
     decodes at once (its max_num_seqs; None: vLLM's own default)."""
-    from stages.data.prompts import answer_text
     from stages.data.records import summarize_skips
-    from stages.evaluate.questions import load_prompts, render_prompt, require_questions
-    from stages.evaluate.report import build_report, simulated_acceptance_from_run, skip_examples
-    from stages.target import dtype_name, end_of_sequence_ids, load_tokenizer, resolve_device, resolve_dtype
+    from stages.evaluate.questions import load_prompts, require_questions
+    from stages.evaluate.report import build_report, combine_reports, simulated_acceptance_from_run, skip_examples
+    from stages.evaluate.turns import Decoded, decoded_turns, turn_runs
+    from stages.target import dtype_name, eos_token_ids, load_tokenizer, resolve_device, resolve_dtype
     from stages.vllm_runtime import VllmOptions, require_vllm, vllm_version
 
     if trust_remote_code:
         raise StageError("--trust-remote-code is for --engine hf; vLLM loads the target with its own model code")
     require_vllm()
     method, draft_format = speculative_method(draft)
-    device = resolve_device(None if device in (None, "", "auto") else device)  # where vLLM runs: the report's word
-    torch_dtype = resolve_dtype(None if dtype in (None, "", "auto") else dtype, device)
+    device = resolve_device(device)  # where vLLM runs: the report's word for it
+    torch_dtype = resolve_dtype(dtype, device)
     options = vllm or VllmOptions()
     options = VllmOptions(**{**options.__dict__, "dtype": dtype_name(torch_dtype)})
     tokenizer = load_tokenizer(target)
-    eos_ids = end_of_sequence_ids(tokenizer, target=target)
+    eos_ids = eos_token_ids(None, tokenizer, target)
     questions, skips = load_prompts(data, tokenizer, num_prompts)
     require_questions(data, questions, skips)
     simulated = {k: simulated_acceptance_from_run(run_dir, k) if run_dir else None for k in ks}
     engine_args = dict(max_new_tokens=max_new_tokens, stop_ids=eos_ids, max_num_seqs=batch_size)
 
-    # 1. the target alone: reference outputs turn by turn (later turns follow its own answers)
-    prompts: dict[int, list[tuple[int, list[int]]]] = {}          # turn -> [(question, prompt ids)]
-    references: dict[tuple[int, int], list[int]] = {}             # (question, turn) -> reference tokens
-    reference_seconds, answers = 0.0, {i: [] for i in range(len(questions))}
+    # 1. the target alone: reference outputs turn by turn (later turns follow its own answers), all questions
+    #    at once (vLLM batches them)
+    reference_seconds = [0.0]
     decoder = VllmDecoder(options, target, **engine_args)
+
+    def references(prompts: list[list[int]]) -> list[Decoded]:
+        outputs, seconds = decoder.generate(prompts)
+        reference_seconds[0] += seconds
+        return [Decoded(out.tokens, None, {}) for out in outputs]
+
     try:
         start_seconds = {"reference": decoder.start_seconds}
-        for turn in range(1, max(len(q.user_turns) for q in questions) + 1):
-            active = [i for i, q in enumerate(questions) if len(q.user_turns) >= turn]
-            prompts[turn] = [(i, render_prompt(tokenizer, questions[i].conversation(answers[i]), questions[i].where))
-                             for i in active]
-            outputs, seconds = decoder.generate([ids for _, ids in prompts[turn]])
-            reference_seconds += seconds
-            for (i, _), out in zip(prompts[turn], outputs):
-                references[i, turn] = out.tokens
-                answers[i].append(answer_text(tokenizer, out.tokens, eos_ids))
+        records = list(decoded_turns(questions, tokenizer, references, group_size=len(questions), eos_ids=eos_ids))
     finally:
         decoder.close()
 
-    # 2. with the draft, one engine per K, on the same prompts
-    runs, mismatches, spec_seconds, served = {}, {}, {}, {}
+    # 2. with the draft, one engine per K, on the same prompts, turn by turn
+    spec_seconds, served = {}, {}
     for k in ks:
         decoder = VllmDecoder(options, target, draft=draft, method=method, draft_tokens=k, **engine_args)
         try:
             start_seconds[f"speculative_k{k}"] = decoder.start_seconds
             before = decoder.counters()
-            runs[k], mismatches[k], spec_seconds[k] = [], [], 0.0
-            for turn, turn_prompts in prompts.items():
-                outputs, seconds = decoder.generate([ids for _, ids in turn_prompts])
+            spec_seconds[k] = 0.0
+            for turn in sorted({r.turn for r in records}):
+                turn_records = [r for r in records if r.turn == turn]
+                outputs, seconds = decoder.generate([r.prompt for r in turn_records])
                 spec_seconds[k] += seconds
-                for (i, ids), out in zip(turn_prompts, outputs):
-                    q, reference = questions[i], references[i, turn]
-                    runs[k].append({"question": i, "where": q.where, "question_id": q.question_id,
-                                    "category": q.category, "turn": turn, "prompt_tokens": len(ids),
-                                    "accepted": out.accepted, "new_tokens": len(out.tokens),
-                                    "baseline_new_tokens": len(reference), "seconds": None,
-                                    "baseline_seconds": None, "output_tokens": out.tokens})
-                    if out.tokens != reference:
-                        diff = next((j for j, (a, b) in enumerate(zip(out.tokens, reference)) if a != b),
-                                    min(len(out.tokens), len(reference)))
-                        mismatches[k].append({"prompt": i, "turn": turn, "where": q.where, "first_difference": diff,
-                                              "speculative_len": len(out.tokens), "reference_len": len(reference)})
+                for r, out in zip(turn_records, outputs):
+                    r.decoded.specs[k] = out
             served[k] = counter_difference(before, decoder.counters(), k)
         finally:
             decoder.close()
-        runs[k].sort(key=lambda r: (r["question"], r["turn"]))
-        mismatches[k].sort(key=lambda m: (m["prompt"], m["turn"]))
 
-    reference_tokens = sum(len(t) for t in references.values())
     common = {"target": str(target), "draft": str(draft), "draft_format": draft_format,
               "data": [str(d) for d in data], "num_prompts": len(questions),
               "skipped_records": summarize_skips(skips), "skipped_examples": skip_examples(skips),
               "max_new_tokens": max_new_tokens, "device": device, "dtype": dtype_name(torch_dtype),
-              "batch_size": batch_size, "reference_seconds": reference_seconds, "reference_tokens": reference_tokens,
+              "batch_size": batch_size, "reference_seconds": reference_seconds[0],
+              "reference_tokens": sum(len(r.decoded.reference) for r in records),
               "warmup_seconds": sum(start_seconds.values()),
               "engine": {"engine": "vllm", "start_seconds": start_seconds}, "references": {}}
     reports = {}
     for k in ks:
-        report = build_report(common, runs[k], mismatches[k], k, simulated[k], spec_seconds[k])
+        runs, mismatches = turn_runs(records, questions, k)
+        report = build_report(common, runs, mismatches, k, simulated[k], spec_seconds[k])
         report.update(served_acceptance(served[k], k))  # the served numbers are vLLM's counters
+        counted = per_request_counts(runs, k)
         report["engine"] = "vllm"
         report["vllm"] = {"version": vllm_version(), "speculative_method": method,
                           "counters": served[k],
                           "acceptance_length": "1 + vllm:spec_decode_num_accepted_tokens / vllm:spec_decode_num_drafts",
                           "per_position_acceptance": "vllm:spec_decode_num_accepted_tokens_per_pos / "
                                                      "vllm:spec_decode_num_drafts",
-                          "per_request_equals_counters": per_request_counts(runs[k], k) == {
-                              name: served[k][name] for name in per_request_counts(runs[k], k)},
+                          "per_request_equals_counters": counted == {name: served[k][name] for name in counted},
                           "options": options.record()}
         reports[k] = report
-    report = reports[ks[0]]
-    if len(ks) > 1:
-        report = {**report, "lossless": all(r["lossless"] for r in reports.values()),
-                  "draft_tokens_list": ks, "by_draft_tokens": {str(k): r for k, r in reports.items()}}
-    return report
+    return combine_reports(reports, ks)
 
 
 def per_request_counts(runs: list[dict], draft_tokens: int) -> dict:

@@ -142,24 +142,13 @@ class HFEngine:
 
     def __init__(self, target: str, decoding: Decoding, *, dtype=None, device=None, device_map=None,
                  trust_remote_code=False, batch_size: int = 64, batch_tokens: int = 262144, compile: bool = False):
-        import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
         from stages.static_cache import supports_static_cache
-        from stages.target import dtype_name, resolve_dtype
+        from stages.target import dtype_name, load_target, resolve_device, resolve_dtype
 
-        self.device = device or ("cuda:" + os.environ.get("LOCAL_RANK", "0") if torch.cuda.is_available() else "cpu")
+        self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
-        try:
-            self.tokenizer = AutoTokenizer.from_pretrained(target, trust_remote_code=trust_remote_code)
-            model = AutoModelForCausalLM.from_pretrained(target, dtype=self.dtype, trust_remote_code=trust_remote_code,
-                                                         **({"device_map": device_map} if device_map else {}))
-        except Exception as exc:
-            raise StageError(f"target {target}: cannot load it: {str(exc).splitlines()[0]}") from None
-        if self.tokenizer.chat_template is None:
-            raise StageError(f"target {target}: the tokenizer has no chat template")
-        self.model = (model if device_map else model.to(self.device)).eval()
-        self.device = model.get_input_embeddings().weight.device  # where inputs go (device_map: the first GPU)
+        self.model, self.tokenizer = load_target(target, self.dtype, self.device, trust_remote_code, device_map)
+        self.device = self.model.get_input_embeddings().weight.device  # where inputs go (device_map: the first GPU)
         self.decoding, self.batch_size, self.batch_tokens = decoding, batch_size, batch_tokens
         self.stop_ids = stop_token_ids(self.model, self.tokenizer, decoding.chat_template_kwargs)
         pad = self.tokenizer.pad_token_id
@@ -247,9 +236,7 @@ class VllmEngine:
                  trust_remote_code=False):
         from types import SimpleNamespace
 
-        from transformers import AutoConfig, GenerationConfig
-
-        from stages.target import dtype_name, load_tokenizer, resolve_device, resolve_dtype
+        from stages.target import dtype_name, load_tokenizer, resolve_device, resolve_dtype, target_generation_sources
         from stages.vllm_runtime import VllmOptions, open_llm, require_vllm, vllm_version
 
         if trust_remote_code:
@@ -258,11 +245,8 @@ class VllmEngine:
         self.dtype_name = dtype_name(resolve_dtype(dtype, resolve_device(device)))
         self.options = VllmOptions(**{**(vllm or VllmOptions()).__dict__, "dtype": self.dtype_name})
         self.tokenizer = load_tokenizer(target)
-        try:
-            generation = GenerationConfig.from_pretrained(target)
-        except OSError:  # no generation_config.json: transformers builds it from config.json
-            generation = None
-        sources = SimpleNamespace(generation_config=generation, config=AutoConfig.from_pretrained(target))
+        generation, config = target_generation_sources(target)
+        sources = SimpleNamespace(generation_config=generation, config=config)  # what stop_token_ids reads
         self.decoding = decoding
         self.stop_ids = stop_token_ids(sources, self.tokenizer, decoding.chat_template_kwargs)
         self.version = vllm_version()

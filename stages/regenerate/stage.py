@@ -4,8 +4,8 @@ A draft learns to predict the target, so it should train on the target's answers
 wrote the dataset. This stage reads the same inputs as dump-teacher (stages/data/records.py: same `sample_index`,
 skip reasons and `--strict`), keeps each conversation's system and user turns, and replaces every assistant
 turn with the target's own answer to the conversation so far (earlier answers already regenerated), turn by
-turn. The engine is the target in-process (`hf`) or an OpenAI-compatible server (`openai`):
-stages/regenerate/engines.py.
+turn. The engine is the target in-process (`hf`: transformers; `vllm`: vLLM's offline engine) or an
+OpenAI-compatible server (`openai`): stages/regenerate/engines.py.
 
 The output layout (read as is by `dump-teacher --data OUT`, in sample_index order) is specified in
 stages/data/regenerated.py.
