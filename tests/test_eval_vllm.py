@@ -124,3 +124,19 @@ def test_vllm_serves_the_draft_exactly_as_eval_measures_it(vllm_target, trained,
             == {g: (s["turns"], s["target_forwards"], pytest.approx(s["acceptance_length"]))
                 for g, s in hf[group].items()}
     assert served["tokens_per_s"] > 0 and served["baseline_tokens_per_s"] > 0
+
+
+@pytest.mark.parametrize("flags, says", [
+    (["--trust-remote-code"], "--trust-remote-code is for --engine hf"),
+    (["--data-parallel-size", "2"], "--data-parallel-size: eval runs one vLLM engine"),
+    (["--vllm-args", '{"pipeline_parallel_size": 2}'], "pipeline parallelism is not supported"),
+])
+def test_what_vllm_eval_refuses_in_one_line(vllm_target, tmp_path, flags, says):
+    """Refused before any engine starts (so in-process), each in one line naming the flag."""
+    draft = tmp_path / "draft"
+    draft.mkdir()
+    (draft / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLMEagle3"]}))
+    data = write_jsonl(tmp_path / "q.jsonl", [{"turns": ["hi"]}])
+    code, output, _ = run_eval("--engine", "vllm", "--target", vllm_target, "--draft", draft, "--data", data, *flags)
+    assert code == 2 and says in output, output
+    assert len([line for line in output.splitlines() if line.startswith("Error")]) == 1

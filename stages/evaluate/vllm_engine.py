@@ -171,13 +171,16 @@ def evaluate_vllm(target: str, draft: str, data, *, ks: list[int], num_prompts=3
     from stages.target import dtype_name, eos_token_ids, load_tokenizer, resolve_device, resolve_dtype
     from stages.vllm_runtime import VllmOptions, require_vllm, vllm_version
 
+    options = vllm or VllmOptions()
     if trust_remote_code:
         raise StageError("--trust-remote-code is for --engine hf; vLLM loads the target with its own model code")
-    require_vllm()
+    if options.data_parallel_size > 1:
+        raise StageError("--data-parallel-size: eval runs one vLLM engine at a time; spread a large target with "
+                         "--tensor-parallel-size (and --enable-expert-parallel for MoE targets)")
     method, draft_format = speculative_method(draft)
+    require_vllm()
     device = resolve_device(device)  # where vLLM runs: the report's word for it
     torch_dtype = resolve_dtype(dtype, device)
-    options = vllm or VllmOptions()
     options = VllmOptions(**{**options.__dict__, "dtype": dtype_name(torch_dtype)})
     tokenizer = load_tokenizer(target)
     eos_ids = eos_token_ids(None, tokenizer, target)
