@@ -26,7 +26,7 @@ import sys
 import time
 from pathlib import Path
 
-from bench.common import add_save_flag, eagle_pipe, log_line, save_result
+from bench.common import add_save_flag, log_line, run_json, save_result
 
 
 # ------------------------------------------------------------------------------------------------ regenerate
@@ -154,8 +154,10 @@ def bench_eval(a) -> dict:
                           ("vllm", ["--gpu-memory-utilization", a.gpu_memory_utilization])):
         path = out / f"eval_{engine}.json"
         started = time.perf_counter()
-        eagle_pipe(*common, "--engine", engine, *extra, "--report", path, log=out / f"eval_{engine}.log",
-                   lock=a.lock)
+        rc, _ = run_json([sys.executable, "-m", "stages.cli", *map(str, common), "--engine", engine,
+                          *map(str, extra), "--report", str(path)], out / f"eval_{engine}.log", lock=a.lock)
+        if rc not in (0, 2) or not path.is_file():  # 2: a failed lossless check, whose report is still written
+            raise SystemExit(f"eval --engine {engine} failed (exit {rc}); see {out / f'eval_{engine}.log'}")
         log_line(f"eval --engine {engine}: {time.perf_counter() - started:.0f} s")
         reports[engine] = json.loads(path.read_text())
     return {"target": a.target, "draft": a.draft, "data": a.data, "num_prompts": a.num_prompts,
