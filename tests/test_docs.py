@@ -151,3 +151,36 @@ def test_named_repository_paths_exist(path):
     missing = sorted({p for p in named_paths(path.read_text(encoding="utf-8"))
                       if not (ROOT / p).exists() and not (ROOT / p.rstrip(".")).exists()})
     assert not missing, f"{path.relative_to(ROOT)} names paths that do not exist: {missing}"
+
+
+# the docs page that describes each command's options (a flag may appear anywhere on the page: a table row or prose)
+COMMAND_PAGES = {
+    "regenerate": ["docs/regenerate.md"],
+    "dump-teacher": ["docs/dump.md"],
+    "verify": ["docs/dump.md"],
+    "train": ["docs/train.md"],
+    "export": ["docs/train.md", "docs/checkpoint-format.md"],
+    "eval": ["docs/eval.md"],
+    "run": ["docs/run.md"],
+}
+
+
+def test_every_command_option_is_documented():
+    """A flag added to a command is described on that command's page (the docs stay true as stages grow)."""
+    import importlib
+
+    import click
+
+    from stages.cli import COMMANDS
+
+    assert set(COMMANDS) == set(COMMAND_PAGES), "a new command needs its docs page in COMMAND_PAGES"
+    missing = []
+    for name, (module, _) in COMMANDS.items():
+        command = importlib.import_module(module).command
+        text = "".join((ROOT / page).read_text(encoding="utf-8") for page in COMMAND_PAGES[name])
+        for param in command.params:
+            if isinstance(param, click.Option) and not param.hidden:
+                flags = [f for f in param.opts + param.secondary_opts if f.startswith("--")]
+                if flags and not any(re.search(re.escape(f) + r"(?![\w-])", text) for f in flags):
+                    missing.append(f"{name} {flags[0]} (in {', '.join(COMMAND_PAGES[name])})")
+    assert not missing, "options no docs page describes: " + "; ".join(missing)
