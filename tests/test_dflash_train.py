@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 from stages.cli import main
 from stages.train import checkpoint as ckpt
 from train_dumps import cached_dump
+from test_run import demo  # noqa: F401 (fixture)
 from train_helpers import kill_at_first_checkpoint
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -116,3 +117,21 @@ def test_kill_9_then_resume_gives_bitwise_the_same_dflash_weights(dump, tmp_path
     other = train(["--teacher-dir", str(dump), "--out", str(killed), "--max-steps", "31", "--resume",
                    "--block-size", "8"], expect_ok=False)
     assert other.exit_code == 2 and "was trained as a different draft (block_size=4" in other.output
+
+
+def test_pipeline_yaml_runs_a_dflash_draft_end_to_end(demo):
+    """`eagle-pipe run` with `draft_arch: dflash` in the train section: dump, train, export and eval (its K, the
+    block's, without a draft_tokens key), lossless."""
+    import yaml
+
+    from test_run import run
+
+    config = yaml.safe_load(demo.read_text())
+    config["train"] |= {"draft_arch": "dflash", "block_size": 3, "draft_layers": 2, "anchors_per_row": 16}
+    del config["eval"]["draft_tokens"]
+    demo.write_text(yaml.safe_dump(config))
+    code, output, summary = run(demo, "--json")
+    assert code == 0, output
+    assert summary["lossless"] is True and summary["draft_tokens"] == 2 and summary["acceptance_length"] >= 1.0
+    exported = json.loads((demo.parent / "work/run/export/config.json").read_text())
+    assert exported["architectures"] == ["DFlashDraftModel"] and exported["block_size"] == 3
