@@ -39,7 +39,7 @@ from stages.evaluate.static_target import rewind, static_full_cache
 
 ATTENTION_NAME = "eagle_pipe_ragged"
 PREFILL_ROWS = 8  # rows per prefill forward (sorted by length, so each group pads only to its own longest)
-FINISHED_ROWS_LEAVE = True  # False: they ride along to the end of the batch (bench/eval_batch.py compares)
+FINISHED_ROWS_LEAVE = True  # False: they ride along to the end of the batch (bench/perf/eval_batch.py compares)
 
 
 class Unbatchable(ValueError):
@@ -289,7 +289,7 @@ def speculative_generate_batch(target: BatchedTarget, draft, prompts: list[list[
         bonus = torch.tensor(bonuses, dtype=torch.long, device=device)
         live = [r for r, i in enumerate(order) if not done[i]]
         if FINISHED_ROWS_LEAVE and live and len(live) < len(order):
-            # a forward costs about rows x tokens; copying the caches' rows costs far less (bench/eval_batch.py)
+            # a forward costs about rows x tokens; copying the caches' rows costs far less (bench/perf/eval_batch.py)
             keep = torch.tensor(live, device=device)
             target.keep_rows(keep)
             dcache.keep_rows(keep)

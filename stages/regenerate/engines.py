@@ -155,7 +155,7 @@ class HFEngine:
         self.pad_id = pad if pad is not None else self.stop_ids[0]
         self.dtype_name = dtype_name(self.dtype)
         # opt-in: a static KV cache and a compiled decode step (stages/static_cache.py), where transformers
-        # supports it. Measured on a 2-core CPU (bench/regenerate.py throughput, SmolLM2-135M, 64 rows) it is
+        # supports it. Measured on a 2-core CPU (bench/perf/regenerate.py, SmolLM2-135M, 64 rows) it is
         # slower than the dynamic cache, so the dynamic cache is the default.
         self.static_cache = compile and supports_static_cache(self.model) and not device_map
         self.compile = self.static_cache
