@@ -135,3 +135,31 @@ def test_pipeline_yaml_runs_a_dflash_draft_end_to_end(demo):
     assert summary["lossless"] is True and summary["draft_tokens"] == 2 and summary["acceptance_length"] >= 1.0
     exported = json.loads((demo.parent / "work/run/export/config.json").read_text())
     assert exported["architectures"] == ["DFlashDraftModel"] and exported["block_size"] == 3
+
+
+@pytest.mark.parametrize("aux_dtype", ["model", "fp8"])
+def test_a_dump_of_five_aux_layers_trains_dflash_and_refuses_eagle3(tiny_llama, tmp_path_factory, aux_dtype):
+    """--aux-layers takes any number of ids: the dump verifies, a DFlash draft trains on all five (FP8 with a scale
+    per layer), exports them as target_layer_ids - 1 and evaluates lossless; EAGLE-3 is refused in one line."""
+    from test_evaluate import run_eval, write_jsonl
+
+    root = tmp_path_factory.mktemp(f"aux5-{aux_dtype}")
+    dump = cached_dump(tmp_path_factory, f"llama-aux5-{aux_dtype}", tiny_llama, records=40,
+                       extra=["--aux-layers", "1,2,4,5,6", "--aux-dtype", aux_dtype])
+    manifest = json.loads((dump / "manifest.json").read_text())
+    assert manifest["aux_layer_ids"] == [1, 2, 4, 5, 6]
+    assert CliRunner().invoke(main, ["verify", str(dump)]).exit_code == 0
+    refused = CliRunner().invoke(main, ["train", "--teacher-dir", str(dump), "--out", str(root / "eagle"),
+                                        "--max-steps", "1", "--no-compile"])
+    assert refused.exit_code == 2 and refused.output.strip().splitlines()[-1] == (
+        f"Error: {dump / 'manifest.json'}: the dump holds 5 aux layers [1, 2, 4, 5, 6]; an EAGLE-3 draft fuses "
+        "exactly three: train --draft-arch dflash on it, or dump with three --aux-layers")
+    run = root / "run"
+    train(["--teacher-dir", str(dump), "--out", str(run), "--max-steps", "4", "--eval-every", "0"])
+    config = json.loads((run / "export" / "config.json").read_text())
+    assert config["dflash_config"]["target_layer_ids"] == [0, 1, 3, 4, 5]
+    assert load_file(str(run / "export" / "model.safetensors"))["fc.weight"].shape[1] == 5 * 64
+    prompts = write_jsonl(root / "prompts.jsonl", [{"messages": [{"role": "user", "content": "What is a list?"}]}])
+    code, output, report = run_eval("--target", tiny_llama, "--draft", run / "export", "--data", prompts,
+                                    "--max-new-tokens", 12, "--json")
+    assert code == 0 and report["lossless"], output

@@ -149,7 +149,7 @@ def run_parts(tgt, aux_ids, parts, directory: Path, *, teacher: str, k: int, met
 
     H, V = tgt.hidden_size, tgt.vocab_size
     aux_dtype = aux_dtype or tgt.dtype
-    specs = aux_specs(H, aux_dtype)
+    specs = aux_specs(H, aux_dtype, len(aux_ids))
     specs.update({"topk": {"teacher_topk_ids": ((k,), torch.int32), "teacher_topk_logprobs": ((k,), torch.float32)},
                   "argmax": {"teacher_argmax": ((), torch.int32)},
                   "softmax": {"teacher_probs": ((V,), tgt.dtype)}}[teacher])
@@ -179,7 +179,7 @@ def run_parts(tgt, aux_ids, parts, directory: Path, *, teacher: str, k: int, met
                         aux, final = next(batches)
                     with nvtx.annotate("teacher", color="yellow"):
                         outputs = teacher_outputs(tgt, final, teacher, k)
-                    outputs.update(encode_aux(aux, aux_dtype))
+                    outputs.update(encode_aux(aux, aux_dtype, len(aux_ids)))
                     writer.submit(part, offset, outputs, last=b == len(part.batches) - 1)
                     offset += aux.shape[0]
                     bar.update(aux.shape[0])
@@ -507,7 +507,7 @@ AUX_DTYPE_CHOICES = ["model", "bf16", "fp16", "fp32", "fp8"]
 @click.option("--device", default=None, help="Device (default: cuda:LOCAL_RANK if available, else cpu).")
 @click.option("--device-map", default=None, help="(hf) Hugging Face device_map (e.g. auto) to spread a large target over GPUs.")
 @click.option("--trust-remote-code", is_flag=True, help="Allow the target's own modelling code to run.")
-@click.option("--aux-layers", default=None, help="Three ascending layer ids whose input residual stream is stored (default 2,N//2,N-3).")
+@click.option("--aux-layers", default=None, help="Ascending layer ids whose input residual stream is stored: three for EAGLE-3 drafts, any number for DFlash (default 2,N//2,N-3).")
 @click.option("--aux-dtype", type=click.Choice(AUX_DTYPE_CHOICES, case_sensitive=False), default="model",
               show_default=True, help="Stored aux hidden states: the target's dtype, a cast, or fp8 (e4m3 with one "
               "float32 scale per token and aux layer: about half the disk of bf16).")

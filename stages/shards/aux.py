@@ -66,19 +66,20 @@ def dequantize_fp8(q: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype = t
     return (fp8_to_float32(q).unflatten(-1, (L, -1)) * scales.float().unsqueeze(-1)).flatten(-2).to(dtype)
 
 
-def encode_aux(aux: torch.Tensor, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """The part tensors for [n, 3H] aux states stored as `dtype` (computed where aux is, i.e. on the device)."""
+def encode_aux(aux: torch.Tensor, dtype: torch.dtype, num_layers: int = 3) -> dict[str, torch.Tensor]:
+    """The part tensors for [n, L*H] aux states stored as `dtype` (computed where aux is, i.e. on the device)."""
     if dtype == FP8:
-        q, scales = quantize_fp8(aux)
+        q, scales = quantize_fp8(aux, num_layers)
         return {"aux_hidden_states": q, "aux_scales": scales}
     return {"aux_hidden_states": aux.to(dtype)}
 
 
-def aux_specs(hidden_size: int, dtype: torch.dtype) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
-    """Per-row shape and dtype of each aux tensor of a part (what encode_aux returns)."""
-    specs = {"aux_hidden_states": ((3 * hidden_size,), dtype)}
+def aux_specs(hidden_size: int, dtype: torch.dtype, num_layers: int = 3) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """Per-row shape and dtype of each aux tensor of a part (what encode_aux returns) for `num_layers` aux layers
+    (EAGLE-3 fuses 3; a DFlash draft reads any number)."""
+    specs = {"aux_hidden_states": ((num_layers * hidden_size,), dtype)}
     if dtype == FP8:
-        specs["aux_scales"] = ((3,), torch.float32)
+        specs["aux_scales"] = ((num_layers,), torch.float32)
     return specs
 
 

@@ -50,9 +50,10 @@ def _expected_tensors(manifest: dict) -> dict[str, tuple[list, str]]:
     aux = manifest["aux_dtype"]
     out = {"input_ids": ([None], "I32"), "loss_mask": ([None], "U8"), "cu_seqlens": ([None], "I64"),
            "sample_index": ([None], "I64"),
-           "aux_hidden_states": ([None, 3 * target["hidden_size"]], SAFETENSORS_DTYPES.get(aux, aux))}
+           "aux_hidden_states": ([None, len(manifest["aux_layer_ids"]) * target["hidden_size"]],
+                                 SAFETENSORS_DTYPES.get(aux, aux))}
     if aux == "float8_e4m3fn":
-        out["aux_scales"] = ([None, 3], "F32")
+        out["aux_scales"] = ([None, len(manifest["aux_layer_ids"])], "F32")
     if teacher["kind"] == "topk":
         out["teacher_topk_ids"] = ([None, teacher["k"]], "I32")
         out["teacher_topk_logprobs"] = ([None, teacher["k"]], "F32")

@@ -296,9 +296,10 @@ class PartReader:
 
 
 def empty_batch(batch_size: int, seq_len: int, aux_width: int, aux_dtype: torch.dtype, teacher_kind: str,
-                topk: int, vocab_size: int, pin: bool = False, aux_scales: bool = False) -> dict[str, torch.Tensor]:
+                topk: int, vocab_size: int, pin: bool = False, aux_scales: int = 0) -> dict[str, torch.Tensor]:
     """Host tensors of the batch contract (values are filled by `fill_batch`). Aux states keep the stored dtype;
-    FP8 ones come with their `aux_scales` [B, T, 3] and are dequantized in the step (stages/shards/aux.py)."""
+    FP8 ones come with their `aux_scales` [B, T, aux_scales] (one per aux layer) and are dequantized in the step
+    (stages/shards/aux.py)."""
     B, T = batch_size, seq_len
     shapes = {
         "aux_hidden_states": ((B, T, aux_width), aux_dtype), "input_ids": ((B, T), torch.int64),
@@ -306,7 +307,7 @@ def empty_batch(batch_size: int, seq_len: int, aux_width: int, aux_dtype: torch.
         "loss_mask": ((B, T), torch.bool),
     }
     if aux_scales:
-        shapes["aux_scales"] = ((B, T, 3), torch.float32)
+        shapes["aux_scales"] = ((B, T, aux_scales), torch.float32)
     if teacher_kind == "topk":
         shapes["teacher_topk_ids"] = ((B, T, topk), torch.int64)
         shapes["teacher_topk_logprobs"] = ((B, T, topk), torch.float32)
@@ -445,12 +446,14 @@ class PackedLoader:
         self._rows_cache: tuple[int, list[list[int]]] | None = None
         self.aux_width, self.aux_dtype, self.aux_scales = self._aux_layout()
 
-    def _aux_layout(self) -> tuple[int, torch.dtype, bool]:
+    def _aux_layout(self) -> tuple[int, torch.dtype, int]:
+        """(aux width, stored dtype, FP8 scales per row: one per aux layer, 0 without)."""
         if not self.index.parts:
             raise StageError(f"{self.index.root}: the dump holds no parts")
         part = PartFile(self.index.parts[0])
         try:
-            return part.shape("aux_hidden_states")[1], part.dtype("aux_hidden_states"), "aux_scales" in part
+            scales = part.shape("aux_scales")[1] if "aux_scales" in part else 0
+            return part.shape("aux_hidden_states")[1], part.dtype("aux_hidden_states"), scales
         finally:
             part.close()
 

@@ -116,6 +116,10 @@ def build_draft(teacher_dir: Path, manifest: dict, token_counts: torch.Tensor, *
     from eagle.model import Eagle3Draft
     from eagle.vocab import build_vocab_map
 
+    aux = list(manifest["aux_layer_ids"])
+    if len(aux) != 3:
+        raise StageError(f"{teacher_dir / 'manifest.json'}: the dump holds {len(aux)} aux layers {aux}; an EAGLE-3 "
+                         "draft fuses exactly three: train --draft-arch dflash on it, or dump with three --aux-layers")
     try:
         target_cfg, weights = load_target_dir(teacher_dir / "target")
         cfg = DraftConfig.from_target_config(target_cfg, draft_vocab_size=draft_vocab_size, ttt_steps=ttt_steps,
