@@ -163,3 +163,24 @@ def test_a_dump_of_five_aux_layers_trains_dflash_and_refuses_eagle3(tiny_llama, 
     code, output, report = run_eval("--target", tiny_llama, "--draft", run / "export", "--data", prompts,
                                     "--max-new-tokens", 12, "--json")
     assert code == 0 and report["lossless"], output
+
+
+def test_dflash_two_ranks_and_accumulation_match_one_big_batch(dump, tmp_path):
+    """torchrun --nproc_per_node 2 (gloo, CPU) and gradient accumulation train the same DFlash draft as one
+    process with the same global batch: the anchors follow the row, not the rank (fp32, as tests/test_train_ddp.py)."""
+    from test_train_ddp import outcome, run
+
+    arch = ["--draft-arch", "dflash", "--block-size", "4", "--draft-layers", "2", "--anchors-per-row", "16"]
+    single, ddp, accum = tmp_path / "single", tmp_path / "ddp", tmp_path / "accum"
+    run([*arch, "--teacher-dir", str(dump), "--out", str(single), "--batch-size", "4"])
+    run([*arch, "--teacher-dir", str(dump), "--out", str(ddp), "--batch-size", "2"],
+        launcher=["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"])
+    run([*arch, "--teacher-dir", str(dump), "--out", str(accum), "--batch-size", "1", "--grad-accum", "4"])
+    ref_logs, ref_w = outcome(single)
+    for other in (ddp, accum):
+        logs, w = outcome(other)
+        for a, b in zip([r for r in logs if "loss" in r], [r for r in ref_logs if "loss" in r]):
+            assert a["loss"] == pytest.approx(b["loss"], rel=1e-5), other.name
+            assert a["acc"] == pytest.approx(b["acc"], abs=1e-6), other.name
+        for k in ref_w:
+            torch.testing.assert_close(w[k], ref_w[k], rtol=1e-4, atol=1e-5, msg=f"{other.name}: {k}")

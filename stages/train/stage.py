@@ -578,5 +578,5 @@ def _progress(total: int, initial: int, enabled: bool):
 @click.option("--num-workers", default=2, show_default=True, help="Batch-building threads.")
 @click.option("--max-bad-steps", default=10, show_default=True, help="Stop after this many skipped steps in a row.")
 def command(**settings) -> dict:
-    """Train an EAGLE-3 draft from a teacher dump (DUMP/target + shards), without loading the target."""
+    """Train an EAGLE-3 (or, --draft-arch dflash, DFlash) draft from a teacher dump, without loading the target."""
     return train(TrainSettings(**settings))
