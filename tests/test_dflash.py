@@ -205,3 +205,31 @@ def test_k_norm_is_one_parameter_shared_by_every_layer():
     assert len(norms) == 1
     assert sum(1 for n, _ in model.named_parameters() if "k_norm" in n) == 1
     assert {k for k in model.state_dict() if "k_norm" in k} == {f"layers.{i}.self_attn.k_norm.weight" for i in range(3)}
+
+
+def test_dflash_step_is_one_graph_and_compiled_equals_eager():
+    """The train stage's DFlash step (make_step_fn with a gamma) traces as one graph, no break and no host sync,
+    and the compiled step (fullgraph=True, as training runs it) gives the eager loss and gradients."""
+    from stages.train.stage import make_step_fn
+
+    cfg = tiny_dflash_cfg()
+    model = random_dflash(cfg, seed=11, dtype=torch.float32)
+    batch = dflash_batch(cfg, [9, 5, 12, 3], T=34, rows=2, seed=12, dtype=torch.float32)
+    batch["anchors"], batch["anchor_valid"] = sample_anchors(batch, 6, torch.Generator().manual_seed(2))
+    counts = target_counts(batch, cfg.block_size)
+    eager = make_step_fn(3, "topk", 0.8, "dense", torch.device("cpu"), compile_=False, precision="fp32",
+                         dflash_gamma=2.0)
+    torch._dynamo.reset()
+    explanation = torch._dynamo.explain(eager)(model, batch, counts)
+    assert explanation.graph_break_count == 0 and explanation.graph_count == 1, explanation.break_reasons
+    grads = []
+    for step in (eager, make_step_fn(3, "topk", 0.8, "dense", torch.device("cpu"), compile_=True,
+                                     precision="fp32", dflash_gamma=2.0)):
+        model.zero_grad()
+        loss, metrics = step(model, batch, counts)
+        loss.backward()
+        grads.append((loss.detach(), metrics["valid"], [p.grad.clone() for p in model.parameters()]))
+    (l0, v0, g0), (l1, v1, g1) = grads
+    assert torch.equal(v0, v1) and torch.allclose(l0, l1, rtol=1e-5)
+    for a, b in zip(g0, g1):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)  # float32 summation order
