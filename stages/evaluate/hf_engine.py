@@ -23,6 +23,7 @@ class HFDecoder:
                  batch_size: int, compile: bool, cache_len: int, where: str, speculative_generate=None):
         from stages.evaluate.batched import BatchedTarget, Unbatchable
         from stages.evaluate.speculative import speculative_generate as eagle_generate
+        from stages.evaluate.static_target import position_dependent_rope
         from stages.static_cache import supports_static_cache
 
         self.model, self.drafter, self.ks = model, drafter, ks
@@ -40,7 +41,8 @@ class HFDecoder:
                 except Unbatchable:  # sliding windows, softcapping...: the speculative runs go one turn at a time
                     pass
             # batched, the batch-1 path only decides the rare turns whose batched outputs differ: not worth a compile
-            self.compiled = bool(compile and self.static and self.batched_target is None)
+            self.compiled = bool(compile and self.static and self.batched_target is None
+                                 and not position_dependent_rope(model.config))
             self.target_aux = self._make_target(cache_len)
         except ValueError as e:  # no text decoder found, or aux ids outside it: one line naming the target
             self.close()

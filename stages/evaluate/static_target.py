@@ -51,6 +51,22 @@ def static_full_cache(config, max_len: int):
     return cache
 
 
+POSITION_DEPENDENT_ROPE = ("longrope", "dynamic")
+
+
+def position_dependent_rope(config) -> bool:
+    """Whether transformers picks the target's RoPE frequencies per forward from its largest position (longrope:
+    Phi-3.5 / Phi-4-mini; dynamic NTK): a data-dependent branch that a fullgraph compile cannot trace (transformers
+    5.19), so such a target verifies eagerly on the same static cache."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    params = getattr(text, "rope_parameters", None) or getattr(text, "rope_scaling", None) or {}
+    if not isinstance(params, dict):
+        return False
+    per_layer = [v for v in params.values() if isinstance(v, dict)]  # {layer type: parameters}
+    kinds = {p.get("rope_type") or p.get("type") for p in (per_layer or [params])}
+    return bool(kinds & set(POSITION_DEPENDENT_ROPE))
+
+
 def rewind(cache, length: int) -> None:
     """Move every layer's write position of a static cache back to `length` (entries past it stay, masked).
 
