@@ -240,23 +240,6 @@ def test_checkpoints_from_before_draft_arch_are_refused_in_one_line(dump, tmp_pa
         "version, or export it with the eagle-pipe that trained it")
 
 
-def test_train_settings_mirror_the_command_options():
-    """TrainSettings is the typed form of the click options: same names, same defaults."""
-    import dataclasses
-
-    from stages.train.stage import command
-    from stages.train.settings import TrainSettings
-
-    fields = {f.name: f.default for f in dataclasses.fields(TrainSettings)}
-    assert list(fields) == [p.name for p in command.params]
-    required = {name for name, default in fields.items() if default is dataclasses.MISSING}
-    assert required == {p.name for p in command.params if p.required} == {"teacher_dir", "out"}
-    resolved = command.make_context("train", ["--teacher-dir", "d", "--out", "o"]).params  # click's defaults
-    assert TrainSettings(**resolved) == TrainSettings(teacher_dir="d", out="o")
-    with pytest.raises(dataclasses.FrozenInstanceError):
-        TrainSettings(teacher_dir="d", out="o").lr = 1.0
-
-
 def _copy(dump, tmp_path, name="copy") -> Path:
     dst = tmp_path / name
     shutil.copytree(dump, dst)

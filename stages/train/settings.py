@@ -1,20 +1,27 @@
 """The options of `eagle-pipe train` as one typed, frozen value: what each one means, in one place.
 
-`TrainSettings(**options)` takes the click command's keyword arguments (or a `train:` section of pipeline.yaml,
-which click resolves the same way). `record(world_size)` is the JSON dict written into every checkpoint's
-meta.json and into train_summary.json, and compared on `--resume` and by `eagle-pipe run`.
+The fields are the command's options: `stages.options.click_options(TrainSettings)` makes one `--field-name`
+per field, its help the field's docstring, its default the field's, so `TrainSettings(**options)` takes the
+click command's keyword arguments (or a `train:` section of pipeline.yaml, whose keys are checked against
+them). `record(world_size)` is the JSON dict written into every checkpoint's meta.json and into
+train_summary.json, and compared on `--resume` and by `eagle-pipe run`.
 """
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from typing import Literal
+
+import click
+
+from stages.options import option
 
 
 @dataclass(frozen=True)
 class TrainSettings:
-    teacher_dir: str
+    teacher_dir: str = option(type=click.Path(file_okay=False))
     """Teacher dump written by `eagle-pipe dump-teacher` (DIR/manifest.json, DIR/target/, shards)."""
-    out: str
+    out: str = option(type=click.Path(file_okay=False))
     """Run directory: checkpoints/, metrics.jsonl, tensorboard/, export/, train_summary.json."""
     seq_len: int = 2048
     """Positions per packed row; every batch has this one shape, so the compiled step never recompiles."""
@@ -23,9 +30,9 @@ class TrainSettings:
     grad_accum: int = 1
     """Micro-batches per optimizer step."""
     max_steps: int | None = None
-    """Optimizer steps; None: `epochs` passes over the data. With `epochs` too, a cap on them."""
+    """Optimizer steps (default: `epochs` passes over the data); with `epochs` too, a cap on them."""
     epochs: int | None = None
-    """Passes over the data (None: 1, or `max_steps` steps when that is given)."""
+    """Passes over the data (default: 1, or `max_steps` steps when that is given)."""
     lr: float = 1e-4
     """Peak learning rate (AdamW, betas 0.9 / 0.95)."""
     min_lr_ratio: float = 0.1
@@ -42,25 +49,25 @@ class TrainSettings:
     """Vd: the draft's vocabulary (the most frequent supervised target ids), capped at the target's V."""
     decay: float = 0.8
     """Loss weight decay**j of TTT step j."""
-    long_sequences: str = "split"
+    long_sequences: Literal["split", "truncate"] = "split"
     """Documents longer than `seq_len`: "split" into independent chunks or "truncate"."""
-    attention: str = "auto"
+    attention: Literal["auto", "dense", "flex"] = "auto"
     """TTT attention kernel: "auto" (flex on CUDA, else dense), "dense" or "flex"."""
-    init_lm_head: bool = False
+    init_lm_head: bool = option(False, negatable=True)
     """Start the draft's lm_head rows and final norm from the target's. Off by default: on SmolLM2 a random
     lm_head trained drafts whose TTT steps 2-3 accept 10-40% more (docs/quality.md, "Recipe")."""
-    draft_rope: str = "auto"
+    draft_rope: Literal["auto", "target", "default"] = "auto"
     """The draft's RoPE: "auto" (the target's when the engines compute it exactly as training does, else plain
     RoPE with the target's rope_theta), "target" (the target's or an error) or "default" (plain RoPE)."""
-    draft_arch: str = "eagle3"
+    draft_arch: Literal["eagle3", "eagle3.1", "dflash"] = "eagle3"
     """"eagle3", or "eagle3.1": per-aux-state fc_norm and post-norm feedback (norm_output), exported with the
     switches vLLM and SGLang both run; or "dflash": a block drafter (eagle/dflash.py) that vLLM serves as
     method "dflash" with K = block_size - 1."""
-    block_size: int = 8
+    block_size: int = option(8, type=click.IntRange(min=2))
     """DFlash: tokens per block, the verified token plus block_size - 1 drafted slots."""
-    draft_layers: int = 1
+    draft_layers: int = option(1, type=click.IntRange(min=1))
     """DFlash: decoder layers of the draft."""
-    anchors_per_row: int | None = None
+    anchors_per_row: int | None = option(None, type=click.IntRange(min=1))
     """DFlash: anchor blocks drawn per packed row (default seq_len // block_size: about one drafted token per
     position)."""
     loss_gamma: float | None = None
@@ -83,15 +90,15 @@ class TrainSettings:
     """Optimizer steps between held-out evaluations (0: only at the end)."""
     eval_fraction: float = 0.01
     """Fraction of documents held out of `teacher_dir` (by a hash of their record index)."""
-    eval_teacher_dir: str | None = None
+    eval_teacher_dir: str | None = option(None, type=click.Path(file_okay=False))
     """A separate held-out dump of the same target; then nothing is held out of `teacher_dir`."""
     resume: bool = False
     """Continue from the newest complete checkpoint in `out` (weights, optimizer, schedule, RNG, data position)."""
-    precision: str = "auto"
+    precision: Literal["auto", "bf16", "fp32"] = "auto"
     """Matmuls of the step: "bf16" autocast (fp32 master weights, optimizer and loss) or "fp32"; "auto": bf16
     on CUDA and on CPUs with AMX bf16 units, fp32 elsewhere."""
     compile: bool = True
-    """torch.compile(fullgraph=True) the TTT forward + loss (False: eager)."""
+    """torch.compile(fullgraph=True) the TTT forward + loss (off: eager)."""
     num_workers: int = 2
     """Threads building batches in the background."""
     max_bad_steps: int = 10

@@ -33,6 +33,7 @@ import torch
 
 from stages.train import checkpoint as ckpt
 from stages.errors import StageError
+from stages.options import click_options
 from stages.shards import atomic_write_json, read_json
 from stages.train.loader import AnchorPlan, DumpIndex, PackedLoader
 from stages.train.settings import TrainSettings
@@ -521,62 +522,7 @@ def _progress(total: int, initial: int, enabled: bool):
 
 
 @click.command("train")
-@click.option("--teacher-dir", required=True, type=click.Path(file_okay=False), help="Teacher dump (stage one).")
-@click.option("--out", required=True, type=click.Path(file_okay=False), help="Run directory.")
-@click.option("--seq-len", default=2048, show_default=True, help="Positions per packed row.")
-@click.option("--batch-size", default=8, show_default=True, help="Rows per micro-batch per rank.")
-@click.option("--grad-accum", default=1, show_default=True, help="Micro-batches per optimizer step.")
-@click.option("--max-steps", type=int, default=None, help="Optimizer steps (default: --epochs epochs).")
-@click.option("--epochs", type=int, default=None, help="Passes over the data (default 1; with --max-steps: cap).")
-@click.option("--lr", default=1e-4, show_default=True)
-@click.option("--min-lr-ratio", default=0.1, show_default=True, help="Cosine floor as a fraction of --lr.")
-@click.option("--warmup-steps", default=100, show_default=True)
-@click.option("--weight-decay", default=0.0, show_default=True)
-@click.option("--grad-clip", default=0.5, show_default=True, help="Max global gradient norm.")
-@click.option("--ttt-steps", default=7, show_default=True, help="Unrolled draft steps (training-time test).")
-@click.option("--draft-vocab-size", default=32000, show_default=True, help="Capped at the target vocab.")
-@click.option("--decay", default=0.8, show_default=True, help="Loss weight decay**j of TTT step j.")
-@click.option("--long-sequences", type=click.Choice(["split", "truncate"]), default="split", show_default=True)
-@click.option("--attention", type=click.Choice(["auto", "dense", "flex"]), default="auto", show_default=True)
-@click.option("--init-lm-head/--no-init-lm-head", default=False, show_default=True,
-              help="Start lm_head/norm from the target's (default: random lm_head, which drafted better in "
-                   "docs/quality.md#recipe).")
-@click.option("--draft-rope", type=click.Choice(["auto", "target", "default"]), default="auto", show_default=True,
-              help="The draft's RoPE: auto = the target's when vLLM/SGLang reproduce it exactly, else plain RoPE "
-                   "with the target's rope_theta; target = the target's or an error; default = plain RoPE.")
-@click.option("--draft-arch", type=click.Choice(["eagle3", "eagle3.1", "dflash"]), default="eagle3",
-              show_default=True,
-              help="eagle3.1: one RMSNorm per aux hidden state before fc (fc_norm) and the next draft step fed "
-                   "norm(out) (norm_output), exported as the config.json switches vLLM and SGLang both run. "
-                   "dflash: a block drafter (K = block size - 1 tokens per forward), served by vLLM as "
-                   "method dflash.")
-@click.option("--block-size", default=8, show_default=True, type=click.IntRange(min=2),
-              help="DFlash: tokens per block (the verified token + block-size - 1 drafted).")
-@click.option("--draft-layers", default=1, show_default=True, type=click.IntRange(min=1),
-              help="DFlash: decoder layers of the draft.")
-@click.option("--anchors-per-row", type=click.IntRange(min=1), default=None,
-              help="DFlash: anchor blocks per packed row [default: seq-len // block-size].")
-@click.option("--loss-gamma", type=float, default=None,
-              help="DFlash: slot k weighs exp(-(k-1)/gamma) [default: 7 / 5 / 4 for blocks 16 / 10 / 8, else "
-                   "block-size / 2].")
-@click.option("--mask-token-id", type=int, default=None,
-              help="DFlash: target vocab id embedded in the masked slots [default: an unused special token].")
-@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N.")
-@click.option("--seed", default=0, show_default=True)
-@click.option("--save-every", default=1000, show_default=True)
-@click.option("--keep-checkpoints", default=2, show_default=True, help="Newest step checkpoints kept.")
-@click.option("--log-every", default=10, show_default=True)
-@click.option("--eval-every", default=500, show_default=True)
-@click.option("--eval-fraction", default=0.01, show_default=True, help="Documents held out (by document).")
-@click.option("--eval-teacher-dir", default=None, type=click.Path(file_okay=False),
-              help="A separate held-out dump (same target); then nothing is held out of --teacher-dir.")
-@click.option("--resume", is_flag=True, help="Continue from the newest complete checkpoint in --out.")
-@click.option("--precision", type=click.Choice(["auto", "bf16", "fp32"]), default="auto", show_default=True,
-              help="Matmuls of the step: bf16 autocast (fp32 weights) or fp32; auto = bf16 on CUDA and on CPUs "
-                   "with AMX bf16 units, else fp32.")
-@click.option("--compile/--no-compile", default=True, show_default=True, help="torch.compile the step.")
-@click.option("--num-workers", default=2, show_default=True, help="Batch-building threads.")
-@click.option("--max-bad-steps", default=10, show_default=True, help="Stop after this many skipped steps in a row.")
+@click_options(TrainSettings)
 def command(**settings) -> dict:
     """Train an EAGLE-3 (or, --draft-arch dflash, DFlash) draft from a teacher dump, without loading the target."""
     return train(TrainSettings(**settings))
