@@ -127,3 +127,16 @@ def test_a_pipeline_yaml_key_that_is_no_field_is_refused(tmp_path):
     result = CliRunner().invoke(main, ["--config", str(config), "train", "--help"])
     assert result.exit_code != 0
     assert "unknown key(s) in section 'train': learning_rate" in (result.output + str(result.exception))
+
+
+def test_dump_teacher_options_are_dump_options_and_the_vllm_flags():
+    """dump-teacher's options: DumpOptions' fields (their defaults are plan_dump's), then the shared vLLM flags."""
+    from stages.dump.options import DumpOptions
+    from stages.dump.stage import command
+    from stages.vllm_runtime import VLLM_PARAM_NAMES
+
+    names = [f.name for f in dataclasses.fields(DumpOptions)]
+    assert [p.name for p in command.params] == names + list(VLLM_PARAM_NAMES)
+    resolved = command.make_context("dump-teacher", []).params
+    assert DumpOptions(**{k: resolved[k] for k in names}) == DumpOptions()
+    assert all(p.help for p in command.params)

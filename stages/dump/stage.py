@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import shutil
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -29,8 +29,10 @@ import click
 import numpy as np
 
 from stages import shards
+from stages.dump.options import AUX_DTYPE_CHOICES, ENGINE_CHOICES, DumpOptions
 from stages.dump.plan import Sequence, plan_parts, token_counts
 from stages.errors import StageError
+from stages.options import click_options
 from stages.paths import data_fingerprint, ensure_writable, local_or_name
 from stages.sharding import shard_from_env
 from stages.vllm_runtime import VllmOptions, vllm_options
@@ -260,49 +262,51 @@ class ShardWork:
     parts: list
 
 
-def plan_dump(*, target, data, out, dtype=None, device=None, device_map=None, trust_remote_code=False,
-              aux_layers=None, aux_dtype="model", teacher="topk", top_k=64, batch_tokens=16384, max_seq_len=2048,
-              loss_on="assistant", shard_index=None, num_shards=None, part_tokens=32768, overwrite=False,
-              strict=False, allow_large_softmax=False, limit=None, engine="hf", **vllm_params) -> DumpSettings:
+def plan_dump(**options) -> DumpSettings:
     """Step 1: check the options (one line per mistake) and resolve device, dtypes and shard, before the target
-    is loaded or anything but a write probe touches --out. `vllm_params`: the @vllm_options flags."""
+    is loaded or anything but a write probe touches --out. `options`: `DumpOptions` fields (the CLI's; defaults
+    from there) plus the @vllm_options flags."""
     from stages.shards.aux import storage_dtype
     from stages.dump.forward import load_config
     from stages.target import dtype_name, resolve_device, resolve_dtype
 
-    if not target:
+    names = {f.name for f in fields(DumpOptions)}
+    o = DumpOptions(**{k: v for k, v in options.items() if k in names})
+    vllm_params = {k: v for k, v in options.items() if k not in names}
+    if not o.target:
         raise StageError("--target is required (a model directory or hub id)")
-    if not data:
+    if not o.data:
         raise StageError("--data is required (one or more data files, dataset dirs or names)")
-    if not out:
+    if not o.out:
         raise StageError("--out is required")
-    for name, value in (("--top-k", top_k), ("--batch-tokens", batch_tokens), ("--max-seq-len", max_seq_len),
-                        ("--part-tokens", part_tokens)):
+    for name, value in (("--top-k", o.top_k), ("--batch-tokens", o.batch_tokens), ("--max-seq-len", o.max_seq_len),
+                        ("--part-tokens", o.part_tokens)):
         if value < 1:
             raise StageError(f"{name} must be >= 1, got {value}")
-    if limit is not None and limit < 0:
-        raise StageError(f"--limit must be >= 0, got {limit}")
-    if aux_dtype not in AUX_DTYPE_CHOICES:
-        raise StageError(f"--aux-dtype {aux_dtype!r}: expected one of {', '.join(AUX_DTYPE_CHOICES)}")
-    vllm = engine_options(engine, device_map, vllm_params, dtype)
-    shard_index, num_shards = shard_from_env(shard_index, num_shards)
-    out = Path(out)
+    if o.limit is not None and o.limit < 0:
+        raise StageError(f"--limit must be >= 0, got {o.limit}")
+    if o.aux_dtype not in AUX_DTYPE_CHOICES:
+        raise StageError(f"--aux-dtype {o.aux_dtype!r}: expected one of {', '.join(AUX_DTYPE_CHOICES)}")
+    vllm = engine_options(o.engine, o.device_map, vllm_params, o.dtype)
+    shard_index, num_shards = shard_from_env(o.shard_index, o.num_shards)
+    out = Path(o.out)
     ensure_writable(out)
-    device = resolve_device(device)
-    torch_dtype = resolve_dtype(dtype, device)
-    config = load_config(target, trust_remote_code)
+    device = resolve_device(o.device)
+    torch_dtype = resolve_dtype(o.dtype, device)
+    config = load_config(o.target, o.trust_remote_code)
     vocab = getattr(config.get_text_config(), "vocab_size", None) or 0
     bytes_per_prob = torch_dtype.itemsize
-    if teacher == "softmax" and not allow_large_softmax and part_tokens * vocab * bytes_per_prob > SOFTMAX_MAX_PART_BYTES:
-        raise StageError(f"--teacher softmax: a part would hold {part_tokens * vocab * bytes_per_prob / 2**30:.1f} GiB "
+    part_bytes = o.part_tokens * vocab * bytes_per_prob
+    if o.teacher == "softmax" and not o.allow_large_softmax and part_bytes > SOFTMAX_MAX_PART_BYTES:
+        raise StageError(f"--teacher softmax: a part would hold {part_bytes / 2**30:.1f} GiB "
                          f"(vocab {vocab}); lower --part-tokens, use --teacher topk, or pass --allow-large-softmax")
     return DumpSettings(
-        target=target, data=tuple(data), out=out, device=device,
-        dtype=torch_dtype, aux_dtype=storage_dtype(aux_dtype, torch_dtype), device_map=device_map,
-        trust_remote_code=trust_remote_code, aux_layers=aux_layers, teacher=teacher, top_k=top_k,
-        batch_tokens=batch_tokens, max_seq_len=max_seq_len, loss_on=loss_on, shard_index=shard_index,
-        num_shards=num_shards, part_tokens=part_tokens, overwrite=overwrite, strict=strict,
-        allow_large_softmax=allow_large_softmax, limit=limit, engine=engine,
+        target=o.target, data=tuple(o.data), out=out, device=device,
+        dtype=torch_dtype, aux_dtype=storage_dtype(o.aux_dtype, torch_dtype), device_map=o.device_map,
+        trust_remote_code=o.trust_remote_code, aux_layers=o.aux_layers, teacher=o.teacher, top_k=o.top_k,
+        batch_tokens=o.batch_tokens, max_seq_len=o.max_seq_len, loss_on=o.loss_on, shard_index=shard_index,
+        num_shards=num_shards, part_tokens=o.part_tokens, overwrite=o.overwrite, strict=o.strict,
+        allow_large_softmax=o.allow_large_softmax, limit=o.limit, engine=o.engine,
         vllm=None if vllm is None else replace(vllm, dtype=dtype_name(torch_dtype)))
 
 
@@ -490,39 +494,8 @@ def print_summary(s: dict) -> None:
         f"computed {s['tokens_computed']} tokens in {s['seconds']:.1f} s ({rate})", err=True)
 
 
-ENGINE_CHOICES = ["hf", "vllm"]
-DTYPE_CHOICES = ["bfloat16", "float16", "float32", "bf16", "fp16", "fp32"]
-AUX_DTYPE_CHOICES = ["model", "bf16", "fp16", "fp32", "fp8"]
-
-
 @click.command("dump-teacher")
-@click.option("--target", help="Target model: a local Hugging Face directory or a hub id.")
-@click.option("--engine", type=click.Choice(ENGINE_CHOICES), default="hf",
-              help="Where the target runs: hf (transformers, in this process) or vllm (vLLM's offline LLM: "
-              "tensor/expert parallel, the --tensor-parallel-size ... flags; same dump format).")
-@click.option("--data", multiple=True, help="Data file (JSONL/JSON/Parquet), saved dataset dir or dataset name; repeatable.")
-@click.option("--out", type=click.Path(file_okay=False), help="Dump directory (manifest.json, target/, shards/).")
-@click.option("--dtype", type=click.Choice(DTYPE_CHOICES, case_sensitive=False), default=None,
-              help="Target dtype (default: bfloat16 on GPU, float32 on CPU).")
-@click.option("--device", default=None, help="Device (default: cuda:LOCAL_RANK if available, else cpu).")
-@click.option("--device-map", default=None, help="(hf) Hugging Face device_map (e.g. auto) to spread a large target over GPUs.")
-@click.option("--trust-remote-code", is_flag=True, help="Allow the target's own modelling code to run.")
-@click.option("--aux-layers", default=None, help="Ascending layer ids whose input residual stream is stored: three for EAGLE-3 drafts, any number for DFlash (default 2,N//2,N-3).")
-@click.option("--aux-dtype", type=click.Choice(AUX_DTYPE_CHOICES, case_sensitive=False), default="model",
-              show_default=True, help="Stored aux hidden states: the target's dtype, a cast, or fp8 (e4m3 with one "
-              "float32 scale per token and aux layer: about half the disk of bf16).")
-@click.option("--teacher", type=click.Choice(["topk", "argmax", "softmax"]), default="topk", help="Teacher output kind.")
-@click.option("--top-k", type=int, default=64, help="k for --teacher topk.")
-@click.option("--batch-tokens", type=int, default=16384, help="Padded tokens per forward batch.")
-@click.option("--max-seq-len", type=int, default=2048, help="Truncate records to this many tokens (counted).")
-@click.option("--loss-on", type=click.Choice(["assistant", "all"]), default="assistant", help="Which tokens are supervised.")
-@click.option("--shard-index", type=int, default=None, help="This job's shard (default: SLURM_ARRAY_TASK_ID, RANK, or 0).")
-@click.option("--num-shards", type=int, default=None, help="Number of shards (default: SLURM_ARRAY_TASK_COUNT, WORLD_SIZE, or 1).")
-@click.option("--part-tokens", type=int, default=32768, help="Tokens per part file (whole sequences).")
-@click.option("--overwrite", is_flag=True, help="Replace a dump from another target/tokenizer/settings in --out.")
-@click.option("--strict", is_flag=True, help="Stop at the first bad record instead of skipping it.")
-@click.option("--allow-large-softmax", is_flag=True, help="Allow --teacher softmax beyond 8 GiB per part / 1 TiB in all.")
-@click.option("--limit", type=int, default=None, help="Use only the first N records of the input (for trial runs).")
+@click_options(DumpOptions)
 @vllm_options
 def command(**options):
     """Run the target once over the data and write this shard's teacher parts.
