@@ -12,7 +12,8 @@ Each field of a frozen dataclass becomes one `--field-name` option (litgpt style
 The type decides the click type: str, int, float, bool, `X | None` (default None, no default shown),
 `Literal[...]` (choices), `tuple[X, ...]` (`multiple=True`). A field without a default is a required option.
 Anything else click needs (an IntRange, a Path type, `--x/--no-x` for a flag that defaults off, hidden) is
-given as keyword arguments of `option(default, **click_kwargs)`, which keeps them in the field's metadata.
+given as keyword arguments of `option(default, **click_kwargs)`, which keeps them in the field's metadata; a
+`type=` given there wins, so a field of another type (a list parsed from "3,5") names its own click.ParamType.
 A field named in backquotes in a docstring (`seq_len`) reads as its flag (--seq-len) in `--help`.
 Defaults and help come only from the dataclass, so `--help`, `pipeline.yaml` keys (stages/config.py checks them
 against the command's params) and the typed settings cannot drift apart.
@@ -20,9 +21,9 @@ against the command's params) and the typed settings cannot drift apart.
 from __future__ import annotations
 
 import ast
-import re
 import dataclasses
 import inspect
+import re
 import textwrap
 import types
 import typing
@@ -88,7 +89,12 @@ def click_options(cls: type):
     made = []
     for f in dataclasses.fields(cls):
         extra = dict(f.metadata.get(CLICK, {}))
-        click_type, multiple = _click_type(hints[f.name])
+        try:
+            click_type, multiple = _click_type(hints[f.name])
+        except TypeError:
+            if "type" not in extra:  # an annotation click cannot parse needs its own ParamType
+                raise
+            click_type, multiple = extra["type"], False
         flag = "--" + f.name.replace("_", "-")
         kwargs: dict[str, Any] = {"help": re.sub(r"`(\w+)`", as_flag, docs.get(f.name, ""))}
         if f.default is not dataclasses.MISSING:
@@ -117,3 +123,11 @@ def click_options(cls: type):
         return command
 
     return decorate
+
+
+def split_options(cls: type, options: dict) -> tuple[Any, dict]:
+    """(cls built from the options that are its fields, the rest): a command's keyword arguments split into its
+    own settings and what another decorator added (the @vllm_options flags)."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    own = {k: v for k, v in options.items() if k in names}
+    return cls(**own), {k: v for k, v in options.items() if k not in names}

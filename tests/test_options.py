@@ -140,3 +140,16 @@ def test_dump_teacher_options_are_dump_options_and_the_vllm_flags():
     resolved = command.make_context("dump-teacher", []).params
     assert DumpOptions(**{k: resolved[k] for k in names}) == DumpOptions()
     assert all(p.help for p in command.params)
+
+
+def test_regenerate_options_are_regenerate_options_and_the_vllm_flags():
+    from stages.regenerate.options import RegenerateOptions
+    from stages.regenerate.stage import command
+    from stages.vllm_runtime import VLLM_PARAM_NAMES
+
+    names = [f.name for f in dataclasses.fields(RegenerateOptions)]
+    assert [p.name for p in command.params] == names + list(VLLM_PARAM_NAMES)
+    resolved = command.make_context("regenerate", []).params
+    assert RegenerateOptions(**{k: resolved[k] for k in names}) == RegenerateOptions()
+    assert all(p.help for p in command.params)
+

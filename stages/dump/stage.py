@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import shutil
 import time
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -32,7 +32,7 @@ from stages import shards
 from stages.dump.options import AUX_DTYPE_CHOICES, ENGINE_CHOICES, DumpOptions
 from stages.dump.plan import Sequence, plan_parts, token_counts
 from stages.errors import StageError
-from stages.options import click_options
+from stages.options import click_options, split_options
 from stages.paths import data_fingerprint, ensure_writable, local_or_name
 from stages.sharding import shard_from_env
 from stages.vllm_runtime import VllmOptions, vllm_options
@@ -270,9 +270,7 @@ def plan_dump(**options) -> DumpSettings:
     from stages.dump.forward import load_config
     from stages.target import dtype_name, resolve_device, resolve_dtype
 
-    names = {f.name for f in fields(DumpOptions)}
-    o = DumpOptions(**{k: v for k, v in options.items() if k in names})
-    vllm_params = {k: v for k, v in options.items() if k not in names}
+    o, vllm_params = split_options(DumpOptions, options)
     if not o.target:
         raise StageError("--target is required (a model directory or hub id)")
     if not o.data:

@@ -30,12 +30,13 @@ from stages import shards
 from stages.data.regenerated import (FORMAT, SCHEMA_VERSION, bookkeeping_name, compared_manifest,
                                      manifest_identity_sha256, part_name, shard_dir)
 from stages.errors import StageError
+from stages.options import click_options, split_options
 from stages.paths import data_fingerprint, ensure_writable, local_or_name
 from stages.regenerate.engines import Decoding, Request, make_engine, request_seed
+from stages.regenerate.options import TURNS, RegenerateOptions
 from stages.sharding import in_shard, shard_from_env
 from stages.vllm_runtime import VLLM_PARAM_NAMES as VLLM_PARAMS, vllm_options
 
-TURNS = ("all", "first")
 
 
 # ------------------------------------------------------------------------------------------------ records
@@ -252,49 +253,47 @@ def vllm_engine_options(engine: str, device_map, params: dict):
     return options
 
 
-def regenerate(*, target, data, out, turns="all", engine="hf", base_url=None, served_model=None,
-               api_key_env=None, concurrency=16, request_timeout=600.0, max_retries=3, dtype=None, device=None,
-               device_map=None, trust_remote_code=False, batch_size=64, batch_tokens=262144, max_new_tokens=1024,
-               temperature=0.0, top_p=1.0, seed=0, chat_template_kwargs=None, drop_truncated=False,
-               shard_index=None, num_shards=None, part_records=256, limit=None, overwrite=False, strict=False,
-               retry_backoff=1.0, compile=False, **vllm_params) -> dict:
-    """Regenerate one shard; returns the summary dict (also printed). `retry_backoff` (seconds, doubled per
-    retry) is for tests; `vllm_params`: the @vllm_options flags (stages/vllm_runtime.py), read with --engine vllm."""
+def regenerate(*, retry_backoff: float = 1.0, **options) -> dict:
+    """Regenerate one shard; returns the summary dict (also printed). `options`: `RegenerateOptions` fields (the
+    CLI's; defaults from there) plus the @vllm_options flags (stages/vllm_runtime.py), read with --engine vllm;
+    `retry_backoff` (seconds, doubled per retry) is for tests."""
     from tqdm import tqdm
 
-    if not target:
+    o, vllm_params = split_options(RegenerateOptions, options)
+    if not o.target:
         raise StageError("--target is required (the model whose answers to train on)")
-    if not data:
+    if not o.data:
         raise StageError("--data is required (one or more data files, dataset dirs or names)")
-    if not out:
+    if not o.out:
         raise StageError("--out is required")
-    for name, value in (("--max-new-tokens", max_new_tokens), ("--batch-size", batch_size),
-                        ("--batch-tokens", batch_tokens), ("--part-records", part_records),
-                        ("--concurrency", concurrency)):
+    for name, value in (("--max-new-tokens", o.max_new_tokens), ("--batch-size", o.batch_size),
+                        ("--batch-tokens", o.batch_tokens), ("--part-records", o.part_records),
+                        ("--concurrency", o.concurrency)):
         if value < 1:
             raise StageError(f"{name} must be >= 1, got {value}")
-    if temperature < 0 or not 0 < top_p <= 1:
-        raise StageError(f"--temperature must be >= 0 and --top-p in (0, 1], got {temperature} and {top_p}")
-    if limit is not None and limit < 0:
-        raise StageError(f"--limit must be >= 0, got {limit}")
-    if turns not in TURNS:
-        raise StageError(f"--turns must be one of {TURNS}, got {turns!r}")
-    decoding = Decoding(max_new_tokens, float(temperature), float(top_p), parse_template_kwargs(chat_template_kwargs))
-    shard_index, num_shards = shard_from_env(shard_index, num_shards)
-    out = Path(out)
+    if o.temperature < 0 or not 0 < o.top_p <= 1:
+        raise StageError(f"--temperature must be >= 0 and --top-p in (0, 1], got {o.temperature} and {o.top_p}")
+    if o.limit is not None and o.limit < 0:
+        raise StageError(f"--limit must be >= 0, got {o.limit}")
+    if o.turns not in TURNS:
+        raise StageError(f"--turns must be one of {TURNS}, got {o.turns!r}")
+    decoding = Decoding(o.max_new_tokens, float(o.temperature), float(o.top_p),
+                        parse_template_kwargs(o.chat_template_kwargs))
+    shard_index, num_shards = shard_from_env(o.shard_index, o.num_shards)
+    out = Path(o.out)
     ensure_writable(out)
-    jobs, read_skips, num_records = collect_jobs(data, shard_index=shard_index, num_shards=num_shards,
-                                                 turns=turns, strict=strict, limit=limit)
-    vllm = vllm_engine_options(engine, device_map, vllm_params)
-    eng = make_engine(engine, target, decoding, dtype=dtype, device=device, device_map=device_map, vllm=vllm,
-                      trust_remote_code=trust_remote_code, compile=compile,
-                      batch_size=batch_size, batch_tokens=batch_tokens, base_url=base_url,
-                      served_model=served_model, api_key_env=api_key_env, concurrency=concurrency,
-                      request_timeout=request_timeout, max_retries=max_retries, retry_backoff=retry_backoff)
-    manifest = build_manifest(target=target, data=data, engine_info=eng.describe(), endpoint=base_url,
-                              decoding=decoding, turns=turns, seed=seed, drop_truncated=drop_truncated,
-                              num_shards=num_shards, part_records=part_records, limit=limit)
-    claim_manifest(out, manifest, overwrite)
+    jobs, read_skips, num_records = collect_jobs(o.data, shard_index=shard_index, num_shards=num_shards,
+                                                 turns=o.turns, strict=o.strict, limit=o.limit)
+    vllm = vllm_engine_options(o.engine, o.device_map, vllm_params)
+    eng = make_engine(o.engine, o.target, decoding, dtype=o.dtype, device=o.device, device_map=o.device_map,
+                      vllm=vllm, trust_remote_code=o.trust_remote_code, compile=o.compile,
+                      batch_size=o.batch_size, batch_tokens=o.batch_tokens, base_url=o.base_url,
+                      served_model=o.served_model, api_key_env=o.api_key_env, concurrency=o.concurrency,
+                      request_timeout=o.request_timeout, max_retries=o.max_retries, retry_backoff=retry_backoff)
+    manifest = build_manifest(target=o.target, data=o.data, engine_info=eng.describe(), endpoint=o.base_url,
+                              decoding=decoding, turns=o.turns, seed=o.seed, drop_truncated=o.drop_truncated,
+                              num_shards=num_shards, part_records=o.part_records, limit=o.limit)
+    claim_manifest(out, manifest, o.overwrite)
     msha = manifest_identity_sha256(manifest)
     directory = shard_dir(out, shard_index, num_shards)
     directory.mkdir(parents=True, exist_ok=True)
@@ -305,7 +304,7 @@ def regenerate(*, target, data, out, turns="all", engine="hf", base_url=None, se
         return summary_from_done(out, shards.read_json(done_path), tokens_now=0, seconds=0.0)
     done_path.unlink(missing_ok=True)
 
-    parts = [jobs[lo:lo + part_records] for lo in range(0, len(jobs), part_records)]
+    parts = [jobs[lo:lo + o.part_records] for lo in range(0, len(jobs), o.part_records)]
     books, tokens_now, started = {}, [0], time.perf_counter()
     with tqdm(total=len(jobs), desc="regenerate", unit="rec", mininterval=1.0) as bar:
         def progress(tokens: int, done: bool) -> None:
@@ -317,7 +316,8 @@ def regenerate(*, target, data, out, turns="all", engine="hf", base_url=None, se
         for index, part in enumerate(parts):
             book = reusable_part(directory, index, [j.sample_index for j in part])
             if book is None:
-                generate_part(eng, part, seed=seed, drop_truncated=drop_truncated, strict=strict, progress=progress)
+                generate_part(eng, part, seed=o.seed, drop_truncated=o.drop_truncated, strict=o.strict,
+                              progress=progress)
                 book = write_part(directory, index, part)
             else:
                 bar.update(len(part))
@@ -425,40 +425,8 @@ def is_complete(options: dict) -> tuple[bool, str]:
     return True, "complete"
 
 
-DTYPE_CHOICES = ["bfloat16", "float16", "float32", "bf16", "fp16", "fp32"]
-
-
 @click.command("regenerate")
-@click.option("--target", help="The target model (local Hugging Face directory or hub id) whose answers to train on.")
-@click.option("--data", multiple=True, help="Input, anything dump-teacher reads (JSONL/JSON/Parquet, dataset dir or name); repeatable.")
-@click.option("--out", type=click.Path(file_okay=False), help="Output directory (manifest.json, shard-*/).")
-@click.option("--turns", type=click.Choice(TURNS), default="all", help="Answer every user turn, or stop after the first answer.")
-@click.option("--engine", type=click.Choice(["hf", "vllm", "openai"]), default="hf", help="hf: transformers in-process; vllm: vLLM's offline engine in-process (same prompts and stop rule as hf); openai: a chat-completions server.")
-@click.option("--base-url", default=None, help="(openai) Server URL up to /v1, e.g. http://localhost:8000/v1.")
-@click.option("--served-model", default=None, help="(openai) The name the server serves the target under (default: --target).")
-@click.option("--api-key-env", default=None, help="(openai) Environment variable holding the API key (sent as a Bearer token).")
-@click.option("--concurrency", type=int, default=16, help="(openai) Requests in flight.")
-@click.option("--request-timeout", type=float, default=600.0, help="(openai) Seconds per request before it is retried.")
-@click.option("--max-retries", type=int, default=3, help="(openai) Retries per request (backoff 1, 2, 4 s ...) before the record counts as engine_error.")
-@click.option("--dtype", type=click.Choice(DTYPE_CHOICES, case_sensitive=False), default=None, help="(hf, vllm) Default: bfloat16 on GPU, float32 on CPU.")
-@click.option("--device", default=None, help="(hf) Default: cuda:LOCAL_RANK if available, else cpu.")
-@click.option("--device-map", default=None, help="(hf) Hugging Face device_map (e.g. auto) to spread a large target over GPUs.")
-@click.option("--trust-remote-code", is_flag=True, help="(hf) Allow the target's own modelling code to run.")
-@click.option("--batch-size", type=int, default=64, help="(hf) Prompts per generate() batch.")
-@click.option("--batch-tokens", type=int, default=262144, help="(hf) Rows x (longest prompt + max new tokens) per batch, at most.")
-@click.option("--compile/--no-compile", default=False, help="(hf) A static KV cache and a compiled decode step (once per batch rows and cache-length bucket; same greedy text in fp32). Off by default: slower than the dynamic cache on the CPUs measured (docs/regenerate.md#measured).")
-@click.option("--max-new-tokens", type=int, default=1024, help="Tokens per answer; an answer that hits it finishes as 'length'.")
-@click.option("--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 samples, seeded per record and turn.")
-@click.option("--top-p", type=float, default=1.0, help="Nucleus sampling threshold (with --temperature > 0).")
-@click.option("--seed", type=int, default=0, help="Base seed for sampling (each record and turn derives its own).")
-@click.option("--chat-template-kwargs", default=None, help="JSON object passed to the chat template, e.g. '{\"enable_thinking\": false}'.")
-@click.option("--drop-truncated", is_flag=True, help="Drop records with an answer that hit --max-new-tokens (counted as 'truncated').")
-@click.option("--shard-index", type=int, default=None, help="This job's shard (default: SLURM_ARRAY_TASK_ID, RANK, or 0).")
-@click.option("--num-shards", type=int, default=None, help="Number of shards (default: SLURM_ARRAY_TASK_COUNT, WORLD_SIZE, or 1).")
-@click.option("--part-records", type=int, default=256, help="Records per part file (the unit of resume).")
-@click.option("--limit", type=int, default=None, help="Use only the first N records of the input.")
-@click.option("--overwrite", is_flag=True, help="Replace regenerated data made with another target or settings in --out.")
-@click.option("--strict", is_flag=True, help="Stop at the first bad record instead of skipping it.")
+@click_options(RegenerateOptions)
 @vllm_options
 def command(**options):
     """Replace the data's assistant turns with the target's own answers (on-policy training data)."""
