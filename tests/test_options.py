@@ -153,3 +153,19 @@ def test_regenerate_options_are_regenerate_options_and_the_vllm_flags():
     assert RegenerateOptions(**{k: resolved[k] for k in names}) == RegenerateOptions()
     assert all(p.help for p in command.params)
 
+
+def test_eval_options_are_eval_options_and_the_vllm_flags():
+    from stages.evaluate.options import EvalOptions
+    from stages.evaluate.stage import command
+    from stages.options import split_options
+    from stages.vllm_runtime import VLLM_PARAM_NAMES
+
+    names = [f.name for f in dataclasses.fields(EvalOptions)]
+    assert [p.name for p in command.params] == names + list(VLLM_PARAM_NAMES)
+    assert {p.name for p in command.params if p.required} == {"target", "draft", "data"}
+    resolved = command.make_context("eval", ["--target", "t", "--draft", "d", "--data", "q.jsonl",
+                                             "--draft-tokens", "3,5", "--tensor-parallel-size", "2"]).params
+    options, rest = split_options(EvalOptions, resolved)
+    assert options == EvalOptions(target="t", draft="d", data=("q.jsonl",), draft_tokens=[3, 5])
+    assert set(rest) == set(VLLM_PARAM_NAMES) and rest["tensor_parallel_size"] == 2
+    assert all(p.help for p in command.params)

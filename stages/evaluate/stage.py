@@ -21,9 +21,11 @@ from pathlib import Path
 import click
 
 from stages.errors import StageError
+from stages.evaluate.options import EvalOptions, parse_draft_tokens
 from stages.evaluate.questions import cache_length_bound, load_prompts, render_prompt, require_questions
 from stages.evaluate.report import (acceptance_stats, build_report, combine_reports, format_report, group_stats,
                                     simulated_acceptance_from_run, skip_examples, write_report)
+from stages.options import click_options, split_options
 from stages.target import eos_token_ids, load_target, resolve_device, resolve_dtype
 from stages.vllm_runtime import vllm_options
 
@@ -51,28 +53,6 @@ def load_draft_for(target_model, draft_dir: str, device: str):
 
 
 # ------------------------------------------------------------------------------------------------ the run
-def parse_draft_tokens(value) -> list[int]:
-    """--draft-tokens: one K (3) or several (3,5 / [3, 5]); each >= 1, in the order given, no repeats."""
-    items = value if isinstance(value, (list, tuple)) else str(value).split(",")
-    try:
-        ks = [int(str(k).strip()) for k in items]
-    except ValueError:
-        raise StageError(f"--draft-tokens {value}: expected an integer or a comma-separated list (3,5)") from None
-    if not ks or any(k < 1 for k in ks) or len(set(ks)) != len(ks):
-        raise StageError(f"--draft-tokens {value}: each K must be at least 1, no K twice")
-    return ks
-
-
-class DraftTokensType(click.ParamType):
-    name = "K[,K...]"
-
-    def convert(self, value, param, ctx):
-        try:
-            return parse_draft_tokens(value)
-        except StageError as e:
-            self.fail(str(e), param, ctx)
-
-
 def evaluate(target: str, draft: str, data, *, num_prompts=32, max_new_tokens=128, draft_tokens=None, dtype=None,
              device=None, run_dir=None, trust_remote_code=False, compile=True, batch_size=1, engine="hf",
              vllm=None) -> dict:
@@ -159,54 +139,21 @@ def evaluate(target: str, draft: str, data, *, num_prompts=32, max_new_tokens=12
 
 
 @click.command("eval")
-@click.option("--target", required=True, help="Target model: a local Hugging Face directory or hub id.")
-@click.option("--draft", required=True, type=click.Path(file_okay=False),
-              help="Draft directory (config.json + model.safetensors), e.g. RUN/export, or a Model-Optimizer, "
-                   "speculators or LlamaForCausalLMEagle3 export.")
-@click.option("--data", multiple=True, required=True,
-              help="Conversations (prompt: up to the first user turn) or benchmark questions: MT-bench / Spec-Bench / "
-                   "EAGLE question.jsonl (every turn), GSM8K, HumanEval (JSONL/JSON/Parquet/datasets).")
-@click.option("--num-prompts", type=click.IntRange(min=1), default=32,
-              help="Questions to evaluate, in file order; a multi-turn question counts once, all its turns run.")
-@click.option("--max-new-tokens", type=click.IntRange(min=1), default=128, help="New tokens per prompt at most.")
-@click.option("--draft-tokens", type=DraftTokensType(), default=None,
-              help="K: draft tokens per target forward; several (3,5) share one greedy reference per turn "
-                   "[default: 3; a DFlash draft: its block size - 1, the only K it takes].")
-@click.option("--dtype", default="auto", help="Target dtype: bfloat16|float16|float32 (auto: bf16 on GPU, fp32 on CPU).")
-@click.option("--device", default="auto", help="cuda / cpu (auto: cuda if available).")
-@click.option("--run-dir", type=click.Path(file_okay=False),
-              help="Train run directory: also report the simulated acceptance length from its metrics.")
-@click.option("--json", "json", is_flag=True, help="Print one JSON object instead of the table.")
-@click.option("--report", type=click.Path(dir_okay=False),
-              help="Also write the full JSON report to this file (written before a failed lossless check exits).")
-@click.option("--trust-remote-code", is_flag=True, help="Allow the target's own modelling code (only if you trust it).")
-@click.option("--batch-size", type=click.IntRange(min=1), default=None,
-              help="Decode N questions at a time: the greedy references (one batched generate() per turn) and the "
-                   "speculative runs (one batched verification per round). A turn whose batched outputs differ is "
-                   "decided alone, as at 1. Speeds then compare both at batch N (measured: docs/eval.md#batched). "
-                   "[default: 1; with --engine vllm: vLLM's max_num_seqs, default vLLM's own]")
-@click.option("--engine", type=click.Choice(["hf", "vllm"]), default="hf",
-              help="hf: eagle-pipe's own speculative decoding in transformers; vllm: the draft served in vLLM's "
-                   "speculative decoding (served acceptance from vLLM's spec-decode counters; lossless against "
-                   "vLLM's greedy decode without the draft). Both see the same prompt token ids.")
-@click.option("--compile/--no-compile", default=True,
-              help="Compile the batch-1 speculative run's K+1-token verification step on its static KV cache "
-                   "(once per K; same tokens). The greedy reference is always transformers' plain generate().")
+@click_options(EvalOptions)
 @vllm_options
-def command(target, draft, data, num_prompts, max_new_tokens, draft_tokens, dtype, device, run_dir, json,
-            report, trust_remote_code, batch_size, engine, compile, **vllm_params):
+def command(**options):
     """Measure acceptance length with real speculative decoding; check it is lossless against generate()."""
     from stages.vllm_runtime import VllmOptions
 
-    if engine == "hf":
-        batch_size = batch_size or 1
-    result = evaluate(target, draft, list(data), num_prompts=num_prompts, max_new_tokens=max_new_tokens,
-                      draft_tokens=draft_tokens, dtype=dtype, device=device, run_dir=run_dir,
-                      trust_remote_code=trust_remote_code, compile=compile, batch_size=batch_size, engine=engine,
-                      vllm=VllmOptions.from_params(vllm_params) if engine == "vllm" else None)
-    if report:
-        write_report(result, Path(report))
-    click.echo(jsonlib.dumps(result) if json else format_report(result))
+    o, vllm_params = split_options(EvalOptions, options)
+    batch_size = (o.batch_size or 1) if o.engine == "hf" else o.batch_size
+    result = evaluate(o.target, o.draft, list(o.data), num_prompts=o.num_prompts, max_new_tokens=o.max_new_tokens,
+                      draft_tokens=o.draft_tokens, dtype=o.dtype, device=o.device, run_dir=o.run_dir,
+                      trust_remote_code=o.trust_remote_code, compile=o.compile, batch_size=batch_size,
+                      engine=o.engine, vllm=VllmOptions.from_params(vllm_params) if o.engine == "vllm" else None)
+    if o.report:
+        write_report(result, Path(o.report))
+    click.echo(jsonlib.dumps(result) if o.json else format_report(result))
     if not result["lossless"]:
         failing = next(r for r in result.get("by_draft_tokens", {"": result}).values() if not r["lossless"])
         first = failing["mismatches"][0]
