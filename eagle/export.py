@@ -104,6 +104,8 @@ def export_draft(model, out_dir, dtype: torch.dtype | None = None) -> Path:
         elif kind == "bool":
             t = t.to(torch.bool)
         tensors[name] = t.contiguous().clone()
+    if _identity_vocab(cfg):
+        del tensors["d2t"], tensors["t2d"]
     weight_dtype = tensors["fc.weight"].dtype
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -121,6 +123,12 @@ def export_draft(model, out_dir, dtype: torch.dtype | None = None) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out_dir
+
+
+def _identity_vocab(cfg: DraftConfig) -> bool:
+    """A draft over the whole vocabulary exports no d2t / t2d: vLLM (0.32) has no d2t parameter then and refuses
+    a draft that ships one; the identity map is implied (d2t all zeros, eagle/vocab.py)."""
+    return cfg.draft_vocab_size == cfg.vocab_size
 
 
 def load_draft(path, embed_weight: torch.Tensor | None = None, device="cpu", target_config: dict | None = None):
@@ -172,11 +180,17 @@ def load_draft(path, embed_weight: torch.Tensor | None = None, device="cpu", tar
     expected = export_tensor_shapes(cfg)
     with safe_open(str(w_path), framework="pt") as f:
         names = set(f.keys())
+        if _identity_vocab(cfg) and not names & {"d2t", "t2d"}:  # the whole vocab: the identity map is implied
+            names |= {"d2t", "t2d"}
+            implied = {"d2t": torch.zeros(cfg.draft_vocab_size, dtype=torch.int64),
+                       "t2d": torch.ones(cfg.vocab_size, dtype=torch.bool)}
+        else:
+            implied = {}
         missing, unknown = sorted(set(expected) - names), sorted(names - set(expected))
         if missing or unknown:
             raise ValueError(f"{w_path}: tensors do not match the draft layout (missing {missing}, "
                              f"unknown {unknown})")
-        tensors = {name: f.get_tensor(name) for name in expected}
+        tensors = {name: implied[name] if name in implied else f.get_tensor(name) for name in expected}
     for name, (shape, kind) in expected.items():
         t = tensors[name]
         ok_dtype = {"float": t.dtype.is_floating_point, "int64": t.dtype == torch.int64,

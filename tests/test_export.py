@@ -411,3 +411,33 @@ def test_load_refuses_switches_edited_away_from_the_trained_draft(tmp_path):
     with pytest.raises(ValueError, match=r"the engines' norm_output=None differs from the trained draft's "
                                          r"norm_output=True \(eagle3.1\)"):
         load_draft(out)
+
+
+def test_whole_vocab_draft_exports_no_vocab_map(tmp_path):
+    """Vd == V: no d2t / t2d in the export (vLLM 0.32 has no d2t parameter then and refuses the draft); loading
+    it back gives the identity map and the same drafts as the model that was exported."""
+    from transformers import LlamaConfig
+
+    target = LlamaConfig(hidden_size=48, num_hidden_layers=N_LAYERS, num_attention_heads=4, num_key_value_heads=2,
+                         intermediate_size=80, vocab_size=V, max_position_embeddings=256, rms_norm_eps=1e-5).to_dict()
+    cfg = DraftConfig.from_target_config(target, draft_vocab_size=32000, ttt_steps=3)  # capped at V
+    assert cfg.draft_vocab_size == V
+    g = torch.Generator().manual_seed(3)
+    model = Eagle3Draft(cfg)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.2 + (1.0 if p.dim() == 1 else 0))
+    d2t, t2d = build_vocab_map(torch.randint(0, 50, (V,), generator=g), V)
+    assert not d2t.any() and t2d.all()
+    embed = torch.randn(V, 48, generator=g)
+    model.init_from_target({"embed_tokens.weight": embed}, d2t, t2d, init_lm_head=False)
+
+    out = export_draft(model, tmp_path / "draft")
+    names = set(load_file(str(out / "model.safetensors")))
+    assert not names & {"d2t", "t2d"} and "lm_head.weight" in names
+    loaded = load_draft(out, embed_weight=embed)
+    assert torch.equal(loaded.d2t, d2t) and torch.equal(loaded.t2d, t2d)
+    tokens = torch.randint(0, V, (1, 7), generator=g)
+    feats = torch.randn(1, 7, 3 * 48, generator=g)
+    with torch.no_grad():
+        assert torch.equal(run_draft(model.eval(), tokens, feats), run_draft(loaded, tokens, feats))
