@@ -45,7 +45,7 @@ if [[ "$trainer_rate" != "0" ]]; then rate_flag=(--trainer-tokens-per-s "$traine
 timeout 50 "$PY" -m bench.perf.loader --shape 1b --tokens 262144 --workers 1,4 --repeat 2 "${rate_flag[@]}" \
     > "$OUT/loader.json" 2> "$OUT/loader.err" || tail -n 20 "$OUT/loader.err"
 echo "== dump part writer alone on 2 cores (8B feature sizes, 411 MB parts)"
-timeout 40 taskset -c 0,1 "$PY" bench/dump.py --writer-only --hidden 4096 --dtype bfloat16 --batch-tokens 8192 \
+timeout 40 taskset -c 0,1 "$PY" -m bench.perf.dump --writer-only --hidden 4096 --dtype bfloat16 --batch-tokens 8192 \
     --part-tokens 16384 --writer-parts 4 > "$OUT/writer.json" 2> "$OUT/writer.err" || tail -n 20 "$OUT/writer.err"
 
 "$PY" - "$OUT" "$tests_rc" "$demo_rc" <<'PY'

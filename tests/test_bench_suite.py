@@ -14,20 +14,15 @@ import pytest
 from bench import common
 
 BENCH = Path(common.__file__).resolve().parent
-# bench/dump.py belongs to the vLLM dump work in progress and still inserts the repo into sys.path; move it to
-# perf/dump.py as a module and empty this set.
-NOT_YET_A_MODULE = {"dump.py"}
 
 
 def bench_modules() -> list[str]:
-    files = sorted(p for p in BENCH.rglob("*.py") if str(p.relative_to(BENCH)) not in NOT_YET_A_MODULE)
+    files = sorted(BENCH.rglob("*.py"))
     return [".".join(("bench", *p.relative_to(BENCH).with_suffix("").parts)).removesuffix(".__init__") for p in files]
 
 
 def test_no_bench_file_edits_sys_path():
     for path in BENCH.rglob("*.py"):
-        if str(path.relative_to(BENCH)) in NOT_YET_A_MODULE:
-            continue
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.Attribute) and node.attr == "path" and getattr(node.value, "id", "") == "sys":
                 pytest.fail(f"{path}: uses sys.path (bench is a package: run it as python -m bench.x.y)")

@@ -19,9 +19,9 @@ in submit() (0: the GPU never waited for the disk) and `paced_drain_seconds` the
 parts. `sha256_MBps` (one hashlib stream) and `write_fsync_MBps` (the same bytes written + fsynced without
 hashing) are this machine's ceilings, measured in the same run.
 
-    python bench/dump.py                       # CPU defaults, well under 2 minutes
-    python bench/dump.py --writer-only --hidden 4096 --dtype bfloat16 --batch-tokens 16384 --part-tokens 32768
-    python bench/dump.py --device cuda --dtype bfloat16 --hidden 2048 --layers 16 --vocab 128256 \
+    python -m bench.perf.dump                       # CPU defaults, well under 2 minutes
+    python -m bench.perf.dump --writer-only --hidden 4096 --dtype bfloat16 --batch-tokens 16384 --part-tokens 32768
+    python -m bench.perf.dump --device cuda --dtype bfloat16 --hidden 2048 --layers 16 --vocab 128256 \
         --records 512 --batch-tokens 16384
 
 With `--engines` a real target and real records (`--target`, `--data`, `--limit`) go through three runs, each in
@@ -32,7 +32,7 @@ timer (first batch to last part on disk; model load and engine start excluded, r
 Goals: vLLM dump >= 0.8x the bare prefill and not slower than the HF dump. Then the two dumps are compared
 (tests/vllm_dump_helpers.py: per aux layer max |diff| and over max |value|, argmax agreement, top-k log-probs).
 
-    python bench/dump.py --engines --target /work/cache/smollm2/target --data A.json --data B.json \
+    python -m bench.perf.dump --engines --target SMOLLM2_TARGET --data A.json --data B.json \
         --limit 300 --dtype float32 --keep /work/cache/vllmdump/smollm2
 """
 from __future__ import annotations
@@ -48,7 +48,6 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def build_target(directory: Path, a) -> None:
@@ -240,7 +239,8 @@ def run_measured(argv: list[str]) -> tuple[dict, float, float]:
     import psutil
 
     start = time.perf_counter()
-    child = subprocess.Popen([sys.executable, __file__, *argv], stdout=subprocess.DEVNULL)
+    child = subprocess.Popen([sys.executable, "-m", "bench.perf.dump", *argv], stdout=subprocess.DEVNULL,
+                             cwd=Path(__file__).resolve().parents[2])
     proc, peak = psutil.Process(child.pid), 0
     while child.poll() is None:
         try:
@@ -286,7 +286,7 @@ def engines(a) -> dict:
     }
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--hidden", type=int, default=256)
@@ -316,7 +316,7 @@ def main() -> None:
     p.add_argument("--data", action="append", help="--engines: a data file (repeatable).")
     p.add_argument("--limit", type=int, default=None, help="--engines: the first N records only.")
     p.add_argument("--phase", choices=ENGINE_RUNS, help=argparse.SUPPRESS)
-    a = p.parse_args()
+    a = p.parse_args(argv)
     if a.engines:
         if a.phase:  # vLLM logs to stdout: the result goes to a file
             (Path(a.keep) / f"{a.phase}.json").write_text(json.dumps(engine_phase(a)))
