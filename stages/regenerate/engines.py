@@ -60,6 +60,17 @@ def request_seed(seed: int, sample_index: int, turn: int) -> int:
     return int.from_bytes(digest[:8], "little") >> 1
 
 
+def render_requests(render, requests: list[Request]) -> tuple[dict[int, list[int]], list[tuple[int, Response]]]:
+    """Each request's prompt ids by position, and a template_error Response for each one the template refuses."""
+    prompts, failed = {}, []
+    for i, req in enumerate(requests):
+        try:
+            prompts[i] = render(req.messages)
+        except Exception as exc:
+            failed.append((i, Response(error="template_error", message=f"chat template failed: {exc}")))
+    return prompts, failed
+
+
 # ------------------------------------------------------------------------------------------------ hf
 def stop_token_ids(model, tokenizer, chat_template_kwargs: dict) -> list[int]:
     """EOS ids (generation_config, model config, tokenizer) plus the template's end-of-turn token: the first
@@ -171,12 +182,8 @@ class HFEngine:
         return list(out["input_ids"])
 
     def generate(self, requests: list[Request]) -> Iterator[tuple[int, Response]]:
-        prompts: dict[int, list[int]] = {}
-        for i, req in enumerate(requests):
-            try:
-                prompts[i] = self.render(req.messages)
-            except Exception as exc:
-                yield i, Response(error="template_error", message=f"chat template failed: {exc}")
+        prompts, failed = render_requests(self.render, requests)
+        yield from failed
         positions = sorted(prompts)
         batches = plan_generation_batches([len(prompts[i]) for i in positions], self.batch_size,
                                           self.batch_tokens, self.decoding.max_new_tokens)
@@ -258,12 +265,8 @@ class VllmEngine:
     render = HFEngine.render
 
     def generate(self, requests: list[Request]) -> Iterator[tuple[int, Response]]:
-        prompts: dict[int, list[int]] = {}
-        for i, req in enumerate(requests):
-            try:
-                prompts[i] = self.render(req.messages)
-            except Exception as exc:
-                yield i, Response(error="template_error", message=f"chat template failed: {exc}")
+        prompts, failed = render_requests(self.render, requests)
+        yield from failed
         positions = sorted(prompts)
         if not positions:
             return
