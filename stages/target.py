@@ -16,14 +16,11 @@ from dataclasses import dataclass
 
 import torch
 
+from stages.dtypes import ALIASES, TARGET_DTYPES, dtype_name, torch_dtype  # noqa: F401 (stages import dtype_name here)
 from stages.errors import StageError
 
-DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16,
-          "half": torch.float16, "float32": torch.float32, "fp32": torch.float32, "float": torch.float32}
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
+# what --dtype takes (stages/dtypes.py: a target dtype or its alias) -> torch dtype
+DTYPES = {name: torch_dtype(name) for name in [*TARGET_DTYPES, *(a for a, n in ALIASES.items() if n in TARGET_DTYPES)]}
 
 
 def resolve_dtype(name: str | None, device: str) -> torch.dtype:

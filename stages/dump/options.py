@@ -12,11 +12,10 @@ from typing import Literal
 
 import click
 
+from stages.dtypes import AUX_DTYPE_CHOICES, DTYPE_CHOICES
 from stages.options import option
 
 ENGINE_CHOICES = ["hf", "vllm"]
-DTYPE_CHOICES = ["bfloat16", "float16", "float32", "bf16", "fp16", "fp32"]
-AUX_DTYPE_CHOICES = ["model", "bf16", "fp16", "fp32", "fp8"]
 
 
 @dataclass(frozen=True)

@@ -29,7 +29,8 @@ import click
 import numpy as np
 
 from stages import shards
-from stages.dump.options import AUX_DTYPE_CHOICES, ENGINE_CHOICES, DumpOptions
+from stages.dtypes import AUX_DTYPE_CHOICES
+from stages.dump.options import ENGINE_CHOICES, DumpOptions
 from stages.dump.plan import Sequence, plan_parts, token_counts
 from stages.errors import StageError
 from stages.options import click_options, split_options

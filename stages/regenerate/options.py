@@ -12,9 +12,9 @@ from typing import Literal, get_args
 
 import click
 
+from stages.dtypes import DTYPE_CHOICES
 from stages.options import option
 
-DTYPE_CHOICES = ["bfloat16", "float16", "float32", "bf16", "fp16", "fp32"]
 Turns = Literal["all", "first"]
 TURNS = get_args(Turns)
 

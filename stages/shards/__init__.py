@@ -155,11 +155,6 @@ TEACHER_TENSORS = {
 }
 
 
-SAFETENSORS_DTYPES = {"float64": "F64", "float32": "F32", "bfloat16": "BF16", "float16": "F16", "int64": "I64",
-                      "int32": "I32", "int16": "I16", "int8": "I8", "uint8": "U8", "bool": "BOOL",
-                      "float8_e4m3fn": "F8_E4M3"}
-
-
 WRITE_BLOCK = 16 << 20   # bytes per sha256 update and per disk write: few syscalls, and the hasher stays close behind
 DIRECT_ALIGN = 4096      # O_DIRECT offsets, lengths and buffer addresses are multiples of this
 BUFFERED_ENV = "EAGLE_PIPE_BUFFERED_WRITES"  # "1": never O_DIRECT (a file system where it is slow)
@@ -179,13 +174,15 @@ def write_safetensors(path: Path, tensors: dict, metadata: dict[str, str]) -> tu
 
     import torch
 
+    from stages.dtypes import safetensors_name
+
     order = sorted(tensors, key=lambda n: (-tensors[n].element_size(), n))
     header: dict = {"__metadata__": dict(sorted(metadata.items()))}
     offset = 0
     for name in order:
         t = tensors[name]
         nbytes = t.numel() * t.element_size()
-        header[name] = {"dtype": SAFETENSORS_DTYPES[str(t.dtype).removeprefix("torch.")],
+        header[name] = {"dtype": safetensors_name(t.dtype),
                         "shape": list(t.shape), "data_offsets": [offset, offset + nbytes]}
         offset += nbytes
     blob = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()

@@ -19,16 +19,17 @@ from __future__ import annotations
 
 import torch
 
+from stages.dtypes import torch_dtype
+
 FP8 = torch.float8_e4m3fn
 FP8_MAX = 448.0
-_CHOICE_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "fp8": FP8}
 AUX_KEYS = ("aux_hidden_states", "aux_scales")  # what a part / batch holds for the aux states (scales: FP8 only)
 
 
 def storage_dtype(choice: str, model_dtype: torch.dtype) -> torch.dtype:
     """The stored aux dtype for `--aux-dtype` model|bf16|fp16|fp32|fp8 (`model`: the target's dtype, as schema 1
     always stored)."""
-    return model_dtype if choice == "model" else _CHOICE_DTYPES[choice]
+    return model_dtype if choice == "model" else torch_dtype(choice)
 
 
 def quantize_fp8(aux: torch.Tensor, num_layers: int = 3) -> tuple[torch.Tensor, torch.Tensor]:

@@ -17,10 +17,9 @@ from pathlib import Path
 import click
 
 from stages import shards
+from stages.dtypes import SAFETENSORS
 from stages.errors import StageError
 from stages.shards.tokenizer_files import load_kwargs_kept
-
-SAFETENSORS_DTYPES = {"bfloat16": "BF16", "float16": "F16", "float32": "F32", "float8_e4m3fn": "F8_E4M3"}
 
 
 def _check_target(out: Path, manifest: dict) -> list[str]:
@@ -45,13 +44,13 @@ def _check_target(out: Path, manifest: dict) -> list[str]:
 def _expected_tensors(manifest: dict) -> dict[str, tuple[list, str]]:
     """name -> (shape with None for the token dimension N / sequences, safetensors dtype)."""
     target = manifest["target"]
-    dtype = SAFETENSORS_DTYPES.get(target["dtype"], target["dtype"])
+    dtype = SAFETENSORS.get(target["dtype"], target["dtype"])
     teacher = manifest["teacher"]
     aux = manifest["aux_dtype"]
     out = {"input_ids": ([None], "I32"), "loss_mask": ([None], "U8"), "cu_seqlens": ([None], "I64"),
            "sample_index": ([None], "I64"),
            "aux_hidden_states": ([None, len(manifest["aux_layer_ids"]) * target["hidden_size"]],
-                                 SAFETENSORS_DTYPES.get(aux, aux))}
+                                 SAFETENSORS.get(aux, aux))}
     if aux == "float8_e4m3fn":
         out["aux_scales"] = ([None, len(manifest["aux_layer_ids"])], "F32")
     if teacher["kind"] == "topk":

@@ -37,6 +37,7 @@ import torch
 from safetensors import safe_open
 
 from stages.shards.aux import AUX_KEYS
+from stages.dtypes import SAFETENSORS, from_safetensors
 from stages.errors import StageError
 from stages.shards import TEACHER_KINDS, read_json, schema_problem, shard_dir
 
@@ -191,9 +192,7 @@ def epoch_rows(chunks: Chunks, seq_len: int, seed: int, epoch: int, shuffle: boo
     return rows
 
 
-SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
-                      "U8": torch.uint8, "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn}
+SAFETENSORS_DTYPES = {st: from_safetensors(st) for st in SAFETENSORS.values()}   # header name -> torch dtype
 
 
 class PartFile:
