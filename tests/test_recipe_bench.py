@@ -117,6 +117,8 @@ def fake_result(arm, seed, k, al, cats, steps=10, seconds=5.0, lossless=True, tr
     return {"arm": arm, "factor": f"factor {arm}", "seed": seed, "k": k,
             "sections": {"train": {"out": train_out or f"/t/{arm}/{seed}"}},
             "summary": {"acceptance_length": al, "lossless": lossless, "num_prompts": 2, "num_turns": 4,
+                        "per_position_acceptance": [al - 1.0 - 0.1 * (k - 1)] + [0.1] * (k - 1),
+                        "tokens_per_s": 10.0 * al, "baseline_tokens_per_s": 10.0,
                         "per_category": {c: {"acceptance_length": v} for c, v in cats.items()},
                         "stage_seconds": {"eval": 30.0 * k}, "tokens": 100, "supervised_tokens": 60},
             "regenerated_tokens": 80,
@@ -140,8 +142,12 @@ def test_table_means_over_seeds_and_keeps_each_seed():
     assert a["eval_seconds"] == {"3": 90.0, "5": 150.0}
     assert b["lossless"] is False and b["seeds"] == [None]
     assert c == {"arm": "c", "factor": "c", "measured": False}
+    assert a["engine"] == "hf" and a["per_position_acceptance"]["3"] == pytest.approx([0.9, 0.1, 0.1])  # seeds 0.8 and 1.0
+    assert a["tokens_per_s"]["3"] == pytest.approx(21.0) and a["baseline_tokens_per_s"]["3"] == 10.0
     md = recipe.markdown(rows).splitlines()
-    assert md[0].startswith("| arm | factor | AL K=3 | AL K=5 | writing | math | lossless")
+    assert md[0].startswith("| arm | factor | AL K=3 | AL K=5 | writing | math | engine | accepted per position | "
+                            "tok/s (plain) | lossless")
+    assert "| hf | 0.900/0.100/0.100 | 21.0 (10.0) |" in md[2]
     assert "2.100 ± 0.141" in md[2] and "| NO |" in md[3] and "not run" in md[4]
 
 

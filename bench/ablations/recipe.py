@@ -34,7 +34,8 @@ unit whose result exists is not run again, so the bench resumes where it stopped
 is started under `flock FILE` (the team's one-heavy-job rule).
 
 Per arm, the table gives the factor changed, the judge's acceptance length per K (mean over seeds; every seed's
-value is kept) and per category at the first K, lossless (all units), optimizer steps, trained positions
+value is kept) and per category at the first K, the eval engine, the acceptance rate per draft position and the
+tokens/s with and without the draft (at the first K), lossless (all units), optimizer steps, trained positions
 (steps x batch x grad-accum x seq-len, i.e. packed row positions), the training's wall seconds, the eval's wall
 seconds, the held-out simulated acceptance length at the end of training, the regenerated / dumped tokens and
 the dump's bytes per token (measured, and the shard format's formula). `compare` gives arm / baseline of the
@@ -286,6 +287,14 @@ def _mean(values):
     return statistics.fmean(values) if values else None
 
 
+def _mean_lists(lists):
+    """Element-wise mean of equal-length lists (per-position rates over seeds); None where any is missing."""
+    lists = [x for x in lists if x]
+    if not lists or any(v is None for x in lists for v in x):
+        return None
+    return [statistics.fmean(column) for column in zip(*lists)]
+
+
 def table(plan: dict, results: list[dict]) -> list[dict]:
     """One row per arm, in plan order: means over seeds, every seed's AL kept."""
     rows = []
@@ -313,6 +322,12 @@ def table(plan: dict, results: list[dict]) -> list[dict]:
             "per_category": {c: _mean(categories[c]) for c in ordered}, "per_category_k": k_values[0],
             "num_prompts": first[0]["summary"].get("num_prompts"), "num_turns": first[0]["summary"].get("num_turns"),
             "lossless": all(r["summary"]["lossless"] for r in mine),
+            "engine": first[0]["sections"].get("eval", {}).get("engine", "hf"),
+            "per_position_acceptance": {str(k): _mean_lists(r["summary"].get("per_position_acceptance") for r in by_k[k])
+                                        for k in k_values},
+            "tokens_per_s": {str(k): _mean(r["summary"].get("tokens_per_s") for r in by_k[k]) for k in k_values},
+            "baseline_tokens_per_s": {str(k): _mean(r["summary"].get("baseline_tokens_per_s") for r in by_k[k])
+                                      for k in k_values},
             "train_steps": _mean(t.get("steps") for t in train_runs.values()),
             "trained_positions": _mean(t.get("positions") for t in train_runs.values()),
             "train_seconds": _mean(t.get("seconds") for t in train_runs.values()),
@@ -369,15 +384,21 @@ def markdown(rows: list[dict]) -> str:
         return num(v, ".3f") + (f" ± {sd:.3f}" if sd is not None else "")
 
     head = (["arm", "factor"] + [f"AL K={k}" for k in k_values] + cats +
-            ["lossless", "steps", "positions", "train s", "eval s", "held-out sim. AL", "bytes/token"])
+            ["engine", "accepted per position", "tok/s (plain)", "lossless", "steps", "positions", "train s",
+             "eval s", "held-out sim. AL", "bytes/token"])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         if not r["measured"]:
             lines.append("| " + " | ".join([r["arm"], r["factor"]] + ["not run"] + [""] * (len(head) - 3)) + " |")
             continue
         eval_s = "/".join(num(v, ".0f") for v in r["eval_seconds"].values())
+        first_k = str(r["per_category_k"])
+        per_position = r.get("per_position_acceptance", {}).get(first_k)
+        speed = (f"{num(r.get('tokens_per_s', {}).get(first_k), '.1f')} "
+                 f"({num(r.get('baseline_tokens_per_s', {}).get(first_k), '.1f')})")
         cells = ([r["arm"], r["factor"]] + [al(r, k) for k in k_values] + [num(r["per_category"].get(c)) for c in cats] +
-                 ["yes" if r["lossless"] else "NO", num(r["train_steps"], ".0f"), num(r["trained_positions"], ".3g"),
+                 [r.get("engine", "hf"), "/".join(num(v, ".3f") for v in per_position) if per_position else "-", speed,
+                  "yes" if r["lossless"] else "NO", num(r["train_steps"], ".0f"), num(r["trained_positions"], ".3g"),
                   num(r["train_seconds"], ".0f"), eval_s, num(r["held_out_simulated_al"], ".3f"),
                   num(r.get("dump_bytes_per_token"), ".1f")])
         lines.append("| " + " | ".join(cells) + " |")
