@@ -33,7 +33,9 @@ Goals: vLLM dump >= 0.8x the bare prefill and not slower than the HF dump. Then 
 (tests/vllm_dump_helpers.py: per aux layer max |diff| and over max |value|, argmax agreement, top-k log-probs).
 
     python -m bench.perf.dump --engines --target SMOLLM2_TARGET --data A.json --data B.json \
-        --limit 300 --dtype float32 --keep /work/cache/vllmdump/smollm2
+        --limit 300 --dtype float32 --keep DIR --save dump-engines-smollm2
+
+`--save [NAME]` also writes the result to bench/results/DATE-NAME.json (bench/common.py).
 """
 from __future__ import annotations
 
@@ -46,36 +48,39 @@ import tempfile
 import time
 from pathlib import Path
 
+from bench.common import add_save_flag, save_result
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 
-def build_target(directory: Path, a) -> None:
+def build_target(directory: Path, args) -> None:
     import torch
     from tokenizers import Tokenizer, models
     from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerFast
 
-    vocab = {f"t{i}": i for i in range(a.vocab)}
+    vocab = {f"t{i}": i for i in range(args.vocab)}
     tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="t0")),
                                   pad_token="t0", eos_token="t1", bos_token="t2")
-    cfg = LlamaConfig(vocab_size=a.vocab, hidden_size=a.hidden, num_hidden_layers=a.layers,
-                      num_attention_heads=a.heads, num_key_value_heads=a.kv_heads, intermediate_size=a.intermediate,
-                      max_position_embeddings=max(2048, a.max_len), pad_token_id=0, eos_token_id=1, bos_token_id=2)
+    cfg = LlamaConfig(vocab_size=args.vocab, hidden_size=args.hidden, num_hidden_layers=args.layers,
+                      num_attention_heads=args.heads, num_key_value_heads=args.kv_heads,
+                      intermediate_size=args.intermediate,
+                      max_position_embeddings=max(2048, args.max_len), pad_token_id=0, eos_token_id=1, bos_token_id=2)
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(cfg)
     model.save_pretrained(directory)
     tok.save_pretrained(directory)
 
 
-def write_records(path: Path, a) -> None:
+def write_records(path: Path, args) -> None:
     rng = random.Random(0)
     with path.open("w") as f:
-        for _ in range(a.records):
-            n = rng.randint(a.min_len, a.max_len)
-            f.write(json.dumps({"input_ids": [rng.randrange(3, a.vocab) for _ in range(n)]}) + "\n")
+        for _ in range(args.records):
+            n = rng.randint(args.min_len, args.max_len)
+            f.write(json.dumps({"input_ids": [rng.randrange(3, args.vocab) for _ in range(n)]}) + "\n")
 
 
-def bare_forward_seconds(model_dir: Path, out: Path, a, dtype, device: str) -> tuple[float, float, int]:
+def bare_forward_seconds(model_dir: Path, out: Path, args, dtype, device: str) -> tuple[float, float, int]:
     """Seconds for a plain forward over the dump's own batches, best of 2 passes each: (full CausalLM forward
     with logits at every position, decoder only without lm_head (a lower bound for any dump), tokens)."""
     import torch
@@ -90,7 +95,7 @@ def bare_forward_seconds(model_dir: Path, out: Path, a, dtype, device: str) -> t
         cu = t["cu_seqlens"].tolist()
         for s, idx in enumerate(t["sample_index"].tolist()):
             seqs.append(Sequence(idx, t["input_ids"][cu[s]:cu[s + 1]].numpy(), t["loss_mask"][cu[s]:cu[s + 1]].numpy()))
-    parts = plan_parts(seqs, a.part_tokens, a.batch_tokens)
+    parts = plan_parts(seqs, args.part_tokens, args.batch_tokens)
     batches = [pad_batch(p.sequences[lo:hi], 0) for p in parts for lo, hi in p.batches]
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device).eval()
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
@@ -108,25 +113,25 @@ def bare_forward_seconds(model_dir: Path, out: Path, a, dtype, device: str) -> t
     return min(times["full"]), min(times["decoder"]), sum(len(s) for s in seqs)
 
 
-def synthetic_parts(a, n_parts: int):
+def synthetic_parts(args, n_parts: int):
     """Planned parts of 1024-token sequences and one reusable set of batch outputs per batch size."""
     import numpy as np
 
     from stages.dump.plan import PartPlan, Sequence
 
     rng = np.random.default_rng(0)
-    seq_len = min(1024, a.batch_tokens)
-    per_batch = max(1, a.batch_tokens // seq_len)
-    per_part = max(1, a.part_tokens // seq_len)
+    seq_len = min(1024, args.batch_tokens)
+    per_batch = max(1, args.batch_tokens // seq_len)
+    per_part = max(1, args.part_tokens // seq_len)
     parts = []
     for i in range(n_parts):
-        seqs = [Sequence(i * per_part + j, rng.integers(0, a.vocab, seq_len).astype(np.int32),
+        seqs = [Sequence(i * per_part + j, rng.integers(0, args.vocab, seq_len).astype(np.int32),
                          np.ones(seq_len, dtype=np.uint8)) for j in range(per_part)]
         parts.append(PartPlan(i, seqs, [(lo, min(lo + per_batch, per_part)) for lo in range(0, per_part, per_batch)]))
     return parts, seq_len
 
 
-def writer_only(a) -> dict:
+def writer_only(args) -> dict:
     import hashlib
 
     import torch
@@ -134,15 +139,15 @@ def writer_only(a) -> dict:
     from stages.dump.writer import PartWriter
     from stages.shards import BUFFERED_ENV
 
-    dtype = getattr(torch, a.dtype or "bfloat16")
-    specs = {"aux_hidden_states": ((3 * a.hidden,), dtype), "teacher_topk_ids": ((a.top_k,), torch.int32),
-             "teacher_topk_logprobs": ((a.top_k,), torch.float32)}
-    parts, seq_len = synthetic_parts(a, a.writer_parts)
+    dtype = getattr(torch, args.dtype or "bfloat16")
+    specs = {"aux_hidden_states": ((3 * args.hidden,), dtype), "teacher_topk_ids": ((args.top_k,), torch.int32),
+             "teacher_topk_logprobs": ((args.top_k,), torch.float32)}
+    parts, seq_len = synthetic_parts(args, args.writer_parts)
     rows = (parts[0].batches[0][1] - parts[0].batches[0][0]) * seq_len
     g = torch.Generator().manual_seed(0)
-    outputs = {"aux_hidden_states": torch.randn(rows, 3 * a.hidden, generator=g).to(dtype),
-               "teacher_topk_ids": torch.randint(0, a.vocab, (rows, a.top_k), generator=g, dtype=torch.int32),
-               "teacher_topk_logprobs": -torch.rand(rows, a.top_k, generator=g) * 10}
+    outputs = {"aux_hidden_states": torch.randn(rows, 3 * args.hidden, generator=g).to(dtype),
+               "teacher_topk_ids": torch.randint(0, args.vocab, (rows, args.top_k), generator=g, dtype=torch.int32),
+               "teacher_topk_logprobs": -torch.rand(rows, args.top_k, generator=g) * 10}
     batch_bytes = sum(t.numel() * t.element_size() for t in outputs.values())
 
     def run(directory: Path, pace_s: float) -> tuple[float, float, float, float, int]:
@@ -165,9 +170,9 @@ def writer_only(a) -> dict:
         seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
         return seconds, cpu, blocked, time.perf_counter() - c_start, sum(w.bytes for w in written)
 
-    with tempfile.TemporaryDirectory(prefix="eagle-writer-bench-", dir=a.keep) as tmp:
-        fast = [run(Path(tmp) / f"fast{i}", 0.0) for i in range(a.dump_runs)]
-        paced = run(Path(tmp) / "paced", batch_bytes / (a.produce_mbps * 1e6))
+    with tempfile.TemporaryDirectory(prefix="eagle-writer-bench-", dir=args.keep) as tmp:
+        fast = [run(Path(tmp) / f"fast{i}", 0.0) for i in range(args.dump_runs)]
+        paced = run(Path(tmp) / "paced", batch_bytes / (args.produce_mbps * 1e6))
         part0 = Path(tmp) / "fast0" / sorted(p.name for p in (Path(tmp) / "fast0").glob("part-*"))[0]
         data = part0.read_bytes()
         t0 = time.perf_counter()
@@ -181,30 +186,30 @@ def writer_only(a) -> dict:
         write_s = time.perf_counter() - t0
     best = min(fast, key=lambda r: r[0])
     nbytes = best[4]
-    return {"mode": "writer-only", "dtype": str(dtype).removeprefix("torch."), "hidden": a.hidden,
-            "top_k": a.top_k, "batch_tokens": rows, "part_tokens": parts[0].num_tokens, "parts": len(parts),
+    return {"mode": "writer-only", "dtype": str(dtype).removeprefix("torch."), "hidden": args.hidden,
+            "top_k": args.top_k, "batch_tokens": rows, "part_tokens": parts[0].num_tokens, "parts": len(parts),
             "part_bytes": nbytes // len(parts), "cpu_count": os.cpu_count(),
             "direct_io": os.environ.get(BUFFERED_ENV) != "1",
             "writer_MBps": nbytes / best[0] / 1e6, "writer_MBps_runs": [r[4] / r[0] / 1e6 for r in fast],
             "writer_MBps_per_cpu_second": nbytes / best[1] / 1e6,
             "writer_MBps_per_cpu_second_runs": [r[4] / r[1] / 1e6 for r in fast],
             "sha256_MBps": len(data) / sha_s / 1e6, "write_fsync_MBps": len(data) / write_s / 1e6,
-            "produce_MBps": a.produce_mbps, "paced_seconds": paced[0], "paced_drain_seconds": paced[3],
+            "produce_MBps": args.produce_mbps, "paced_seconds": paced[0], "paced_drain_seconds": paced[3],
             "producer_blocked_fraction": paced[2] / (paced[0] - paced[3])}
 
 
 ENGINE_RUNS = ("hf", "vllm", "bare")
 
 
-def engine_phase(a) -> dict:
+def engine_phase(args) -> dict:
     """One run of --engines, in this process (the parent measures its memory): a dump, or the bare prefill."""
-    root = Path(a.keep)
-    if a.phase in ("hf", "vllm"):
+    root = Path(args.keep)
+    if args.phase in ("hf", "vllm"):
         from stages.dump.stage import dump_teacher
 
-        return dump_teacher(target=a.target, data=a.data, out=str(root / a.phase), engine=a.phase, dtype=a.dtype,
-                            limit=a.limit, batch_tokens=a.batch_tokens, part_tokens=a.part_tokens,
-                            max_seq_len=a.max_len, top_k=a.top_k, overwrite=True)
+        return dump_teacher(target=args.target, data=args.data, out=str(root / args.phase), engine=args.phase,
+                            dtype=args.dtype, limit=args.limit, batch_tokens=args.batch_tokens,
+                            part_tokens=args.part_tokens, max_seq_len=args.max_len, top_k=args.top_k, overwrite=True)
     from safetensors import safe_open
 
     from stages.vllm_runtime import VllmOptions, open_llm
@@ -218,10 +223,10 @@ def engine_phase(a) -> dict:
         prompts += [{"prompt_token_ids": ids[cu[i]:cu[i + 1]].tolist()} for i in range(len(cu) - 1)]
     import vllm
 
-    dtype = a.dtype or "float32"
+    dtype = args.dtype or "float32"
     start = time.perf_counter()
-    llm = open_llm(VllmOptions(dtype=dtype), a.target, enable_prefix_caching=False, skip_tokenizer_init=True,
-                   max_model_len=default_max_model_len(AutoConfig.from_pretrained(a.target), a.max_len))
+    llm = open_llm(VllmOptions(dtype=dtype), args.target, enable_prefix_caching=False, skip_tokenizer_init=True,
+                   max_model_len=default_max_model_len(AutoConfig.from_pretrained(args.target), args.max_len))
     started = time.perf_counter() - start
     sampling = vllm.SamplingParams(max_tokens=1, temperature=0.0, detokenize=False)
     llm.generate(prompts[:2], sampling, use_tqdm=False)  # warm-up
@@ -255,15 +260,15 @@ def run_measured(argv: list[str]) -> tuple[dict, float, float]:
     return json.loads(result.read_text()), time.perf_counter() - start, peak / 2**30
 
 
-def engines(a) -> dict:
+def engines(args) -> dict:
     from tests.vllm_dump_helpers import compare_dumps
 
-    root = Path(a.keep)
+    root = Path(args.keep)
     root.mkdir(parents=True, exist_ok=True)
-    common = ["--target", a.target, *sum((["--data", d] for d in a.data), []), "--keep", a.keep,
-              "--batch-tokens", a.batch_tokens, "--part-tokens", a.part_tokens, "--max-len", a.max_len,
-              "--top-k", a.top_k, *(["--limit", a.limit] if a.limit is not None else []),
-              *(["--dtype", a.dtype] if a.dtype else [])]
+    common = ["--target", args.target, *sum((["--data", d] for d in args.data), []), "--keep", args.keep,
+              "--batch-tokens", args.batch_tokens, "--part-tokens", args.part_tokens, "--max-len", args.max_len,
+              "--top-k", args.top_k, *(["--limit", args.limit] if args.limit is not None else []),
+              *(["--dtype", args.dtype] if args.dtype else [])]
     runs = {}
     for phase in ENGINE_RUNS:
         result, wall, peak = run_measured(["--engines", "--phase", phase, *map(str, common)])
@@ -271,7 +276,8 @@ def engines(a) -> dict:
     hf, vl, bare = runs["hf"], runs["vllm"], runs["bare"]
     assert hf["tokens"] == vl["tokens"] == bare["tokens"], (hf["tokens"], vl["tokens"], bare["tokens"])
     return {
-        "target": a.target, "data": a.data, "limit": a.limit, "dtype": a.dtype or "float32", "top_k": a.top_k,
+        "target": args.target, "data": args.data, "limit": args.limit, "dtype": args.dtype or "float32",
+        "top_k": args.top_k,
         "cpu_count": os.cpu_count(), "vllm_cpu_env": {k: v for k, v in os.environ.items() if k.startswith("VLLM_CPU")},
         "sequences": hf["sequences"], "tokens": hf["tokens"],
         "hf_dump_tokens_per_s": round(hf["tokens_per_s"], 1), "vllm_dump_tokens_per_s": round(vl["tokens_per_s"], 1),
@@ -284,6 +290,55 @@ def engines(a) -> dict:
         "vllm_engine_start_s": round(bare["engine_start_s"], 1),
         "equality": compare_dumps(root / "hf", root / "vllm"),
     }
+
+
+def dump_vs_bare_forward(args) -> dict:
+    """The HF dump of a random tiny target against the bare forward of the same batches (the default mode)."""
+    import torch
+
+    from stages.dump.stage import dump_teacher
+    from stages.target import resolve_device, resolve_dtype
+
+    device = resolve_device(args.device)
+    dtype = resolve_dtype(args.dtype, device)
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(args.keep or tmp)
+        root.mkdir(parents=True, exist_ok=True)
+        model_dir, data = root / "target", root / "records.jsonl"
+        build_target(model_dir, args)
+        write_records(data, args)
+        summaries = []
+        for run in range(args.dump_runs):  # fresh OUT each time: every run computes every part
+            summaries.append(dump_teacher(
+                target=str(model_dir), data=[str(data)], out=str(root / f"dump{run}"), dtype=args.dtype,
+                device=device, aux_layers=f"1,{args.layers // 2},{args.layers - 1}", teacher=args.teacher,
+                top_k=args.top_k,
+                batch_tokens=args.batch_tokens, part_tokens=args.part_tokens, max_seq_len=args.max_len, loss_on="all",
+                overwrite=True))
+        summary = max(summaries, key=lambda s: s["tokens_per_s"])
+        out = root / f"dump{summaries.index(summary)}"
+        bare_s, decoder_s, tokens = bare_forward_seconds(model_dir, out, args, dtype, device)
+    assert tokens == summary["tokens"]
+    dtype_bytes = torch.empty((), dtype=dtype).element_size()
+    per_token = {"topk": args.top_k * (4 + 4), "argmax": 4, "softmax": args.vocab * dtype_bytes}[args.teacher]
+    formula = 3 * args.hidden * dtype_bytes + per_token
+    result = {
+        "device": device, "dtype": str(dtype).removeprefix("torch."), "torch_threads": torch.get_num_threads(),
+        "shape": {k: getattr(args, k) for k in ("layers", "hidden", "heads", "kv_heads", "intermediate", "vocab")},
+        "teacher": args.teacher, "top_k": args.top_k, "records": args.records, "tokens": tokens,
+        "padding_fraction": round(summary["padding_fraction"], 4),
+        "dump_tokens_per_s": round(summary["tokens_per_s"], 1),
+        "dump_tokens_per_s_runs": [round(s["tokens_per_s"], 1) for s in summaries],
+        "bare_forward_tokens_per_s": round(tokens / bare_s, 1),
+        "overhead_ratio": round(tokens / bare_s / summary["tokens_per_s"], 3),
+        "overhead_goal": 1.15,
+        "decoder_only_tokens_per_s": round(tokens / decoder_s, 1),
+        "ratio_vs_decoder_only": round(tokens / decoder_s / summary["tokens_per_s"], 3),
+        "bytes_per_token": round(summary["bytes_per_token"], 1),
+        "formula_bytes_per_token": formula,
+        "small_bytes_per_token": round(summary["bytes_per_token"] - formula, 1),
+    }
+    return result
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -316,61 +371,15 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--data", action="append", help="--engines: a data file (repeatable).")
     p.add_argument("--limit", type=int, default=None, help="--engines: the first N records only.")
     p.add_argument("--phase", choices=ENGINE_RUNS, help=argparse.SUPPRESS)
-    a = p.parse_args(argv)
-    if a.engines:
-        if a.phase:  # vLLM logs to stdout: the result goes to a file
-            (Path(a.keep) / f"{a.phase}.json").write_text(json.dumps(engine_phase(a)))
-        else:
-            print(json.dumps(engines(a), indent=1))
+    add_save_flag(p, "dump")
+    args = p.parse_args(argv)
+    if args.engines and args.phase:  # a measured child: vLLM logs to stdout, so the result goes to a file
+        (Path(args.keep) / f"{args.phase}.json").write_text(json.dumps(engine_phase(args)))
         return
-    if a.writer_only:
-        print(json.dumps(writer_only(a), indent=1))
-        return
-
-    import torch
-
-    from stages.dump.stage import dump_teacher
-    from stages.target import resolve_device, resolve_dtype
-
-    device = resolve_device(a.device)
-    dtype = resolve_dtype(a.dtype, device)
-    with tempfile.TemporaryDirectory() as tmp:
-        root = Path(a.keep or tmp)
-        root.mkdir(parents=True, exist_ok=True)
-        model_dir, data = root / "target", root / "records.jsonl"
-        build_target(model_dir, a)
-        write_records(data, a)
-        summaries = []
-        for run in range(a.dump_runs):  # fresh OUT each time: every run computes every part
-            summaries.append(dump_teacher(
-                target=str(model_dir), data=[str(data)], out=str(root / f"dump{run}"), dtype=a.dtype,
-                device=device, aux_layers=f"1,{a.layers // 2},{a.layers - 1}", teacher=a.teacher, top_k=a.top_k,
-                batch_tokens=a.batch_tokens, part_tokens=a.part_tokens, max_seq_len=a.max_len, loss_on="all",
-                overwrite=True))
-        summary = max(summaries, key=lambda s: s["tokens_per_s"])
-        out = root / f"dump{summaries.index(summary)}"
-        bare_s, decoder_s, tokens = bare_forward_seconds(model_dir, out, a, dtype, device)
-    assert tokens == summary["tokens"]
-    dtype_bytes = torch.empty((), dtype=dtype).element_size()
-    per_token = {"topk": a.top_k * (4 + 4), "argmax": 4, "softmax": a.vocab * dtype_bytes}[a.teacher]
-    formula = 3 * a.hidden * dtype_bytes + per_token
-    result = {
-        "device": device, "dtype": str(dtype).removeprefix("torch."), "torch_threads": torch.get_num_threads(),
-        "shape": {k: getattr(a, k) for k in ("layers", "hidden", "heads", "kv_heads", "intermediate", "vocab")},
-        "teacher": a.teacher, "top_k": a.top_k, "records": a.records, "tokens": tokens,
-        "padding_fraction": round(summary["padding_fraction"], 4),
-        "dump_tokens_per_s": round(summary["tokens_per_s"], 1),
-        "dump_tokens_per_s_runs": [round(s["tokens_per_s"], 1) for s in summaries],
-        "bare_forward_tokens_per_s": round(tokens / bare_s, 1),
-        "overhead_ratio": round(tokens / bare_s / summary["tokens_per_s"], 3),
-        "overhead_goal": 1.15,
-        "decoder_only_tokens_per_s": round(tokens / decoder_s, 1),
-        "ratio_vs_decoder_only": round(tokens / decoder_s / summary["tokens_per_s"], 3),
-        "bytes_per_token": round(summary["bytes_per_token"], 1),
-        "formula_bytes_per_token": formula,
-        "small_bytes_per_token": round(summary["bytes_per_token"] - formula, 1),
-    }
+    result = engines(args) if args.engines else writer_only(args) if args.writer_only else dump_vs_bare_forward(args)
     print(json.dumps(result, indent=1))
+    if args.save:
+        save_result(args.save, result)
 
 
 if __name__ == "__main__":
