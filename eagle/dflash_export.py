@@ -13,8 +13,14 @@
                        layers.N.self_attn.{q,k,v,o}_proj.weight, layers.N.self_attn.{q,k}_norm.weight [head_dim],
                        layers.N.mlp.{gate,up,down}_proj.weight, layers.N.{input,post_attention}_layernorm.weight.
                        No embedding, no lm_head: vLLM shares the target's (as training froze them).
+  with a draft vocabulary (Vd < V): config.json adds draft_vocab_size Vd, and model.safetensors lm_head.weight
+                       [Vd, H] (the target's rows of the draft ids, frozen in training) and d2t int64 [Vd]
+                       (target_id = draft_id + d2t[draft_id]): vLLM's DFlashQwen3ForCausalLM builds its lm_head
+                       with draft_vocab_size rows, keeps it (its own lm_head differs from the target's) and
+                       scatters the logits to target ids through d2t. No t2d (vLLM skips it). Without a draft
+                       vocabulary neither is written: vLLM then has no d2t parameter and refuses one.
 vLLM drafts num_speculative_tokens tokens per round: serve with K = block_size - 1, the K it was trained for.
-The directory is written under a temporary name and renamed into place (eagle/export.py's helpers).
+The directory is written under a temporary name and renamed into place (eagle/export.py write_export_dir).
 
 API:
     def export_dflash(model, out_dir, dtype=None) -> Path
@@ -24,17 +30,14 @@ API:
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import uuid
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from eagle.dflash import DFlashConfig, DFlashDraft
-from eagle.export import EXPORT_FILES, _check_replaceable, _fsync, _replace_dir
+from eagle.export import _check_replaceable, write_export_dir
+from eagle.vocab import draft_to_target_ids
 
 ARCHITECTURE = "DFlashDraftModel"
 FORMAT_VERSION = 1
@@ -60,6 +63,7 @@ def serving_config(cfg: DFlashConfig, dtype: torch.dtype) -> dict:
         "max_position_embeddings": cfg.max_position_embeddings,
         "attention_bias": False,
         "vocab_size": cfg.vocab_size,
+        **({} if cfg.draft_vocab_size is None else {"draft_vocab_size": cfg.draft_vocab_size}),
         "tie_word_embeddings": False,
         "layer_types": ["full_attention"] * cfg.num_hidden_layers,
         "block_size": cfg.block_size,
@@ -86,6 +90,8 @@ def tensor_shapes(cfg: DFlashConfig) -> dict[str, tuple[int, ...]]:
                    p + "mlp.gate_proj.weight": (i, h), p + "mlp.up_proj.weight": (i, h),
                    p + "mlp.down_proj.weight": (h, i), p + "input_layernorm.weight": (h,),
                    p + "post_attention_layernorm.weight": (h,)}
+    if cfg.draft_vocab_size is not None:
+        shapes |= {"lm_head.weight": (cfg.draft_vocab_size, h), "d2t": (cfg.draft_vocab_size,)}
     return shapes
 
 
@@ -102,22 +108,12 @@ def export_dflash(model: DFlashDraft, out_dir, dtype: torch.dtype | None = None)
         t = state[name].detach().to("cpu")
         if tuple(t.shape) != shape:
             raise ValueError(f"'{name}' has shape {list(t.shape)}, the layout needs {list(shape)}")
-        tensors[name] = (t if dtype is None else t.to(dtype)).contiguous().clone()
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    try:
-        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        with open(tmp / "config.json", "w") as f:
-            json.dump(serving_config(cfg, tensors["fc.weight"].dtype), f, indent=2)
-            f.write("\n")
-        for name in EXPORT_FILES:
-            _fsync(tmp / name)
-        _replace_dir(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out_dir
+        if name == "d2t":
+            t = t.to(torch.int64)
+        elif dtype is not None:
+            t = t.to(dtype)
+        tensors[name] = t.contiguous().clone()
+    return write_export_dir(out_dir, tensors, serving_config(cfg, tensors["fc.weight"].dtype))
 
 
 def is_dflash_config(config) -> bool:
@@ -126,8 +122,9 @@ def is_dflash_config(config) -> bool:
 
 def load_dflash(path, embed_weight: torch.Tensor, lm_head_weight: torch.Tensor | None = None,
                 device="cpu") -> DFlashDraft:
-    """Rebuild an eagle-pipe DFlash export with the target's embedding and lm_head (None: tied to the embedding).
-    The fields vLLM reads must be the ones the draft was trained with; anything else raises ValueError."""
+    """Rebuild an eagle-pipe DFlash export with the target's embedding and lm_head (None: tied to the embedding;
+    a draft-vocabulary export uses its own lm_head.weight and d2t instead). The fields vLLM reads must be the
+    ones the draft was trained with; anything else raises ValueError."""
     path = Path(path)
     cfg_path, w_path = path / "config.json", path / "model.safetensors"
     for p in (cfg_path, w_path):
@@ -142,8 +139,9 @@ def load_dflash(path, embed_weight: torch.Tensor, lm_head_weight: torch.Tensor |
         raise ValueError(f"{cfg_path}: not a DFlash draft exported by eagle-pipe (no eagle_pipe.format_version "
                          f"{FORMAT_VERSION}); only eagle-pipe's own DFlash exports are read")
     cfg = DFlashConfig.from_dict(meta.get("draft_config"))
-    served = {k: config.get(k) for k in ("block_size", "dflash_config", "rope_theta", "num_hidden_layers")}
-    trained = {k: serving_config(cfg, torch.float32)[k] for k in served}
+    served = {k: config.get(k) for k in ("block_size", "dflash_config", "rope_theta", "num_hidden_layers",
+                                         "draft_vocab_size")}
+    trained = {k: serving_config(cfg, torch.float32).get(k) for k in served}
     if served != trained:
         raise ValueError(f"{cfg_path}: the fields vLLM reads {served} differ from the trained draft's {trained}")
     expected = tensor_shapes(cfg)
@@ -156,8 +154,16 @@ def load_dflash(path, embed_weight: torch.Tensor, lm_head_weight: torch.Tensor |
     for name, shape in expected.items():
         if tuple(tensors[name].shape) != shape:
             raise ValueError(f"{w_path}: '{name}' has shape {list(tensors[name].shape)}, expected {list(shape)}")
+    if "d2t" in tensors:
+        ids = draft_to_target_ids(tensors["d2t"])
+        if tensors["d2t"].dtype != torch.int64 or not bool(((ids >= 0) & (ids < cfg.vocab_size)).all()) \
+                or ids.unique().numel() != ids.numel():
+            raise ValueError(f"{w_path}: 'd2t' must be int64 offsets to distinct target ids in 0..{cfg.vocab_size - 1}")
     model = DFlashDraft(cfg)
     model.load_state_dict(tensors, strict=True)
-    model.set_target_weights(embed_weight, lm_head_weight)
+    if cfg.draft_vocab_size is None:
+        model.set_target_weights(embed_weight, lm_head_weight)
+    else:
+        model.set_embedding(embed_weight)
     model.draft_format = "dflash"
     return model.to(device).eval()

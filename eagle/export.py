@@ -106,15 +106,21 @@ def export_draft(model, out_dir, dtype: torch.dtype | None = None) -> Path:
         tensors[name] = t.contiguous().clone()
     if _identity_vocab(cfg):
         del tensors["d2t"], tensors["t2d"]
-    weight_dtype = tensors["fc.weight"].dtype
+    return write_export_dir(out_dir, tensors, serving_config(cfg, tensors["fc.weight"].dtype))
 
+
+def write_export_dir(out_dir: Path, tensors: dict[str, torch.Tensor], config: dict) -> Path:
+    """model.safetensors (metadata {"format": "pt"}) + config.json into out_dir, atomically: written under a
+    temporary name beside it, fsynced, then renamed into place, so a crash never leaves half an export. Every
+    exporter (EAGLE-3 here, DFlash in eagle/dflash_export.py) writes through this one function."""
+    out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     try:
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         with open(tmp / "config.json", "w") as f:
-            json.dump(serving_config(cfg, weight_dtype), f, indent=2)
+            json.dump(config, f, indent=2)
             f.write("\n")
         for name in EXPORT_FILES:
             _fsync(tmp / name)

@@ -3,6 +3,7 @@ independent construction, anchors and slot targets follow the batch contract, an
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import pytest
 import torch
@@ -179,6 +180,110 @@ def test_loss_is_the_weighted_mean_of_per_slot_soft_cross_entropy():
     assert abs(loss.item() - expected / total) < 1e-6 * expected / total  # the loss works in float32
     loss.backward()
     assert model.fc.weight.grad.abs().sum() > 0 and model.layers[0].self_attn.k_proj.weight.grad.abs().sum() > 0
+
+
+def draft_vocab_dflash(cfg: DFlashConfig, draft_vocab_size: int, seed: int, dtype=torch.float64):
+    """(full-vocabulary draft, the same draft over `draft_vocab_size` ids of a random frequency ranking (EAGLE-3's
+    build_vocab_map), the target's lm_head [V, H]): same parameters, the draft one holds the lm_head rows."""
+    from eagle.vocab import build_vocab_map
+
+    full = random_dflash(cfg, seed=seed, dtype=dtype)
+    small = DFlashDraft(dataclasses.replace(cfg, draft_vocab_size=draft_vocab_size)).to(dtype)
+    small.load_state_dict(full.state_dict(), strict=False)
+    counts = torch.randint(0, 1000, (cfg.vocab_size,), generator=torch.Generator().manual_seed(seed))
+    d2t, _ = build_vocab_map(counts, draft_vocab_size)
+    small.set_target_weights(full.embed_weight, full.lm_head_weight, d2t=d2t)
+    return full, small, full.lm_head_weight
+
+
+@pytest.mark.parametrize("kv_heads, layers, block", [(2, 2, 4), (4, 1, 3)])
+def test_draft_vocab_training_blocks_equal_inference_drafting(kv_heads, layers, block):
+    """With a draft vocabulary the train = serve identity holds over the draft ids, and those logits are the
+    full-vocabulary draft's at the draft ids (the lm_head rows are the target's rows of arange + d2t)."""
+    from eagle.vocab import draft_to_target_ids
+
+    cfg = tiny_dflash_cfg(num_key_value_heads=kv_heads, num_hidden_layers=layers, block_size=block)
+    full, model, _ = draft_vocab_dflash(cfg, 13, seed=21)
+    ids_of = draft_to_target_ids(model.d2t)
+    assert ids_of.tolist() != list(range(13))  # a real map, not the first 13 ids
+    batch = dflash_batch(cfg, [9, 5, 12, 3], T=34, rows=2, seed=22)
+    anchors = torch.stack([torch.arange(34), torch.arange(33, -1, -1)])
+    with torch.no_grad():
+        train = dflash_forward(model, batch, anchors)  # (2, 34, block, Vd)
+        assert train.shape[-1] == 13
+        assert rel_err(train, dflash_forward(full, batch, anchors)[..., ids_of]) <= 1e-12
+    worst, compared = 0.0, 0
+    for row in range(2):
+        for start, length in documents(batch, row):
+            aux = batch["aux_hidden_states"][row:row + 1, start:start + length]
+            ids = batch["input_ids"][row:row + 1, start:start + length]
+            for r in range(length):
+                with torch.no_grad():
+                    served = serve_block(model, aux, ids, r)
+                i = (anchors[row] == start + r).nonzero().item()
+                worst = max(worst, rel_err(train[row, i], served))
+                compared += 1
+    assert compared == 2 * 29 and worst <= 1e-12
+    drafted = served[1:].argmax(-1)
+    assert torch.equal(model.draft_to_target(drafted), ids_of[drafted])
+
+
+def test_draft_vocab_loss_equals_a_float64_recomputation():
+    """The loss over a draft vocabulary (eagle/loss.py's restriction, as EAGLE-3's) against a plain float64
+    recomputation: teacher top-k ids outside the draft vocabulary dropped, the rest renormalised, slots whose
+    teacher keeps no mass there dropped from the loss and from the normalizer (the loader's teacher_in_draft);
+    a slot is right when the draft's argmax, mapped to its target id, is the teacher's argmax."""
+    from stages.train.loader import teacher_in_draft
+
+    cfg = tiny_dflash_cfg(block_size=4)
+    _, model, _ = draft_vocab_dflash(cfg, 12, seed=23)
+    draft_ids = (torch.arange(12) + model.d2t).tolist()  # draft id i <-> target id draft_ids[i]
+    batch = dflash_batch(cfg, [9, 5, 12, 3], T=34, rows=2, seed=24)
+    batch["anchors"], batch["anchor_valid"] = sample_anchors(batch, 10, torch.Generator().manual_seed(4))
+    counts = target_counts(batch, 4, teacher_in_draft(batch, model.t2d, "topk"))
+    loss, m = dflash_loss(model, batch, counts, "topk", gamma=2.0)
+    with torch.no_grad():
+        logits = dflash_forward(model, batch, batch["anchors"]).double()  # (B, N, block, Vd)
+    w = [math.exp(-(k - 1) / 2.0) for k in (1, 2, 3)]
+    expected, dropped = 0.0, 0
+    for k in range(3):  # slot k + 1 learns the teacher of row anchor + k
+        ce_sum, n, right = 0.0, 0, 0
+        for b in range(2):
+            for i, (a, ok) in enumerate(zip(batch["anchors"][b].tolist(), batch["anchor_valid"][b].tolist())):
+                r = a + k
+                if not ok or r >= 34 or batch["document_ids"][b, r] != batch["document_ids"][b, a] \
+                        or not batch["loss_mask"][b, r]:
+                    continue
+                ids = batch["teacher_topk_ids"][b, r].tolist()
+                p = batch["teacher_topk_logprobs"][b, r].double().exp().tolist()
+                kept = [(draft_ids.index(t), q) for t, q in zip(ids, p) if t in draft_ids]
+                if not kept:
+                    dropped += 1
+                    continue
+                mass = sum(q for _, q in kept)
+                logp = torch.log_softmax(logits[b, i, k + 1], -1)
+                ce_sum += -sum(q / mass * logp[d].item() for d, q in kept)
+                n += 1
+                right += draft_ids[int(logits[b, i, k + 1].argmax())] == ids[max(range(len(p)), key=p.__getitem__)]
+        assert n == counts[k] == m["valid"][k] and right == m["correct"][k]
+        assert abs(m["ce_sum"][k].item() - ce_sum) <= 1e-5 * ce_sum
+        expected += w[k] * ce_sum / n
+    assert dropped > 0 and sum(m["correct"].tolist()) > 0  # both rules are exercised
+    assert abs(loss.item() - expected / sum(w)) <= 1e-6 * expected / sum(w)  # the loss works in float32
+    loss.backward()
+    assert model.fc.weight.grad.abs().sum() > 0
+    assert not any(p is model.lm_head.weight for p in model.parameters())  # the lm_head rows stay frozen
+
+
+def test_draft_vocab_config_and_older_configs():
+    cfg = tiny_dflash_cfg(draft_vocab_size=20)
+    assert DFlashConfig.from_dict(cfg.to_dict()) == cfg
+    older = {k: v for k, v in tiny_dflash_cfg().to_dict().items() if k != "draft_vocab_size"}
+    assert DFlashConfig.from_dict(older).draft_vocab_size is None  # exported before the draft vocabulary
+    with pytest.raises(ValueError, match="draft_vocab_size"):
+        dataclasses.replace(cfg, draft_vocab_size=50)  # the whole vocabulary is None
+    assert set(DFlashDraft(cfg).state_dict()) - set(DFlashDraft(tiny_dflash_cfg()).state_dict()) == \
+        {"lm_head.weight", "d2t"}
 
 
 def test_gamma_and_weights():

@@ -7,7 +7,8 @@ the target just chose. Per round (vLLM's DFlashProposer):
     layer's keys/values at their own positions (eagle/dflash.py DFlashContext; vLLM's
     precompute_and_store_context_kv);
   - one draft forward over the block [x_L, MASK x K] at positions L..L+K, bidirectional inside the block and over
-    the whole context, proposes d_1..d_K (argmax of slots 1..K);
+    the whole context, proposes d_1..d_K (argmax of slots 1..K; a draft-vocabulary draft's ids mapped to target
+    ids through d2t, as vLLM's DFlashQwen3ForCausalLM.compute_logits scatters them);
   - the target verifies [x_L, d_1..d_K] in one forward (stages/evaluate/speculative.py `verify_draft`, looked up
     at call time so the lossless test can break it), keeps the agreeing prefix plus its bonus, and its cache is
     cropped to what it verified.
@@ -95,8 +96,8 @@ def dflash_speculative_generate(target, draft, prompt_ids: list[int], *, max_new
     while not done:
         L = len(seq) - 1                      # x_L is the bonus; positions < L are verified, features `feats`
         context.extend(feats.float())         # the newly verified positions context.length .. L-1
-        proposal_logits = draft_block(draft, context, seq[L])[1:]        # (K, V): slots 1..K
-        drafted = proposal_logits.argmax(-1)                              # (K,) one host sync below
+        proposal_logits = draft_block(draft, context, seq[L])[1:]        # (K, Vd): slots 1..K
+        drafted = draft.draft_to_target(proposal_logits.argmax(-1))      # (K,) target ids; one host sync below
         verify_in = torch.cat([torch.tensor([seq[L]], device=device), drafted]).view(1, K + 1)
         proposal = drafted.tolist()
         t_logits, t_feats = target.forward(verify_in, cache)

@@ -405,8 +405,9 @@ class AnchorPlan:
     count: int
     seed: int
 
-    def add(self, batch: dict, epoch: int, first_row: int) -> torch.Tensor:
-        """Put "anchors" / "anchor_valid" (B, N) into the batch; returns the loss's counts per slot [block-1]."""
+    def add(self, batch: dict, epoch: int, first_row: int, in_draft: torch.Tensor | None = None) -> torch.Tensor:
+        """Put "anchors" / "anchor_valid" (B, N) into the batch; returns the loss's counts per slot [block-1]
+        (`in_draft` (B, T): rows whose teacher keeps mass in the draft vocabulary, `teacher_in_draft`)."""
         from eagle.dflash import sample_anchors, target_counts
 
         picked = []
@@ -416,7 +417,7 @@ class AnchorPlan:
             picked.append(sample_anchors(row, self.count, torch.Generator().manual_seed(seed)))
         batch["anchors"] = torch.cat([a for a, _ in picked])
         batch["anchor_valid"] = torch.cat([v for _, v in picked])
-        return target_counts(batch, self.block_size)
+        return target_counts(batch, self.block_size, in_draft)
 
 
 class PackedLoader:
@@ -495,7 +496,8 @@ class PackedLoader:
                 self._buffers[slot] = batch
         fill_batch(batch, self.reader, self.chunks, rows)
         if self.anchors is not None:
-            return batch, self.anchors.add(batch, *where)
+            return batch, self.anchors.add(batch, *where,
+                                           in_draft=teacher_in_draft(batch, self.t2d, self.index.teacher_kind))
         return batch, valid_counts(batch, self.steps, self.t2d, self.index.teacher_kind)
 
     def epoch_plan(self) -> list[tuple[int, int]]:

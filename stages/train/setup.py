@@ -137,11 +137,15 @@ def build_draft(teacher_dir: Path, manifest: dict, token_counts: torch.Tensor, *
 
 
 def build_dflash(teacher_dir: Path, manifest: dict, token_counts: torch.Tensor, *, block_size: int,
-                 draft_layers: int, mask_token_id: int | None, seed: int, draft_rope: str = "auto"):
+                 draft_layers: int, mask_token_id: int | None, seed: int, draft_rope: str = "auto",
+                 draft_vocab_size: int | None = None):
     """A DFlash draft from the dump alone: the target's geometry and RoPE (target/config.json), the dump's aux
-    ids, the target's frozen embedding and lm_head, its final norm as the draft's starting `norm`."""
+    ids, the target's frozen embedding and lm_head, its final norm as the draft's starting `norm`. With
+    `draft_vocab_size` (< V) the lm_head is the target's rows of the dump's most frequent ids (EAGLE-3's
+    build_vocab_map), still frozen; None or >= V: the full vocabulary."""
     from eagle.config import load_target_dir
     from eagle.dflash import DFlashConfig, DFlashDraft
+    from eagle.vocab import build_vocab_map
 
     try:
         target_cfg, weights = load_target_dir(teacher_dir / "target")
@@ -149,12 +153,16 @@ def build_dflash(teacher_dir: Path, manifest: dict, token_counts: torch.Tensor, 
             mask_token_id = choose_mask_token_id(teacher_dir / "target", target_cfg, token_counts)
         cfg = DFlashConfig.from_target_config(target_cfg, aux_layer_ids=tuple(manifest["aux_layer_ids"]),
                                               block_size=block_size, num_hidden_layers=draft_layers,
-                                              mask_token_id=mask_token_id, draft_rope=draft_rope)
+                                              mask_token_id=mask_token_id, draft_rope=draft_rope,
+                                              draft_vocab_size=draft_vocab_size)
     except (OSError, ValueError, KeyError) as e:
         raise StageError(f"{teacher_dir / 'target'}: {e}") from None
+    if token_counts.numel() != cfg.vocab_size:
+        raise StageError(f"{teacher_dir}: token counts cover {token_counts.numel()} ids, vocab is {cfg.vocab_size}")
+    d2t = None if cfg.draft_vocab_size is None else build_vocab_map(token_counts, cfg.draft_vocab_size)[0]
     torch.manual_seed(seed)
     model = DFlashDraft(cfg)
-    model.set_target_weights(weights["embed_tokens.weight"], weights["lm_head.weight"])
+    model.set_target_weights(weights["embed_tokens.weight"], weights["lm_head.weight"], d2t=d2t)
     with torch.no_grad():
         model.norm.weight.copy_(weights["norm.weight"])
     return model

@@ -36,15 +36,18 @@ from stages.errors import StageError
 from stages.options import click_options
 from stages.shards import atomic_write_json, read_json
 from stages.train.loader import AnchorPlan, DumpIndex, PackedLoader
-from stages.train.settings import TrainSettings
+from stages.train.settings import EAGLE3_DRAFT_VOCAB, TrainSettings
 from stages.train.setup import (DistInfo, GradSync, WarmupCosine, all_reduce_sum, barrier, broadcast_ok,
                                 build_dflash, build_draft, check_dumps, init_distributed, make_optimizer, resolve_precision,
                                 run_length_warning, token_counts)
 
 # settings a resumed run must share with the checkpoint (they change the data order or the model)
-RESUME_FIXED = ("seq_len", "batch_size", "grad_accum", "seed", "ttt_steps", "draft_vocab_size", "long_sequences",
-                "eval_fraction", "world_size", "draft_arch")
-DFLASH_RESUME_FIXED = ("anchors_per_row",)  # block_size, draft_layers and mask_token_id are in the draft config
+RESUME_FIXED = ("seq_len", "batch_size", "grad_accum", "seed", "ttt_steps", "long_sequences", "eval_fraction",
+                "world_size", "draft_arch")
+EAGLE3_RESUME_FIXED = ("draft_vocab_size",)  # compared resolved (TrainSettings.draft_vocab): older runs recorded 32000
+# block_size, draft_layers, mask_token_id and the draft vocabulary (capped at V) are in the draft config, compared
+# before loading too (another draft vocabulary has another lm_head.weight)
+DFLASH_RESUME_FIXED = ("anchors_per_row",)
 
 
 # what `train` says on rank 0 about the architecture it trains
@@ -55,8 +58,11 @@ ARCH_NOTES = {"eagle3": "eagle3",
 
 def arch_note(cfg) -> str:
     if cfg.draft_arch == "dflash":
+        vocab = f"full vocabulary {cfg.vocab_size}" if cfg.draft_vocab_size is None else \
+            f"draft vocabulary {cfg.draft_vocab_size} of {cfg.vocab_size}"
         return (f"dflash ({cfg.num_hidden_layers} layer(s), block {cfg.block_size}: serve with K = "
-                f"{cfg.block_size - 1}; mask token {cfg.mask_token_id}; aux layers {list(cfg.aux_layer_ids)})")
+                f"{cfg.block_size - 1}; mask token {cfg.mask_token_id}; aux layers {list(cfg.aux_layer_ids)}; "
+                f"{vocab})")
     return ARCH_NOTES.get(cfg.draft_arch, cfg.draft_arch)
 
 
@@ -316,9 +322,9 @@ def build_model(s: TrainSettings, index: DumpIndex, info: DistInfo):
     if is_dflash(s):
         model = build_dflash(teacher_dir, index.manifest, token_counts(index), block_size=s.block_size,
                              draft_layers=s.draft_layers, mask_token_id=s.mask_token_id, seed=s.seed,
-                             draft_rope=s.draft_rope).to(info.device)
+                             draft_rope=s.draft_rope, draft_vocab_size=s.draft_vocab()).to(info.device)
     else:
-        model = build_draft(teacher_dir, index.manifest, token_counts(index), draft_vocab_size=s.draft_vocab_size,
+        model = build_draft(teacher_dir, index.manifest, token_counts(index), draft_vocab_size=s.draft_vocab(),
                             ttt_steps=s.ttt_steps, init_lm_head=s.init_lm_head, seed=s.seed,
                             draft_rope=s.draft_rope, draft_arch=s.draft_arch).to(info.device)
     if info.is_main:
@@ -340,7 +346,7 @@ def build_data(s: TrainSettings, index: DumpIndex, model, info: DistInfo) -> Tra
     else:
         train_ids, eval_ids = index.split(s.eval_fraction, s.seed)
         eval_index = index
-    t2d = torch.ones(model.cfg.vocab_size, dtype=torch.bool) if is_dflash(s) else model.t2d.cpu()
+    t2d = model.t2d.cpu()
     anchors = AnchorPlan(s.block_size, anchors_per_row(s), s.seed) if is_dflash(s) else None
     common = dict(seq_len=s.seq_len, batch_size=s.batch_size, steps=metric_steps(s), t2d=t2d,
                   rank=info.rank, world_size=info.world_size, seed=s.seed, long_sequences=s.long_sequences,
@@ -386,21 +392,32 @@ def resume(s: TrainSettings, info: DistInfo, latest: Path | None, model, optim: 
     if "draft_arch" not in recorded:
         raise StageError(f"{latest}: written by an older eagle-pipe (no draft_arch in its settings); retrain with "
                          "this version, or export it with the eagle-pipe that trained it")
+    if not is_dflash(s):
+        recorded = recorded | {"draft_vocab_size": _resolved_draft_vocab(recorded)}
+        settings = settings | {"draft_vocab_size": s.draft_vocab()}
     # checked before loading: another draft_arch has other parameters
-    for key in RESUME_FIXED + (DFLASH_RESUME_FIXED if is_dflash(s) else ()):
+    for key in RESUME_FIXED + (DFLASH_RESUME_FIXED if is_dflash(s) else EAGLE3_RESUME_FIXED):
         if recorded.get(key) != settings.get(key):
             raise StageError(f"{latest}: was trained with {key}={recorded.get(key)!r}, now "
                              f"{settings.get(key)!r}; resume with the same value or start a new --out")
-    meta = ckpt.load_checkpoint(latest, model=model, optimizer=optim.opt, param_names=optim.names)
-    trained, now = meta.get("draft_config") or {}, model.cfg.to_dict()
+    trained, now = ckpt.read_meta(latest).get("draft_config") or {}, model.cfg.to_dict()
+    if is_dflash(s):  # DFlash drafts written before the draft vocabulary lack the key: the full one
+        trained = {"draft_vocab_size": None} | trained
     changed = sorted(k for k in now.keys() | trained.keys() if trained.get(k) != now.get(k))
     if changed:  # e.g. another --draft-rope: the same weights would be rotated differently
         was, is_ = (", ".join(f"{k}={d.get(k)!r}" for k in changed) for d in (trained, now))
         raise StageError(f"{latest}: was trained as a different draft ({was}), now {is_}; resume with the same "
                          "settings or start a new --out")
+    meta = ckpt.load_checkpoint(latest, model=model, optimizer=optim.opt, param_names=optim.names)
     state.step, state.best = meta["step"], meta.get("best_eval_acceptance_length")
     data.loader.load_state_dict(meta["loader"])
     return state
+
+
+def _resolved_draft_vocab(recorded: dict) -> int | None:
+    """A recorded EAGLE-3 run's draft vocabulary as asked for (None, the default, is 32000)."""
+    asked = recorded.get("draft_vocab_size")
+    return EAGLE3_DRAFT_VOCAB if asked is None else asked
 
 
 def run_loop(s: TrainSettings, info: DistInfo, model, optim: Optimization, data: TrainData, state: TrainState) -> None:
