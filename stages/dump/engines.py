@@ -49,16 +49,17 @@ class HFEngine:
 
     name = "hf"
 
-    def __init__(self, tgt, aux_ids: list[int]):
-        self.tgt, self.aux_ids = tgt, aux_ids
-        self.pad_id = next(t for t in (tgt.tokenizer.pad_token_id, tgt.tokenizer.eos_token_id, 0) if t is not None)
+    def __init__(self, target, aux_ids: list[int]):
+        self.target, self.aux_ids = target, aux_ids
+        tokenizer = target.tokenizer
+        self.pad_id = next(t for t in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0) if t is not None)
 
     def hidden_states(self, seqs):
         from stages.dump.forward import forward_batch
         from stages.dump.plan import pad_batch
 
         ids, mask, real, _ = pad_batch(seqs, self.pad_id)
-        return forward_batch(self.tgt, self.aux_ids, ids, mask, real)
+        return forward_batch(self.target, self.aux_ids, ids, mask, real)
 
     def part_batches(self, part, following=None):
         for lo, hi in part.batches:
@@ -82,11 +83,11 @@ def vllm_engine_record(aux_ids: list[int], num_layers: int, options) -> dict:
             "layer_index_convention": VLLM_LAYER_CONVENTION, "vllm_args": dict(options.vllm_args)}
 
 
-def refuse_without_aux_outputs(tgt) -> None:
+def refuse_without_aux_outputs(target) -> None:
     """vLLM returns aux hidden states only from model classes with its EAGLE-3 interface (Llama, Qwen2/3,
     Qwen3-MoE, Mistral-3, DeepSeek-V2/3, gpt-oss, ... but not e.g. Gemma-3 in vLLM 0.32): refuse the others in
     one line before the engine starts, instead of a worker traceback."""
-    architectures = list(getattr(tgt.config, "architectures", None) or [])
+    architectures = list(getattr(target.config, "architectures", None) or [])
     try:
         from vllm.model_executor.models import ModelRegistry
         from vllm.model_executor.models.interfaces import supports_eagle3
@@ -97,7 +98,7 @@ def refuse_without_aux_outputs(tgt) -> None:
     for arch, cls in zip(architectures, classes):
         if cls is not None:
             if not supports_eagle3(cls):
-                raise StageError(f"target {tgt.source}: vLLM's {arch} cannot return aux hidden states (no EAGLE-3 "
+                raise StageError(f"target {target.source}: vLLM's {arch} cannot return aux hidden states (no EAGLE-3 "
                                  "interface in this vLLM); use --engine hf")
             return
 
@@ -151,13 +152,13 @@ class VllmEngine:
 
     name = "vllm"
 
-    def __init__(self, tgt, aux_ids: list[int], options, *, max_seq_len: int, trust_remote_code: bool = False):
+    def __init__(self, target, aux_ids: list[int], options, *, max_seq_len: int, trust_remote_code: bool = False):
         from stages.vllm_runtime import open_llm, require_vllm
 
         self.vllm = require_vllm()
-        self.tgt, self.aux_ids, self.options = tgt, aux_ids, options
-        refuse_without_aux_outputs(tgt)
-        self.layer_ids = [*aux_ids, tgt.num_layers]
+        self.target, self.aux_ids, self.options = target, aux_ids, options
+        refuse_without_aux_outputs(target)
+        self.layer_ids = [*aux_ids, target.num_layers]
         remove_stale_state_dirs(states_root())
         self.directory = tempfile.mkdtemp(prefix=f"{STATES_PREFIX}{os.getpid()}-", dir=states_root())
         speculative = {"method": "extract_hidden_states", "num_speculative_tokens": 1,
@@ -167,10 +168,10 @@ class VllmEngine:
                     "kv_role": "kv_producer",
                     "kv_connector_extra_config": {"shared_storage_path": self.directory,
                                                   "use_synchronization_lock": False}}
-        self.max_model_len = options.max_model_len or default_max_model_len(tgt.config, max_seq_len)
+        self.max_model_len = options.max_model_len or default_max_model_len(target.config, max_seq_len)
         claim_rank_gpus(options.tensor_parallel_size)
         try:
-            self.llm = open_llm(options, tgt.source, speculative_config=speculative, kv_transfer_config=transfer,
+            self.llm = open_llm(options, target.source, speculative_config=speculative, kv_transfer_config=transfer,
                                 enable_prefix_caching=False, skip_tokenizer_init=True,
                                 max_model_len=self.max_model_len, trust_remote_code=trust_remote_code)
         except BaseException:
@@ -204,7 +205,7 @@ class VllmEngine:
             outputs = self.llm.generate(prompts, self.sampling, use_tqdm=False)
         except Exception as exc:  # the engine core died (its own log above has the worker's traceback)
             from stages.vllm_runtime import error_line
-            raise StageError(f"target {self.tgt.source}: vLLM's engine failed on it ({type(exc).__name__}: "
+            raise StageError(f"target {self.target.source}: vLLM's engine failed on it ({type(exc).__name__}: "
                              f"{error_line(exc)}); vLLM's log above names the cause") from None
         if len(outputs) != len(seqs):
             raise StageError(f"--engine vllm: vLLM returned {len(outputs)} outputs for {len(seqs)} prompts")
@@ -212,12 +213,12 @@ class VllmEngine:
 
     def _cut(self, seqs, outputs, batches):
         """(aux, normed final) per [lo, hi) batch of `seqs`, each batch's files read (and deleted) when consumed."""
-        n_aux, device = len(self.aux_ids), self.tgt.device
+        n_aux, device = len(self.aux_ids), self.target.device
         for lo, hi in batches:
             states = torch.cat([self._take(out, seq) for seq, out in zip(seqs[lo:hi], outputs[lo:hi])])
-            states = states.to(device, self.tgt.dtype, non_blocking=True)   # [n, n_aux + 1, H]
+            states = states.to(device, self.target.dtype, non_blocking=True)   # [n, n_aux + 1, H]
             with torch.inference_mode():
-                yield states[:, :n_aux].flatten(1), self.tgt.norm(states[:, n_aux])
+                yield states[:, :n_aux].flatten(1), self.target.norm(states[:, n_aux])
 
     def close(self) -> None:
         ahead, self._ahead = getattr(self, "_ahead", None), None
@@ -261,4 +262,4 @@ class VllmEngine:
         return states
 
     def describe(self) -> dict:
-        return vllm_engine_record(self.aux_ids, self.tgt.num_layers, self.options)
+        return vllm_engine_record(self.aux_ids, self.target.num_layers, self.options)

@@ -28,8 +28,8 @@ from typing import TYPE_CHECKING
 import click
 import numpy as np
 
-from stages import shards
-from stages.dtypes import AUX_DTYPE_CHOICES
+from stages import sharded_job, shards
+from stages.dtypes import AUX_DTYPE_CHOICES, dtype_name
 from stages.dump.options import ENGINE_CHOICES, DumpOptions
 from stages.dump.plan import Sequence, plan_parts, token_counts
 from stages.errors import StageError
@@ -39,6 +39,8 @@ from stages.sharding import shard_from_env
 from stages.vllm_runtime import VllmOptions, vllm_options
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     import torch
 
 SOFTMAX_MAX_PART_BYTES = 8 << 30     # --teacher softmax: refuse parts above 8 GiB ...
@@ -62,34 +64,6 @@ class _ShardSelector:
             raise _LimitReached
         self.num_records = max(self.num_records, sample_index + 1)
         return sample_index % self.num_shards == self.shard_index
-
-
-def claim_manifest(out: Path, manifest: dict, overwrite: bool) -> None:
-    """Write OUT/manifest.json, or accept an identical one (resume, other shard jobs); refuse a different dump
-    in OUT unless --overwrite (which removes it). Identical content + atomic rename: concurrent jobs are safe."""
-    path = out / "manifest.json"
-    if path.is_file():
-        try:
-            existing = shards.read_json(path)
-            diff = shards.manifest_difference(existing, manifest)
-        except ValueError:
-            diff = "manifest.json is not valid JSON"
-        if diff is None:
-            return
-        if not overwrite:
-            raise StageError(f"{out} holds another dump ({diff}); pass --overwrite to replace it, or another --out")
-        click.echo(f"--overwrite: removing the previous dump in {out} ({diff})", err=True)
-        for name in ("shards", "target"):
-            shutil.rmtree(out / name, ignore_errors=True)
-    elif (out / "shards").exists() or (out / "target").exists():
-        if not overwrite:
-            raise StageError(f"{out} holds shards or a target without manifest.json; pass --overwrite to replace")
-        for name in ("shards", "target"):
-            shutil.rmtree(out / name, ignore_errors=True)
-    shards.atomic_write_json(path, manifest)
-    diff = shards.manifest_difference(shards.read_json(path), manifest)
-    if diff is not None:
-        raise StageError(f"{out}: another job wrote a different manifest at the same time ({diff})")
 
 
 def collect_shard(data, tokenizer, selector: _ShardSelector, *, max_seq_len, loss_on, strict):
@@ -117,25 +91,24 @@ def collect_shard(data, tokenizer, selector: _ShardSelector, *, max_seq_len, los
     return sequences, skipped, truncated
 
 
-def reusable_part(directory: Path, part) -> bool:
-    """A part already on disk (complete by construction: atomic rename) holding exactly the planned records."""
+def planned_part(part, metadata: dict) -> Callable[[Path], dict | None]:
+    """The dump's check of a part on disk (for sharded_job.reusable_part): written under this manifest and shard
+    (its safetensors metadata) and holding exactly the planned records; returns its done.json entry."""
     import torch
 
-    path = directory / shards.part_name(part.index)
-    if not path.is_file():
-        return False
-    try:
+    def holds_plan(path: Path) -> dict | None:
+        found = shards.part_header(path)["metadata"]
+        if any(found.get(key) != value for key, value in {**metadata, "part_index": str(part.index)}.items()):
+            return None
         got = shards.load_part(path, ["sample_index"])["sample_index"]
-    except Exception:
-        got = None
-    if got is not None and torch.equal(got, torch.tensor(part.sample_indices(), dtype=torch.int64)):
-        return True
-    click.echo(f"{path}: does not match the plan; recomputing it", err=True)
-    path.unlink()
-    return False
+        if not torch.equal(got, torch.tensor(part.sample_indices(), dtype=torch.int64)):
+            return None
+        return {"file": path.name, "sha256": shards.sha256_file(path), "bytes": path.stat().st_size,
+                "num_tokens": part.num_tokens, "num_sequences": len(part.sequences)}
+    return holds_plan
 
 
-def run_parts(tgt, aux_ids, parts, directory: Path, *, teacher: str, k: int, metadata: dict, aux_dtype=None,
+def run_parts(target, aux_ids, parts, directory: Path, *, teacher: str, k: int, metadata: dict, aux_dtype=None,
               engine=None):
     """Compute every part not already on disk; returns ({index: file entry}, tokens computed, seconds).
     `aux_dtype` is the stored aux dtype (default the target's); FP8 is quantized on the device. `engine`
@@ -150,28 +123,26 @@ def run_parts(tgt, aux_ids, parts, directory: Path, *, teacher: str, k: int, met
     from stages.dump.forward import teacher_outputs
     from stages.dump.writer import PartWriter
 
-    H, V = tgt.hidden_size, tgt.vocab_size
-    aux_dtype = aux_dtype or tgt.dtype
+    H, V = target.hidden_size, target.vocab_size
+    aux_dtype = aux_dtype or target.dtype
     specs = aux_specs(H, aux_dtype, len(aux_ids))
     specs.update({"topk": {"teacher_topk_ids": ((k,), torch.int32), "teacher_topk_logprobs": ((k,), torch.float32)},
                   "argmax": {"teacher_argmax": ((), torch.int32)},
-                  "softmax": {"teacher_probs": ((V,), tgt.dtype)}}[teacher])
+                  "softmax": {"teacher_probs": ((V,), target.dtype)}}[teacher])
     entries, todo = {}, []
     for part in parts:
-        if reusable_part(directory, part):
-            path = directory / shards.part_name(part.index)
-            entries[part.index] = {"file": path.name, "sha256": shards.sha256_file(path),
-                                   "bytes": path.stat().st_size, "num_tokens": part.num_tokens,
-                                   "num_sequences": len(part.sequences)}
+        entry = sharded_job.reusable_part(directory / shards.part_name(part.index), planned_part(part, metadata))
+        if entry is not None:
+            entries[part.index] = entry
         else:
             todo.append(part)
     if not todo:
         return entries, 0, 0.0
     max_rows = max(sum(len(s) for s in p.sequences[a:b]) for p in todo for a, b in p.batches)
-    engine = engine() if engine is not None else HFEngine(tgt, aux_ids)
+    engine = engine() if engine is not None else HFEngine(target, aux_ids)
     total = sum(p.num_tokens for p in todo)
     start = time.perf_counter()
-    writer = PartWriter(directory, specs, max_rows, torch.device(tgt.device), metadata)
+    writer = PartWriter(directory, specs, max_rows, torch.device(target.device), metadata)
     try:
         with tqdm(total=total, desc="dump", unit="tok", unit_scale=True, mininterval=1.0) as bar:
             for i, part in enumerate(todo):
@@ -181,7 +152,7 @@ def run_parts(tgt, aux_ids, parts, directory: Path, *, teacher: str, k: int, met
                     with nvtx.annotate("forward", color="red"):
                         aux, final = next(batches)
                     with nvtx.annotate("teacher", color="yellow"):
-                        outputs = teacher_outputs(tgt, final, teacher, k)
+                        outputs = teacher_outputs(target, final, teacher, k)
                     outputs.update(encode_aux(aux, aux_dtype, len(aux_ids)))
                     writer.submit(part, offset, outputs, last=b == len(part.batches) - 1)
                     offset += aux.shape[0]
@@ -242,8 +213,6 @@ class DumpSettings:
 
     def record(self, aux_ids: list[int]) -> dict:
         """manifest.json `settings`: every option that changes the output (resumed jobs must agree on them)."""
-        from stages.target import dtype_name
-
         engine = {} if self.engine == "hf" else {"engine": self.engine}  # HF dumps keep their settings as before
         return {**engine, "target": self.target_source, "data": self.sources, "dtype": dtype_name(self.dtype),
                 "aux_dtype": dtype_name(self.aux_dtype), "aux_layers": aux_ids, "teacher": self.teacher,
@@ -269,7 +238,7 @@ def plan_dump(**options) -> DumpSettings:
     from there) plus the @vllm_options flags."""
     from stages.shards.aux import storage_dtype
     from stages.dump.forward import load_config
-    from stages.target import dtype_name, resolve_device, resolve_dtype
+    from stages.target import resolve_device, resolve_dtype
 
     o, vllm_params = split_options(DumpOptions, options)
     if not o.target:
@@ -330,100 +299,101 @@ def engine_options(engine: str, device_map, params: dict, dtype) -> VllmOptions 
     return options
 
 
-def load_checked_target(s: DumpSettings):
+def load_checked_target(settings: DumpSettings):
     """Step 2: the target and its aux layer ids, refusing a --top-k beyond its vocabulary."""
     from stages.dump.forward import load_target, load_target_head, parse_aux_layers
 
-    tgt = None
-    if s.engine == "vllm":  # vLLM runs the decoder: only the embedding, norm and lm_head are needed here
-        tgt = load_target_head(s.target, s.dtype, s.device, s.trust_remote_code)
-    if tgt is None:
-        tgt = load_target(s.target, s.dtype, s.device, s.device_map, s.trust_remote_code)
-    aux_ids = parse_aux_layers(s.aux_layers, tgt.num_layers)
-    if s.teacher == "topk" and s.top_k > tgt.vocab_size:
-        raise StageError(f"--top-k {s.top_k} exceeds the target's vocabulary ({tgt.vocab_size})")
-    return tgt, aux_ids
+    target = None
+    if settings.engine == "vllm":  # vLLM runs the decoder: only the embedding, norm and lm_head are needed here
+        target = load_target_head(settings.target, settings.dtype, settings.device, settings.trust_remote_code)
+    if target is None:
+        target = load_target(settings.target, settings.dtype, settings.device, settings.device_map,
+                             settings.trust_remote_code)
+    aux_ids = parse_aux_layers(settings.aux_layers, target.num_layers)
+    if settings.teacher == "topk" and settings.top_k > target.vocab_size:
+        raise StageError(f"--top-k {settings.top_k} exceeds the target's vocabulary ({target.vocab_size})")
+    return target, aux_ids
 
 
-def claim_dump(s: DumpSettings, tgt, aux_ids: list[int]) -> dict:
-    """Step 3: stage OUT/target, claim OUT/manifest.json (refusing another dump in OUT), install OUT/target;
-    returns the manifest."""
+def claim_dump(settings: DumpSettings, target, aux_ids: list[int]) -> dict:
+    """Step 3: stage OUT/target, claim OUT/manifest.json (stages/sharded_job.py: refusing another dump in OUT),
+    install OUT/target; returns the manifest."""
     from stages.dump.forward import install_target_dir, write_target_dir
-    from stages.target import dtype_name
 
-    settings = s.record(aux_ids)
-    staged = s.out / f".target.tmp-{shards.temp_suffix()}"
+    recorded = settings.record(aux_ids)
+    out = settings.out
+    staged = out / f".target.tmp-{shards.temp_suffix()}"
     try:
-        provenance = write_target_dir(tgt, staged)
+        provenance = write_target_dir(target, staged)
         manifest = {
             "format": DUMP_FORMAT, "schema_version": shards.SCHEMA_VERSION,
-            "target": {"source": s.target_source, "architecture": type(tgt.model).__name__,
-                       "model_type": tgt.config.model_type, **provenance, "num_layers": tgt.num_layers,
-                       "hidden_size": tgt.hidden_size, "vocab_size": tgt.vocab_size, "dtype": settings["dtype"],
-                       "tie_word_embeddings": bool(getattr(tgt.config, "tie_word_embeddings", False))},
-            "aux_layer_ids": aux_ids, "aux_dtype": dtype_name(s.aux_dtype),
-            "teacher": {"kind": s.teacher, "k": s.k, "logprob_dtype": "float32" if s.teacher == "topk" else None,
-                        "probs_dtype": settings["dtype"] if s.teacher == "softmax" else None},
-            "max_seq_len": s.max_seq_len, "loss_on": s.loss_on,
-            "data": {"sources": s.sources, "fingerprint": data_fingerprint(s.sources)},
-            "num_shards": s.num_shards, "part_tokens": s.part_tokens, "settings": settings,
+            "target": {"source": settings.target_source, "architecture": type(target.model).__name__,
+                       "model_type": target.config.model_type, **provenance, "num_layers": target.num_layers,
+                       "hidden_size": target.hidden_size, "vocab_size": target.vocab_size,
+                       "dtype": recorded["dtype"],
+                       "tie_word_embeddings": bool(getattr(target.config, "tie_word_embeddings", False))},
+            "aux_layer_ids": aux_ids, "aux_dtype": dtype_name(settings.aux_dtype),
+            "teacher": {"kind": settings.teacher, "k": settings.k,
+                        "logprob_dtype": "float32" if settings.teacher == "topk" else None,
+                        "probs_dtype": recorded["dtype"] if settings.teacher == "softmax" else None},
+            "max_seq_len": settings.max_seq_len, "loss_on": settings.loss_on,
+            "data": {"sources": settings.sources, "fingerprint": data_fingerprint(settings.sources)},
+            "num_shards": settings.num_shards, "part_tokens": settings.part_tokens, "settings": recorded,
         }
-        if s.engine == "vllm":  # HF dumps keep the manifest they always had (no `engine` means hf)
+        if settings.engine == "vllm":  # HF dumps keep the manifest they always had (no `engine` means hf)
             from stages.dump.engines import vllm_engine_record
-            manifest["engine"] = vllm_engine_record(aux_ids, tgt.num_layers, s.vllm)
-        claim_manifest(s.out, manifest, s.overwrite)
-        install_target_dir(staged, s.out / "target")
+            manifest["engine"] = vllm_engine_record(aux_ids, target.num_layers, settings.vllm)
+        sharded_job.claim_manifest(out, manifest, overwrite=settings.overwrite, kind="dump",
+                                   outputs=[out / "shards", out / "target"])
+        install_target_dir(staged, out / "target")
     finally:
         shutil.rmtree(staged, ignore_errors=True)
     return manifest
 
 
-def plan_shard(s: DumpSettings, tgt, aux_ids: list[int]) -> ShardWork:
+def plan_shard(settings: DumpSettings, target, aux_ids: list[int]) -> ShardWork:
     """Step 4: tokenize this shard's records, refuse an oversized softmax dump, plan parts and batches, and
     self-check the hooked forward on the first sequence."""
-    selector = _ShardSelector(s.shard_index, s.num_shards, s.limit)
-    sequences, skipped, truncated = collect_shard(list(s.data), tgt.tokenizer, selector, max_seq_len=s.max_seq_len,
-                                                  loss_on=s.loss_on, strict=s.strict)
-    shard_tokens = sum(len(q) for q in sequences)
-    total_probs_bytes = shard_tokens * s.num_shards * tgt.vocab_size * s.dtype.itemsize
-    if s.teacher == "softmax" and not s.allow_large_softmax and total_probs_bytes > SOFTMAX_MAX_TOTAL_BYTES:
+    selector = _ShardSelector(settings.shard_index, settings.num_shards, settings.limit)
+    sequences, skipped, truncated = collect_shard(list(settings.data), target.tokenizer, selector,
+                                                  max_seq_len=settings.max_seq_len, loss_on=settings.loss_on,
+                                                  strict=settings.strict)
+    shard_tokens = sum(len(seq) for seq in sequences)
+    total_probs_bytes = shard_tokens * settings.num_shards * target.vocab_size * settings.dtype.itemsize
+    if (settings.teacher == "softmax" and not settings.allow_large_softmax
+            and total_probs_bytes > SOFTMAX_MAX_TOTAL_BYTES):
         raise StageError(f"--teacher softmax: the dump would hold about {total_probs_bytes / 2**40:.1f} TiB; "
                          "use --teacher topk or pass --allow-large-softmax")
     if skipped:
         from stages.data.records import format_skip_report
         click.echo(format_skip_report(skipped), err=True)
-    parts = plan_parts(sequences, s.part_tokens, s.batch_tokens)
-    if sequences and s.engine == "hf":  # the vLLM engine is proven equal to HF's forward by tests instead
+    parts = plan_parts(sequences, settings.part_tokens, settings.batch_tokens)
+    if sequences and settings.engine == "hf":  # the vLLM engine is proven equal to HF's forward by tests instead
         import torch
 
         from stages.dump.forward import self_check
-        self_check(tgt, aux_ids, torch.from_numpy(sequences[0].input_ids.astype(np.int64)))
+        self_check(target, aux_ids, torch.from_numpy(sequences[0].input_ids.astype(np.int64)))
     return ShardWork(sequences, skipped, truncated, selector.num_records, parts)
 
 
-def finish_shard(s: DumpSettings, directory: Path, msha: str, work: ShardWork, entries: dict, computed: int,
-                 seconds: float) -> dict:
+def finish_shard(settings: DumpSettings, directory: Path, manifest_sha256: str, work: ShardWork, entries: dict,
+                 computed: int, seconds: float) -> dict:
     """Step 6: write done.json (last: it marks the shard complete), print and return the summary."""
-    skipped_indices: dict[str, list[int]] = {}
-    for q in work.skipped:
-        skipped_indices.setdefault(q.reason, []).append(q.sample_index)
-    shard_tokens = sum(len(q) for q in work.sequences)
-    done = {
-        "shard_index": s.shard_index, "num_shards": s.num_shards, "manifest_sha256": msha,
-        "num_records": work.num_records,
-        "parts": [entries[p.index] for p in work.parts],
-        "records": {"assigned": len(work.sequences) + len(work.skipped), "written": len(work.sequences),
-                    "truncated": work.truncated,
-                    "skipped": {r: len(v) for r, v in sorted(skipped_indices.items())}},
-        "written_sample_indices": sorted(q.sample_index for q in work.sequences),
-        "skipped_sample_indices": {r: sorted(v) for r, v in sorted(skipped_indices.items())},
-        "num_tokens": shard_tokens,
-        "num_supervised_tokens": int(sum(int(q.loss_mask.sum()) for q in work.sequences)),
-        "token_counts": token_counts(work.sequences),
-    }
-    shards.atomic_write_json(directory / "done.json", done)
+    skipped: dict[str, list[int]] = {}
+    for record in work.skipped:
+        skipped.setdefault(record.reason, []).append(record.sample_index)
+    shard_tokens = sum(len(seq) for seq in work.sequences)
+    done = sharded_job.done_record(
+        shard_index=settings.shard_index, num_shards=settings.num_shards, manifest_sha256=manifest_sha256,
+        num_records=work.num_records, parts=[entries[p.index] for p in work.parts],
+        assigned=len(work.sequences) + len(work.skipped), written=[seq.sample_index for seq in work.sequences],
+        skipped=skipped, num_tokens=shard_tokens,
+        num_supervised_tokens=int(sum(int(seq.loss_mask.sum()) for seq in work.sequences)),
+        token_counts=token_counts(work.sequences))
+    done["records"]["truncated"] = work.truncated
+    sharded_job.write_done(directory, done)
     padded = sum(p.padded_tokens() for p in work.parts)
-    summary = summary_from_done(s.out, done, computed_tokens=computed, seconds=seconds,
+    summary = summary_from_done(settings.out, done, computed_tokens=computed, seconds=seconds,
                                 padding=(1 - shard_tokens / padded) if padded else 0.0)
     print_summary(summary)
     return summary
@@ -431,66 +401,55 @@ def finish_shard(s: DumpSettings, directory: Path, msha: str, work: ShardWork, e
 
 def dump_teacher(**options) -> dict:
     """Dump one shard (options: those of `plan_dump`, i.e. the CLI's); returns the summary dict (also printed)."""
-    s = plan_dump(**options)
-    tgt, aux_ids = load_checked_target(s)
-    manifest = claim_dump(s, tgt, aux_ids)
-    msha = shards.manifest_sha256(manifest)
-    directory = shards.shard_dir(s.out, s.shard_index, s.num_shards)
-    directory.mkdir(parents=True, exist_ok=True)
-    shards.remove_stale_temporaries(directory)
-    done = shards.read_done(s.out, s.shard_index, s.num_shards)
-    if done is not None and done.get("manifest_sha256") == msha:
-        click.echo(f"shard {s.shard_index}/{s.num_shards} is already complete in {directory}", err=True)
-        return summary_from_done(s.out, done, computed_tokens=0, seconds=0.0, padding=None)
-    (directory / "done.json").unlink(missing_ok=True)
-    work = plan_shard(s, tgt, aux_ids)
-    metadata = {"shard_index": str(s.shard_index), "num_shards": str(s.num_shards), "teacher": s.teacher,
-                "manifest_sha256": msha}
-    entries, computed, seconds = run_parts(tgt, aux_ids, work.parts, directory, teacher=s.teacher, k=s.k or 0,
-                                           metadata=metadata, aux_dtype=s.aux_dtype,
-                                           engine=engine_factory(s, tgt, aux_ids))     # step 5
-    return finish_shard(s, directory, msha, work, entries, computed, seconds)
+    settings = plan_dump(**options)
+    target, aux_ids = load_checked_target(settings)
+    manifest = claim_dump(settings, target, aux_ids)
+    manifest_sha256 = shards.manifest_sha256(manifest)
+    directory = shards.shard_dir(settings.out, settings.shard_index, settings.num_shards)
+    done = sharded_job.open_shard(directory, manifest_sha256)
+    if done is not None:
+        return summary_from_done(settings.out, done, computed_tokens=0, seconds=0.0, padding=None)
+    work = plan_shard(settings, target, aux_ids)
+    metadata = {"shard_index": str(settings.shard_index), "num_shards": str(settings.num_shards),
+                "teacher": settings.teacher, "manifest_sha256": manifest_sha256}
+    entries, computed, seconds = run_parts(target, aux_ids, work.parts, directory, teacher=settings.teacher,
+                                           k=settings.k or 0, metadata=metadata, aux_dtype=settings.aux_dtype,
+                                           engine=engine_factory(settings, target, aux_ids))     # step 5
+    return finish_shard(settings, directory, manifest_sha256, work, entries, computed, seconds)
 
 
-def engine_factory(s: DumpSettings, tgt, aux_ids: list[int]):
+def engine_factory(settings: DumpSettings, target, aux_ids: list[int]):
     """A callable giving the dump's engine (None: run_parts' default, HF); vLLM starts only when called."""
-    if s.engine == "hf":
+    if settings.engine == "hf":
         return None
 
     def start():
         from stages.dump.engines import VllmEngine
 
-        return VllmEngine(tgt, aux_ids, s.vllm, max_seq_len=s.max_seq_len, trust_remote_code=s.trust_remote_code)
+        return VllmEngine(target, aux_ids, settings.vllm, max_seq_len=settings.max_seq_len,
+                          trust_remote_code=settings.trust_remote_code)
     return start
 
 
 def summary_from_done(out: Path, done: dict, *, computed_tokens: int, seconds: float, padding) -> dict:
+    """The dump's summary (stages/sharded_job.py's, with its tokens, padding and bytes); `padding` is None for a
+    shard found complete (the plan is not made then)."""
     total_bytes = sum(p["bytes"] for p in done["parts"])
     tokens = done["num_tokens"]
-    return {
-        "out": str(out), "shard_index": done["shard_index"], "num_shards": done["num_shards"],
-        "records_in_input": done["num_records"], "records_read": done["records"]["assigned"],
-        "skipped": done["records"]["skipped"], "truncated": done["records"]["truncated"],
-        "sequences": done["records"]["written"], "tokens": tokens,
-        "supervised_tokens": done["num_supervised_tokens"], "padding_fraction": padding,
-        "parts": len(done["parts"]), "bytes": total_bytes,
-        "bytes_per_token": total_bytes / tokens if tokens else 0.0,
-        "tokens_computed": computed_tokens, "seconds": seconds,
-        "tokens_per_s": computed_tokens / seconds if seconds else None,
-    }
+    return sharded_job.summary_from_done(
+        out, done, truncated=done["records"]["truncated"], sequences=done["records"]["written"], tokens=tokens,
+        supervised_tokens=done["num_supervised_tokens"], padding_fraction=padding, parts=len(done["parts"]),
+        bytes=total_bytes, bytes_per_token=total_bytes / tokens if tokens else 0.0,
+        tokens_now_key="tokens_computed", tokens_now=computed_tokens, seconds=seconds)
 
 
-def print_summary(s: dict) -> None:
-    skipped = ", ".join(f"{r} {n}" for r, n in s["skipped"].items()) or "none"
-    pad = "n/a" if s["padding_fraction"] is None else f"{s['padding_fraction']:.1%}"
-    rate = "n/a" if not s["tokens_per_s"] else f"{s['tokens_per_s']:,.0f} tokens/s"
-    click.echo(
-        f"shard {s['shard_index']}/{s['num_shards']}: records read {s['records_read']} "
-        f"(of {s['records_in_input']} in the input), skipped: {skipped}, truncated {s['truncated']}\n"
-        f"  sequences {s['sequences']}, tokens {s['tokens']}, supervised {s['supervised_tokens']}, "
-        f"padding {pad}\n"
-        f"  parts {s['parts']}, {s['bytes'] / 2**20:.1f} MiB, {s['bytes_per_token']:.0f} bytes/token, "
-        f"computed {s['tokens_computed']} tokens in {s['seconds']:.1f} s ({rate})", err=True)
+def print_summary(summary: dict) -> None:
+    padding = "n/a" if summary["padding_fraction"] is None else f"{summary['padding_fraction']:.1%}"
+    sharded_job.print_summary(summary, [
+        f"  sequences {summary['sequences']}, truncated {summary['truncated']}, tokens {summary['tokens']}, "
+        f"supervised {summary['supervised_tokens']}, padding {padding}",
+        f"  parts {summary['parts']}, {summary['bytes'] / 2**20:.1f} MiB, {summary['bytes_per_token']:.0f} "
+        "bytes/token"], tokens_now_key="tokens_computed", verb="computed")
 
 
 @click.command("dump-teacher")

@@ -13,20 +13,21 @@ stages/data/regenerated.py.
 Records go to shards by `sample_index % num_shards` (like the dump); a shard's records, in sample_index order,
 are cut into parts of `--part-records`. Every file is written atomically. A rerun keeps the parts whose
 bookkeeping matches the plan and computes only the rest; the batches of a part depend only on the part, so
-with greedy decoding (and per-record seeds when sampling) the result equals an uninterrupted run.
+with greedy decoding (and per-record seeds when sampling) the result equals an uninterrupted run. The claim of
+OUT/manifest.json, the reuse of finished parts, done.json's accounting and the summary are the sharded job's
+that dump-teacher shares (stages/sharded_job.py).
 """
 from __future__ import annotations
 
 import hashlib
 import json
-import shutil
 import time
 from collections import Counter
 from pathlib import Path
 
 import click
 
-from stages import shards
+from stages import sharded_job, shards
 from stages.data.regenerated import (FORMAT, SCHEMA_VERSION, bookkeeping_name, compared_manifest,
                                      manifest_identity_sha256, part_name, shard_dir)
 from stages.errors import StageError
@@ -152,19 +153,17 @@ def part_bookkeeping(index: int, jobs: list[_Job], sha256: str, size: int) -> di
             "finish_reasons": dict(sorted(Counter(r for j in written for r in j.finish_reasons).items()))}
 
 
-def reusable_part(directory: Path, index: int, planned: list[int]) -> dict | None:
-    """The bookkeeping of a finished part that holds exactly the planned records (and whose file is intact)."""
-    book_path, path = directory / bookkeeping_name(index), directory / part_name(index)
-    if not (book_path.is_file() and path.is_file()):
-        return None
-    try:
-        book = shards.read_json(book_path)
-        if book["sample_indices"] == planned and book["sha256"] == shards.sha256_file(path):
+def finished_part(directory: Path, index: int, planned: list[int]) -> dict | None:
+    """The bookkeeping of a finished part (stages/sharded_job.py reusable_part) whose records are the planned
+    ones and whose JSONL has the recorded size and sha256; None for one to compute."""
+    def holds_plan(path: Path) -> dict | None:
+        book = shards.read_json(directory / bookkeeping_name(index))
+        if (book["sample_indices"] == planned and book["bytes"] == path.stat().st_size
+                and book["sha256"] == shards.sha256_file(path)):
             return book
-    except (ValueError, KeyError, TypeError):
-        pass
-    click.echo(f"{path}: does not match the plan; recomputing it", err=True)
-    return None
+        return None
+    return sharded_job.reusable_part(directory / part_name(index), holds_plan,
+                                     marker=directory / bookkeeping_name(index))
 
 
 def write_part(directory: Path, index: int, jobs: list[_Job]) -> dict:
@@ -189,7 +188,7 @@ def write_part(directory: Path, index: int, jobs: list[_Job]) -> dict:
 # ------------------------------------------------------------------------------------------------ manifest
 def build_manifest(*, target, data, engine_info: dict, endpoint, decoding: Decoding, turns, seed,
                    drop_truncated, num_shards, part_records, limit) -> dict:
-    sources = [local_or_name(s) for s in data]
+    sources = [local_or_name(source) for source in data]
     settings = {"target": local_or_name(target), "data": sources, "turns": turns, "engine": engine_info["kind"],
                 "max_new_tokens": decoding.max_new_tokens, "temperature": decoding.temperature,
                 "top_p": decoding.top_p, "seed": seed, "chat_template_kwargs": decoding.chat_template_kwargs,
@@ -198,27 +197,6 @@ def build_manifest(*, target, data, engine_info: dict, endpoint, decoding: Decod
     return {"format": FORMAT, "schema_version": SCHEMA_VERSION, "target": settings["target"],
             "engine": engine_info, "endpoint": endpoint, "settings": settings,
             "data": {"sources": sources, "fingerprint": data_fingerprint(sources)}, "num_shards": num_shards}
-
-def claim_manifest(out: Path, manifest: dict, overwrite: bool) -> None:
-    """Write OUT/manifest.json or accept one made with the same target, engine and settings; another is
-    refused unless --overwrite, which removes its shards."""
-    path = out / "manifest.json"
-    old_shards = sorted(out.glob("shard-*-of-*"))
-    if path.is_file() or old_shards:
-        try:
-            diff = shards.manifest_difference(compared_manifest(shards.read_json(path)), compared_manifest(manifest))
-        except (OSError, ValueError):
-            diff = "manifest.json is missing or not valid JSON"
-        if diff is None:
-            shards.atomic_write_json(path, manifest)
-            return
-        if not overwrite:
-            raise StageError(f"{out} holds other regenerated data ({diff}); pass --overwrite to replace it, "
-                             "or another --out")
-        click.echo(f"--overwrite: removing the previous output in {out} ({diff})", err=True)
-        for d in old_shards:
-            shutil.rmtree(d, ignore_errors=True)
-    shards.atomic_write_json(path, manifest)
 
 
 # ------------------------------------------------------------------------------------------------ the stage
@@ -285,24 +263,21 @@ def regenerate(*, retry_backoff: float = 1.0, **options) -> dict:
     jobs, read_skips, num_records = collect_jobs(o.data, shard_index=shard_index, num_shards=num_shards,
                                                  turns=o.turns, strict=o.strict, limit=o.limit)
     vllm = vllm_engine_options(o.engine, o.device_map, vllm_params)
-    eng = make_engine(o.engine, o.target, decoding, dtype=o.dtype, device=o.device, device_map=o.device_map,
-                      vllm=vllm, trust_remote_code=o.trust_remote_code, compile=o.compile,
-                      batch_size=o.batch_size, batch_tokens=o.batch_tokens, base_url=o.base_url,
-                      served_model=o.served_model, api_key_env=o.api_key_env, concurrency=o.concurrency,
-                      request_timeout=o.request_timeout, max_retries=o.max_retries, retry_backoff=retry_backoff)
-    manifest = build_manifest(target=o.target, data=o.data, engine_info=eng.describe(), endpoint=o.base_url,
+    engine = make_engine(o.engine, o.target, decoding, dtype=o.dtype, device=o.device, device_map=o.device_map,
+                         vllm=vllm, trust_remote_code=o.trust_remote_code, compile=o.compile,
+                         batch_size=o.batch_size, batch_tokens=o.batch_tokens, base_url=o.base_url,
+                         served_model=o.served_model, api_key_env=o.api_key_env, concurrency=o.concurrency,
+                         request_timeout=o.request_timeout, max_retries=o.max_retries, retry_backoff=retry_backoff)
+    manifest = build_manifest(target=o.target, data=o.data, engine_info=engine.describe(), endpoint=o.base_url,
                               decoding=decoding, turns=o.turns, seed=o.seed, drop_truncated=o.drop_truncated,
                               num_shards=num_shards, part_records=o.part_records, limit=o.limit)
-    claim_manifest(out, manifest, o.overwrite)
-    msha = manifest_identity_sha256(manifest)
+    sharded_job.claim_manifest(out, manifest, overwrite=o.overwrite, kind="regenerated output",
+                               outputs=sorted(out.glob("shard-*-of-*")), compared=compared_manifest)
+    manifest_sha256 = manifest_identity_sha256(manifest)
     directory = shard_dir(out, shard_index, num_shards)
-    directory.mkdir(parents=True, exist_ok=True)
-    shards.remove_stale_temporaries(directory)
-    done_path = directory / "done.json"
-    if done_path.is_file() and shards.read_json(done_path).get("manifest_sha256") == msha:
-        click.echo(f"shard {shard_index}/{num_shards} is already complete in {directory}", err=True)
-        return summary_from_done(out, shards.read_json(done_path), tokens_now=0, seconds=0.0)
-    done_path.unlink(missing_ok=True)
+    done = sharded_job.open_shard(directory, manifest_sha256)
+    if done is not None:
+        return summary_from_done(out, done, tokens_now=0, seconds=0.0)
 
     parts = [jobs[lo:lo + o.part_records] for lo in range(0, len(jobs), o.part_records)]
     books, tokens_now, started = {}, [0], time.perf_counter()
@@ -314,9 +289,9 @@ def regenerate(*, retry_backoff: float = 1.0, **options) -> dict:
                                 refresh=False)
 
         for index, part in enumerate(parts):
-            book = reusable_part(directory, index, [j.sample_index for j in part])
+            book = finished_part(directory, index, [j.sample_index for j in part])
             if book is None:
-                generate_part(eng, part, seed=o.seed, drop_truncated=o.drop_truncated, strict=o.strict,
+                generate_part(engine, part, seed=o.seed, drop_truncated=o.drop_truncated, strict=o.strict,
                               progress=progress)
                 book = write_part(directory, index, part)
             else:
@@ -324,55 +299,50 @@ def regenerate(*, retry_backoff: float = 1.0, **options) -> dict:
             books[index] = book
     seconds = time.perf_counter() - started
 
+    done = done_record(shard_index, num_shards, manifest_sha256, num_records, [books[i] for i in range(len(parts))],
+                       read_skips, assigned=len(jobs) + len(read_skips))
+    sharded_job.write_done(directory, done)
+    summary = summary_from_done(out, done, tokens_now=tokens_now[0], seconds=seconds)
+    print_summary(summary, done)
+    return summary
+
+
+def done_record(shard_index: int, num_shards: int, manifest_sha256: str, num_records: int, books: list[dict],
+                read_skips: list, *, assigned: int) -> dict:
+    """done.json from the parts' bookkeeping (in part order) and the records skipped while reading: the sharded
+    job's accounting, up to three examples per skip reason, turns, tokens and finish reasons."""
     skipped: dict[str, list[int]] = {}
-    skips = [tuple(s) for s in read_skips] + [tuple(s) for b in books.values() for s in b["skips"]]
+    skips = [tuple(skip) for skip in read_skips] + [tuple(skip) for book in books for skip in book["skips"]]
     for index, reason, _, _ in skips:
         skipped.setdefault(reason, []).append(index)
     examples: dict[str, list] = {}
     for index, reason, where, message in sorted(skips):
         if len(examples.setdefault(reason, [])) < 3:
             examples[reason].append({"sample_index": index, "where": where, "message": message})
-    ordered = [books[i] for i in range(len(parts))]
-    done = {
-        "shard_index": shard_index, "num_shards": num_shards, "manifest_sha256": msha, "num_records": num_records,
-        "parts": [{"file": b["file"], "sha256": b["sha256"], "bytes": b["bytes"],
-                   "num_records": len(b["written_sample_indices"])} for b in ordered],
-        "records": {"assigned": len(jobs) + len(read_skips),
-                    "written": sum(len(b["written_sample_indices"]) for b in ordered),
-                    "skipped": {r: len(v) for r, v in sorted(skipped.items())}},
-        "written_sample_indices": sorted(i for b in ordered for i in b["written_sample_indices"]),
-        "skipped_sample_indices": {r: sorted(v) for r, v in sorted(skipped.items())},
-        "skipped_examples": examples,
-        "turns": sum(b["turns"] for b in ordered),
-        "generated_tokens": sum(b["generated_tokens"] for b in ordered),
-        "finish_reasons": dict(sorted(sum((Counter(b["finish_reasons"]) for b in ordered), Counter()).items())),
-    }
-    shards.atomic_write_json(done_path, done)
-    summary = summary_from_done(out, done, tokens_now=tokens_now[0], seconds=seconds)
-    print_summary(summary, done)
-    return summary
+    return sharded_job.done_record(
+        shard_index=shard_index, num_shards=num_shards, manifest_sha256=manifest_sha256, num_records=num_records,
+        parts=[{"file": b["file"], "sha256": b["sha256"], "bytes": b["bytes"],
+                "num_records": len(b["written_sample_indices"])} for b in books],
+        assigned=assigned, written=[i for b in books for i in b["written_sample_indices"]], skipped=skipped,
+        skipped_examples=examples, turns=sum(b["turns"] for b in books),
+        generated_tokens=sum(b["generated_tokens"] for b in books),
+        finish_reasons=dict(sorted(sum((Counter(b["finish_reasons"]) for b in books), Counter()).items())))
 
 
 def summary_from_done(out: Path, done: dict, *, tokens_now: int, seconds: float) -> dict:
-    return {"out": str(out), "shard_index": done["shard_index"], "num_shards": done["num_shards"],
-            "records_in_input": done["num_records"], "records_read": done["records"]["assigned"],
-            "records_written": done["records"]["written"], "skipped": done["records"]["skipped"],
-            "turns": done["turns"], "generated_tokens": done["generated_tokens"],
-            "finish_reasons": done["finish_reasons"], "tokens_generated_now": tokens_now, "seconds": seconds,
-            "tokens_per_s": tokens_now / seconds if seconds and tokens_now else None}
+    """regenerate's summary: stages/sharded_job.py's, with the records written, turns, tokens and finish reasons."""
+    return sharded_job.summary_from_done(
+        out, done, records_written=done["records"]["written"], turns=done["turns"],
+        generated_tokens=done["generated_tokens"], finish_reasons=done["finish_reasons"],
+        tokens_now_key="tokens_generated_now", tokens_now=tokens_now, seconds=seconds)
 
 
-def print_summary(s: dict, done: dict) -> None:
-    lines = [f"shard {s['shard_index']}/{s['num_shards']}: records read {s['records_read']} (of "
-             f"{s['records_in_input']} in the input), written {s['records_written']}, skipped "
-             + (", ".join(f"{r} {n}" for r, n in s["skipped"].items()) or "none"),
-             f"  turns {s['turns']}, generated tokens {s['generated_tokens']}, finish reasons "
-             + (", ".join(f"{r} {n}" for r, n in s["finish_reasons"].items()) or "none"),
-             f"  generated {s['tokens_generated_now']} tokens in {s['seconds']:.1f} s"
-             + (f" ({s['tokens_per_s']:,.1f} tokens/s)" if s["tokens_per_s"] else "")]
+def print_summary(summary: dict, done: dict) -> None:
+    details = [f"  written {summary['records_written']}, turns {summary['turns']}, generated tokens "
+               f"{summary['generated_tokens']}, finish reasons {sharded_job.counts(summary['finish_reasons'])}"]
     for reason, examples in done["skipped_examples"].items():
-        lines += [f"  {reason}: {e['where']}: {e['message']}" for e in examples]
-    click.echo("\n".join(lines), err=True)
+        details += [f"  {reason}: {e['where']}: {e['message']}" for e in examples]
+    sharded_job.print_summary(summary, details, tokens_now_key="tokens_generated_now", verb="generated")
 
 
 def is_complete(options: dict) -> tuple[bool, str]:
@@ -417,10 +387,10 @@ def is_complete(options: dict) -> tuple[bool, str]:
         return False, f"{path}: cannot compare settings ({exc})"
     if diff is not None:
         return False, f"settings changed ({diff})"
-    msha = manifest_identity_sha256(expected)
+    manifest_sha256 = manifest_identity_sha256(expected)
     for i in range(num_shards):
-        done = shard_dir(out, i, num_shards) / "done.json"
-        if not done.is_file() or shards.read_json(done).get("manifest_sha256") != msha:
+        done = shard_dir(out, i, num_shards) / sharded_job.DONE
+        if not done.is_file() or shards.read_json(done).get("manifest_sha256") != manifest_sha256:
             return False, f"{done} is missing"
     return True, "complete"
 

@@ -40,7 +40,7 @@ where loss_mask is 1; sparse, ascending ids)}. It holds no timings, so a rerun w
 
 Parts hold whole sequences; within a shard, sequences are sorted by (length, sample_index) and cut into parts of
 about `part_tokens` tokens, so a rerun reproduces the same plan. Part files are never modified once renamed into
-place; a rerun keeps the ones present (after checking their sample indices) and writes the missing ones.
+place; a rerun keeps the ones present (after checking their sample indices and metadata) and writes the missing ones.
 
 Writes are atomic: write to a temporary name in the same directory (`.NAME.tmp-HOST-PID`), fsync, rename, fsync the
 directory. Leftover temporary files never look complete and are removed by the next run of that shard.
