@@ -184,3 +184,57 @@ def test_dflash_two_ranks_and_accumulation_match_one_big_batch(dump, tmp_path):
             assert a["acc"] == pytest.approx(b["acc"], abs=1e-6), other.name
         for k in ref_w:
             torch.testing.assert_close(w[k], ref_w[k], rtol=1e-4, atol=1e-5, msg=f"{other.name}: {k}")
+
+
+def test_a_dflash_draft_vocabulary_trains_exports_evaluates_and_is_fixed_on_resume(dump, tmp_path, tiny_llama,
+                                                                                   monkeypatch):
+    """--draft-vocab-size: the lm_head is the target's rows of the dump's most frequent ids (EAGLE-3's map), frozen
+    (still those rows after training), exported as vLLM reads it (draft_vocab_size, lm_head.weight [Vd, H], d2t
+    int64), the same by `eagle-pipe export`; eval drafts target ids (d2t-mapped) and stays lossless; a resume
+    with another draft vocabulary is refused in one line."""
+    import stages.evaluate.speculative as spec
+    from eagle.dflash_export import load_dflash
+    from eagle.vocab import build_vocab_map, draft_to_target_ids
+    from stages.train.loader import DumpIndex
+    from stages.train.setup import token_counts
+    from test_evaluate import run_eval, write_jsonl
+
+    run = tmp_path / "run"
+    result = train(["--teacher-dir", str(dump), "--out", str(run), "--max-steps", "4", "--save-every", "2",
+                    "--eval-every", "0", "--lr", "3e-3", "--draft-vocab-size", "64"])
+    assert "; draft vocabulary 64 of 512)" in result.output
+    config = json.loads((run / "export" / "config.json").read_text())
+    assert config["draft_vocab_size"] == 64 and config["vocab_size"] == 512
+    exported = load_file(str(run / "export" / "model.safetensors"))
+    d2t, head = exported["d2t"], exported["lm_head.weight"]
+    assert d2t.dtype == torch.int64 and "t2d" not in exported and "embed_tokens.weight" not in exported
+    assert torch.equal(d2t, build_vocab_map(token_counts(DumpIndex(dump)), 64)[0])
+    target = load_file(str(dump / "target" / "weights.safetensors"))
+    assert torch.equal(head, target["lm_head.weight"][draft_to_target_ids(d2t)].to(head.dtype))  # frozen rows
+    final = ckpt.latest_checkpoint(run / "checkpoints")
+    out = CliRunner().invoke(main, ["export", str(final), str(tmp_path / "exp2")])
+    assert out.exit_code == 0, out.output
+    again = load_file(str(tmp_path / "exp2" / "model.safetensors"))
+    assert again.keys() == exported.keys() and all(torch.equal(again[k], exported[k]) for k in again)
+    assert json.loads((tmp_path / "exp2" / "config.json").read_text()) == config
+    draft = load_dflash(run / "export", target["embed_tokens.weight"], target["lm_head.weight"])
+    assert draft.cfg.draft_vocab_size == 64 and torch.equal(draft.d2t, d2t)
+
+    in_vocab, proposals, real_verify = set(draft_to_target_ids(d2t).tolist()), [], spec.verify_draft
+
+    def recording_verify(logits, draft_ids):
+        proposals.extend(draft_ids)
+        return real_verify(logits, draft_ids)
+
+    monkeypatch.setattr(spec, "verify_draft", recording_verify)
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"messages": [{"role": "user", "content": "What is a list?"}]}])
+    code, output, report = run_eval("--target", tiny_llama, "--draft", run / "export", "--data", prompts,
+                                    "--max-new-tokens", 12, "--no-compile", "--json")
+    assert code == 0 and report["lossless"], output
+    assert proposals and set(proposals) <= in_vocab and max(proposals) >= 64  # target ids, not draft ids
+
+    for extra, was in ((["--draft-vocab-size", "32"], "draft_vocab_size=64"), ([], "draft_vocab_size=64")):
+        refused = train(["--teacher-dir", str(dump), "--out", str(run), "--max-steps", "5", "--resume", *extra],
+                        expect_ok=False)
+        assert refused.exit_code == 2 and f"was trained as a different draft ({was}" in refused.output, \
+            refused.output
