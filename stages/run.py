@@ -28,35 +28,32 @@ from pathlib import Path
 
 import click
 
+from stages.cli import COMMANDS
 from stages.config import check_section, load_pipeline_file
 from stages.errors import StageError
 from stages.train.settings import TrainSettings
 
-STAGES = {  # section -> module, in pipeline order
-    "regenerate": "stages.regenerate.stage",
-    "dump-teacher": "stages.dump.stage",
-    "train": "stages.train.stage",
-    "export": "stages.train.export",
-    "eval": "stages.evaluate.stage",
-}
+# a pipeline's sections, in the order they run: every command of stages/cli.py's table (which names each one's
+# module) but `verify` (dump_is_complete runs it on the dump) and `run` itself
+PIPELINE_STAGES = tuple(name for name in COMMANDS if name not in ("verify", "run"))
 REQUIRED = ("dump-teacher", "train", "eval")
 
 
 def stage_command(name: str) -> click.Command:
-    return importlib.import_module(STAGES[name]).command
+    return importlib.import_module(COMMANDS[name][0]).command
 
 
 def load_sections(path: str) -> dict[str, dict]:
     """The file's sections, checked like stages/cli.py does, with the shared paths wired between stages."""
     sections = load_pipeline_file(path)
     for name, values in sections.items():
-        if name not in STAGES:
-            raise StageError(f"{path}: unknown section '{name}' (a pipeline has: {', '.join(STAGES)})")
+        if name not in PIPELINE_STAGES:
+            raise StageError(f"{path}: unknown section '{name}' (a pipeline has: {', '.join(PIPELINE_STAGES)})")
         check_section(path, name, values, stage_command(name))
     missing = [name for name in REQUIRED if name not in sections]
     if missing:
         raise StageError(f"{path}: missing section(s) {', '.join(missing)} (a pipeline needs {', '.join(REQUIRED)})")
-    dump, train, ev = sections["dump-teacher"], sections["train"], sections["eval"]
+    dump, train, evaluation = sections["dump-teacher"], sections["train"], sections["eval"]
     regen = sections.get("regenerate")
     if regen is not None:  # the target answers the data's prompts; dump-teacher reads its answers
         if "target" in dump:
@@ -66,28 +63,19 @@ def load_sections(path: str) -> dict[str, dict]:
     if "out" in dump:
         train.setdefault("teacher_dir", dump["out"])
     if "target" in dump:
-        ev.setdefault("target", dump["target"])
+        evaluation.setdefault("target", dump["target"])
     if dump.get("trust_remote_code"):
-        ev.setdefault("trust_remote_code", True)
+        evaluation.setdefault("trust_remote_code", True)
     if "out" in train:
-        ev.setdefault("run_dir", train["out"])
-        ev.setdefault("report", str(Path(train["out"]) / "eval_report.json"))
+        evaluation.setdefault("run_dir", train["out"])
+        evaluation.setdefault("report", str(Path(train["out"]) / "eval_report.json"))
         export = sections.get("export")
         if export is not None:
-            _wire_export(export, train["out"])
-            ev.setdefault("draft", export.get("out", str(Path(train["out"]) / "export")))
+            export.setdefault("checkpoint", train["out"])  # its newest checkpoint
+            evaluation.setdefault("draft", export.get("out", str(Path(train["out"]) / "export")))
         else:
-            ev.setdefault("draft", str(Path(train["out"]) / "export"))
+            evaluation.setdefault("draft", str(Path(train["out"]) / "export"))
     return sections
-
-
-def _wire_export(export: dict, run_dir: str) -> None:
-    """export's checkpoint defaults to the run directory (its newest checkpoint) when the command takes one."""
-    names = {p.name for p in stage_command("export").params}
-    for name in ("checkpoint", "ckpt", "run_dir"):
-        if name in names:
-            export.setdefault(name, run_dir)
-            break
 
 
 def resolve_options(path: str, name: str, values: dict) -> dict:
@@ -125,10 +113,10 @@ def expected_dump_settings(options: dict, num_layers: int) -> dict:
     _, num_shards = shard_from_env(options.get("shard_index"), options.get("num_shards"))
     topk = options["teacher"] == "topk"
     dtype = resolve_dtype(options.get("dtype"), device)
-    engine = {} if options.get("engine", "hf") == "hf" else {"engine": options["engine"]}  # as DumpSettings.record
+    engine = {} if options["engine"] == "hf" else {"engine": options["engine"]}  # as DumpSettings.record
     return {
         **engine, "target": local_or_name(options["target"]), "data": [local_or_name(s) for s in options["data"]],
-        "dtype": dtype_name(dtype), "aux_dtype": dtype_name(storage_dtype(options.get("aux_dtype") or "model", dtype)),
+        "dtype": dtype_name(dtype), "aux_dtype": dtype_name(storage_dtype(options["aux_dtype"], dtype)),
         "aux_layers": list(parse_aux_layers(options.get("aux_layers"), num_layers)),
         "teacher": options["teacher"], "top_k": options["top_k"] if topk else None,
         "max_seq_len": options["max_seq_len"], "loss_on": options["loss_on"], "num_shards": num_shards,
@@ -258,21 +246,21 @@ def run_pipeline(ctx: click.Context, path: str, force: bool = False) -> dict:
 
     dump = dump_summary_from_disk(options["dump-teacher"]["out"])
     train = results.get("train") or jsonlib.loads((Path(options["train"]["out"]) / "train_summary.json").read_text())
-    ev = results["eval"]
+    report = results["eval"]
     return {
         "data": [str(d) for d in options["dump-teacher"]["data"]],
         "sequences": dump["sequences"], "tokens": dump["tokens"], "supervised_tokens": dump["supervised_tokens"],
         "teacher_dir": dump["out"], "teacher_bytes": dump["bytes"], "teacher_bytes_per_token": dump["bytes_per_token"],
-        "training_seconds": _training_seconds(train), "training_steps": train.get("steps"),
+        "training_seconds": train.get("wall_time_s"), "training_steps": train.get("steps"),
         "draft": options["eval"]["draft"], "run_dir": options["train"]["out"],
         "eval_report": options["eval"].get("report"),
-        "acceptance_length": ev["acceptance_length"], "per_position_acceptance": ev["per_position_acceptance"],
-        "simulated_acceptance_length": ev["simulated_acceptance_length"], "draft_tokens": ev["draft_tokens"],
-        "lossless": ev["lossless"], "tokens_per_s": ev["tokens_per_s"],
-        "baseline_tokens_per_s": ev["baseline_tokens_per_s"],
-        "per_category": ev.get("per_category"), "per_turn": ev.get("per_turn"),
-        "num_prompts": ev.get("num_prompts"), "num_turns": ev.get("num_turns"),
-        "max_new_tokens": ev.get("max_new_tokens"), "eval_dtype": ev.get("dtype"),
+        "acceptance_length": report["acceptance_length"], "per_position_acceptance": report["per_position_acceptance"],
+        "simulated_acceptance_length": report["simulated_acceptance_length"], "draft_tokens": report["draft_tokens"],
+        "lossless": report["lossless"], "tokens_per_s": report["tokens_per_s"],
+        "baseline_tokens_per_s": report["baseline_tokens_per_s"],
+        "per_category": report.get("per_category"), "per_turn": report.get("per_turn"),
+        "num_prompts": report.get("num_prompts"), "num_turns": report.get("num_turns"),
+        "max_new_tokens": report.get("max_new_tokens"), "eval_dtype": report.get("dtype"),
         "final_eval": train.get("final_eval"), "stage_seconds": seconds,
         "stages": status, "seconds": time.perf_counter() - started,
     }
@@ -286,30 +274,25 @@ def has_partial_run(run_dir: str) -> bool:
     return not (run / "train_summary.json").exists() and latest_checkpoint(run / "checkpoints") is not None
 
 
-def _training_seconds(train_summary: dict):
-    for key in ("wall_time_s", "training_seconds", "seconds"):
-        if isinstance(train_summary.get(key), (int, float)):
-            return float(train_summary[key])
-    return None
-
-
-def format_summary(s: dict) -> str:
+def format_summary(summary: dict) -> str:
     def num(v, spec):
         return "-" if v is None else format(v, spec)
 
     rows = [
-        ("data", ", ".join(s["data"])),
-        ("teacher dump", f"{s['teacher_dir']}: {s['sequences']} sequences, {s['tokens']} tokens "
-                         f"({s['supervised_tokens']} supervised), {num(s['teacher_bytes_per_token'], '.0f')} bytes/token"),
-        ("training time", f"{num(s['training_seconds'], '.1f')} s"),
-        ("acceptance length", f"{num(s['acceptance_length'], '.2f')} at K={s['draft_tokens']} "
-                              f"(simulated in training: {num(s['simulated_acceptance_length'], '.2f')})"),
-        ("tokens/s", f"{num(s['tokens_per_s'], '.1f')} speculative, {num(s['baseline_tokens_per_s'], '.1f')} target alone"),
-        ("lossless", "yes" if s["lossless"] else "NO"),
-        ("draft", s["draft"]),
-        ("eval report", s.get("eval_report") or "-"),
-        ("stages", ", ".join(f"{k} {v}" for k, v in s["stages"].items())),
-        ("total", f"{s['seconds']:.1f} s"),
+        ("data", ", ".join(summary["data"])),
+        ("teacher dump", f"{summary['teacher_dir']}: {summary['sequences']} sequences, {summary['tokens']} tokens "
+                         f"({summary['supervised_tokens']} supervised), "
+                         f"{num(summary['teacher_bytes_per_token'], '.0f')} bytes/token"),
+        ("training time", f"{num(summary['training_seconds'], '.1f')} s"),
+        ("acceptance length", f"{num(summary['acceptance_length'], '.2f')} at K={summary['draft_tokens']} "
+                              f"(simulated in training: {num(summary['simulated_acceptance_length'], '.2f')})"),
+        ("tokens/s", f"{num(summary['tokens_per_s'], '.1f')} speculative, "
+                     f"{num(summary['baseline_tokens_per_s'], '.1f')} target alone"),
+        ("lossless", "yes" if summary["lossless"] else "NO"),
+        ("draft", summary["draft"]),
+        ("eval report", summary.get("eval_report") or "-"),
+        ("stages", ", ".join(f"{k} {v}" for k, v in summary["stages"].items())),
+        ("total", f"{summary['seconds']:.1f} s"),
     ]
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)

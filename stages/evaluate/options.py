@@ -16,12 +16,12 @@ def parse_draft_tokens(value) -> list[int]:
     """--draft-tokens: one K (3) or several (3,5 / [3, 5]); each >= 1, in the order given, no repeats."""
     items = value if isinstance(value, (list, tuple)) else str(value).split(",")
     try:
-        ks = [int(str(k).strip()) for k in items]
+        counts = [int(str(k).strip()) for k in items]
     except ValueError:
         raise StageError(f"--draft-tokens {value}: expected an integer or a comma-separated list (3,5)") from None
-    if not ks or any(k < 1 for k in ks) or len(set(ks)) != len(ks):
+    if not counts or any(k < 1 for k in counts) or len(set(counts)) != len(counts):
         raise StageError(f"--draft-tokens {value}: each K must be at least 1, no K twice")
-    return ks
+    return counts
 
 
 class DraftTokensType(click.ParamType):

@@ -146,25 +146,26 @@ def build_report(common: dict, runs: list[dict], mismatches: list[dict], k: int,
     return report
 
 
-def combine_reports(reports: dict, ks: list[int]) -> dict:
+def combine_reports(reports: dict, draft_token_counts: list[int]) -> dict:
     """One report for the K measured: the first K's, plus (several K) `by_draft_tokens` {K: report}, lossless only
     when every K is."""
-    report = reports[ks[0]]
-    if len(ks) > 1:
+    report = reports[draft_token_counts[0]]
+    if len(draft_token_counts) > 1:
         report = {**report, "lossless": all(r["lossless"] for r in reports.values()),
-                  "draft_tokens_list": ks, "by_draft_tokens": {str(k): r for k, r in reports.items()}}
+                  "draft_tokens_list": draft_token_counts,
+                  "by_draft_tokens": {str(k): r for k, r in reports.items()}}
     return report
 
 
 def skip_examples(skips, per_reason: int = 3) -> list[dict]:
     """The first few skipped records of each reason, with their location."""
     shown: Counter = Counter()
-    out = []
-    for s in skips:
-        if shown[s.reason] < per_reason:
-            shown[s.reason] += 1
-            out.append({"where": s.where, "reason": s.reason, "message": s.message})
-    return out
+    examples = []
+    for skip in skips:
+        if shown[skip.reason] < per_reason:
+            shown[skip.reason] += 1
+            examples.append({"where": skip.where, "reason": skip.reason, "message": skip.message})
+    return examples
 
 
 def _fmt(value, spec=".3f") -> str:
@@ -175,50 +176,52 @@ def _speedup(value) -> str:
     return _fmt(value, ".2f") + "x" if value else "-"
 
 
-def format_report(r: dict) -> str:
+def format_report(report: dict) -> str:
     """The readable report `eagle-pipe eval` prints: totals, then acceptance length per category and per turn
     (one such block per K when several were measured)."""
-    if "by_draft_tokens" in r:
-        return "\n\n".join(f"== K = {k}\n" + _format_one(sub) for k, sub in r["by_draft_tokens"].items())
-    return _format_one(r)
+    if "by_draft_tokens" in report:
+        return "\n\n".join(f"== K = {k}\n" + _format_one(sub) for k, sub in report["by_draft_tokens"].items())
+    return _format_one(report)
 
 
-def _format_one(r: dict) -> str:
-    k = r["draft_tokens"]
-    t = r["timing"]
-    prompts = f"{r['num_prompts']}" + (f" ({r['num_turns']} turns)" if r["num_turns"] != r["num_prompts"] else "")
+def _format_one(report: dict) -> str:
+    k, timing, turns = report["draft_tokens"], report["timing"], report["num_turns"]
+    prompts = f"{report['num_prompts']}" + (f" ({turns} turns)" if turns != report["num_prompts"] else "")
+    skipped = report["skipped_records"]
+    per_position = report["per_position_acceptance"], report["per_position_conditional"]
+    to_ms = {name: timing[name] and 1e3 * timing[name]
+             for name in ("seconds_per_target_forward", "baseline_seconds_per_token")}
     rows = [
-        ("draft format", r["draft_format"]),
-        ("prompts", prompts + (f" (skipped: {r['skipped_records']})" if r["skipped_records"] else "")),
+        ("draft format", report["draft_format"]),
+        ("prompts", prompts + (f" (skipped: {skipped})" if skipped else "")),
         ("draft tokens K", str(k)),
-        ("batch size", str(r["batch_size"]) + (f" ({t['rerun_alone']} turn(s) decided alone)"
-                                                if t.get("rerun_alone") else "")),
-        ("target forwards (decode)", str(r["target_forwards"])),
-        ("acceptance length", _fmt(r["acceptance_length"])),
-        ("  per draft position", "  ".join(f"{i + 1}: {_fmt(a)}" for i, a in enumerate(r["per_position_acceptance"]))),
-        ("  conditional", "  ".join(f"{i + 1}: {_fmt(a)}" for i, a in enumerate(r["per_position_conditional"]))),
-        ("simulated (training)", _fmt(r["simulated_acceptance_length"])),
-        ("tokens/s speculative", _fmt(r["tokens_per_s"], ".1f")),
-        ("tokens/s target alone", _fmt(r["baseline_tokens_per_s"], ".1f")),
-        ("speedup", _speedup(r["speedup"])),
-        ("seconds per turn", f"{_fmt(t['seconds_per_turn'], '.2f')} speculative, "
-                             f"{_fmt(t['baseline_seconds_per_turn'], '.2f')} target alone"),
-        *([("ms per target forward",
-             f"{_fmt(t['seconds_per_target_forward'] and 1e3 * t['seconds_per_target_forward'], '.1f')} speculative, "
-             f"{_fmt(t['baseline_seconds_per_token'] and 1e3 * t['baseline_seconds_per_token'], '.1f')} target alone")]
-          if r["batch_size"] == 1 else []),  # batched, one forward serves several turns
-        ("warm-up (compile)", f"{t['warmup_seconds']:.1f} s"),
-        ("lossless", "yes" if r["lossless"] else f"NO ({len(r['mismatches'])} prompt(s) differ)"),
+        ("batch size", str(report["batch_size"]) + (f" ({timing['rerun_alone']} turn(s) decided alone)"
+                                                     if timing.get("rerun_alone") else "")),
+        ("target forwards (decode)", str(report["target_forwards"])),
+        ("acceptance length", _fmt(report["acceptance_length"])),
+        ("  per draft position", "  ".join(f"{i + 1}: {_fmt(a)}" for i, a in enumerate(per_position[0]))),
+        ("  conditional", "  ".join(f"{i + 1}: {_fmt(a)}" for i, a in enumerate(per_position[1]))),
+        ("simulated (training)", _fmt(report["simulated_acceptance_length"])),
+        ("tokens/s speculative", _fmt(report["tokens_per_s"], ".1f")),
+        ("tokens/s target alone", _fmt(report["baseline_tokens_per_s"], ".1f")),
+        ("speedup", _speedup(report["speedup"])),
+        ("seconds per turn", f"{_fmt(timing['seconds_per_turn'], '.2f')} speculative, "
+                             f"{_fmt(timing['baseline_seconds_per_turn'], '.2f')} target alone"),
+        *([("ms per target forward", f"{_fmt(to_ms['seconds_per_target_forward'], '.1f')} speculative, "
+                                     f"{_fmt(to_ms['baseline_seconds_per_token'], '.1f')} target alone")]
+          if report["batch_size"] == 1 else []),  # batched, one forward serves several turns
+        ("warm-up (compile)", f"{timing['warmup_seconds']:.1f} s"),
+        ("lossless", "yes" if report["lossless"] else f"NO ({len(report['mismatches'])} prompt(s) differ)"),
     ]
     width = max(len(name) for name, _ in rows)
     lines = [f"{name:<{width}}  {value}" for name, value in rows]
-    overall = {"questions": r["num_prompts"], "turns": r["num_turns"], "target_forwards": r["target_forwards"],
-               "acceptance_length": r["acceptance_length"], "speedup": r["speedup"]}
-    lines += ["", *_group_table("category", {**r["per_category"], "overall": overall})]
-    if len(r["per_turn"]) > 1:
-        lines += ["", *_group_table("turn", {**r["per_turn"], "overall": overall})]
-    for s in r["skipped_examples"]:
-        lines.append(f"skipped {s['where']}: {s['reason']}: {s['message']}")
+    overall = {"questions": report["num_prompts"], "turns": turns, "target_forwards": report["target_forwards"],
+               "acceptance_length": report["acceptance_length"], "speedup": report["speedup"]}
+    lines += ["", *_group_table("category", {**report["per_category"], "overall": overall})]
+    if len(report["per_turn"]) > 1:
+        lines += ["", *_group_table("turn", {**report["per_turn"], "overall": overall})]
+    for skip in report["skipped_examples"]:
+        lines.append(f"skipped {skip['where']}: {skip['reason']}: {skip['message']}")
     return "\n".join(lines)
 
 

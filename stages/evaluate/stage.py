@@ -23,11 +23,11 @@ import click
 from stages.errors import StageError
 from stages.evaluate.options import EvalOptions, parse_draft_tokens
 from stages.evaluate.questions import cache_length_bound, load_prompts, render_prompt, require_questions
-from stages.evaluate.report import (acceptance_stats, build_report, combine_reports, format_report, group_stats,
-                                    simulated_acceptance_from_run, skip_examples, write_report)
+from stages.evaluate.report import (build_report, combine_reports, format_report, simulated_acceptance_from_run,
+                                    skip_examples, write_report)
 from stages.options import click_options, split_options
 from stages.target import eos_token_ids, load_target, resolve_device, resolve_dtype
-from stages.vllm_runtime import vllm_options
+from stages.vllm_runtime import VllmOptions, vllm_options
 
 
 def load_draft_for(target_model, draft_dir: str, device: str):
@@ -45,24 +45,24 @@ def load_draft_for(target_model, draft_dir: str, device: str):
     except (OSError, ValueError, KeyError) as e:
         raise StageError(f"{draft_dir}: cannot load the draft: {e}") from None
     draft = draft.float()  # the draft is small: run it in float32 whatever the export dtype
-    cfg, tcfg = draft.cfg, target_model.config.get_text_config()  # a multimodal checkpoint: its text model
-    if cfg.vocab_size != embed.shape[0] or cfg.target_hidden_size != tcfg.hidden_size:
-        raise StageError(f"{draft_dir}: draft was made for another target (vocab {cfg.vocab_size}, hidden "
-                         f"{cfg.target_hidden_size}; target has {embed.shape[0]}, {tcfg.hidden_size})")
+    draft_config = draft.cfg
+    target_config = target_model.config.get_text_config()  # a multimodal checkpoint: its text model
+    if draft_config.vocab_size != embed.shape[0] or draft_config.target_hidden_size != target_config.hidden_size:
+        raise StageError(f"{draft_dir}: draft was made for another target (vocab {draft_config.vocab_size}, hidden "
+                         f"{draft_config.target_hidden_size}; target has {embed.shape[0]}, "
+                         f"{target_config.hidden_size})")
     return draft.eval()
 
 
 # ------------------------------------------------------------------------------------------------ the run
-def evaluate(target: str, draft: str, data, *, num_prompts=32, max_new_tokens=128, draft_tokens=None, dtype=None,
-             device=None, run_dir=None, trust_remote_code=False, compile=True, batch_size=1, engine="hf",
-             vllm=None) -> dict:
+def evaluate(options: EvalOptions, vllm: VllmOptions | None = None) -> dict:
     """Speculative vs plain greedy decoding over the questions' turns; returns the report dict (see `command`).
 
-    `draft_tokens` may be a list of K: every turn then has one greedy reference, shared by the speculative runs
-    at each K, and the report is the first K's (today's keys) plus `by_draft_tokens` {K: report}.
-    `batch_size` > 1 decodes that many questions at a time, references and speculative runs (see `command`).
-    `engine` "vllm" measures the draft in vLLM instead (stages/evaluate/vllm_engine.py; `vllm`: its VllmOptions,
-    `batch_size`: vLLM's max_num_seqs, None = vLLM's default)."""
+    `options` are eval's own (EvalOptions: their defaults are the command's); `vllm` the shared vLLM flags for
+    `engine` "vllm", which measures the draft in vLLM instead (stages/evaluate/vllm_engine.py). Several
+    `draft_tokens` K share one greedy reference per turn; the report is then the first K's (today's keys) plus
+    `by_draft_tokens` {K: report}. `batch_size` > 1 decodes that many questions at a time, references and
+    speculative runs (with vLLM: its max_num_seqs, None = vLLM's default)."""
     import time
 
     from tqdm import tqdm
@@ -73,27 +73,26 @@ def evaluate(target: str, draft: str, data, *, num_prompts=32, max_new_tokens=12
     from stages.evaluate.turns import decoded_turns, turn_runs
     from stages.static_cache import bucket
 
-    dflash = is_dflash_draft(draft)  # a DFlash draft drafts its block's K (stages/evaluate/dflash_decoding.py)
-    ks = dflash_draft_tokens(draft, draft_tokens) if dflash else \
-        parse_draft_tokens(3 if draft_tokens is None else draft_tokens)
-    if batch_size is not None and batch_size < 1:
-        raise StageError(f"--batch-size {batch_size}: must be at least 1")
-    if max_new_tokens < 1:
-        raise StageError(f"--max-new-tokens {max_new_tokens}: must be at least 1")
-    if not data:
+    dflash = is_dflash_draft(options.draft)  # a DFlash draft drafts its block's K (dflash_decoding.py)
+    draft_token_counts = dflash_draft_tokens(options.draft, options.draft_tokens) if dflash else \
+        parse_draft_tokens(3 if options.draft_tokens is None else options.draft_tokens)
+    if options.batch_size is not None and options.batch_size < 1:
+        raise StageError(f"--batch-size {options.batch_size}: must be at least 1")
+    if options.max_new_tokens < 1:
+        raise StageError(f"--max-new-tokens {options.max_new_tokens}: must be at least 1")
+    if not options.data:
         raise StageError("eval needs --data (a file with conversations or benchmark questions)")
-    if engine == "vllm":
+    if options.engine == "vllm":
         from stages.evaluate.vllm_engine import evaluate_vllm
 
-        return evaluate_vllm(target, draft, data, ks=ks, num_prompts=num_prompts, max_new_tokens=max_new_tokens,
-                             dtype=dtype, device=device, run_dir=run_dir, trust_remote_code=trust_remote_code,
-                             batch_size=batch_size, vllm=vllm)
-    if engine != "hf":
-        raise StageError(f"--engine {engine!r}: expected hf or vllm")
-    batch_size = batch_size or 1
-    device = resolve_device(device)
-    torch_dtype = resolve_dtype(dtype, device)
-    model, tokenizer = load_target(target, torch_dtype, device, trust_remote_code)
+        return evaluate_vllm(options, draft_token_counts, vllm)
+    if options.engine != "hf":
+        raise StageError(f"--engine {options.engine!r}: expected hf or vllm")
+    target, draft, data = options.target, options.draft, list(options.data)
+    batch_size, max_new_tokens = options.batch_size or 1, options.max_new_tokens
+    device = resolve_device(options.device)
+    torch_dtype = resolve_dtype(options.dtype, device)
+    model, tokenizer = load_target(target, torch_dtype, device, options.trust_remote_code)
     drafter = load_draft_for(model, draft, device)
     generate = None
     if dflash:  # its own block drafting, one turn at a time
@@ -101,16 +100,17 @@ def evaluate(target: str, draft: str, data, *, num_prompts=32, max_new_tokens=12
             raise StageError(f"--batch-size {batch_size}: the HF engine decodes a DFlash draft one turn at a time "
                              "(--batch-size 1), or serve it batched with --engine vllm")
         from stages.evaluate.dflash_decoding import dflash_speculative_generate as generate
-    questions, skips = load_prompts(data, tokenizer, num_prompts)
+    questions, skips = load_prompts(data, tokenizer, options.num_prompts)
     require_questions(data, questions, skips)
     eos_ids = eos_token_ids(model, tokenizer)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_ids[0]
-    simulated = {k: simulated_acceptance_from_run(run_dir, k) if run_dir else None for k in ks}
+    simulated = {k: simulated_acceptance_from_run(options.run_dir, k) if options.run_dir else None
+                 for k in draft_token_counts}
 
-    decoder = HFDecoder(model, drafter, ks, max_new_tokens=max_new_tokens, eos_ids=eos_ids, pad_id=pad_id,
-                        device=device, batch_size=batch_size, compile=compile, where=str(target),
-                        cache_len=bucket(cache_length_bound(questions, tokenizer, max_new_tokens, max(ks))),
-                        speculative_generate=generate)
+    cache_len = bucket(cache_length_bound(questions, tokenizer, max_new_tokens, max(draft_token_counts)))
+    decoder = HFDecoder(model, drafter, draft_token_counts, max_new_tokens=max_new_tokens, eos_ids=eos_ids,
+                        pad_id=pad_id, device=device, batch_size=batch_size, compile=options.compile,
+                        where=str(target), cache_len=cache_len, speculative_generate=generate)
     try:
         # warm-up outside the timings (first-call allocations, lazy inits, and the compiles)
         started = time.perf_counter()
@@ -134,8 +134,8 @@ def evaluate(target: str, draft: str, data, *, num_prompts=32, max_new_tokens=12
               "reference_seconds": totals["reference_seconds"], "reference_tokens": totals["reference_tokens"],
               **({"references": {"rerun_alone": totals["rerun_alone"]}} if batch_size > 1 else {"references": {}})}
     reports = {k: {**build_report(common, *turn_runs(records, questions, k), k, simulated[k],
-                                  totals["speculative_seconds"][k]), "engine": "hf"} for k in ks}
-    return combine_reports(reports, ks)
+                                  totals["speculative_seconds"][k]), "engine": "hf"} for k in draft_token_counts}
+    return combine_reports(reports, draft_token_counts)
 
 
 @click.command("eval")
@@ -143,17 +143,12 @@ def evaluate(target: str, draft: str, data, *, num_prompts=32, max_new_tokens=12
 @vllm_options
 def command(**options):
     """Measure acceptance length with real speculative decoding; check it is lossless against generate()."""
-    from stages.vllm_runtime import VllmOptions
-
-    o, vllm_params = split_options(EvalOptions, options)
-    batch_size = (o.batch_size or 1) if o.engine == "hf" else o.batch_size
-    result = evaluate(o.target, o.draft, list(o.data), num_prompts=o.num_prompts, max_new_tokens=o.max_new_tokens,
-                      draft_tokens=o.draft_tokens, dtype=o.dtype, device=o.device, run_dir=o.run_dir,
-                      trust_remote_code=o.trust_remote_code, compile=o.compile, batch_size=batch_size,
-                      engine=o.engine, vllm=VllmOptions.from_params(vllm_params) if o.engine == "vllm" else None)
-    if o.report:
-        write_report(result, Path(o.report))
-    click.echo(jsonlib.dumps(result) if o.json else format_report(result))
+    eval_options, vllm_params = split_options(EvalOptions, options)
+    vllm = VllmOptions.from_params(vllm_params) if eval_options.engine == "vllm" else None
+    result = evaluate(eval_options, vllm)
+    if eval_options.report:
+        write_report(result, Path(eval_options.report))
+    click.echo(jsonlib.dumps(result) if eval_options.json else format_report(result))
     if not result["lossless"]:
         failing = next(r for r in result.get("by_draft_tokens", {"": result}).values() if not r["lossless"])
         first = failing["mismatches"][0]

@@ -52,17 +52,19 @@ def decoded_turns(questions, tokenizer, decode: Callable, *, group_size: int, eo
 def turn_runs(records: list[TurnRecord], questions, k: int) -> tuple[list[dict], list[dict]]:
     """The per-prompt rows and the lossless mismatches of K, in question then turn order."""
     runs, mismatches = [], []
-    for r in sorted(records, key=lambda r: (r.question, r.turn)):
-        q, spec, reference = questions[r.question], r.decoded.specs[k], r.decoded.reference
-        timed = r.decoded.reference_seconds is not None  # decoded alone: per-turn seconds mean something
-        runs.append({"question": r.question, "where": q.where, "question_id": q.question_id,
-                     "category": q.category, "turn": r.turn, "prompt_tokens": len(r.prompt),
+    for record in sorted(records, key=lambda r: (r.question, r.turn)):
+        question, decoded = questions[record.question], record.decoded
+        spec, reference = decoded.specs[k], decoded.reference
+        timed = decoded.reference_seconds is not None  # decoded alone: per-turn seconds mean something
+        runs.append({"question": record.question, "where": question.where, "question_id": question.question_id,
+                     "category": question.category, "turn": record.turn, "prompt_tokens": len(record.prompt),
                      "accepted": spec.accepted, "new_tokens": len(spec.tokens),
                      "baseline_new_tokens": len(reference), "seconds": spec.seconds if timed else None,
-                     "baseline_seconds": r.decoded.reference_seconds, "output_tokens": spec.tokens})
+                     "baseline_seconds": decoded.reference_seconds, "output_tokens": spec.tokens})
         if spec.tokens != reference:
             diff = next((j for j, (a, b) in enumerate(zip(spec.tokens, reference)) if a != b),
                         min(len(spec.tokens), len(reference)))
-            mismatches.append({"prompt": r.question, "turn": r.turn, "where": q.where, "first_difference": diff,
-                               "speculative_len": len(spec.tokens), "reference_len": len(reference)})
+            mismatches.append({"prompt": record.question, "turn": record.turn, "where": question.where,
+                               "first_difference": diff, "speculative_len": len(spec.tokens),
+                               "reference_len": len(reference)})
     return runs, mismatches

@@ -23,10 +23,12 @@ from __future__ import annotations
 import gc
 import json
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from stages.errors import StageError
+from stages.evaluate.options import EvalOptions
+from stages.vllm_runtime import VllmOptions
 
 COUNTERS = ("vllm:spec_decode_num_drafts", "vllm:spec_decode_num_draft_tokens",
             "vllm:spec_decode_num_accepted_tokens", "vllm:spec_decode_num_accepted_tokens_per_pos")
@@ -158,41 +160,43 @@ def served_acceptance(counters: dict, draft_tokens: int) -> dict:
             "target_forwards": drafts}
 
 
-def evaluate_vllm(target: str, draft: str, data, *, ks: list[int], num_prompts=32, max_new_tokens=128, dtype=None,
-                  device=None, run_dir=None, trust_remote_code=False, batch_size=None, vllm=None) -> dict:
+def evaluate_vllm(options: EvalOptions, draft_token_counts: list[int], vllm: VllmOptions | None = None) -> dict:
     """`eval --engine vllm`: the report of `stages.evaluate.stage.evaluate`, measured in vLLM (module docstring).
 
-    `vllm`: the VllmOptions of the shared flags (stages/vllm_runtime.py); `batch_size` caps the sequences vLLM
-    decodes at once (its max_num_seqs; None: vLLM's own default)."""
+    `draft_token_counts`: the K to measure (options.draft_tokens parsed); `vllm`: the VllmOptions of the shared
+    flags (stages/vllm_runtime.py); `options.batch_size` caps the sequences vLLM decodes at once (its
+    max_num_seqs; None: vLLM's own default)."""
     from stages.data.records import summarize_skips
     from stages.evaluate.questions import load_prompts, require_questions
     from stages.evaluate.report import build_report, combine_reports, simulated_acceptance_from_run, skip_examples
     from stages.evaluate.turns import Decoded, decoded_turns, turn_runs
     from stages.target import dtype_name, eos_token_ids, load_tokenizer, resolve_device, resolve_dtype
-    from stages.vllm_runtime import VllmOptions, require_vllm, vllm_version
+    from stages.vllm_runtime import require_vllm, vllm_version
 
-    options = vllm or VllmOptions()
-    if trust_remote_code:
+    target, draft, data, max_new_tokens = options.target, options.draft, list(options.data), options.max_new_tokens
+    vllm = vllm or VllmOptions()
+    if options.trust_remote_code:
         raise StageError("--trust-remote-code is for --engine hf; vLLM loads the target with its own model code")
-    if options.data_parallel_size > 1:
+    if vllm.data_parallel_size > 1:
         raise StageError("--data-parallel-size: eval runs one vLLM engine at a time; spread a large target with "
                          "--tensor-parallel-size (and --enable-expert-parallel for MoE targets)")
     method, draft_format = speculative_method(draft)
     require_vllm()
-    device = resolve_device(device)  # where vLLM runs: the report's word for it
-    torch_dtype = resolve_dtype(dtype, device)
-    options = VllmOptions(**{**options.__dict__, "dtype": dtype_name(torch_dtype)})
+    device = resolve_device(options.device)  # where vLLM runs: the report's word for it
+    torch_dtype = resolve_dtype(options.dtype, device)
+    vllm = replace(vllm, dtype=dtype_name(torch_dtype))
     tokenizer = load_tokenizer(target)
     eos_ids = eos_token_ids(None, tokenizer, target)
-    questions, skips = load_prompts(data, tokenizer, num_prompts)
+    questions, skips = load_prompts(data, tokenizer, options.num_prompts)
     require_questions(data, questions, skips)
-    simulated = {k: simulated_acceptance_from_run(run_dir, k) if run_dir else None for k in ks}
-    engine_args = dict(max_new_tokens=max_new_tokens, stop_ids=eos_ids, max_num_seqs=batch_size)
+    simulated = {k: simulated_acceptance_from_run(options.run_dir, k) if options.run_dir else None
+                 for k in draft_token_counts}
+    engine_args = dict(max_new_tokens=max_new_tokens, stop_ids=eos_ids, max_num_seqs=options.batch_size)
 
     # 1. the target alone: reference outputs turn by turn (later turns follow its own answers), all questions
     #    at once (vLLM batches them)
     reference_seconds = [0.0]
-    decoder = VllmDecoder(options, target, **engine_args)
+    decoder = VllmDecoder(vllm, target, **engine_args)
 
     def references(prompts: list[list[int]]) -> list[Decoded]:
         outputs, seconds = decoder.generate(prompts)
@@ -207,8 +211,8 @@ def evaluate_vllm(target: str, draft: str, data, *, ks: list[int], num_prompts=3
 
     # 2. with the draft, one engine per K, on the same prompts, turn by turn
     spec_seconds, served = {}, {}
-    for k in ks:
-        decoder = VllmDecoder(options, target, draft=draft, method=method, draft_tokens=k, **engine_args)
+    for k in draft_token_counts:
+        decoder = VllmDecoder(vllm, target, draft=draft, method=method, draft_tokens=k, **engine_args)
         try:
             start_seconds[f"speculative_k{k}"] = decoder.start_seconds
             before = decoder.counters()
@@ -227,12 +231,12 @@ def evaluate_vllm(target: str, draft: str, data, *, ks: list[int], num_prompts=3
               "data": [str(d) for d in data], "num_prompts": len(questions),
               "skipped_records": summarize_skips(skips), "skipped_examples": skip_examples(skips),
               "max_new_tokens": max_new_tokens, "device": device, "dtype": dtype_name(torch_dtype),
-              "batch_size": batch_size, "reference_seconds": reference_seconds[0],
+              "batch_size": options.batch_size, "reference_seconds": reference_seconds[0],
               "reference_tokens": sum(len(r.decoded.reference) for r in records),
               "warmup_seconds": sum(start_seconds.values()),
               "engine": {"engine": "vllm", "start_seconds": start_seconds}, "references": {}}
     reports = {}
-    for k in ks:
+    for k in draft_token_counts:
         runs, mismatches = turn_runs(records, questions, k)
         report = build_report(common, runs, mismatches, k, simulated[k], spec_seconds[k])
         report.update(served_acceptance(served[k], k))  # the served numbers are vLLM's counters
@@ -244,9 +248,9 @@ def evaluate_vllm(target: str, draft: str, data, *, ks: list[int], num_prompts=3
                           "per_position_acceptance": "vllm:spec_decode_num_accepted_tokens_per_pos / "
                                                      "vllm:spec_decode_num_drafts",
                           "per_request_equals_counters": counted == {name: served[k][name] for name in counted},
-                          "options": options.record()}
+                          "options": vllm.record()}
         reports[k] = report
-    return combine_reports(reports, ks)
+    return combine_reports(reports, draft_token_counts)
 
 
 def per_request_counts(runs: list[dict], draft_tokens: int) -> dict:
