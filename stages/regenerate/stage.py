@@ -134,7 +134,7 @@ def generate_part(engine, jobs: list[_Job], *, seed: int, drop_truncated: bool, 
                 job.messages += job.segments[len(job.finish_reasons)] + [{"role": "assistant", "content": resp.text}]
                 job.finish_reasons.append(resp.finish_reason)
                 job.num_tokens.append(resp.num_tokens)
-            progress(resp.num_tokens, done=not job.pending)
+            progress(resp.num_tokens, finished=not job.pending)
 
 
 def part_bookkeeping(index: int, jobs: list[_Job], sha256: str, size: int) -> dict:
@@ -282,9 +282,9 @@ def regenerate(*, retry_backoff: float = 1.0, **options) -> dict:
     parts = [jobs[lo:lo + o.part_records] for lo in range(0, len(jobs), o.part_records)]
     books, tokens_now, started = {}, [0], time.perf_counter()
     with tqdm(total=len(jobs), desc="regenerate", unit="rec", mininterval=1.0) as bar:
-        def progress(tokens: int, done: bool) -> None:
+        def progress(tokens: int, finished: bool) -> None:
             tokens_now[0] += tokens
-            bar.update(int(done))
+            bar.update(int(finished))
             bar.set_postfix_str(f"{tokens_now[0] / max(time.perf_counter() - started, 1e-9):,.0f} tok/s",
                                 refresh=False)
 
