@@ -312,24 +312,28 @@ def test_k_norm_is_one_parameter_shared_by_every_layer():
     assert {k for k in model.state_dict() if "k_norm" in k} == {f"layers.{i}.self_attn.k_norm.weight" for i in range(3)}
 
 
-def test_dflash_step_is_one_graph_and_compiled_equals_eager():
-    """The train stage's DFlash step (make_step_fn with a gamma) traces as one graph, no break and no host sync,
-    and the compiled step (fullgraph=True, as training runs it) gives the eager loss and gradients."""
-    from stages.train.stage import make_step_fn
+@pytest.mark.parametrize("draft_vocab", [None, 12])
+def test_dflash_step_is_one_graph_and_compiled_equals_eager(draft_vocab):
+    """The train stage's DFlash step (the DFlash drafter's loss in compile_step), over the full vocabulary or a
+    draft vocabulary (its maps built inside the step), traces as one graph, no break and no host sync, and the
+    compiled step (fullgraph=True, as training runs it) gives the eager loss and gradients."""
+    from stages.train.drafters import DFlashDrafter
+    from stages.train.stage import compile_step
 
     cfg = tiny_dflash_cfg()
-    model = random_dflash(cfg, seed=11, dtype=torch.float32)
+    model = random_dflash(cfg, seed=11, dtype=torch.float32) if draft_vocab is None else \
+        draft_vocab_dflash(cfg, draft_vocab, seed=11, dtype=torch.float32)[1]
     batch = dflash_batch(cfg, [9, 5, 12, 3], T=34, rows=2, seed=12, dtype=torch.float32)
     batch["anchors"], batch["anchor_valid"] = sample_anchors(batch, 6, torch.Generator().manual_seed(2))
     counts = target_counts(batch, cfg.block_size)
-    eager = make_step_fn(3, "topk", 0.8, "dense", torch.device("cpu"), compile_=False, precision="fp32",
-                         dflash_gamma=2.0)
+    drafter = DFlashDrafter(block_size=cfg.block_size, draft_layers=2, mask_token_id=None,
+                            draft_vocab_size=draft_vocab, anchors_per_row=6, gamma=2.0, draft_rope="auto", seed=0)
+    eager = compile_step(drafter.loss, "topk", torch.device("cpu"), compile_=False, precision="fp32")
     torch._dynamo.reset()
     explanation = torch._dynamo.explain(eager)(model, batch, counts)
     assert explanation.graph_break_count == 0 and explanation.graph_count == 1, explanation.break_reasons
     grads = []
-    for step in (eager, make_step_fn(3, "topk", 0.8, "dense", torch.device("cpu"), compile_=True,
-                                     precision="fp32", dflash_gamma=2.0)):
+    for step in (eager, compile_step(drafter.loss, "topk", torch.device("cpu"), compile_=True, precision="fp32")):
         model.zero_grad()
         loss, metrics = step(model, batch, counts)
         loss.backward()

@@ -119,7 +119,7 @@ def test_kill_9_then_resume_gives_bitwise_the_same_weights(dump, tmp_path):
 
 
 def _nan_at(monkeypatch, bad_calls):
-    import stages.train.stage as train_mod
+    import stages.train.drafters as train_mod  # the EAGLE-3 drafter's loss (stages/train/drafters.py)
 
     real, calls = train_mod.ttt_loss, {"n": 0}
 

@@ -16,11 +16,10 @@ from stages.errors import StageError
 
 
 def export_checkpoint(checkpoint: str | Path, out: str | Path) -> Path:
-    """Build the draft from the checkpoint's config and weights and write it with `eagle.export.export_draft`."""
-    from eagle.config import DraftConfig
-    from eagle.export import export_draft
-    from eagle.model import Eagle3Draft
+    """Build the draft from the checkpoint's config and weights and write its serving layout (the exporter its
+    draft config's architecture names: stages/train/drafters.py exporter_for)."""
     from stages.train.checkpoint import latest_checkpoint, load_model_tensors, read_meta
+    from stages.train.drafters import exporter_for
 
     checkpoint = Path(checkpoint)
     if checkpoint.is_dir() and not (checkpoint / "meta.json").exists():
@@ -33,15 +32,8 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path) -> Path:
     if not checkpoint.is_dir():
         raise StageError(f"{checkpoint}: no such checkpoint directory")
     meta = read_meta(checkpoint)
-    dflash = isinstance(meta.get("draft_config"), dict) and meta["draft_config"].get("draft_arch") == "dflash"
     try:
-        if dflash:  # a DFlash draft (eagle/dflash.py): exported in vLLM's DFlashDraftModel layout
-            from eagle.dflash import DFlashConfig, DFlashDraft
-            from eagle.dflash_export import export_dflash
-
-            model, write = DFlashDraft(DFlashConfig.from_dict(meta["draft_config"])), export_dflash
-        else:
-            model, write = Eagle3Draft(DraftConfig.from_dict(meta["draft_config"])), export_draft
+        model, write = exporter_for(meta["draft_config"])
     except (KeyError, TypeError, ValueError) as e:
         raise StageError(f"{checkpoint / 'meta.json'}: bad draft_config ({e})") from None
     load_model_tensors(checkpoint, model)

@@ -17,9 +17,6 @@ import click
 from stages.options import option
 
 
-EAGLE3_DRAFT_VOCAB = 32000  # the EAGLE-3 draft vocabulary when --draft-vocab-size is not given
-
-
 @dataclass(frozen=True)
 class TrainSettings:
     teacher_dir: str = option(type=click.Path(file_okay=False))
@@ -49,9 +46,9 @@ class TrainSettings:
     ttt_steps: int = 7
     """K: draft steps unrolled by training-time test."""
     draft_vocab_size: int | None = option(None, type=click.IntRange(min=1))
-    """Vd: the draft's vocabulary, the most frequent supervised target ids of the dump, capped at the target's V
-    (default: 32000 for eagle3 / eagle3.1; the full vocabulary for dflash, whose lm_head is then the target's
-    rows of those ids, frozen)."""
+    """Vd: the draft's vocabulary, the most frequent supervised target ids of the dump, capped at the target's V.
+    Default: 32000 for eagle3 / eagle3.1, the full vocabulary for dflash (given, a DFlash draft's lm_head is the
+    target's rows of those ids, frozen)."""
     decay: float = 0.8
     """Loss weight decay**j of TTT step j."""
     long_sequences: Literal["split", "truncate"] = "split"
@@ -108,13 +105,6 @@ class TrainSettings:
     """Threads building batches in the background."""
     max_bad_steps: int = 10
     """Stop after this many optimizer steps in a row with a non-finite loss or gradient."""
-
-    def draft_vocab(self) -> int | None:
-        """The draft vocabulary asked for: the option, else 32000 for EAGLE-3 (the draft config caps it at V), None
-        (the full vocabulary) for DFlash."""
-        if self.draft_vocab_size is not None:
-            return self.draft_vocab_size
-        return None if self.draft_arch == "dflash" else EAGLE3_DRAFT_VOCAB
 
     def record(self, world_size: int) -> dict:
         """The settings as written into checkpoints and train_summary.json (plus the world size)."""

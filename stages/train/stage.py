@@ -7,14 +7,17 @@ target.
 Per optimizer step: `grad_accum` packed micro-batches per rank (stages/train/loader.py) -> the compiled step
 (TTT forward + loss + metrics, `torch.compile(fullgraph=True)`, bf16 autocast, fp32 master weights) ->
 backward -> one gradient all-reduce -> clip -> fused AdamW. A DFlash draft runs the same loop with its own step
-(eagle/dflash.py: anchor blocks sampled by the loader, per-slot metrics in place of per-TTT-step ones). The loss is normalised by the number of supervised
+(eagle/dflash.py: anchor blocks sampled by the loader, per-slot metrics in place of per-TTT-step ones), through
+the drafter interface (stages/train/drafters.py). The loss is normalised by the number of supervised
 positions of the whole global batch (counted on the host, summed over ranks and micro-batches), so any split
 over ranks and accumulation computes the same update as one big batch. A non-finite loss or gradient skips the
 update on the device (AdamW's `found_inf`, no host sync); metrics stay on the device and reach the host once per
 `--log-every` steps, when too many skipped steps in a row stop the run.
 
 `train(settings)` reads as its phases: check_inputs -> build_model -> build_data -> build_optimization ->
-resume -> run_loop -> finish, each a function of the typed `TrainSettings` (stages/train/settings.py).
+resume -> run_loop -> finish, each a function of the typed `TrainSettings` (stages/train/settings.py); what
+differs between drafters (model, loss, loader anchors, resume keys, export) is behind the drafter interface of
+stages/train/drafters.py, so the phases have no per-architecture branch.
 
 Writes RUN/checkpoints/ (stages/train/checkpoint.py), RUN/metrics.jsonl, RUN/tensorboard/ (when installed),
 RUN/export/ (the serving layout) and, last, RUN/train_summary.json: `eagle-pipe run`'s completion marker.
@@ -35,62 +38,24 @@ from stages.train import checkpoint as ckpt
 from stages.errors import StageError
 from stages.options import click_options
 from stages.shards import atomic_write_json, read_json
-from stages.train.loader import AnchorPlan, DumpIndex, PackedLoader
-from stages.train.settings import EAGLE3_DRAFT_VOCAB, TrainSettings
+from stages.train.loader import DumpIndex, PackedLoader
+from stages.train.drafters import Eagle3Drafter, drafter_for
+from stages.train.settings import TrainSettings
 from stages.train.setup import (DistInfo, GradSync, WarmupCosine, all_reduce_sum, barrier, broadcast_ok,
-                                build_dflash, build_draft, check_dumps, init_distributed, make_optimizer, resolve_precision,
-                                run_length_warning, token_counts)
+                                check_dumps, init_distributed, make_optimizer, resolve_precision, run_length_warning,
+                                token_counts)
 
-# settings a resumed run must share with the checkpoint (they change the data order or the model)
+# settings a resumed run must share with the checkpoint (they change the data order or the model); each drafter
+# adds its own (drafter.fixed_settings), and the draft config is compared whole before loading
 RESUME_FIXED = ("seq_len", "batch_size", "grad_accum", "seed", "ttt_steps", "long_sequences", "eval_fraction",
                 "world_size", "draft_arch")
-EAGLE3_RESUME_FIXED = ("draft_vocab_size",)  # compared resolved (TrainSettings.draft_vocab): older runs recorded 32000
-# block_size, draft_layers, mask_token_id and the draft vocabulary (capped at V) are in the draft config, compared
-# before loading too (another draft vocabulary has another lm_head.weight)
-DFLASH_RESUME_FIXED = ("anchors_per_row",)
 
 
-# what `train` says on rank 0 about the architecture it trains
-ARCH_NOTES = {"eagle3": "eagle3",
-              "eagle3.1": "eagle3.1 (fc_norm: an RMSNorm per aux hidden state before fc; norm_output: the next "
-                          "draft step receives norm(out))"}
-
-
-def arch_note(cfg) -> str:
-    if cfg.draft_arch == "dflash":
-        vocab = f"full vocabulary {cfg.vocab_size}" if cfg.draft_vocab_size is None else \
-            f"draft vocabulary {cfg.draft_vocab_size} of {cfg.vocab_size}"
-        return (f"dflash ({cfg.num_hidden_layers} layer(s), block {cfg.block_size}: serve with K = "
-                f"{cfg.block_size - 1}; mask token {cfg.mask_token_id}; aux layers {list(cfg.aux_layer_ids)}; "
-                f"{vocab})")
-    return ARCH_NOTES.get(cfg.draft_arch, cfg.draft_arch)
-
-
-def is_dflash(s: TrainSettings) -> bool:
-    return s.draft_arch == "dflash"
-
-
-def metric_steps(s: TrainSettings) -> int:
-    """What the metrics count per position: TTT steps (EAGLE-3) or drafted block slots (DFlash)."""
-    return s.block_size - 1 if is_dflash(s) else s.ttt_steps
-
-
-def anchors_per_row(s: TrainSettings) -> int:
-    return s.anchors_per_row or max(1, s.seq_len // s.block_size)
-
-
-def ttt_loss(*args, **kwargs):
-    from eagle.ttt import ttt_loss as _ttt_loss  # imported late: keeps `eagle-pipe --help` fast
-
-    return _ttt_loss(*args, **kwargs)
-
-
-def make_step_fn(steps: int, teacher_kind: str, decay: float, attention: str, device: torch.device, compile_: bool,
-                 precision: str = "auto", dflash_gamma: float | None = None):
-    """The whole TTT forward + loss + metrics as one function of (model, batch, normalizer). FP8 aux states are
-    dequantized first, inside the same graph: the host only ever moves the stored bytes. Matmuls run in bf16
-    autocast when `precision` resolves to bf16 (stages/train/setup.py: resolve_precision), weights stay fp32.
-    With `dflash_gamma` the step is a DFlash draft's (eagle/dflash.py dflash_loss, slot weights by gamma)."""
+def compile_step(loss, teacher_kind: str, device: torch.device, compile_: bool, precision: str = "auto"):
+    """A drafter's forward + loss + metrics (`loss(model, batch, normalizer, teacher_kind)`, drafters.py) as one
+    function of (model, batch, normalizer). FP8 aux states are dequantized first, inside the same graph: the host
+    only ever moves the stored bytes. Matmuls run in bf16 autocast when `precision` resolves to bf16
+    (stages/train/setup.py: resolve_precision), weights stay fp32."""
     from stages.shards.aux import dequantize_batch
 
     autocast = resolve_precision(precision, device)[0] == "bf16"
@@ -98,13 +63,18 @@ def make_step_fn(steps: int, teacher_kind: str, decay: float, attention: str, de
     def step_fn(model, batch, normalizer):
         batch = dequantize_batch(batch)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-            if dflash_gamma is not None:
-                from eagle.dflash import dflash_loss
-
-                return dflash_loss(model, batch, normalizer, teacher_kind, dflash_gamma)
-            return ttt_loss(model, batch, steps, normalizer, teacher_kind, decay=decay, attention=attention)
+            return loss(model, batch, normalizer, teacher_kind)
 
     return torch.compile(step_fn, fullgraph=True) if compile_ else step_fn
+
+
+def make_step_fn(steps: int, teacher_kind: str, decay: float, attention: str, device: torch.device, compile_: bool,
+                 precision: str = "auto"):
+    """The EAGLE-3 step (TTT forward + loss + metrics over `steps` steps) as `compile_step` makes it (the
+    benchmarks' and tests' entry point)."""
+    drafter = Eagle3Drafter(draft_arch="eagle3", draft_vocab_size=0, ttt_steps=steps, decay=decay, attention=attention,
+                            init_lm_head=False, draft_rope="auto", seed=0)  # only its loss is used
+    return compile_step(drafter.loss, teacher_kind, device, compile_, precision)
 
 
 def to_device(batch: dict, device: torch.device, float_dtype: torch.dtype | None) -> dict:
@@ -286,13 +256,14 @@ def train(s: TrainSettings) -> dict:
     info = init_distributed(s.device)
     latest = check_inputs(s, info)
     index = DumpIndex(Path(s.teacher_dir))
-    model = build_model(s, index, info)
-    data = build_data(s, index, model, info)
+    drafter = drafter_for(s)
+    model = build_model(s, drafter, index, info)
+    data = build_data(s, drafter, index, model, info)
     optim = build_optimization(s, model, data, info)
     warn_if_too_short(s, data, optim, info)
-    state = resume(s, info, latest, model, optim, data)
-    run_loop(s, info, model, optim, data, state)
-    return finish(s, info, model, state, wall0)
+    state = resume(s, drafter, info, latest, model, optim, data)
+    run_loop(s, drafter, info, model, optim, data, state)
+    return finish(s, drafter, info, model, state, wall0)
 
 
 def check_inputs(s: TrainSettings, info: DistInfo) -> Path | None:
@@ -314,30 +285,23 @@ def check_inputs(s: TrainSettings, info: DistInfo) -> Path | None:
     return latest
 
 
-def build_model(s: TrainSettings, index: DumpIndex, info: DistInfo):
+def build_model(s: TrainSettings, drafter, index: DumpIndex, info: DistInfo):
     """The draft from the dump alone, on the device; rank 0 says which RoPE it took and why."""
     from eagle.config import choose_draft_rope
 
     teacher_dir = Path(s.teacher_dir)
-    if is_dflash(s):
-        model = build_dflash(teacher_dir, index.manifest, token_counts(index), block_size=s.block_size,
-                             draft_layers=s.draft_layers, mask_token_id=s.mask_token_id, seed=s.seed,
-                             draft_rope=s.draft_rope, draft_vocab_size=s.draft_vocab()).to(info.device)
-    else:
-        model = build_draft(teacher_dir, index.manifest, token_counts(index), draft_vocab_size=s.draft_vocab(),
-                            ttt_steps=s.ttt_steps, init_lm_head=s.init_lm_head, seed=s.seed,
-                            draft_rope=s.draft_rope, draft_arch=s.draft_arch).to(info.device)
+    model = drafter.build(teacher_dir, index.manifest, token_counts(index)).to(info.device)
     if info.is_main:
         rope = choose_draft_rope(read_json(teacher_dir / "target" / "config.json"), s.draft_rope)
         click.echo(f"train: draft RoPE: {rope.reason}", err=True)
-        click.echo(f"train: draft architecture: {arch_note(model.cfg)}", err=True)
+        click.echo(f"train: draft architecture: {drafter.note(model.cfg)}", err=True)
         precision, why = resolve_precision(s.precision, info.device)
         click.echo(f"train: precision {precision}{' autocast, fp32 weights' if precision == 'bf16' else ''} ({why})",
                    err=True)
     return model
 
 
-def build_data(s: TrainSettings, index: DumpIndex, model, info: DistInfo) -> TrainData:
+def build_data(s: TrainSettings, drafter, index: DumpIndex, model, info: DistInfo) -> TrainData:
     """Held-out split (whole documents, or the separate eval dump), packed loaders, and the number of steps."""
     eval_dir = _eval_dir(s)
     if eval_dir is not None:
@@ -346,11 +310,9 @@ def build_data(s: TrainSettings, index: DumpIndex, model, info: DistInfo) -> Tra
     else:
         train_ids, eval_ids = index.split(s.eval_fraction, s.seed)
         eval_index = index
-    t2d = model.t2d.cpu()
-    anchors = AnchorPlan(s.block_size, anchors_per_row(s), s.seed) if is_dflash(s) else None
-    common = dict(seq_len=s.seq_len, batch_size=s.batch_size, steps=metric_steps(s), t2d=t2d,
+    common = dict(seq_len=s.seq_len, batch_size=s.batch_size, steps=drafter.metric_steps, t2d=model.t2d.cpu(),
                   rank=info.rank, world_size=info.world_size, seed=s.seed, long_sequences=s.long_sequences,
-                  pin=info.device.type == "cuda", num_workers=s.num_workers, anchors=anchors)
+                  pin=info.device.type == "cuda", num_workers=s.num_workers, anchors=drafter.anchors())
     loader = PackedLoader(index, train_ids, grad_accum=s.grad_accum, reuse_buffers=True, **common)
     eval_loader = PackedLoader(eval_index, eval_ids, shuffle=False, drop_last=False, **common) \
         if len(eval_ids) else None
@@ -379,7 +341,7 @@ def warn_if_too_short(s: TrainSettings, data: TrainData, optim: Optimization, in
         click.echo(f"train: {warning}", err=True)
 
 
-def resume(s: TrainSettings, info: DistInfo, latest: Path | None, model, optim: Optimization,
+def resume(s: TrainSettings, drafter, info: DistInfo, latest: Path | None, model, optim: Optimization,
            data: TrainData) -> TrainState:
     """With --resume and a checkpoint: restore weights, optimizer, RNG and data position, refusing settings
     that would change the data order or the draft. Otherwise every rank starts from rank 0's weights."""
@@ -392,17 +354,14 @@ def resume(s: TrainSettings, info: DistInfo, latest: Path | None, model, optim: 
     if "draft_arch" not in recorded:
         raise StageError(f"{latest}: written by an older eagle-pipe (no draft_arch in its settings); retrain with "
                          "this version, or export it with the eagle-pipe that trained it")
-    if not is_dflash(s):
-        recorded = recorded | {"draft_vocab_size": _resolved_draft_vocab(recorded)}
-        settings = settings | {"draft_vocab_size": s.draft_vocab()}
-    # checked before loading: another draft_arch has other parameters
-    for key in RESUME_FIXED + (DFLASH_RESUME_FIXED if is_dflash(s) else EAGLE3_RESUME_FIXED):
-        if recorded.get(key) != settings.get(key):
-            raise StageError(f"{latest}: was trained with {key}={recorded.get(key)!r}, now "
-                             f"{settings.get(key)!r}; resume with the same value or start a new --out")
-    trained, now = ckpt.read_meta(latest).get("draft_config") or {}, model.cfg.to_dict()
-    if is_dflash(s):  # DFlash drafts written before the draft vocabulary lack the key: the full one
-        trained = {"draft_vocab_size": None} | trained
+    # checked before loading: another draft_arch or draft config has other parameters
+    recorded = {k: recorded.get(k) for k in RESUME_FIXED} | drafter.fixed_settings(recorded)
+    settings = {k: settings.get(k) for k in RESUME_FIXED} | drafter.fixed_settings(settings)
+    for key in recorded:
+        if recorded[key] != settings[key]:
+            raise StageError(f"{latest}: was trained with {key}={recorded[key]!r}, now "
+                             f"{settings[key]!r}; resume with the same value or start a new --out")
+    trained, now = drafter.trained_config(ckpt.read_meta(latest).get("draft_config") or {}), model.cfg.to_dict()
     changed = sorted(k for k in now.keys() | trained.keys() if trained.get(k) != now.get(k))
     if changed:  # e.g. another --draft-rope: the same weights would be rotated differently
         was, is_ = (", ".join(f"{k}={d.get(k)!r}" for k in changed) for d in (trained, now))
@@ -414,13 +373,8 @@ def resume(s: TrainSettings, info: DistInfo, latest: Path | None, model, optim: 
     return state
 
 
-def _resolved_draft_vocab(recorded: dict) -> int | None:
-    """A recorded EAGLE-3 run's draft vocabulary as asked for (None, the default, is 32000)."""
-    asked = recorded.get("draft_vocab_size")
-    return EAGLE3_DRAFT_VOCAB if asked is None else asked
-
-
-def run_loop(s: TrainSettings, info: DistInfo, model, optim: Optimization, data: TrainData, state: TrainState) -> None:
+def run_loop(s: TrainSettings, drafter, info: DistInfo, model, optim: Optimization, data: TrainData,
+             state: TrainState) -> None:
     """Optimizer steps up to the total; logs, evaluates and checkpoints on schedule, and stops (with a checkpoint
     of the last finite weights) after --max-bad-steps skipped steps in a row."""
     run, ckpt_root, total = Path(s.out), Path(s.out) / "checkpoints", data.total_steps
@@ -429,12 +383,8 @@ def run_loop(s: TrainSettings, info: DistInfo, model, optim: Optimization, data:
     barrier(info)
     log = RunLog(run, state.step, info.is_main)
     float_dtype = None if info.device.type == "cuda" else torch.float32
-    from eagle.dflash import default_gamma
-
-    gamma = (s.loss_gamma or default_gamma(s.block_size)) if is_dflash(s) else None
-    step_fn = make_step_fn(metric_steps(s), data.index.teacher_kind, s.decay, s.attention, info.device, s.compile,
-                           s.precision, dflash_gamma=gamma)
-    metrics = Metrics(metric_steps(s), info.device)
+    step_fn = compile_step(drafter.loss, data.index.teacher_kind, info.device, s.compile, s.precision)
+    metrics = Metrics(drafter.metric_steps, info.device)
     positions_per_step = data.loader.rows_per_step * s.seq_len
     save = _checkpoint_writer(s, info, model, optim, data, state)
     if info.is_main:
@@ -482,7 +432,7 @@ def run_loop(s: TrainSettings, info: DistInfo, model, optim: Optimization, data:
     log.close()
 
 
-def finish(s: TrainSettings, info: DistInfo, model, state: TrainState, wall0: float) -> dict:
+def finish(s: TrainSettings, drafter, info: DistInfo, model, state: TrainState, wall0: float) -> dict:
     """Export the final draft, then write RUN/train_summary.json last (`eagle-pipe run`'s completion marker)."""
     run = Path(s.out)
     summary = {"settings": s.record(info.world_size), "steps": state.step, "final_metrics": state.last_log,
@@ -490,10 +440,7 @@ def finish(s: TrainSettings, info: DistInfo, model, state: TrainState, wall0: fl
                "checkpoint": str(run / "checkpoints" / ckpt.step_name(state.step)),
                "export_dir": str(run / "export"), "wall_time_s": time.time() - wall0}
     if info.is_main:
-        from eagle.dflash_export import export_dflash
-        from eagle.export import export_draft
-
-        (export_dflash if is_dflash(s) else export_draft)(model, run / "export")
+        drafter.export(model, run / "export")
         atomic_write_json(run / "train_summary.json", summary)
         click.echo(f"train: {state.step} steps; loss {state.last_log.get('loss', float('nan')):.4f}; held-out "
                    f"acceptance length {state.final_eval.get('eval_acceptance_length', float('nan')):.3f}; "
