@@ -1,7 +1,9 @@
-"""Test helpers for the draft model tests (test_model, test_ttt, test_inference, test_compile).
+"""Test helpers for the draft model tests (test_model, test_ttt, test_inference, test_compile) and eval's
+speculative loops (test_evaluate, test_dflash_eval).
 
 Tiny draft configs, random-weight drafts with non-trivial norms and vocab maps, packed TTT batches written by
-the test, and the engine-style chain-drafting reference built on eagle.inference.
+the test, the engine-style chain-drafting reference built on eagle.inference, and the check that a speculative
+loop proposes, round by round, what a from-scratch recomputation proposes.
 """
 from __future__ import annotations
 
@@ -111,3 +113,34 @@ def engine_chain_logits(model, cfg, aux, ids, n: int, steps: int, position_shift
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     """max |a - b| / max |b|."""
     return ((a - b).abs().max() / b.abs().max()).item()
+
+
+def check_rounds_against_recomputation(monkeypatch, model, tokenizer, draft, generate, fresh_proposal,
+                                       draft_tokens: int = 3, new_tokens: int = 24) -> None:
+    """Run the speculative loop `generate` (stages/evaluate: the EAGLE or the DFlash one) on a chat prompt,
+    recording each round's proposal where `verify_draft` sees it; its output must be the target's greedy one
+    over more than 3 rounds, and every round must propose `fresh_proposal(seq, L)`: what a from-scratch
+    recomputation over the verified tokens seq[:L] (bonus seq[L]) drafts, with no incremental cache."""
+    import stages.evaluate.speculative as spec
+
+    rounds, real_verify = [], spec.verify_draft
+
+    def recording_verify(logits, draft_ids):
+        rounds.append(list(draft_ids))
+        return real_verify(logits, draft_ids)
+
+    monkeypatch.setattr(spec, "verify_draft", recording_verify)
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "What is a list?"}],
+                                           add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
+    wrapped = spec.TargetWithAux(model, draft.cfg.aux_layer_ids)
+    try:
+        result = generate(wrapped, draft, prompt, max_new_tokens=new_tokens, draft_tokens=draft_tokens,
+                          eos_ids=[-1])
+    finally:
+        wrapped.remove()
+    reference, _ = spec.greedy_generate(model, prompt, max_new_tokens=new_tokens, eos_ids=[-1], pad_id=0)
+    assert result.tokens == reference and len(rounds) == len(result.accepted) > 3
+    seq, L = list(prompt) + reference, len(prompt)
+    for proposal, accepted in zip(rounds, result.accepted):
+        assert proposal == fresh_proposal(seq, L)
+        L += accepted + 1

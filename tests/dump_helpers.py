@@ -46,3 +46,15 @@ def stage_args(command: str, target, data, out, **options) -> list[str]:
 def dump_args(target, data, out, **options) -> list[str]:
     """CLI arguments for `eagle-pipe dump-teacher`."""
     return stage_args("dump-teacher", target, data, out, **options)
+
+
+def one_line_error(result, *fragments) -> str:
+    """A click result that failed the way every stage refuses bad input: exit 2, no traceback, exactly one
+    `Error:` line, holding each fragment; that line."""
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output
+    errors = [line for line in result.output.splitlines() if line.startswith("Error:")]
+    assert len(errors) == 1, result.output
+    for fragment in fragments:
+        assert fragment in errors[0], errors[0]
+    return errors[0]

@@ -6,10 +6,7 @@ format) is refused by verify and train in one line saying to re-run dump-teacher
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +19,7 @@ from stages.shards.aux import FP8, dequantize_fp8, quantize_fp8
 from stages.cli import main
 from stages.shards.verify import verify_dump
 from train_dumps import cached_dump
-from train_helpers import kill_at_first_checkpoint
+from train_helpers import straight_and_resumed
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -109,23 +106,13 @@ def test_verify_catches_missing_or_misshaped_scales(fp8, tmp_path, change, messa
     assert result.exit_code == 2 and path.name in result.output
 
 
-def _train_cmd(dump, run, extra=()):
-    return [sys.executable, "-m", "stages.cli", "train", *BASE, "--teacher-dir", str(dump), "--out", str(run),
-            "--max-steps", "24", "--save-every", "6", "--log-every", "4", "--eval-every", "12", *extra]
-
-
 @pytest.mark.slow  # three short training runs in subprocesses and a speculative eval: ~40 s on 2 cores
 def test_fp8_dump_trains_resumes_bitwise_after_kill_9_and_evaluates_losslessly(fp8, tiny_llama, tmp_path):
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    straight = tmp_path / "straight"
-    subprocess.run(_train_cmd(fp8, straight), check=True, env=env, capture_output=True)
+    straight, killed = straight_and_resumed(fp8, tmp_path, *BASE, "--save-every", 6, "--log-every", 4,
+                                            "--eval-every", 12, max_steps=24)
     logs = [json.loads(ln) for ln in (straight / "metrics.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in logs if "loss" in r]
     assert sum(losses[-2:]) / 2 < 0.92 * losses[0], losses  # learned (mean of the last two log intervals)
-    killed = tmp_path / "killed"
-    at_kill = kill_at_first_checkpoint(_train_cmd(fp8, killed), killed, env)
-    assert at_kill is not None and int(at_kill.name.split("-")[1]) < 24
-    subprocess.run(_train_cmd(fp8, killed, ["--resume"]), check=True, env=env, capture_output=True)
     for name in ("model.safetensors", "optimizer.safetensors"):
         a = (straight / "checkpoints" / "step-00000024" / name).read_bytes()
         assert a == (killed / "checkpoints" / "step-00000024" / name).read_bytes(), name

@@ -38,33 +38,14 @@ def fresh_proposal(model, draft, seq: list[int], L: int) -> list[int]:
 
 
 def test_dflash_loop_drafts_what_a_from_scratch_recomputation_drafts(target, dflash_runs, monkeypatch):
-    import stages.evaluate.speculative as spec
+    from draft_testing import check_rounds_against_recomputation
     from stages.evaluate.dflash_decoding import dflash_speculative_generate, load_dflash_for
 
     model, tokenizer = target
     run, _, _ = dflash_runs
     draft = load_dflash_for(model, run / "export", "cpu")
-    rounds, real_verify = [], spec.verify_draft
-
-    def recording_verify(logits, draft_ids):
-        rounds.append(list(draft_ids))
-        return real_verify(logits, draft_ids)
-
-    monkeypatch.setattr(spec, "verify_draft", recording_verify)
-    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "What is a list?"}],
-                                           add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
-    wrapped = spec.TargetWithAux(model, draft.cfg.aux_layer_ids)
-    try:
-        result = dflash_speculative_generate(wrapped, draft, prompt, max_new_tokens=24, draft_tokens=3,
-                                             eos_ids=[-1])
-    finally:
-        wrapped.remove()
-    reference, _ = spec.greedy_generate(model, prompt, max_new_tokens=24, eos_ids=[-1], pad_id=0)
-    assert result.tokens == reference and len(rounds) == len(result.accepted) > 3
-    seq, L = list(prompt) + reference, len(prompt)
-    for proposal, accepted in zip(rounds, result.accepted):
-        assert proposal == fresh_proposal(model, draft, seq, L)
-        L += accepted + 1
+    check_rounds_against_recomputation(monkeypatch, model, tokenizer, draft, dflash_speculative_generate,
+                                       lambda seq, L: fresh_proposal(model, draft, seq, L), draft_tokens=3)
 
 
 def test_trained_dflash_draft_accepts_well_and_is_lossless(tiny_llama, dflash_runs):

@@ -4,9 +4,6 @@ what the loss counts, whatever the split over micro-batches."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -18,7 +15,7 @@ from stages.cli import main
 from stages.train import checkpoint as ckpt
 from train_dumps import cached_dump
 from test_run import demo  # noqa: F401 (fixture)
-from train_helpers import kill_at_first_checkpoint
+from train_helpers import straight_and_resumed
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -94,20 +91,9 @@ def test_loader_counts_equal_the_losss_and_anchors_do_not_depend_on_the_split(du
     assert counts[0] > 0
 
 
-def _train_cmd(dump, run, extra=()):
-    return [sys.executable, "-m", "stages.cli", "train", *BASE, "--teacher-dir", str(dump), "--out", str(run),
-            "--max-steps", "30", "--save-every", "6", "--log-every", "3", "--eval-every", "12", "--lr", "2e-3",
-            *extra]
-
-
 def test_kill_9_then_resume_gives_bitwise_the_same_dflash_weights(dump, tmp_path):
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    straight = tmp_path / "straight"
-    subprocess.run(_train_cmd(dump, straight), check=True, env=env, capture_output=True)
-    killed = tmp_path / "killed"
-    at_kill = kill_at_first_checkpoint(_train_cmd(dump, killed), killed, env)
-    assert at_kill is not None and int(at_kill.name.split("-")[1]) < 30
-    subprocess.run(_train_cmd(dump, killed, ["--resume"]), check=True, env=env, capture_output=True)
+    straight, killed = straight_and_resumed(dump, tmp_path, *BASE, "--save-every", 6, "--log-every", 3,
+                                            "--eval-every", 12, "--lr", "2e-3", max_steps=30)
     a = load_file(str(straight / "export" / "model.safetensors"))
     b = load_file(str(killed / "export" / "model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

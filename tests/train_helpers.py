@@ -9,6 +9,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -90,3 +91,25 @@ def kill_at_first_checkpoint(cmd: list[str], run: Path, env: dict) -> Path | Non
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     return ckpt.latest_checkpoint(run / "checkpoints")
+
+
+def train_command(dump, run, *flags) -> list[str]:
+    """`eagle-pipe train --teacher-dir DUMP --out RUN FLAGS...` as a subprocess command line."""
+    return [sys.executable, "-m", "stages.cli", "train", "--teacher-dir", str(dump), "--out", str(run),
+            *map(str, flags)]
+
+
+def straight_and_resumed(dump, root: Path, *flags, max_steps: int) -> tuple[Path, Path]:
+    """The same `max_steps` training run on DUMP twice, one thread each: ROOT/straight straight through, and
+    ROOT/killed SIGKILLed at its first checkpoint (before the last step, no train_summary.json yet) then finished
+    with --resume. Returns the two run directories."""
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    straight, killed = root / "straight", root / "killed"
+    subprocess.run(train_command(dump, straight, *flags, "--max-steps", max_steps), check=True, env=env,
+                   capture_output=True)
+    at_kill = kill_at_first_checkpoint(train_command(dump, killed, *flags, "--max-steps", max_steps), killed, env)
+    assert at_kill is not None and not (killed / "train_summary.json").exists(), "killed before the end"
+    assert int(at_kill.name.split("-")[1]) < max_steps
+    subprocess.run(train_command(dump, killed, *flags, "--max-steps", max_steps, "--resume"), check=True, env=env,
+                   capture_output=True)
+    return straight, killed
