@@ -11,12 +11,13 @@ import click
 from stages.config import check_section, load_pipeline_file
 from stages.errors import StageError
 
-# command name -> (module, one-line help)
+# command name -> (module, one-line help); the one table: stages/run.py's pipeline runs these in this order, but
+# verify and run
 COMMANDS = {
     "regenerate": ("stages.regenerate.stage", "Replace the data's assistant turns with the target's own answers (on-policy data)."),
     "dump-teacher": ("stages.dump.stage", "Run the target once and write teacher shards (stage one)."),
     "verify": ("stages.shards.verify", "Check a teacher dump: shards complete, checksums, every record accounted for."),
-    "train": ("stages.train.stage", "Train an EAGLE-3 draft from teacher shards, without the target (stage two)."),
+    "train": ("stages.train.stage", "Train a draft (EAGLE-3 or DFlash) from teacher shards, without the target (stage two)."),
     "export": ("stages.train.export", "Export a training checkpoint in the layout vLLM and SGLang serve."),
     "eval": ("stages.evaluate.stage", "Measure acceptance length with real speculative decoding (lossless check)."),
     "run": ("stages.run", "Run (regenerate ->) dump-teacher -> train -> export -> eval as configured in pipeline.yaml."),
@@ -45,7 +46,7 @@ class StageGroup(click.Group):
 @click.version_option(package_name="eagle-pipe")
 @click.pass_context
 def main(ctx: click.Context, config_path: str | None) -> None:
-    """eagle-pipe: train EAGLE-3 speculative-decoding draft heads offline from cached teacher outputs."""
+    """eagle-pipe: train speculative-decoding drafts (EAGLE-3, DFlash) offline from cached teacher outputs."""
     if config_path is None:
         return
     sections = load_pipeline_file(config_path)
