@@ -6,6 +6,7 @@ Standard library only: the peers' drivers import it from their own venvs.
     run_json(cmd, log, lock=None, env=None) -> (exit code, the last JSON object printed, or None)
     eagle_pipe(*args, log, lock=None, env=None) -> dict      # `python -m stages.cli ARGS`; exits on failure
     Stopwatch()                                              # with-block: .wall and .cpu seconds
+    median_gap(stamps); print_step_timing(result, as_json)   # the peers' step and train timings
     add_save_flag(parser, name); save_result(name, result)   # --save: bench/results/DATE-NAME.json
 
 The lock is a file taken with `flock` (util-linux) around the whole command, so two heavy jobs on one machine
@@ -18,6 +19,7 @@ import datetime
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import time
@@ -95,6 +97,23 @@ class Stopwatch:
 
     def __exit__(self, *exc) -> None:
         self.wall, self.cpu = time.perf_counter() - self.wall0, time.process_time() - self.cpu0
+
+
+def median_gap(stamps: list[float]) -> float | None:
+    """The median time between consecutive timestamps (step end to step end, so the first step's compile and
+    set-up stay out), in seconds to 0.1 ms; None under two stamps."""
+    gaps = [b - a for a, b in zip(stamps, stamps[1:])]
+    return round(statistics.median(gaps), 4) if gaps else None
+
+
+def print_step_timing(result: dict, as_json: bool) -> None:
+    """A step benchmark's result (impl, compiled, step_ms, median_ms, tokens_per_s, first_step_ms): one JSON line,
+    or a readable line and then the JSON line."""
+    if not as_json:
+        print(f"{result['impl']} {'compiled' if result['compiled'] else 'eager'}: "
+              f"{result['median_ms']:.1f} ms/step median over {len(result['step_ms'])} steps, "
+              f"{result['tokens_per_s']:.0f} tokens/s (first step {result['first_step_ms']:.0f} ms)")
+    print(json.dumps(result))
 
 
 def add_save_flag(parser, name: str) -> None:

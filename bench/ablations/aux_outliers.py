@@ -89,15 +89,15 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("dump", type=Path)
     p.add_argument("--max-tokens", type=int, default=200_000)
-    a = p.parse_args(argv)
-    aux, ids, H = load_aux(a.dump, a.max_tokens)
+    args = p.parse_args(argv)
+    aux, ids, H = load_aux(args.dump, args.max_tokens)
     try:
         from transformers import AutoTokenizer
 
-        tokenizer = AutoTokenizer.from_pretrained(a.dump / "target")
+        tokenizer = AutoTokenizer.from_pretrained(args.dump / "target")
     except Exception:  # the ids are reported either way
         tokenizer = None
-    print(json.dumps({"dump": str(a.dump), "tokens": len(ids), "hidden_size": H, "massive_threshold": MASSIVE}
+    print(json.dumps({"dump": str(args.dump), "tokens": len(ids), "hidden_size": H, "massive_threshold": MASSIVE}
                      | analyse(aux, ids, H, tokenizer), indent=1))
 
 

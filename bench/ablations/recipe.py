@@ -415,32 +415,32 @@ def main(argv=None) -> None:
     p.add_argument("--var", action="append", default=[], metavar="NAME=VALUE",
                    help="a ${NAME} of the plan (else taken from the environment; repeat for several)")
     add_save_flag(p, "recipe-PLAN")
-    a = p.parse_args(argv)
-    bad = [v for v in a.var if "=" not in v]
+    args = p.parse_args(argv)
+    bad = [v for v in args.var if "=" not in v]
     if bad:
         raise SystemExit(f"--var {bad[0]}: expected NAME=VALUE")
-    plan = load_plan(a.plan, dict(v.split("=", 1) for v in a.var))
+    plan = load_plan(args.plan, dict(v.split("=", 1) for v in args.var))
     work = Path(plan.get("work", REPO / "work" / "recipe"))
-    units = expand(plan, a.plan)
-    wanted = set(a.arms.split(",")) if a.arms else None
+    units = expand(plan, args.plan)
+    wanted = set(args.arms.split(",")) if args.arms else None
     if wanted and wanted - {u.arm for u in units}:
         raise SystemExit(f"unknown arm(s): {sorted(wanted - {u.arm for u in units})}")
     results = []
     for unit in units:
-        if a.table or (wanted and unit.arm not in wanted):
+        if args.table or (wanted and unit.arm not in wanted):
             path = work / "arms" / unit.arm / f"result-{unit.tag}.json"
             if path.is_file():
                 results.append(json.loads(path.read_text()))
             continue
-        result = run_unit(unit, work, a.lock, a.dry_run)
+        result = run_unit(unit, work, args.lock, args.dry_run)
         if result is not None:
             results.append(result)
     rows = table(plan, results)
-    report = {"plan": str(a.plan), "work": str(work), "arms": rows, "compare": compare(plan, rows)}
+    report = {"plan": str(args.plan), "work": str(work), "arms": rows, "compare": compare(plan, rows)}
     print(json.dumps(report, indent=1))
     print(markdown(rows))
-    if a.save:
-        save_result(a.save.replace("PLAN", a.plan.stem), report)
+    if args.save:
+        save_result(args.save.replace("PLAN", args.plan.stem), report)
 
 
 if __name__ == "__main__":

@@ -149,21 +149,21 @@ def main(argv=None) -> None:
     sp.add_argument("--train-records", type=int, default=400)
     sp.add_argument("--eval-fraction", type=float, default=0.25)
     sp.add_argument("--max-prompt-count", type=int, default=20)
-    a = p.parse_args(argv)
-    if a.cmd == "heldout":
-        records, dropped = heldout(a.sources, a.exclude)
-        write_jsonl(a.out, records)
-        print(json.dumps({"out": str(a.out), "records": len(records), "dropped_as_excluded": dropped}))
-    elif a.cmd == "split":
-        train, held_out = split(load_chats(a.data), a.eval_fraction, a.max_prompt_count)
-        train = train[: a.train_records]
-        write_jsonl(a.out / "original.jsonl", [{"messages": c} for c in train])
-        write_jsonl(a.out / "eval.jsonl", [{"messages": [{"role": "user", "content": t}]} for t in held_out])
-        print(json.dumps({"out": str(a.out), "train_records": len(train), "held_out_prompts": len(held_out)}))
+    args = p.parse_args(argv)
+    if args.cmd == "heldout":
+        records, dropped = heldout(args.sources, args.exclude)
+        write_jsonl(args.out, records)
+        print(json.dumps({"out": str(args.out), "records": len(records), "dropped_as_excluded": dropped}))
+    elif args.cmd == "split":
+        train, held_out = split(load_chats(args.data), args.eval_fraction, args.max_prompt_count)
+        train = train[: args.train_records]
+        write_jsonl(args.out / "original.jsonl", [{"messages": c} for c in train])
+        write_jsonl(args.out / "eval.jsonl", [{"messages": [{"role": "user", "content": t}]} for t in held_out])
+        print(json.dumps({"out": str(args.out), "train_records": len(train), "held_out_prompts": len(held_out)}))
     else:
-        records, dropped = mix(a.regen_dirs, a.seed, a.answers)
-        write_jsonl(a.out, records)
-        print(json.dumps({"out": str(a.out), "records": len(records), "dropped": dropped}))
+        records, dropped = mix(args.regen_dirs, args.seed, args.answers)
+        write_jsonl(args.out, records)
+        print(json.dumps({"out": str(args.out), "records": len(records), "dropped": dropped}))
 
 
 if __name__ == "__main__":

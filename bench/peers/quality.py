@@ -87,58 +87,59 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def train_eagle_pipe(a, work: Path) -> dict:
+def train_eagle_pipe(args, work: Path) -> dict:
     run = work / "eagle-pipe"
     summary_path = run / "train_summary.json"
     if not summary_path.is_file():
-        cmd = [sys.executable, "-m", "stages.cli", "train", "--teacher-dir", a.dump, "--out", str(run),
-               "--seq-len", str(a.seq_len), "--batch-size", str(a.batch), "--max-steps", str(a.steps),
-               "--lr", repr(a.lr), "--warmup-steps", str(a.warmup_steps), "--min-lr-ratio", "0",
-               "--ttt-steps", str(a.ttt_steps), "--draft-vocab-size", str(a.draft_vocab_size),
-               "--eval-fraction", "0", "--eval-every", "0", "--save-every", str(max(1, a.steps // 4)),
-               "--log-every", str(max(1, a.steps // 20)), "--num-workers", "1", "--seed", str(a.seed),
-               "--precision", "fp32", "--compile" if a.compile else "--no-compile"]
+        cmd = [sys.executable, "-m", "stages.cli", "train", "--teacher-dir", args.dump, "--out", str(run),
+               "--seq-len", str(args.seq_len), "--batch-size", str(args.batch), "--max-steps", str(args.steps),
+               "--lr", repr(args.lr), "--warmup-steps", str(args.warmup_steps), "--min-lr-ratio", "0",
+               "--ttt-steps", str(args.ttt_steps), "--draft-vocab-size", str(args.draft_vocab_size),
+               "--eval-fraction", "0", "--eval-every", "0", "--save-every", str(max(1, args.steps // 4)),
+               "--log-every", str(max(1, args.steps // 20)), "--num-workers", "1", "--seed", str(args.seed),
+               "--precision", "fp32", "--compile" if args.compile else "--no-compile"]
         if (run / "checkpoints").is_dir() and any((run / "checkpoints").iterdir()):
             cmd.append("--resume")   # an interrupted bench run: continue from the newest checkpoint
-        rc, _ = run_json(cmd, work / "logs" / "eagle-pipe-train.log", lock=a.lock, env=offline_env(a.threads))
+        rc, _ = run_json(cmd, work / "logs" / "eagle-pipe-train.log", lock=args.lock, env=offline_env(args.threads))
         if rc:
             raise SystemExit(f"eagle-pipe train failed (exit {rc}); see {work / 'logs' / 'eagle-pipe-train.log'}")
     summary = json.loads(summary_path.read_text())
     final = summary.get("final_metrics") or {}
-    every = max(1, a.steps // 20)   # each metrics record: the mean step of its log interval (data included)
-    steps_s = [a.batch * a.seq_len / r["tokens_per_s"] for r in map(json.loads, (run / "metrics.jsonl").read_text()
-               .splitlines()) if r.get("tokens_per_s") and "eval_acceptance_length" not in r]
+    every = max(1, args.steps // 20)   # each metrics record: the mean step of its log interval (data included)
+    records = map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
+    steps_s = [args.batch * args.seq_len / r["tokens_per_s"] for r in records
+               if r.get("tokens_per_s") and "eval_acceptance_length" not in r]
     return {"trainer": "eagle-pipe", "export_dir": summary["export_dir"], "steps": summary["steps"],
             "wall_s": round(summary["wall_time_s"], 2), "log_every": every,
             "median_step_s": round(statistics.median(steps_s[1:] or steps_s), 4) if steps_s else None,
             "train_acc_last": final.get("acc"), "train_loss_last": final.get("loss")}
 
 
-def modelopt_batch(meta: dict, a) -> tuple[int, int]:
+def modelopt_batch(meta: dict, args) -> tuple[int, int]:
     """(conversations per step, train_len) giving Model-Optimizer about B*S real positions per step."""
     mean_len = meta["tokens"] / meta["conversations"]
-    return max(1, round(a.batch * a.seq_len / mean_len)), int(meta["max_conversation_tokens"])
+    return max(1, round(args.batch * args.seq_len / mean_len)), int(meta["max_conversation_tokens"])
 
 
-def train_peer(name: str, a, work: Path, peer_data: Path, meta: dict) -> dict:
+def train_peer(name: str, args, work: Path, peer_data: Path, meta: dict) -> dict:
     result_path = work / f"{name}.train.json"
     if result_path.is_file():
         return json.loads(result_path.read_text())
-    common = ["--peer-data", str(peer_data), "--target", a.target, "--work", str(work / name),
-              "--steps", str(a.steps), "--ttt-steps", str(a.ttt_steps), "--lr", repr(a.lr),
-              "--warmup-steps", str(a.warmup_steps), "--seed", str(a.seed), "--json"]
-    if a.threads:
-        common += ["--threads", str(a.threads)]
+    common = ["--peer-data", str(peer_data), "--target", args.target, "--work", str(work / name),
+              "--steps", str(args.steps), "--ttt-steps", str(args.ttt_steps), "--lr", repr(args.lr),
+              "--warmup-steps", str(args.warmup_steps), "--seed", str(args.seed), "--json"]
+    if args.threads:
+        common += ["--threads", str(args.threads)]
     if name == "modelopt":
-        b, train_len = modelopt_batch(meta, a)
-        cmd = [a.modelopt_python, "-m", "bench.peers.modelopt.train", *common, "--batch", str(b),
+        b, train_len = modelopt_batch(meta, args)
+        cmd = [args.modelopt_python, "-m", "bench.peers.modelopt.train", *common, "--batch", str(b),
                "--train-len", str(train_len), "--schedule", "cosine",
-               "--export-rope-scaling", a.modelopt_export_rope_scaling] + (["--compile"] if a.compile else [])
+               "--export-rope-scaling", args.modelopt_export_rope_scaling] + (["--compile"] if args.compile else [])
     else:
-        cmd = [a.speculators_python, "-m", "bench.peers.speculators.train", *common,
-               "--total-seq-len", str(a.batch * a.seq_len), "--schedule", "cosine",
-               "--arch", a.speculators_arch, "--optimizer", a.speculators_optimizer]
-    rc, result = run_json(cmd, work / "logs" / f"{name}-train.log", lock=a.lock)
+        cmd = [args.speculators_python, "-m", "bench.peers.speculators.train", *common,
+               "--total-seq-len", str(args.batch * args.seq_len), "--schedule", "cosine",
+               "--arch", args.speculators_arch, "--optimizer", args.speculators_optimizer]
+    rc, result = run_json(cmd, work / "logs" / f"{name}-train.log", lock=args.lock)
     if rc or result is None:
         raise SystemExit(f"{name} training failed (exit {rc}); see {work / 'logs' / (name + '-train.log')}")
     result_path.write_text(json.dumps(result, indent=1) + "\n")
@@ -152,17 +153,17 @@ def bench_label(path: str) -> str:
     return p.parent.name if stem in ("test", "question", "eval", "train") else stem
 
 
-def eval_draft(a, work: Path, name: str, draft_dir: str, bench: str, num_prompts: int) -> dict:
+def eval_draft(args, work: Path, name: str, draft_dir: str, bench: str, num_prompts: int) -> dict:
     """`eagle-pipe eval` of one draft on one benchmark, cached in WORK/eval."""
-    k = a.draft_tokens or a.ttt_steps
+    k = args.draft_tokens or args.ttt_steps
     tag = bench_label(bench)
     cache = work / "eval" / f"{name}.{tag}.json"
     if cache.is_file():
         return json.loads(cache.read_text())
-    cmd = [sys.executable, "-m", "stages.cli", "eval", "--target", a.target, "--draft", draft_dir, "--data", bench,
-           "--num-prompts", str(num_prompts), "--max-new-tokens", str(a.max_new_tokens), "--draft-tokens", str(k),
-           "--dtype", "float32", "--batch-size", str(a.eval_batch_size), "--json"]
-    rc, report = run_json(cmd, work / "logs" / f"eval-{name}-{tag}.log", lock=a.lock, env=offline_env(a.threads))
+    cmd = [sys.executable, "-m", "stages.cli", "eval", "--target", args.target, "--draft", draft_dir, "--data", bench,
+           "--num-prompts", str(num_prompts), "--max-new-tokens", str(args.max_new_tokens), "--draft-tokens", str(k),
+           "--dtype", "float32", "--batch-size", str(args.eval_batch_size), "--json"]
+    rc, report = run_json(cmd, work / "logs" / f"eval-{name}-{tag}.log", lock=args.lock, env=offline_env(args.threads))
     if report is None:
         logfile = work / "logs" / f"eval-{name}-{tag}.log"
         errors = [ln for ln in logfile.read_text().splitlines() if ln.startswith("Error")]
@@ -191,90 +192,94 @@ def per_category_subset(path: str, n: int, work: Path) -> tuple[str, int]:
     return str(out), len(kept)
 
 
-def judge(a, work: Path, name: str, export_dir: str) -> dict:
+def judge(args, work: Path, name: str, export_dir: str) -> dict:
     """Eval on the trainer's own export, on each benchmark."""
-    benches = [(a.bench, a.num_prompts)] + ([(a.bench2, a.num_prompts2 or a.num_prompts)] if a.bench2 else [])
+    benches = [(args.bench, args.num_prompts)] + \
+        ([(args.bench2, args.num_prompts2 or args.num_prompts)] if args.bench2 else [])
     return {"draft_dir": export_dir,
-            **{bench_label(b): eval_draft(a, work, name, export_dir, b, n) for b, n in benches}}
+            **{bench_label(b): eval_draft(args, work, name, export_dir, b, n) for b, n in benches}}
 
 
 def main(argv=None) -> dict:
-    a = parse_args(argv)
-    work = Path(a.work)
+    args = parse_args(argv)
+    work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
-    if a.per_category:
-        a.bench, a.num_prompts = per_category_subset(a.bench, a.per_category, work)
-    trainers = [t.strip() for t in a.trainers.split(",") if t.strip()]
+    if args.per_category:
+        args.bench, args.num_prompts = per_category_subset(args.bench, args.per_category, work)
+    trainers = [t.strip() for t in args.trainers.split(",") if t.strip()]
     peer_data = work / "peer-data"
     meta = {}
     if set(trainers) - {"eagle-pipe"}:
         log_line("writing the peers' input from the dump (plain HF forward of the target)")
-        rc, meta = run_json([sys.executable, "-m", "bench.peers.quality_data", "--target", a.target, "--dump",
-                             a.dump, "--out", str(peer_data), "--draft-vocab-size", str(a.draft_vocab_size)],
-                            work / "logs" / "peer-data.log", lock=a.lock, env=offline_env(a.threads))
+        rc, meta = run_json([sys.executable, "-m", "bench.peers.quality_data", "--target", args.target, "--dump",
+                             args.dump, "--out", str(peer_data), "--draft-vocab-size", str(args.draft_vocab_size)],
+                            work / "logs" / "peer-data.log", lock=args.lock, env=offline_env(args.threads))
         if rc or meta is None:
             raise SystemExit(f"writing the peers' input failed (exit {rc}); see {work / 'logs' / 'peer-data.log'}")
     results = {}
     for name in trainers:
         log_line(f"training {name}")
-        results[name] = train_eagle_pipe(a, work) if name == "eagle-pipe" else \
-            train_peer(name, a, work, peer_data, meta)
+        results[name] = train_eagle_pipe(args, work) if name == "eagle-pipe" else \
+            train_peer(name, args, work, peer_data, meta)
     if "eagle-pipe" in results and meta:   # one vocabulary: eagle-pipe's exported d2t is the peers' d2t
         from safetensors.torch import load_file
         ours = load_file(str(Path(results["eagle-pipe"]["export_dir"]) / "model.safetensors"))["d2t"]
         theirs = load_file(str(peer_data / "vocab.safetensors"))["d2t"]
         results["eagle-pipe"]["same_d2t_as_peers"] = bool(ours.shape == theirs.shape and (ours == theirs).all())
-    if not a.skip_eval:
-        for name, r in results.items():
+    if not args.skip_eval:
+        for name, trained in results.items():
             log_line(f"judging {name}")
-            r["eval"] = judge(a, work, name, r["export_dir"])
+            trained["eval"] = judge(args, work, name, trained["export_dir"])
     table = {}
-    for name, r in results.items():
-        evals = r.get("eval") or {}
-        table[name] = {b: {"AL": v.get("acceptance_length"), "lossless": v.get("lossless"),
-                           "per_category": v.get("per_category")}
-                       for b, v in evals.items() if isinstance(v, dict)}
-        table[name]["train_wall_s"] = r.get("wall_s")
-        table[name]["median_step_s"] = r.get("median_step_s")
-        table[name]["train_acc_last"] = r.get("train_acc_last") or r.get("train_acc_last10pct") or \
-            r.get("train_acc_last_log")
+    for name, trained in results.items():
+        evals = trained.get("eval") or {}
+        table[name] = {bench: {"AL": report.get("acceptance_length"), "lossless": report.get("lossless"),
+                               "per_category": report.get("per_category")}
+                       for bench, report in evals.items() if isinstance(report, dict)}
+        table[name]["train_wall_s"] = trained.get("wall_s")
+        table[name]["median_step_s"] = trained.get("median_step_s")
+        table[name]["train_acc_last"] = trained.get("train_acc_last") or trained.get("train_acc_last10pct") or \
+            trained.get("train_acc_last_log")
     if meta:
-        conversations, padded_to = modelopt_batch(meta, a)
+        conversations, padded_to = modelopt_batch(meta, args)
         mean_tokens = meta.get("tokens", 0) / max(1, meta.get("conversations", 1))
         modelopt_positions = f"{conversations} conversations (mean {mean_tokens:.0f} tokens) padded to {padded_to}"
     else:
         modelopt_positions = None
     out = {
         "table": table,
-        "budget": {"optimizer_steps": a.steps, "ttt_steps": a.ttt_steps, "draft_vocab_size": a.draft_vocab_size,
-                   "lr": a.lr, "schedule": f"linear warmup {a.warmup_steps} steps, cosine to 0 over {a.steps}",
-                   "positions_per_step": {"eagle-pipe": a.batch * a.seq_len, "speculators": a.batch * a.seq_len,
+        "budget": {"optimizer_steps": args.steps, "ttt_steps": args.ttt_steps,
+                   "draft_vocab_size": args.draft_vocab_size,
+                   "lr": args.lr, "schedule": f"linear warmup {args.warmup_steps} steps, cosine to 0 over {args.steps}",
+                   "positions_per_step": {"eagle-pipe": args.batch * args.seq_len,
+                                          "speculators": args.batch * args.seq_len,
                                           "modelopt": modelopt_positions},
                    "data": {k: meta.get(k) for k in ("conversations", "tokens", "supervised_positions",
                                                       "aux_layer_ids", "aux_max_rel_error_vs_dump")},
-                   "eval": {"bench": a.bench, "bench2": a.bench2, "max_new_tokens": a.max_new_tokens,
-                            "draft_tokens": a.draft_tokens or a.ttt_steps,
-                            "num_prompts": a.num_prompts, "num_prompts2": a.num_prompts2 or a.num_prompts,
+                   "eval": {"bench": args.bench, "bench2": args.bench2, "max_new_tokens": args.max_new_tokens,
+                            "draft_tokens": args.draft_tokens or args.ttt_steps,
+                            "num_prompts": args.num_prompts, "num_prompts2": args.num_prompts2 or args.num_prompts,
                             "dtype": "float32"},
-                   "compile": a.compile},
+                   "compile": args.compile},
         "not_equal": {
             "teacher": "eagle-pipe: the dump's top-k; Model-Optimizer and speculators: the full softmax over the "
                        "draft vocab, recomputed from the last hidden state every step",
             "loss": "eagle-pipe soft CE x 0.8^j; Model-Optimizer soft CE x 0.9^j; speculators KL x 1.0^j",
             "optimizer": "eagle-pipe AdamW(0.9, 0.95) clip 0.5; Model-Optimizer HF AdamW(0.9, 0.999) clip 1.0; "
-                         f"speculators {a.speculators_optimizer} (+AdamW) wd 0.01 clip 1.0",
+                         f"speculators {args.speculators_optimizer} (+AdamW) wd 0.01 clip 1.0",
             "init": "eagle-pipe and Model-Optimizer: random lm_head; speculators: lm_head from the target, frozen",
             "positions_per_step": "Model-Optimizer does not pack: whole conversations per step, padded",
-            "export": {"modelopt_rope_scaling": a.modelopt_export_rope_scaling,
-                       "speculators_arch": a.speculators_arch, "speculators_dtype": "bfloat16 (its save_pretrained)"},
+            "export": {"modelopt_rope_scaling": args.modelopt_export_rope_scaling,
+                       "speculators_arch": args.speculators_arch,
+                       "speculators_dtype": "bfloat16 (its save_pretrained)"},
         },
         "trainers": results,
     }
     text = json.dumps(out, indent=1)
-    if a.out_json:
-        Path(a.out_json).write_text(text + "\n")
-    if a.save:
-        save_result(a.save, out)
+    if args.out_json:
+        Path(args.out_json).write_text(text + "\n")
+    if args.save:
+        save_result(args.save, out)
     print(text)
     return out
 

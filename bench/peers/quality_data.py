@@ -186,8 +186,8 @@ def main(argv=None) -> None:
     p.add_argument("--dump", required=True)
     p.add_argument("--out", required=True)
     p.add_argument("--draft-vocab-size", type=int, required=True)
-    a = p.parse_args(argv)
-    print(json.dumps(write_peer_inputs(a.target, Path(a.dump), Path(a.out), a.draft_vocab_size)))
+    args = p.parse_args(argv)
+    print(json.dumps(write_peer_inputs(args.target, Path(args.dump), Path(args.out), args.draft_vocab_size)))
 
 
 if __name__ == "__main__":

@@ -36,15 +36,15 @@ def parse_args(argv=None):
 
 
 def main(argv=None) -> dict:
-    a = parse_args(argv)
+    args = parse_args(argv)
     import torch
 
     import stages.evaluate.batched as batched
     from stages.evaluate.stage import eos_token_ids, load_draft_for, load_prompts, load_target, render_prompt
 
-    model, tokenizer = load_target(a.target, torch.float32, "cpu", trust_remote_code=False)
-    draft = load_draft_for(model, a.draft, "cpu")
-    questions, _ = load_prompts([a.data], tokenizer, a.batch_size)
+    model, tokenizer = load_target(args.target, torch.float32, "cpu", trust_remote_code=False)
+    draft = load_draft_for(model, args.draft, "cpu")
+    questions, _ = load_prompts([args.data], tokenizer, args.batch_size)
     prompts = [render_prompt(tokenizer, q.conversation([]), q.where) for q in questions]
     eos = eos_token_ids(model, tokenizer)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
@@ -52,7 +52,7 @@ def main(argv=None) -> dict:
 
     def decode(prompts, new_tokens):
         return batched.speculative_generate_batch(target, draft, prompts, max_new_tokens=new_tokens,
-                                                  draft_tokens=a.draft_tokens, eos_ids=eos, pad_id=pad)
+                                                  draft_tokens=args.draft_tokens, eos_ids=eos, pad_id=pad)
 
     rows_per_round = []
     keep_first = target.keep_first
@@ -61,20 +61,20 @@ def main(argv=None) -> dict:
     _, prefill_s = decode(prompts, 1)
     lengths = sorted(map(len, prompts))
     groups = [lengths[i:i + batched.PREFILL_ROWS] for i in range(0, len(lengths), batched.PREFILL_ROWS)]
-    report = {"batch_size": len(prompts), "max_new_tokens": a.max_new_tokens, "draft_tokens": a.draft_tokens,
+    report = {"batch_size": len(prompts), "max_new_tokens": args.max_new_tokens, "draft_tokens": args.draft_tokens,
               "prompt_tokens": sum(lengths), "padded_prompt_tokens": len(lengths) * lengths[-1],
               "prefill_positions": sum(len(g) * g[-1] for g in groups), "prefill_rows": batched.PREFILL_ROWS,
               "prefill_s": round(prefill_s, 3), "arms": []}
-    arms = a.arms.split(",")
+    arms = args.arms.split(",")
     if not set(arms) <= {"stay", "leave"}:
-        raise SystemExit(f"--arms {a.arms}: the arms are stay and leave")
+        raise SystemExit(f"--arms {args.arms}: the arms are stay and leave")
     tokens = None
     try:
         for arm in arms:
             batched.FINISHED_ROWS_LEAVE = arm == "leave"
             rows_per_round.clear()
             start = time.process_time()
-            results, seconds = decode(prompts, a.max_new_tokens)
+            results, seconds = decode(prompts, args.max_new_tokens)
             got = [r.tokens for r in results]
             if tokens is not None and got != tokens:
                 raise SystemExit(f"arm {arm} decoded other tokens than the first arm")
@@ -90,8 +90,8 @@ def main(argv=None) -> dict:
     for arm in report["arms"]:
         arm["speedup_vs_first"] = round(report["arms"][0]["seconds"] / arm["seconds"], 3)
     print(json.dumps(report))
-    if a.save:
-        save_result(a.save, report)
+    if args.save:
+        save_result(args.save, report)
     return report
 
 

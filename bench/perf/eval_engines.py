@@ -75,32 +75,32 @@ def timed_engine(make, requests) -> tuple[dict, dict]:
     return result, out
 
 
-def compare_texts(a: dict, b: dict) -> list[dict]:
+def compare_texts(args: dict, b: dict) -> list[dict]:
     """Where two engines' answers differ: position, first differing character, the lengths."""
     diffs = []
-    for i in sorted(a):
-        x, y = a[i].text, b[i].text
+    for i in sorted(args):
+        x, y = args[i].text, b[i].text
         if x != y:
             at = next((j for j, (p, q) in enumerate(zip(x, y)) if p != q), min(len(x), len(y)))
             diffs.append({"request": i, "first_different_char": at, "hf_chars": len(x), "vllm_chars": len(y),
-                          "hf_tokens": a[i].num_tokens, "vllm_tokens": b[i].num_tokens,
+                          "hf_tokens": args[i].num_tokens, "vllm_tokens": b[i].num_tokens,
                           "hf_after": x[max(0, at - 20):at + 40], "vllm_after": y[max(0, at - 20):at + 40]})
     return diffs
 
 
-def bench_regenerate(a) -> dict:
+def bench_regenerate(args) -> dict:
     from stages.regenerate.engines import Decoding, HFEngine, VllmEngine
     from stages.vllm_runtime import VllmOptions
 
-    requests = first_turn_requests(a.data, a.records)
-    decoding = Decoding(max_new_tokens=a.max_new_tokens)
-    hf, hf_out = timed_engine(lambda: HFEngine(a.target, decoding, dtype=a.dtype, batch_size=a.hf_batch_size),
+    requests = first_turn_requests(args.data, args.records)
+    decoding = Decoding(max_new_tokens=args.max_new_tokens)
+    hf, hf_out = timed_engine(lambda: HFEngine(args.target, decoding, dtype=args.dtype, batch_size=args.hf_batch_size),
                               requests)
-    options = VllmOptions(gpu_memory_utilization=a.gpu_memory_utilization)
-    served, vllm_out = timed_engine(lambda: VllmEngine(a.target, decoding, dtype=a.dtype, vllm=options), requests)
+    options = VllmOptions(gpu_memory_utilization=args.gpu_memory_utilization)
+    served, vllm_out = timed_engine(lambda: VllmEngine(args.target, decoding, dtype=args.dtype, vllm=options), requests)
     diffs = compare_texts(hf_out, vllm_out)
-    return {"target": a.target, "data": a.data, "records": len(requests), "max_new_tokens": a.max_new_tokens,
-            "dtype": a.dtype, "hf": hf, "vllm": served, "vllm_over_hf_tokens_per_s":
+    return {"target": args.target, "data": args.data, "records": len(requests), "max_new_tokens": args.max_new_tokens,
+            "dtype": args.dtype, "hf": hf, "vllm": served, "vllm_over_hf_tokens_per_s":
             served["tokens_per_s"] / hf["tokens_per_s"], "identical_answers": len(requests) - len(diffs),
             "differences": diffs}
 
@@ -144,25 +144,26 @@ def compare_reports(hf: dict, served: dict) -> dict:
             "different": [t for t in turns if not t["identical"]]}
 
 
-def bench_eval(a) -> dict:
-    out = Path(a.out)
+def bench_eval(args) -> dict:
+    out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    common = ["eval", "--target", a.target, "--draft", a.draft, "--data", a.data, "--num-prompts", a.num_prompts,
-              "--max-new-tokens", a.max_new_tokens, "--draft-tokens", a.draft_tokens, "--dtype", a.dtype, "--json"]
+    common = ["eval", "--target", args.target, "--draft", args.draft, "--data", args.data,
+              "--num-prompts", args.num_prompts, "--max-new-tokens", args.max_new_tokens,
+              "--draft-tokens", args.draft_tokens, "--dtype", args.dtype, "--json"]
     reports = {}
-    for engine, extra in (("hf", ["--batch-size", a.hf_batch_size]),
-                          ("vllm", ["--gpu-memory-utilization", a.gpu_memory_utilization])):
+    for engine, extra in (("hf", ["--batch-size", args.hf_batch_size]),
+                          ("vllm", ["--gpu-memory-utilization", args.gpu_memory_utilization])):
         path = out / f"eval_{engine}.json"
         started = time.perf_counter()
         rc, _ = run_json([sys.executable, "-m", "stages.cli", *map(str, common), "--engine", engine,
-                          *map(str, extra), "--report", str(path)], out / f"eval_{engine}.log", lock=a.lock)
+                          *map(str, extra), "--report", str(path)], out / f"eval_{engine}.log", lock=args.lock)
         if rc not in (0, 2) or not path.is_file():  # 2: a failed lossless check, whose report is still written
             raise SystemExit(f"eval --engine {engine} failed (exit {rc}); see {out / f'eval_{engine}.log'}")
         log_line(f"eval --engine {engine}: {time.perf_counter() - started:.0f} s")
         reports[engine] = json.loads(path.read_text())
-    return {"target": a.target, "draft": a.draft, "data": a.data, "num_prompts": a.num_prompts,
-            "max_new_tokens": a.max_new_tokens, "draft_tokens": a.draft_tokens, "dtype": a.dtype,
-            "hf_batch_size": a.hf_batch_size, "reports": {e: str(out / f"eval_{e}.json") for e in reports},
+    return {"target": args.target, "draft": args.draft, "data": args.data, "num_prompts": args.num_prompts,
+            "max_new_tokens": args.max_new_tokens, "draft_tokens": args.draft_tokens, "dtype": args.dtype,
+            "hf_batch_size": args.hf_batch_size, "reports": {e: str(out / f"eval_{e}.json") for e in reports},
             **compare_reports(reports["hf"], reports["vllm"])}
 
 
@@ -187,11 +188,11 @@ def main(argv=None) -> dict:
     e.add_argument("--out", required=True, help="folder for the two reports and logs")
     e.add_argument("--lock", default=None, help="heavy-job lock file (flock) around each eval, e.g. "
                                                  "/tmp/eagle-heavy.lock")
-    a = p.parse_args(argv)
-    result = bench_regenerate(a) if a.what == "regenerate" else bench_eval(a)
+    args = p.parse_args(argv)
+    result = bench_regenerate(args) if args.what == "regenerate" else bench_eval(args)
     print(json.dumps(result))
-    if a.save:
-        save_result(a.save, result)
+    if args.save:
+        save_result(args.save, result)
     return result
 
 

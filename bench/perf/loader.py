@@ -134,10 +134,10 @@ def ceilings(part: Path) -> dict:
             "pread_warm_MBps_per_cpu_second": size / best["pread"] / 1e6}
 
 
-def make_loader(index, a, workers: int) -> PackedLoader:
+def make_loader(index, args, workers: int) -> PackedLoader:
     vocab = int(index.manifest["target"]["vocab_size"])
-    return PackedLoader(index, np.arange(index.num_documents), seq_len=a.seq_len, batch_size=a.batch,
-                        steps=a.ttt_steps, t2d=torch.ones(vocab, dtype=torch.bool), num_workers=workers,
+    return PackedLoader(index, np.arange(index.num_documents), seq_len=args.seq_len, batch_size=args.batch,
+                        steps=args.ttt_steps, t2d=torch.ones(vocab, dtype=torch.bool), num_workers=workers,
                         pin=torch.cuda.is_available(), reuse_buffers=True)
 
 
@@ -178,26 +178,27 @@ def main(argv=None):
     p.add_argument("--max-batches", type=int, default=None)
     p.add_argument("--trainer-tokens-per-s", type=float, default=None)
     add_save_flag(p, "loader")
-    a = p.parse_args(argv)
-    hidden, dtype, vocab, seq_len, batch = SHAPES[a.shape]
-    a.hidden, a.dtype, a.vocab = a.hidden or hidden, a.dtype or dtype, a.vocab or vocab
-    a.seq_len, a.batch = a.seq_len or seq_len, a.batch or batch
+    args = p.parse_args(argv)
+    hidden, dtype, vocab, seq_len, batch = SHAPES[args.shape]
+    args.hidden, args.dtype, args.vocab = args.hidden or hidden, args.dtype or dtype, args.vocab or vocab
+    args.seq_len, args.batch = args.seq_len or seq_len, args.batch or batch
 
     with tempfile.TemporaryDirectory(prefix="eagle-loader-bench-") as tmp:
-        root = Path(a.teacher_dir) if a.teacher_dir else write_synthetic_dump(
-            Path(tmp), a.tokens, a.hidden, a.top_k, a.vocab, getattr(torch, a.dtype))
+        root = Path(args.teacher_dir) if args.teacher_dir else write_synthetic_dump(
+            Path(tmp), args.tokens, args.hidden, args.top_k, args.vocab, getattr(torch, args.dtype))
         index = DumpIndex(root)
         row_bytes = stored_bytes_per_position(index)
-        out = {"dump": str(root) if a.teacher_dir else "synthetic", "shape": a.shape if not a.teacher_dir else None,
-               "hidden": a.hidden, "dtype": a.dtype, "top_k": a.top_k, "seq_len": a.seq_len, "batch": a.batch,
+        out = {"dump": str(root) if args.teacher_dir else "synthetic",
+               "shape": args.shape if not args.teacher_dir else None, "hidden": args.hidden, "dtype": args.dtype,
+               "top_k": args.top_k, "seq_len": args.seq_len, "batch": args.batch,
                "tokens": int(index.length.sum()), "dump_bytes": sum(p.stat().st_size for p in index.parts),
                "stored_bytes_per_position": row_bytes, "torch_threads": torch.get_num_threads(),
                "cpu_count": os.cpu_count(), **ceilings(index.parts[0]), "runs": []}
-        for workers in map(int, a.workers.split(",")):
-            loader = make_loader(index, a, workers)
-            time_epoch(loader, False, a.max_batches)  # allocates the reused host buffers (first-touch faults)
-            for mode in a.modes.split(","):
-                runs = [time_epoch(loader, mode == "cold", a.max_batches) for _ in range(a.repeat)]
+        for workers in map(int, args.workers.split(",")):
+            loader = make_loader(index, args, workers)
+            time_epoch(loader, False, args.max_batches)  # allocates the reused host buffers (first-touch faults)
+            for mode in args.modes.split(","):
+                runs = [time_epoch(loader, mode == "cold", args.max_batches) for _ in range(args.repeat)]
                 rates = [n / t for t, _, n in runs]
                 per_cpu = [n / c for _, c, n in runs]
                 best = max(rates)
@@ -211,15 +212,15 @@ def main(argv=None):
         one = {r["mode"]: r for r in out["runs"] if r["workers"] == 1}
         if "warm" in one:
             out["warm_per_cpu_vs_memcpy"] = one["warm"]["read_MBps_per_cpu_second"] / out["memcpy_MBps_per_cpu_second"]
-        if a.trainer_tokens_per_s:
-            out["trainer_tokens_per_s"] = a.trainer_tokens_per_s
-            out["trainer_MBps"] = a.trainer_tokens_per_s * row_bytes / 1e6
+        if args.trainer_tokens_per_s:
+            out["trainer_tokens_per_s"] = args.trainer_tokens_per_s
+            out["trainer_MBps"] = args.trainer_tokens_per_s * row_bytes / 1e6
             out["cores_needed_warm"] = out["trainer_MBps"] / one["warm"]["read_MBps_per_cpu_second"] \
                 if "warm" in one else None
             out["workers_needed_wall"] = {m: out["trainer_MBps"] / r["read_MBps"] for m, r in one.items()}
     print(json.dumps(out))
-    if a.save:
-        save_result(a.save, out)
+    if args.save:
+        save_result(args.save, out)
     return out
 
 

@@ -91,7 +91,7 @@ def decode_bound(model, prompts: list[list[int]], pad_id: int, max_new_tokens: i
             "tokens_per_s": rows * steps / seconds, "compile_seconds": compile_seconds}
 
 
-def throughput(a) -> dict:
+def throughput(args) -> dict:
     """`--engine hf` tokens/s before (dynamic cache), with a static cache (eager) and compiled, against the bare
     batched-decode bound at the same batch; greedy texts compared across the three (and one prompt at a time)."""
     import torch
@@ -99,20 +99,20 @@ def throughput(a) -> dict:
     from stages.regenerate.engines import Decoding, HFEngine, Request
     from stages.static_cache import bucket
 
-    if a.threads:
-        torch.set_num_threads(a.threads)
-    prompts = bench_prompts(a.data, a.prompts)
-    engine = HFEngine(a.target, Decoding(max_new_tokens=a.max_new_tokens), device="cpu", dtype=a.dtype,
-                      batch_size=a.batch_size)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    prompts = bench_prompts(args.data, args.prompts)
+    engine = HFEngine(args.target, Decoding(max_new_tokens=args.max_new_tokens), device="cpu", dtype=args.dtype,
+                      batch_size=args.batch_size)
     requests = [Request(p, 0) for p in prompts]
     ids = [engine.render(p) for p in prompts]
-    result = {"bench": "regenerate-throughput", "target": a.target, "data": a.data, "prompts": len(prompts),
-              "prompt_tokens": sum(map(len, ids)), "dtype": a.dtype, "max_new_tokens": a.max_new_tokens, "batch_size": a.batch_size,
+    result = {"bench": "regenerate-throughput", "target": args.target, "data": args.data, "prompts": len(prompts),
+              "prompt_tokens": sum(map(len, ids)), "dtype": args.dtype, "max_new_tokens": args.max_new_tokens, "batch_size": args.batch_size,
               "torch_threads": torch.get_num_threads(), "load_before": open("/proc/loadavg").read().split()[:3],
               "engine": {}}
     modes = {"dynamic": (False, False), "static": (True, False), "compiled": (True, True)}
     texts = {}
-    for name in a.modes.split(","):
+    for name in args.modes.split(","):
         engine.static_cache, engine.compile = modes[name]
         if name == "compiled":  # first pass compiles (once per rows x cache bucket); the second is timed
             first = engine_run(engine, requests, "compiled, first pass")
@@ -127,25 +127,25 @@ def throughput(a) -> dict:
         result["engine"][name] = run
 
     model = engine.model
-    batch = sorted(ids, key=len)[: a.batch_size]  # the engine's first batch: the shortest prompts
-    result["bound"] = decode_bound(model, batch, engine.pad_id, a.max_new_tokens, a.bound_steps)
+    batch = sorted(ids, key=len)[: args.batch_size]  # the engine's first batch: the shortest prompts
+    result["bound"] = decode_bound(model, batch, engine.pad_id, args.max_new_tokens, args.bound_steps)
     for name, run in result["engine"].items():
         run["fraction_of_bound"] = run["tokens_per_s"] / result["bound"]["tokens_per_s"]
     names = list(texts)
     result["greedy_texts_identical"] = {f"{x}=={y}": f"{sum(p == q for p, q in zip(texts[x], texts[y]))}/{len(prompts)}"
                                         for x, y in zip(names, names[1:])}
-    if a.single:
+    if args.single:
         t0, single = time.perf_counter(), []
         for p in ids:
             with torch.inference_mode():
-                new = model.generate(torch.tensor([p]), max_new_tokens=a.max_new_tokens, do_sample=False,
+                new = model.generate(torch.tensor([p]), max_new_tokens=args.max_new_tokens, do_sample=False,
                                      eos_token_id=engine.stop_ids, pad_token_id=engine.pad_id)[0, len(p):].tolist()
             stop = bool(new) and new[-1] in engine.stop_ids
             single.append(engine.tokenizer.decode(new[:-1] if stop else new, skip_special_tokens=False))
         result["one_at_a_time_seconds"] = time.perf_counter() - t0
         result["greedy_texts_identical"].update({f"{x}==one_at_a_time": f"{sum(p == q for p, q in zip(texts[x], single))}/{len(prompts)}"
                                                  for x in names})
-    result["cache_length_buckets"] = sorted({bucket(len(p) + a.max_new_tokens) for p in ids})
+    result["cache_length_buckets"] = sorted({bucket(len(p) + args.max_new_tokens) for p in ids})
     result["load_after"] = open("/proc/loadavg").read().split()[:3]
     return result
 
@@ -164,11 +164,11 @@ def main(argv=None) -> dict:
     p.add_argument("--bound-steps", type=int, default=64, help="decode steps timed for the bound")
     p.add_argument("--single", action="store_true", help="also generate one prompt at a time (slow) and compare")
     add_save_flag(p, "regenerate-throughput")
-    a = p.parse_args(argv)
-    result = throughput(a)
+    args = p.parse_args(argv)
+    result = throughput(args)
     print(json.dumps(result, indent=1))
-    if a.save:
-        save_result(a.save, result)
+    if args.save:
+        save_result(args.save, result)
     return result
 
 

@@ -52,10 +52,10 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def synthetic_batch(a, device: torch.device, aux_dtype: torch.dtype) -> dict:
+def synthetic_batch(args, device: torch.device, aux_dtype: torch.dtype) -> dict:
     """Packed rows of documents of random lengths (positions restart per document), a top-k teacher."""
-    g = torch.Generator().manual_seed(a.seed)
-    B, T = a.batch, a.seq_len
+    g = torch.Generator().manual_seed(args.seed)
+    B, T = args.batch, args.seq_len
     pos, doc = torch.zeros(B, T, dtype=torch.int64), torch.zeros(B, T, dtype=torch.int64)
     for b in range(B):
         o, d = 0, 0
@@ -63,48 +63,48 @@ def synthetic_batch(a, device: torch.device, aux_dtype: torch.dtype) -> dict:
             n = min(int(torch.randint(T // 8, T // 2 + 1, (1,), generator=g)), T - o)
             pos[b, o:o + n], doc[b, o:o + n] = torch.arange(n), d
             o, d = o + n, d + 1
-    logits = torch.randn(B, T, a.top_k, generator=g)
+    logits = torch.randn(B, T, args.top_k, generator=g)
     top = torch.log_softmax(logits, -1).sort(-1, descending=True)
     batch = {
-        "aux_hidden_states": torch.randn(B, T, 3 * a.hidden, generator=g).to(aux_dtype),
-        "input_ids": torch.randint(0, a.vocab, (B, T), generator=g),
+        "aux_hidden_states": torch.randn(B, T, 3 * args.hidden, generator=g).to(aux_dtype),
+        "input_ids": torch.randint(0, args.vocab, (B, T), generator=g),
         "position_ids": pos, "document_ids": doc,
         "loss_mask": torch.rand(B, T, generator=g) < 0.8,
-        "teacher_topk_ids": torch.randint(0, a.vocab, (B, T, a.top_k), generator=g),
+        "teacher_topk_ids": torch.randint(0, args.vocab, (B, T, args.top_k), generator=g),
         "teacher_topk_logprobs": top.values - 2.0,
     }
     return {k: v.to(device) for k, v in batch.items()}
 
 
-def model_flops_per_step(a) -> float:
+def model_flops_per_step(args) -> float:
     """Matmul FLOPs of one optimizer step (forward x3 for forward + backward; the frozen embedding excluded)."""
-    H, hd = a.hidden, a.hidden // a.heads
-    per_token = (2 * H * a.heads * hd + 2 * 2 * H * a.kv_heads * hd + a.heads * hd * H  # q, k, v, o
-                 + 3 * H * a.intermediate + H * a.draft_vocab)                          # mlp, lm_head
-    attn = 2 * a.heads * hd * (a.seq_len / 2 + a.ttt_steps)  # QK^T and PV over ~T/2 causal keys, per token
-    tokens = a.batch * a.seq_len
-    fwd = 2 * tokens * (a.ttt_steps * (per_token + attn) + 3 * H * H)  # + fc once
+    H, hd = args.hidden, args.hidden // args.heads
+    per_token = (2 * H * args.heads * hd + 2 * 2 * H * args.kv_heads * hd + args.heads * hd * H  # q, k, v, o
+                 + 3 * H * args.intermediate + H * args.draft_vocab)                             # mlp, lm_head
+    attn = 2 * args.heads * hd * (args.seq_len / 2 + args.ttt_steps)  # QK^T and PV over ~T/2 causal keys, per token
+    tokens = args.batch * args.seq_len
+    fwd = 2 * tokens * (args.ttt_steps * (per_token + attn) + 3 * H * H)  # + fc once
     return 3.0 * fwd
 
 
-def run_ours(a) -> dict:
-    device = torch.device(a.device)
-    torch.manual_seed(a.seed)
-    target = {"hidden_size": a.hidden, "num_attention_heads": a.heads, "num_key_value_heads": a.kv_heads,
-              "intermediate_size": a.intermediate, "num_hidden_layers": 16, "vocab_size": a.vocab,
+def run_ours(args) -> dict:
+    device = torch.device(args.device)
+    torch.manual_seed(args.seed)
+    target = {"hidden_size": args.hidden, "num_attention_heads": args.heads, "num_key_value_heads": args.kv_heads,
+              "intermediate_size": args.intermediate, "num_hidden_layers": 16, "vocab_size": args.vocab,
               "rms_norm_eps": 1e-5, "rope_theta": 500000.0, "max_position_embeddings": 131072}
-    cfg = DraftConfig.from_target_config(target, draft_vocab_size=a.draft_vocab, ttt_steps=a.ttt_steps)
+    cfg = DraftConfig.from_target_config(target, draft_vocab_size=args.draft_vocab, ttt_steps=args.ttt_steps)
     model = Eagle3Draft(cfg)
-    d2t, t2d = build_vocab_map(torch.randint(0, 1000, (a.vocab,)), a.draft_vocab)
-    model.init_from_target({"embed_tokens.weight": torch.randn(a.vocab, a.hidden) * 0.02,
-                            "lm_head.weight": torch.randn(a.vocab, a.hidden) * 0.02}, d2t, t2d)
+    d2t, t2d = build_vocab_map(torch.randint(0, 1000, (args.vocab,)), args.draft_vocab)
+    model.init_from_target({"embed_tokens.weight": torch.randn(args.vocab, args.hidden) * 0.02,
+                            "lm_head.weight": torch.randn(args.vocab, args.hidden) * 0.02}, d2t, t2d)
     model.to(device).train()
     opt, params, _ = make_optimizer(model, 1e-4, 0.0, device)
-    step_fn = make_step_fn(a.ttt_steps, "topk", 0.8, a.attention, device, not a.no_compile, a.precision)
+    step_fn = make_step_fn(args.ttt_steps, "topk", 0.8, args.attention, device, not args.no_compile, args.precision)
     aux_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    batch = synthetic_batch(a, device, aux_dtype)
+    batch = synthetic_batch(args, device, aux_dtype)
     valid = batch["loss_mask"] & (batch["position_ids"] >= 0)
-    normalizer = torch.stack([(valid & (batch["position_ids"] >= j)).sum() for j in range(a.ttt_steps)]).float()
+    normalizer = torch.stack([(valid & (batch["position_ids"] >= j)).sum() for j in range(args.ttt_steps)]).float()
     sync = GradSync(params, DistInfo(device=device))
 
     def one() -> tuple[float, float]:
@@ -121,22 +121,22 @@ def run_ours(a) -> dict:
 
     t0 = time.perf_counter()
     first = one()[0]
-    for _ in range(a.warmup - 1):
+    for _ in range(args.warmup - 1):
         one()
     warm_s = time.perf_counter() - t0
-    timed = [one() for _ in range(a.steps)]
+    timed = [one() for _ in range(args.steps)]
     times = [w for w, _ in timed]
     med = statistics.median(times)
     out = {"impl": "eagle-pipe", "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-           "compile": not a.no_compile, "precision": resolve_precision(a.precision, device)[0], "shapes": {k: getattr(a, k) for k in SHAPE_FLAGS},
+           "compile": not args.no_compile, "precision": resolve_precision(args.precision, device)[0], "shapes": {k: getattr(args, k) for k in SHAPE_FLAGS},
            "median_ms": med * 1e3, "min_ms": min(times) * 1e3, "max_ms": max(times) * 1e3,
            "median_cpu_ms": statistics.median(c for _, c in timed) * 1e3,
-           "tokens_per_s": a.batch * a.seq_len / med, "first_step_s": first, "warmup_s": warm_s,
-           "steps_timed": a.steps, "torch_threads": torch.get_num_threads(), "finite": bool(torch.isfinite(
+           "tokens_per_s": args.batch * args.seq_len / med, "first_step_s": first, "warmup_s": warm_s,
+           "steps_timed": args.steps, "torch_threads": torch.get_num_threads(), "finite": bool(torch.isfinite(
                torch.stack([p.detach().float().abs().max() for p in params])).all())}
     if device.type == "cuda":
-        tflops = model_flops_per_step(a) / med / 1e12
-        out |= {"model_tflops": tflops, "mfu": tflops / a.peak_tflops, "peak_tflops": a.peak_tflops,
+        tflops = model_flops_per_step(args) / med / 1e12
+        out |= {"model_tflops": tflops, "mfu": tflops / args.peak_tflops, "peak_tflops": args.peak_tflops,
                 "max_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30}
     return out
 
@@ -144,15 +144,15 @@ def run_ours(a) -> dict:
 PEERS = {"modelopt": "bench.peers.modelopt.step", "speculators": "bench.peers.speculators.step"}
 
 
-def run_peer(a, name: str, python: str) -> dict:
+def run_peer(args, name: str, python: str) -> dict:
     """A peer's step (bench/<peer>_step.py) at our shapes in its own venv; its JSON, or the error tail."""
     flags = []
     for k in SHAPE_FLAGS:
-        flags += [f"--{k.replace('_', '-')}", str(getattr(a, k))]
-    flags += ["--steps", str(a.steps), "--warmup", str(a.warmup), "--json", "--device", a.device,
+        flags += [f"--{k.replace('_', '-')}", str(getattr(args, k))]
+    flags += ["--steps", str(args.steps), "--warmup", str(args.warmup), "--json", "--device", args.device,
               "--threads", str(torch.get_num_threads())]
-    bf16 = resolve_precision(a.precision, torch.device(a.device))[0] == "bf16"
-    flags += (["--no-compile"] if a.no_compile else []) + (["--bf16-autocast"] if bf16 else [])
+    bf16 = resolve_precision(args.precision, torch.device(args.device))[0] == "bf16"
+    flags += (["--no-compile"] if args.no_compile else []) + (["--bf16-autocast"] if bf16 else [])
     res = subprocess.run([python, "-m", PEERS[name], *flags], capture_output=True, text=True, cwd=REPO)
     result = last_json(res.stdout)
     if res.returncode != 0 or result is None:
@@ -161,19 +161,19 @@ def run_peer(a, name: str, python: str) -> dict:
 
 
 def main(argv=None):
-    a = parse_args(argv)
-    result = run_ours(a)
-    for name, python in (("modelopt", a.modelopt_python), ("speculators", a.speculators_python)):
+    args = parse_args(argv)
+    result = run_ours(args)
+    for name, python in (("modelopt", args.modelopt_python), ("speculators", args.speculators_python)):
         if python:
-            peer = run_peer(a, name, python)
+            peer = run_peer(args, name, python)
             result[name] = peer
             if "median_ms" in peer:
                 result[f"speedup_vs_{name}"] = peer["median_ms"] / result["median_ms"]
             if "median_cpu_ms" in peer:
                 result[f"cpu_speedup_vs_{name}"] = peer["median_cpu_ms"] / result["median_cpu_ms"]
     print(json.dumps(result))
-    if a.save:
-        save_result(a.save, result)
+    if args.save:
+        save_result(args.save, result)
     return result
 
 

@@ -82,14 +82,14 @@ def main(argv=None) -> None:
     p.add_argument("--seq-len", type=int, default=1024)
     p.add_argument("--batch-size", type=int, default=2)
     add_save_flag(p, "heldout")
-    a = p.parse_args(argv)
+    args = p.parse_args(argv)
     torch.manual_seed(0)
     with torch.enable_grad():  # evaluate() runs the training step's graph (no backward)
-        rows = [score(d, a.dump, a.ttt_steps, a.seq_len, a.batch_size) for d in a.draft]
-    report = {"dump": str(a.dump), "drafts": rows}
+        rows = [score(d, args.dump, args.ttt_steps, args.seq_len, args.batch_size) for d in args.draft]
+    report = {"dump": str(args.dump), "drafts": rows}
     print(json.dumps(report, indent=1))
-    if a.save:
-        save_result(a.save, report)
+    if args.save:
+        save_result(args.save, report)
 
 
 if __name__ == "__main__":

@@ -99,39 +99,39 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-sampled-ratio", type=float, default=20.0,
                    help="give up after sampling this many times --num prompts")
-    a = p.parse_args(argv)
+    args = p.parse_args(argv)
 
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from stages.regenerate.engines import stop_token_ids
 
-    torch.manual_seed(a.seed)
-    tokenizer = AutoTokenizer.from_pretrained(a.target)
-    model = AutoModelForCausalLM.from_pretrained(a.target, dtype=getattr(torch, a.dtype)).eval()
+    torch.manual_seed(args.seed)
+    tokenizer = AutoTokenizer.from_pretrained(args.target)
+    model = AutoModelForCausalLM.from_pretrained(args.target, dtype=getattr(torch, args.dtype)).eval()
     stop = stop_token_ids(model, tokenizer, {})
     prefix = tokenizer(user_turn_prefix(tokenizer), add_special_tokens=False, return_tensors="pt")["input_ids"]
-    banned = excluded_ngrams(a.exclude)
+    banned = excluded_ngrams(args.exclude)
 
     def sample_rows() -> list[list[int]]:
-        rows = prefix.repeat(a.batch_size, 1)
+        rows = prefix.repeat(args.batch_size, 1)
         with torch.inference_mode():
             out = model.generate(rows, attention_mask=torch.ones_like(rows), do_sample=True,
-                                 temperature=a.temperature, top_p=a.top_p, max_new_tokens=a.max_new_tokens,
+                                 temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens,
                                  eos_token_id=stop, pad_token_id=stop[0])
         return out[:, prefix.shape[1]:].tolist()
 
     start = time.time()
     kept, dropped, sampled = collect(sample_rows, lambda ids: tokenizer.decode(ids, skip_special_tokens=True),
-                                     stop, a.num, banned, a.max_sampled_ratio,
-                                     progress=lambda n: print(f"{n}/{a.num} prompts, {time.time() - start:.0f} s",
+                                     stop, args.num, banned, args.max_sampled_ratio,
+                                     progress=lambda n: print(f"{n}/{args.num} prompts, {time.time() - start:.0f} s",
                                                               file=sys.stderr))
-    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.out).write_text("".join(json.dumps({"messages": [{"role": "user", "content": t}]}, ensure_ascii=False)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text("".join(json.dumps({"messages": [{"role": "user", "content": t}]}, ensure_ascii=False)
                                    + "\n" for t in kept))
     print(json.dumps({"prompts": len(kept), "sampled": sampled, "dropped": dropped,
                       "mean_words": round(sum(len(t.split()) for t in kept) / len(kept), 1),
-                      "seconds": round(time.time() - start, 1), "out": a.out}))
+                      "seconds": round(time.time() - start, 1), "out": args.out}))
 
 
 if __name__ == "__main__":

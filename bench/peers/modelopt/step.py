@@ -60,11 +60,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import statistics
 import sys
 
-from bench.common import Stopwatch  # standard library only, as shapes: the peers' venvs import both
+from bench.common import Stopwatch, print_step_timing  # standard library only, as shapes: the peers' venvs import both
 from bench.peers.shapes import add_shape_flags
 
 
@@ -236,13 +235,7 @@ def main(argv: list[str] | None = None) -> None:
     # Model-Optimizer prints progress to stdout; keep stdout for the result alone.
     with contextlib.redirect_stdout(sys.stderr):
         result = run(args)
-    if args.json:
-        print(json.dumps(result))
-    else:
-        print(f"{result['impl']} {'compiled' if result['compiled'] else 'eager'}: "
-              f"{result['median_ms']:.1f} ms/step median over {len(result['step_ms'])} steps, "
-              f"{result['tokens_per_s']:.0f} tokens/s (first step {result['first_step_ms']:.0f} ms)")
-        print(json.dumps(result))
+    print_step_timing(result, args.json)
 
 
 if __name__ == "__main__":

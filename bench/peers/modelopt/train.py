@@ -42,10 +42,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import time
 from pathlib import Path
+
+from bench.common import median_gap  # standard library only: the peer's venv imports it
 
 
 def parse_args(argv=None):
@@ -181,7 +182,7 @@ def main(argv=None) -> dict:
     out = {
         "trainer": "modelopt", "version": __import__("modelopt").__version__, "export_dir": str(export_dir),
         "conversations": n_files, "steps": int(result.global_step), "wall_s": round(wall, 2),
-        "median_step_s": round(statistics.median(steps_s), 4) if (steps_s := [b - a for a, b in zip(stamps, stamps[1:])]) else None,
+        "median_step_s": median_gap(stamps),
         "train_loss": float(result.training_loss),
         "train_acc_last10pct": [round(sum(a[0][j] for a in tail) / len(tail), 4) for j in range(args.ttt_steps)],
         "settings": {"batch_conversations": args.batch, "train_len": args.train_len, "lr": args.lr,

@@ -81,7 +81,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import logging
 import resource
 import statistics
@@ -89,7 +88,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from bench.common import Stopwatch  # standard library only, as shapes: the peers' venvs import both
+from bench.common import Stopwatch, print_step_timing  # standard library only, as shapes: the peers' venvs import both
 from bench.peers.shapes import add_shape_flags
 
 
@@ -290,13 +289,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     with contextlib.redirect_stdout(sys.stderr):  # keep stdout for the result alone
         result = run(args)
-    if args.json:
-        print(json.dumps(result))
-    else:
-        print(f"{result['impl']} {'compiled' if result['compiled'] else 'eager'}: "
-              f"{result['median_ms']:.1f} ms/step median over {len(result['step_ms'])} steps, "
-              f"{result['tokens_per_s']:.0f} tokens/s (first step {result['first_step_ms']:.0f} ms)")
-        print(json.dumps(result))
+    print_step_timing(result, args.json)
 
 
 if __name__ == "__main__":

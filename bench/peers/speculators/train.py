@@ -46,10 +46,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import time
 from pathlib import Path
+
+from bench.common import median_gap  # standard library only: the peer's venv imports it
 
 
 def parse_args(argv=None):
@@ -191,8 +192,9 @@ def main(argv=None) -> dict:
     steps_done = json.loads(state_file.read_text()).get("global_step") if state_file.is_file() else None
     out = {
         "trainer": "speculators", "version": __import__("speculators.version", fromlist=["version"]).version,
-        "export_dir": str(export_dir), "conversations": n_conv, "steps": steps_done, "epochs": epochs, "wall_s": round(wall, 2),
-        "median_step_s": round(statistics.median(d), 4) if (d := [b - a for a, b in zip(stamps, stamps[1:])]) else None,
+        "export_dir": str(export_dir), "conversations": n_conv, "steps": steps_done, "epochs": epochs,
+        "wall_s": round(wall, 2),
+        "median_step_s": median_gap(stamps),
         "settings": {"total_seq_len": args.total_seq_len, "lr": args.lr, "warmup_steps": args.warmup_steps,
                      "schedule": args.schedule, "optimizer": args.optimizer, "arch": args.arch,
                      "loss_decay": 1.0 if args.loss_decay is None else args.loss_decay,
