@@ -100,7 +100,8 @@ class HFDecoder:
         self._fit(ids)
         reference, seconds = greedy_generate(self.model, ids, max_new_tokens=new_tokens, eos_ids=self.eos_ids,
                                              pad_id=self.pad_id, device=self.device)
-        return Decoded(reference, seconds, {k: self._speculative(ids, k, new_tokens) for k in self.draft_token_counts})
+        return Decoded(reference, seconds,
+                       {k: self._speculative(ids, k, new_tokens) for k in self.draft_token_counts})
 
     def _together(self, prompts: list[list[int]], new_tokens: int) -> tuple[list[Decoded], float, dict]:
         """Several turns at once: batched references, and batched speculative runs (one turn at a time for a
@@ -121,8 +122,8 @@ class HFDecoder:
                     self._fit(ids)
                 specs[k] = [self._speculative(ids, k, new_tokens) for ids in prompts]
                 spec_seconds[k] = sum(spec.seconds for spec in specs[k])
-        return [Decoded(row, None, {k: specs[k][n] for k in self.draft_token_counts}) for n, row in enumerate(rows)], \
-            ref_seconds, spec_seconds
+        decoded = [Decoded(row, None, {k: specs[k][n] for k in self.draft_token_counts}) for n, row in enumerate(rows)]
+        return decoded, ref_seconds, spec_seconds
 
     def warm_up(self, prompt: list[int], rows: int) -> None:
         """First-call allocations, lazy inits and the compiles, outside the timings (2 new tokens)."""
@@ -134,20 +135,20 @@ class HFDecoder:
         """Each prompt's reference and speculative runs, batched when batch_size > 1; adds to `totals`."""
         totals = self.totals
         if self.batch_size == 1:
-            out = [self._alone(ids, self.max_new_tokens) for ids in prompts]
-            for d in out:
-                totals["reference_seconds"] += d.reference_seconds
-                totals["reference_tokens"] += len(d.reference)
+            decoded = [self._alone(ids, self.max_new_tokens) for ids in prompts]
+            for turn in decoded:
+                totals["reference_seconds"] += turn.reference_seconds
+                totals["reference_tokens"] += len(turn.reference)
                 for k in self.draft_token_counts:
-                    totals["speculative_seconds"][k] += d.specs[k].seconds
-            return out
-        out, ref_seconds, spec_seconds = self._together(prompts, self.max_new_tokens)
+                    totals["speculative_seconds"][k] += turn.specs[k].seconds
+            return decoded
+        decoded, ref_seconds, spec_seconds = self._together(prompts, self.max_new_tokens)
         totals["reference_seconds"] += ref_seconds
-        totals["reference_tokens"] += sum(len(d.reference) for d in out)
+        totals["reference_tokens"] += sum(len(turn.reference) for turn in decoded)
         for k in self.draft_token_counts:
             totals["speculative_seconds"][k] += spec_seconds[k]
-        for n, (ids, d) in enumerate(zip(prompts, out)):
-            if any(spec.tokens != d.reference for spec in d.specs.values()):
+        for n, (ids, turn) in enumerate(zip(prompts, decoded)):
+            if any(spec.tokens != turn.reference for spec in turn.specs.values()):
                 # batched rows are another float rounding of the same greedy decodes: where they differ, the turn
                 # is decided alone, exactly as --batch-size 1 decides it
                 alone = self._alone(ids, self.max_new_tokens)
@@ -156,5 +157,5 @@ class HFDecoder:
                 totals["reference_tokens"] += len(alone.reference)
                 for k in self.draft_token_counts:
                     totals["speculative_seconds"][k] += alone.specs[k].seconds
-                out[n] = Decoded(alone.reference, None, alone.specs)  # not a batch-1 baseline of the whole run
-        return out
+                decoded[n] = Decoded(alone.reference, None, alone.specs)  # not a batch-1 baseline of the whole run
+        return decoded
