@@ -234,6 +234,15 @@ def export_tensor_shapes(cfg: DraftConfig) -> dict[str, tuple[tuple[int, ...], s
     }
 
 
+EAGLE3_AUX_LAYERS = 3  # EAGLE-3 / 3.1 fuse exactly three target layers (fc: [H, 3H])
+
+
+def drafters_served(aux_layer_count: int) -> list[str]:
+    """The `train --draft-arch` values a dump of this many aux layers trains (recorded in its manifest):
+    EAGLE-3 / 3.1 fuse exactly three layers, DFlash any number (its fc is [H, n*H])."""
+    return (["eagle3", "eagle3.1"] if aux_layer_count == EAGLE3_AUX_LAYERS else []) + ["dflash"]
+
+
 def default_aux_layer_ids(num_layers: int) -> tuple[int, int, int]:
     """EAGLE-3's low/mid/high features: (2, N//2, N-3) for N >= 7; evenly spread ids for 3 <= N < 7."""
     _require_positive_int(num_layers, "num_hidden_layers")

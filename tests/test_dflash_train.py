@@ -133,7 +133,7 @@ def test_a_dump_of_five_aux_layers_trains_dflash_and_refuses_eagle3(tiny_llama, 
     dump = cached_dump(tmp_path_factory, f"llama-aux5-{aux_dtype}", tiny_llama, records=40,
                        extra=["--aux-layers", "1,2,4,5,6", "--aux-dtype", aux_dtype])
     manifest = json.loads((dump / "manifest.json").read_text())
-    assert manifest["aux_layer_ids"] == [1, 2, 4, 5, 6]
+    assert manifest["aux_layer_ids"] == [1, 2, 4, 5, 6] and manifest["drafters"] == ["dflash"]
     assert CliRunner().invoke(main, ["verify", str(dump)]).exit_code == 0
     refused = CliRunner().invoke(main, ["train", "--teacher-dir", str(dump), "--out", str(root / "eagle"),
                                         "--max-steps", "1", "--no-compile"])

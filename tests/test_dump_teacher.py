@@ -168,6 +168,7 @@ def test_refuses_other_target_and_settings_and_resumes_same(tiny_llama, tiny_qwe
     assert first.exit_code == 0, first.output
     manifest = shards.read_json(out / "manifest.json")
     assert manifest["settings"]["limit"] == 6 and manifest["aux_layer_ids"] == AUX
+    assert manifest["drafters"] == ["eagle3", "eagle3.1", "dflash"]  # three aux layers: every drafter
     done = shards.read_done(out, 0, 1)
     assert done["num_records"] == 6 and done["records"]["assigned"] == 6
 

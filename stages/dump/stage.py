@@ -318,6 +318,7 @@ def load_checked_target(settings: DumpSettings):
 def claim_dump(settings: DumpSettings, target, aux_ids: list[int]) -> dict:
     """Step 3: stage OUT/target, claim OUT/manifest.json (stages/sharded_job.py: refusing another dump in OUT),
     install OUT/target; returns the manifest."""
+    from eagle.config import drafters_served
     from stages.dump.forward import install_target_dir, write_target_dir
 
     recorded = settings.record(aux_ids)
@@ -332,7 +333,8 @@ def claim_dump(settings: DumpSettings, target, aux_ids: list[int]) -> dict:
                        "hidden_size": target.hidden_size, "vocab_size": target.vocab_size,
                        "dtype": recorded["dtype"],
                        "tie_word_embeddings": bool(getattr(target.config, "tie_word_embeddings", False))},
-            "aux_layer_ids": aux_ids, "aux_dtype": dtype_name(settings.aux_dtype),
+            "aux_layer_ids": aux_ids, "drafters": drafters_served(len(aux_ids)),
+            "aux_dtype": dtype_name(settings.aux_dtype),
             "teacher": {"kind": settings.teacher, "k": settings.k,
                         "logprob_dtype": "float32" if settings.teacher == "topk" else None,
                         "probs_dtype": recorded["dtype"] if settings.teacher == "softmax" else None},

@@ -112,12 +112,12 @@ def build_draft(teacher_dir: Path, manifest: dict, token_counts: torch.Tensor, *
     """The draft, from the dump alone: config from target/config.json + the manifest's aux ids (RoPE by
     `draft_rope`, eagle.config.choose_draft_rope; EAGLE-3 or 3.1 by `draft_arch`), frozen embedding (and the
     lm_head/norm init) from target/weights.safetensors, vocab map from token counts."""
-    from eagle.config import DraftConfig, load_target_dir
+    from eagle.config import DraftConfig, drafters_served, load_target_dir
     from eagle.model import Eagle3Draft
     from eagle.vocab import build_vocab_map
 
     aux = list(manifest["aux_layer_ids"])
-    if len(aux) != 3:
+    if "eagle3" not in drafters_served(len(aux)):
         raise StageError(f"{teacher_dir / 'manifest.json'}: the dump holds {len(aux)} aux layers {aux}; an EAGLE-3 "
                          "draft fuses exactly three: train --draft-arch dflash on it, or dump with three --aux-layers")
     try:
