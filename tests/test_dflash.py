@@ -54,17 +54,11 @@ def serve_block(model, aux, ids, r):
     return draft_block(model, ctx, int(ids[0, r]))  # (block, V)
 
 
-@pytest.mark.parametrize("kv_heads, layers, block", [(2, 2, 4), (4, 1, 3), (2, 3, 8)])
-def test_training_blocks_equal_inference_drafting(kv_heads, layers, block):
-    cfg = tiny_dflash_cfg(num_key_value_heads=kv_heads, num_hidden_layers=layers, block_size=block)
-    model = random_dflash(cfg, seed=1)
-    batch = dflash_batch(cfg, [9, 5, 12, 3], T=34, rows=2, seed=2)
-    # every row of every document is an anchor once (several blocks per row, packed documents)
-    anchors = torch.stack([torch.arange(34), torch.arange(33, -1, -1)])  # (2, 34), the second in reverse
-    with torch.no_grad():
-        train = dflash_forward(model, batch, anchors)  # (2, 34, block, V)
-    worst, compared = 0.0, 0
-    for row in range(2):
+def worst_served_block_error(model, batch, anchors, train):
+    """Every anchor's training block logits `train[row, i]` against the block served for the same document
+    prefix: (worst relative error, blocks compared, the last served block)."""
+    worst, compared, served = 0.0, 0, None
+    for row in range(batch["input_ids"].shape[0]):
         for start, length in documents(batch, row):
             aux = batch["aux_hidden_states"][row:row + 1, start:start + length]
             ids = batch["input_ids"][row:row + 1, start:start + length]
@@ -74,6 +68,19 @@ def test_training_blocks_equal_inference_drafting(kv_heads, layers, block):
                 i = (anchors[row] == start + r).nonzero().item()
                 worst = max(worst, rel_err(train[row, i], served))
                 compared += 1
+    return worst, compared, served
+
+
+@pytest.mark.parametrize("kv_heads, layers, block", [(2, 2, 4), (4, 1, 3), (2, 3, 8)])
+def test_training_blocks_equal_inference_drafting(kv_heads, layers, block):
+    cfg = tiny_dflash_cfg(num_key_value_heads=kv_heads, num_hidden_layers=layers, block_size=block)
+    model = random_dflash(cfg, seed=1)
+    batch = dflash_batch(cfg, [9, 5, 12, 3], T=34, rows=2, seed=2)
+    # every row of every document is an anchor once (several blocks per row, packed documents)
+    anchors = torch.stack([torch.arange(34), torch.arange(33, -1, -1)])  # (2, 34), the second in reverse
+    with torch.no_grad():
+        train = dflash_forward(model, batch, anchors)  # (2, 34, block, V)
+    worst, compared, _ = worst_served_block_error(model, batch, anchors, train)
     assert compared == 2 * 29
     assert worst <= 1e-12
 
@@ -212,17 +219,7 @@ def test_draft_vocab_training_blocks_equal_inference_drafting(kv_heads, layers, 
         train = dflash_forward(model, batch, anchors)  # (2, 34, block, Vd)
         assert train.shape[-1] == 13
         assert rel_err(train, dflash_forward(full, batch, anchors)[..., ids_of]) <= 1e-12
-    worst, compared = 0.0, 0
-    for row in range(2):
-        for start, length in documents(batch, row):
-            aux = batch["aux_hidden_states"][row:row + 1, start:start + length]
-            ids = batch["input_ids"][row:row + 1, start:start + length]
-            for r in range(length):
-                with torch.no_grad():
-                    served = serve_block(model, aux, ids, r)
-                i = (anchors[row] == start + r).nonzero().item()
-                worst = max(worst, rel_err(train[row, i], served))
-                compared += 1
+    worst, compared, served = worst_served_block_error(model, batch, anchors, train)
     assert compared == 2 * 29 and worst <= 1e-12
     drafted = served[1:].argmax(-1)
     assert torch.equal(model.draft_to_target(drafted), ids_of[drafted])
