@@ -139,3 +139,19 @@ def split_options(cls: type, options: dict) -> tuple[Any, dict]:
     names = {f.name for f in dataclasses.fields(cls)}
     own = {k: v for k, v in options.items() if k in names}
     return cls(**own), {k: v for k, v in options.items() if k not in names}
+
+
+class ParsedType(click.ParamType):
+    """A click type from a parser that refuses bad input with a StageError (one line): the same parser reads
+    the command line and pipeline.yaml, and its message becomes click's usage error."""
+
+    def __init__(self, name: str, parse):
+        self.name, self.parse = name, parse
+
+    def convert(self, value, param, ctx):
+        from stages.errors import StageError
+
+        try:
+            return self.parse(value)
+        except StageError as exc:
+            self.fail(exc.format_message(), param, ctx)

