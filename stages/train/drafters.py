@@ -24,6 +24,7 @@ from stages.train.settings import TrainSettings
 
 EAGLE3_DRAFT_VOCAB = 32000  # an EAGLE-3 draft's vocabulary when --draft-vocab-size is not given (capped at V)
 
+
 def ttt_loss(*args, **kwargs):
     """eagle.ttt.ttt_loss, imported late (keeps `eagle-pipe --help` fast); one module-level name tests can wrap."""
     from eagle.ttt import ttt_loss as _ttt_loss
