@@ -41,6 +41,7 @@ API:
         # target_config: the target's config.json dict (its num_hidden_layers bounds and defaults the aux ids)
     def read_peer_draft(path, target_config: dict) -> tuple[str, DraftConfig, dict[str, Tensor]]
         # (format, config, state dict in eagle-pipe names, with embed_tokens.weight only if the draft has one)
+    def weight_files(path) -> dict[str, Path]      # tensor name -> its safetensors file (single or sharded)
 """
 from __future__ import annotations
 
@@ -102,7 +103,8 @@ def peer_draft_config(config: dict, target_config: dict, where: str = "config.js
     """(format, DraftConfig) of a llama-eagle3 / modelopt / speculators config.json, or DraftFormatError."""
     fmt = detect_format(config, where)
     if fmt == "eagle-pipe":
-        raise DraftFormatError(f"{where}: an eagle-pipe export: read it with eagle.export.load_draft")
+        raise DraftFormatError(f"{where}: already an eagle-pipe export, not another trainer's draft "
+                               "(eagle.export.load_draft reads it)")
     if not isinstance(target_config, dict):
         raise DraftFormatError(f"{where}: reading a {fmt} draft needs the target's config.json (its layer count "
                                "decides the aux layer ids)")
@@ -322,7 +324,7 @@ def _optional_int(config: dict, key: str, where: str) -> int | None:
 # --------------------------------------------------------------------------------------------- tensors
 
 
-def _weight_files(path: Path) -> dict[str, Path]:
+def weight_files(path: Path) -> dict[str, Path]:
     """Tensor name -> safetensors file: model.safetensors, or the shards of model.safetensors.index.json."""
     single, index = path / "model.safetensors", path / "model.safetensors.index.json"
     if single.is_file():
@@ -333,12 +335,12 @@ def _weight_files(path: Path) -> dict[str, Path]:
         if not isinstance(weight_map, dict):
             raise DraftFormatError(f"{index}: no weight_map")
         return {name: path / file for name, file in weight_map.items()}
-    raise FileNotFoundError(f"draft dir {path} lacks model.safetensors (expected {single} or {index})")
+    raise FileNotFoundError(f"{path} lacks model.safetensors (expected {single} or {index})")
 
 
 def _read_tensors(path: Path, cfg: DraftConfig) -> dict[str, torch.Tensor]:
     """The state dict in eagle-pipe names: every tensor the draft needs, nothing it cannot run."""
-    files = _weight_files(path)
+    files = weight_files(path)
     prefixes = {p for p in LAYER_PREFIXES if any(n.startswith(p) for n in files)}
     if len(prefixes) > 1:
         raise DraftFormatError(f"{path}: tensors use both {' and '.join(sorted(prefixes))} names")

@@ -11,8 +11,10 @@ Refused (one line): models without such a text decoder, e.g. encoder-decoder mod
 """
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -111,6 +113,21 @@ def effective_norm_weight(norm: torch.nn.Module) -> torch.Tensor:
 
 
 # ------------------------------------------------------------------------------------------------ opening a target
+def read_target_config(target) -> dict:
+    """The target's config.json as a dict (what the peer draft readers and vLLM's defaults need: its layer count),
+    without building the model; a missing or unreadable file is refused in one line."""
+    path = Path(target) / "config.json"
+    try:
+        config = json.loads(path.read_text())
+    except OSError as e:
+        raise StageError(f"{path}: cannot read the target's config ({e.strerror or e})") from None
+    except ValueError as e:
+        raise StageError(f"{path}: not JSON ({e})") from None
+    if not isinstance(config, dict):
+        raise StageError(f"{path}: expected a JSON object")
+    return config
+
+
 def load_tokenizer(target: str, trust_remote_code: bool = False):
     """The target's tokenizer, which must have a chat template (every stage renders conversations with it)."""
     from transformers import AutoTokenizer

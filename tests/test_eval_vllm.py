@@ -1,5 +1,6 @@
 """`eagle-pipe eval --engine vllm` against `eval --engine hf`: the same draft on the same prompts, served by vLLM,
-gives the same verification steps, the same accepted tokens at every draft position and the same outputs.
+gives the same verification steps, the same accepted tokens at every draft position and the same outputs; and so
+does the same draft exported as Model-Optimizer and speculators export it (vLLM reads their layouts itself).
 
 The target is a tiny Llama with head_dim 64 (vLLM's CPU attention refuses 16, the suite's usual tiny models) in
 float32; the draft is trained briefly by the train stage on the target's own greedy generations, so it accepts
@@ -17,7 +18,13 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+from click.testing import CliRunner
+from safetensors.torch import load_file
 
+from eagle.export import load_draft
+from peer_layouts import MODELOPT_YARN, write_modelopt, write_speculators
+from stages.cli import main
 from test_evaluate import run_eval, train_on, write_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -54,13 +61,14 @@ def trained(vllm_target, tmp_path_factory):
 
 
 def run_vllm_eval(*args) -> tuple[int, str, dict | None]:
-    """`eagle-pipe eval --engine vllm` in its own process (vLLM spawns its engine: a guarded main module)."""
+    """`eagle-pipe eval --engine vllm` in its own process (vLLM spawns its engine: a guarded main module):
+    (exit code, its whole output, the JSON report)."""
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.run([sys.executable, "-m", "stages.cli", "eval", "--engine", "vllm",
                            "--gpu-memory-utilization", "0.1", *map(str, args)],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     report = next((json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")), None)
-    return proc.returncode, proc.stdout[-3000:] + proc.stderr[-3000:], report
+    return proc.returncode, proc.stdout + proc.stderr, report
 
 
 def assert_served_as_measured(served: dict, hf: dict) -> None:
@@ -91,7 +99,7 @@ def test_vllm_serves_the_draft_exactly_as_eval_measures_it(vllm_target, trained,
     assert code == 0, output
     saved = tmp_path / "vllm.json"
     code, output, served = run_vllm_eval(*common, "--report", saved)
-    assert code == 0, output
+    assert code == 0, output[-6000:]
     assert json.loads(saved.read_text()) == served  # --report writes what --json prints
 
     # the draft is good enough for every position to matter
@@ -109,6 +117,67 @@ def test_vllm_serves_the_draft_exactly_as_eval_measures_it(vllm_target, trained,
             == {g: (s["turns"], s["target_forwards"], pytest.approx(s["acceptance_length"]))
                 for g, s in hf[group].items()}
     assert served["tokens_per_s"] > 0 and served["baseline_tokens_per_s"] > 0
+
+
+def peer_export(vllm_target: Path, draft: Path, out: Path, peer: str) -> Path:
+    """`draft` rewritten in the layout a peer exports by default: speculators 0.9's bf16 save, Model-Optimizer
+    0.47's export with its YaRN x32 rope (tests/peer_layouts.py follows each peer's export code)."""
+    target_config = json.loads((vllm_target / "config.json").read_text())
+    embed = load_file(str(vllm_target / "model.safetensors"))["model.embed_tokens.weight"]
+    model = load_draft(draft, embed_weight=embed, target_config=target_config)
+    if peer == "speculators":
+        return write_speculators(model, out, dtype=torch.bfloat16)
+    return write_modelopt(model, out, rope_scaling=MODELOPT_YARN)
+
+
+def judged_by_both(vllm_target: Path, draft: Path, questions: Path) -> tuple[dict, dict, str]:
+    """(eval's report, vLLM's report, vLLM eval's output) for one draft directory."""
+    common = ["--target", vllm_target, "--draft", draft, "--data", questions, "--max-new-tokens", NEW_TOKENS,
+              "--draft-tokens", 3, "--dtype", "float32", "--json"]
+    code, output, hf = run_eval(*common, "--no-compile")
+    assert code == 0, output
+    code, output, served = run_vllm_eval(*common)
+    assert code == 0, output[-6000:]
+    assert served["lossless"] and hf["lossless"]
+    return hf, served, output
+
+
+def test_vllm_serves_a_speculators_export_exactly_as_eval_measures_it(vllm_target, trained, tmp_path):
+    """speculators states its aux layers at the top level, in vLLM's own numbering: vLLM reads its layout (the
+    speculators config, bf16 weights) with its own loader and serves it step for step as eval measures it."""
+    draft, questions = trained
+    exported = peer_export(vllm_target, draft, tmp_path / "speculators", "speculators")
+    hf, served, output = judged_by_both(vllm_target, exported, questions)
+    assert hf["draft_format"] == served["draft_format"] == "speculators"
+    assert hf["acceptance_length"] > 1.5, hf
+    assert served["vllm"]["aux_layer_ids"] == {"trained": [1, 2, 3], "served": [1, 2, 3]}
+    assert "eval: warning" not in output
+    assert_served_as_measured(served, hf)
+
+
+def test_vllm_misreads_a_modelopt_export_until_eagle_pipe_export_rewrites_it(vllm_target, trained, tmp_path):
+    """Model-Optimizer states its aux layers only in eagle_config, as layer outputs (k: hidden_states[k + 1]);
+    vLLM 0.32 takes them as layer inputs and feeds the draft every state one layer early. eval --engine vllm
+    measures what vLLM serves, says why it is lower in one warning line, and `eagle-pipe export --target`
+    rewrites the draft so that vLLM serves it step for step as eval measures the original directory (YaRN rope
+    included: the rope both engines build from its config is the same)."""
+    draft, questions = trained
+    exported = peer_export(vllm_target, draft, tmp_path / "modelopt", "modelopt")
+    hf, served, output = judged_by_both(vllm_target, exported, questions)
+    assert hf["draft_format"] == served["draft_format"] == "modelopt"
+    assert hf["acceptance_length"] > 1.5, hf
+    assert served["vllm"]["aux_layer_ids"] == {"trained": [1, 2, 3], "served": [0, 1, 2]}
+    assert served["acceptance_length"] < hf["acceptance_length"] - 0.2, (served["acceptance_length"], hf)
+    warnings = [line for line in output.splitlines() if line.startswith("eval: warning:")]
+    assert len(warnings) == 1 and "eagle-pipe export" in warnings[0] and "[0, 1, 2]" in warnings[0], output[-6000:]
+
+    rewritten = tmp_path / "rewritten"
+    result = CliRunner().invoke(main, ["export", str(exported), str(rewritten), "--target", str(vllm_target)])
+    assert result.exit_code == 0, result.output
+    _, served, output = judged_by_both(vllm_target, rewritten, questions)
+    assert served["draft_format"] == "eagle-pipe" and "eval: warning" not in output
+    assert served["vllm"]["aux_layer_ids"] == {"trained": [1, 2, 3], "served": [1, 2, 3]}
+    assert_served_as_measured(served, hf)
 
 
 @pytest.mark.parametrize("flags, says", [

@@ -26,6 +26,8 @@ import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+import click
+
 from stages.errors import StageError
 from stages.evaluate.options import EvalOptions
 from stages.vllm_runtime import VllmOptions
@@ -52,6 +54,35 @@ def speculative_method(draft_dir: str) -> tuple[str, str]:
         return "eagle3", detect_format(config, str(path))
     except DraftFormatError as e:
         raise StageError(str(e)) from None
+
+
+def aux_layers_as_served(draft_dir: str, target: str) -> dict | None:
+    """For an EAGLE-3 draft, the target layers it was trained on and those vLLM feeds it, both as HF
+    hidden_states indices: {"trained": [...], "served": [...]}. vLLM 0.32 (GPUModelRunner.
+    _get_eagle3_aux_layers_from_config) takes the top-level eagle_aux_hidden_state_layer_ids, else eagle_config's
+    verbatim, else the target's default (2, N//2, N-3). Model-Optimizer writes only eagle_config's, counted as
+    layer outputs (k: hidden_states[k + 1]), so vLLM feeds its drafts every layer one early. None where eagle-pipe
+    cannot read the draft's config (vLLM may still run it)."""
+    from eagle.config import DraftConfig
+    from eagle.draft_formats import DraftFormatError, peer_draft_config
+    from stages.target import read_target_config
+
+    config, target_config = json.loads((Path(draft_dir) / "config.json").read_text()), read_target_config(target)
+    try:
+        if "eagle_pipe" in config:
+            trained = DraftConfig.from_dict(config["eagle_pipe"]["draft_config"]).aux_layer_ids
+        else:
+            trained = peer_draft_config(config, target_config)[1].aux_layer_ids
+    except (DraftFormatError, KeyError, TypeError, ValueError):
+        return None
+    text = target_config if "num_hidden_layers" in target_config else target_config.get("text_config") or {}
+    n = text.get("num_hidden_layers")
+    if not isinstance(n, int):
+        return None
+    nested = config.get("eagle_config") if isinstance(config.get("eagle_config"), dict) else {}
+    served = config.get("eagle_aux_hidden_state_layer_ids") or nested.get("eagle_aux_hidden_state_layer_ids") \
+        or [2, n // 2, n - 3]
+    return {"trained": sorted(int(k) for k in trained), "served": sorted(int(k) for k in served)}
 
 
 @dataclass
@@ -182,6 +213,12 @@ def evaluate_vllm(options: EvalOptions, draft_token_counts: list[int], vllm: Vll
                          "--tensor-parallel-size (and --enable-expert-parallel for MoE targets)")
     method, draft_format = speculative_method(draft)
     require_vllm()
+    aux_layers = aux_layers_as_served(draft, target) if method == "eagle3" else None
+    if aux_layers and aux_layers["served"] != aux_layers["trained"]:
+        click.echo(f"eval: warning: vLLM {vllm_version()} feeds this {draft_format} draft the target's hidden states "
+                   f"{aux_layers['served']}, it was trained on {aux_layers['trained']} (HF hidden_states indices): "
+                   f"the served acceptance is that of a misread draft; `eagle-pipe export {draft} OUT --target "
+                   f"{target}` rewrites it so vLLM reads it as trained", err=True)
     device = resolve_device(options.device)  # where vLLM runs: the report's word for it
     torch_dtype = resolve_dtype(options.dtype, device)
     vllm = replace(vllm, dtype=dtype_name(torch_dtype))
@@ -242,7 +279,7 @@ def evaluate_vllm(options: EvalOptions, draft_token_counts: list[int], vllm: Vll
         report.update(served_acceptance(served[k], k))  # the served numbers are vLLM's counters
         counted = per_request_counts(runs, k)
         report["engine"] = "vllm"
-        report["vllm"] = {"version": vllm_version(), "speculative_method": method,
+        report["vllm"] = {"version": vllm_version(), "speculative_method": method, "aux_layer_ids": aux_layers,
                           "counters": served[k],
                           "acceptance_length": "1 + vllm:spec_decode_num_accepted_tokens / vllm:spec_decode_num_drafts",
                           "per_position_acceptance": "vllm:spec_decode_num_accepted_tokens_per_pos / "

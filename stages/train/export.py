@@ -1,16 +1,25 @@
 """Stage `export`: turn any training checkpoint into the serving layout vLLM and SGLang load as-is.
 
     eagle-pipe export RUN/checkpoints/step-00001000 OUT
+    eagle-pipe export PEER_DRAFT OUT --target TARGET
 
 The checkpoint's meta.json carries the draft config, so neither the target nor the dump is needed; the
 exported directory omits the embedding (both engines use the target's). A DFlash checkpoint (draft_arch "dflash")
 is exported in vLLM's DFlashDraftModel layout (eagle/dflash_export.py).
+
+An EAGLE-3 draft another trainer exported (Model-Optimizer, speculators, a plain LlamaForCausalLMEagle3 directory:
+eagle/draft_formats.py reads them, given the target's config.json for its layer count) is rewritten in
+eagle-pipe's layout, the same weights under one unambiguous config. Why: vLLM 0.32 takes Model-Optimizer's
+eagle_config aux layer ids (layer outputs) as layer inputs and serves such a draft one layer early
+(docs/eval.md#drafts-from-other-trainers); the rewritten draft states its layers in both engines' conventions.
 """
 from __future__ import annotations
 
 from pathlib import Path
 
 import click
+import torch
+from safetensors import safe_open
 
 from stages.errors import StageError
 
@@ -43,11 +52,57 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path) -> Path:
         raise StageError(f"{out}: could not write the export ({e.strerror or e})") from None
 
 
+def export_peer_draft(draft: str | Path, target: str | Path, out: str | Path) -> Path:
+    """Rewrite another trainer's EAGLE-3 draft directory in eagle-pipe's layout (module docstring). A draft that
+    ships its own embedding is taken only if it is the target's (speculators' frozen copy): the layout has none."""
+    from eagle.draft_formats import DraftFormatError, read_peer_draft
+    from eagle.export import export_draft, load_draft
+    from stages.target import read_target_config
+
+    draft, target_config = Path(draft), read_target_config(target)
+    try:
+        fmt, _, tensors = read_peer_draft(draft, target_config)
+        model = load_draft(draft, target_config=target_config)
+    except (DraftFormatError, ValueError, OSError) as e:
+        raise StageError(str(e)) from None
+    own = tensors.get("embed_tokens.weight")
+    if own is not None and not torch.equal(own.float(), target_embedding(target).float()):
+        raise StageError(f"{draft}: a {fmt} draft with its own embedding, not the target's; eagle-pipe's layout has "
+                         "none (serve this draft as it is)")
+    try:
+        return Path(export_draft(model, Path(out)))
+    except OSError as e:
+        raise StageError(f"{out}: could not write the export ({e.strerror or e})") from None
+
+
+def target_embedding(target: str | Path) -> torch.Tensor:
+    """The target's input embedding [V, H], read alone from its safetensors (no model is built)."""
+    from eagle.draft_formats import weight_files
+
+    files = weight_files(Path(target))
+    names = sorted((n for n in files if n.endswith("embed_tokens.weight")), key=len)
+    if not names:
+        raise StageError(f"{target}: no embed_tokens.weight among the target's tensors")
+    with safe_open(str(files[names[0]]), framework="pt") as f:
+        return f.get_tensor(names[0])
+
+
 @click.command("export")
-@click.argument("checkpoint", type=click.Path(exists=True))
+@click.argument("source", metavar="CHECKPOINT", type=click.Path(exists=True, file_okay=False))
 @click.argument("out", type=click.Path())
-def command(checkpoint: str, out: str) -> dict:
-    """Export CHECKPOINT (a checkpoint directory, or a run directory: its newest checkpoint) to OUT."""
-    path = export_checkpoint(checkpoint, out)
-    click.echo(f"exported {checkpoint} -> {path}")
-    return {"checkpoint": str(checkpoint), "export_dir": str(path)}
+@click.option("--target", type=click.Path(exists=True, file_okay=False), default=None,
+              help="The target's HF directory, when CHECKPOINT is another trainer's exported EAGLE-3 draft "
+                   "(Model-Optimizer, speculators, LlamaForCausalLMEagle3): its config gives the layer count.")
+def command(source: str, out: str, target: str | None) -> dict:
+    """Export CHECKPOINT (a checkpoint directory, or a run directory: its newest checkpoint; or, with --target,
+    another trainer's exported draft) to OUT."""
+    is_checkpoint = (Path(source) / "meta.json").exists() or not (Path(source) / "config.json").exists()
+    if is_checkpoint:
+        path = export_checkpoint(source, out)
+    elif target is None:
+        raise StageError(f"{source}: an exported draft, not a checkpoint; rewriting another trainer's draft needs "
+                         "--target (the target's HF directory)")
+    else:
+        path = export_peer_draft(source, target, out)
+    click.echo(f"exported {source} -> {path}")
+    return {"checkpoint": str(source), "export_dir": str(path)}
