@@ -142,14 +142,21 @@ def judged_by_both(vllm_target: Path, draft: Path, questions: Path) -> tuple[dic
     return hf, served, output
 
 
+def peer_export_judged(vllm_target: Path, trained, tmp_path: Path, peer: str) -> tuple[Path, dict, dict, str]:
+    """The trained draft exported as `peer` exports it, judged by both engines: (its directory, eval's report,
+    vLLM's report, vLLM eval's output); eval reads the peer's layout and finds a draft worth comparing."""
+    draft, questions = trained
+    exported = peer_export(vllm_target, draft, tmp_path / peer, peer)
+    hf, served, output = judged_by_both(vllm_target, exported, questions)
+    assert hf["draft_format"] == served["draft_format"] == peer
+    assert hf["acceptance_length"] > 1.5, hf
+    return exported, hf, served, output
+
+
 def test_vllm_serves_a_speculators_export_exactly_as_eval_measures_it(vllm_target, trained, tmp_path):
     """speculators states its aux layers at the top level, in vLLM's own numbering: vLLM reads its layout (the
     speculators config, bf16 weights) with its own loader and serves it step for step as eval measures it."""
-    draft, questions = trained
-    exported = peer_export(vllm_target, draft, tmp_path / "speculators", "speculators")
-    hf, served, output = judged_by_both(vllm_target, exported, questions)
-    assert hf["draft_format"] == served["draft_format"] == "speculators"
-    assert hf["acceptance_length"] > 1.5, hf
+    _, hf, served, output = peer_export_judged(vllm_target, trained, tmp_path, "speculators")
     assert served["vllm"]["aux_layer_ids"] == {"trained": [1, 2, 3], "served": [1, 2, 3]}
     assert "eval: warning" not in output
     assert_served_as_measured(served, hf)
@@ -161,11 +168,7 @@ def test_vllm_misreads_a_modelopt_export_until_eagle_pipe_export_rewrites_it(vll
     measures what vLLM serves, says why it is lower in one warning line, and `eagle-pipe export --target`
     rewrites the draft so that vLLM serves it step for step as eval measures the original directory (YaRN rope
     included: the rope both engines build from its config is the same)."""
-    draft, questions = trained
-    exported = peer_export(vllm_target, draft, tmp_path / "modelopt", "modelopt")
-    hf, served, output = judged_by_both(vllm_target, exported, questions)
-    assert hf["draft_format"] == served["draft_format"] == "modelopt"
-    assert hf["acceptance_length"] > 1.5, hf
+    exported, hf, served, output = peer_export_judged(vllm_target, trained, tmp_path, "modelopt")
     assert served["vllm"]["aux_layer_ids"] == {"trained": [1, 2, 3], "served": [0, 1, 2]}
     assert served["acceptance_length"] < hf["acceptance_length"] - 0.2, (served["acceptance_length"], hf)
     warnings = [line for line in output.splitlines() if line.startswith("eval: warning:")]
@@ -174,7 +177,7 @@ def test_vllm_misreads_a_modelopt_export_until_eagle_pipe_export_rewrites_it(vll
     rewritten = tmp_path / "rewritten"
     result = CliRunner().invoke(main, ["export", str(exported), str(rewritten), "--target", str(vllm_target)])
     assert result.exit_code == 0, result.output
-    _, served, output = judged_by_both(vllm_target, rewritten, questions)
+    _, served, output = judged_by_both(vllm_target, rewritten, trained[1])
     assert served["draft_format"] == "eagle-pipe" and "eval: warning" not in output
     assert served["vllm"]["aux_layer_ids"] == {"trained": [1, 2, 3], "served": [1, 2, 3]}
     assert_served_as_measured(served, hf)

@@ -2,6 +2,7 @@
 
     python -m bench.perf.eval_engines regenerate --target T --data D [--records 40] [--max-new-tokens 128]
     python -m bench.perf.eval_engines eval --target T --draft RUN/export --data Q [--num-prompts 80] [--hf-batch-size 40]
+        [--hf-report REPORT]
 
 `regenerate`: `regenerate`'s two in-process engines (stages/regenerate/engines.py: HFEngine, VllmEngine) answer
 the first user turn of the first `--records` records of `--data` (the same rendered prompts, greedy): engine start
@@ -150,9 +151,11 @@ def bench_eval(args) -> dict:
     common = ["eval", "--target", args.target, "--draft", args.draft, "--data", args.data,
               "--num-prompts", args.num_prompts, "--max-new-tokens", args.max_new_tokens,
               "--draft-tokens", args.draft_tokens, "--dtype", args.dtype, "--json"]
-    reports = {}
+    reports = {"hf": json.loads(Path(args.hf_report).read_text())} if args.hf_report else {}
     for engine, extra in (("hf", ["--batch-size", args.hf_batch_size]),
                           ("vllm", ["--gpu-memory-utilization", args.gpu_memory_utilization])):
+        if engine in reports:
+            continue
         path = out / f"eval_{engine}.json"
         started = time.perf_counter()
         rc, _ = run_json([sys.executable, "-m", "stages.cli", *map(str, common), "--engine", engine,
@@ -163,7 +166,9 @@ def bench_eval(args) -> dict:
         reports[engine] = json.loads(path.read_text())
     return {"target": args.target, "draft": args.draft, "data": args.data, "num_prompts": args.num_prompts,
             "max_new_tokens": args.max_new_tokens, "draft_tokens": args.draft_tokens, "dtype": args.dtype,
-            "hf_batch_size": args.hf_batch_size, "reports": {e: str(out / f"eval_{e}.json") for e in reports},
+            "hf_batch_size": args.hf_batch_size,
+            "reports": {e: args.hf_report if e == "hf" and args.hf_report else str(out / f"eval_{e}.json")
+                        for e in reports},
             **compare_reports(reports["hf"], reports["vllm"])}
 
 
@@ -186,6 +191,9 @@ def main(argv=None) -> dict:
     e.add_argument("--num-prompts", type=int, default=80)
     e.add_argument("--draft-tokens", type=int, default=3)
     e.add_argument("--out", required=True, help="folder for the two reports and logs")
+    e.add_argument("--hf-report", default=None,
+                   help="an `eval --engine hf` report to compare against instead of running hf (the same draft, "
+                        "e.g. before `eagle-pipe export --target` rewrote its layout)")
     e.add_argument("--lock", default=None, help="heavy-job lock file (flock) around each eval, e.g. "
                                                  "/tmp/eagle-heavy.lock")
     args = p.parse_args(argv)
