@@ -412,6 +412,8 @@ def test_export_refuses_what_it_cannot_rewrite_in_one_line(original, tmp_path):
         assert result.exit_code != 0 and len(errors) == 1 and says in errors[0], (says, result.output)
         assert not out.exists()
     assert export_peer(spec, tmp_path / "ok", target).exit_code == 0  # the same draft, the target's embedding
+    bf16 = write_speculators(original, tmp_path / "bf16", dtype=torch.bfloat16)  # as speculators saves it
+    assert export_peer(bf16, tmp_path / "ok-bf16", target).exit_code == 0
 
 
 def test_real_peer_configs_parse_or_are_refused_with_a_reason():

@@ -11,7 +11,7 @@ An EAGLE-3 draft another trainer exported (Model-Optimizer, speculators, a plain
 eagle/draft_formats.py reads them, given the target's config.json for its layer count) is rewritten in
 eagle-pipe's layout, the same weights under one unambiguous config. Why: vLLM 0.32 takes Model-Optimizer's
 eagle_config aux layer ids (layer outputs) as layer inputs and serves such a draft one layer early
-(docs/eval.md#drafts-from-other-trainers); the rewritten draft states its layers in both engines' conventions.
+(docs/eval.md#served-by-vllm); the rewritten draft states its layers in both engines' conventions.
 """
 from __future__ import annotations
 
@@ -54,7 +54,8 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path) -> Path:
 
 def export_peer_draft(draft: str | Path, target: str | Path, out: str | Path) -> Path:
     """Rewrite another trainer's EAGLE-3 draft directory in eagle-pipe's layout (module docstring). A draft that
-    ships its own embedding is taken only if it is the target's (speculators' frozen copy): the layout has none."""
+    ships its own embedding is taken only if it is the target's (speculators' frozen copy, possibly rounded to
+    bf16): the layout has none."""
     from eagle.draft_formats import DraftFormatError, read_peer_draft
     from eagle.export import export_draft, load_draft
     from stages.target import read_target_config
@@ -65,8 +66,8 @@ def export_peer_draft(draft: str | Path, target: str | Path, out: str | Path) ->
         model = load_draft(draft, target_config=target_config)
     except (DraftFormatError, ValueError, OSError) as e:
         raise StageError(str(e)) from None
-    own = tensors.get("embed_tokens.weight")
-    if own is not None and not torch.equal(own.float(), target_embedding(target).float()):
+    own = tensors.get("embed_tokens.weight")  # compared in its own dtype: speculators saves a bf16 copy
+    if own is not None and not torch.equal(own, target_embedding(target).to(own.dtype)):
         raise StageError(f"{draft}: a {fmt} draft with its own embedding, not the target's; eagle-pipe's layout has "
                          "none (serve this draft as it is)")
     try:
