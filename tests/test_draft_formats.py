@@ -394,7 +394,7 @@ def test_export_rewrites_a_peer_draft_in_eagle_pipes_layout(fmt, original, tmp_p
 
 def test_export_refuses_what_it_cannot_rewrite_in_one_line(original, tmp_path):
     """Nothing is written when it refuses: no --target, a draft with an embedding of its own that is not the
-    target's, an eagle-pipe export, a draft eval refuses."""
+    target's, an eagle-pipe export, a draft eval refuses, --target with a training checkpoint."""
     target = fake_target(tmp_path / "target", original.embed_tokens.weight)
     other = fake_target(tmp_path / "other", torch.randn_like(original.embed_tokens.weight))
     spec = write_speculators(original, tmp_path / "spec")  # ships the embedding it was given
@@ -404,6 +404,7 @@ def test_export_refuses_what_it_cannot_rewrite_in_one_line(original, tmp_path):
         (export_draft(original, tmp_path / "ours"), (target,), "already an eagle-pipe export"),
         (edit(write_modelopt(original, tmp_path / "biased"), _set("attention_bias", True)), (target,),
          "attention_bias"),
+        (tmp_path, (target,), "a training checkpoint, whose meta.json holds the draft config; --target is for"),
     ]
     for source, targets, says in cases:
         out = tmp_path / f"out-{source.name}-{len(targets)}"

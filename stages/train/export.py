@@ -98,6 +98,9 @@ def command(source: str, out: str, target: str | None) -> dict:
     """Export CHECKPOINT (a checkpoint directory, or a run directory: its newest checkpoint; or, with --target,
     another trainer's exported draft) to OUT."""
     is_checkpoint = (Path(source) / "meta.json").exists() or not (Path(source) / "config.json").exists()
+    if is_checkpoint and target is not None:
+        raise StageError(f"{source}: a training checkpoint, whose meta.json holds the draft config; --target is for "
+                         "another trainer's exported draft")
     if is_checkpoint:
         path = export_checkpoint(source, out)
     elif target is None:
